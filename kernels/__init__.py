@@ -1,0 +1,1 @@
+"""Fused DPO log-prob kernels, installed as ``megatron_tpo.kernels``."""

@@ -1,0 +1,38 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron-tpo",
+    version="0.1.0",
+    description="Thought Preference Optimization on megatron-core",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megatron_tpo", "megatron_tpo.*"])
+    + ["megatron_tpo.kernels", "megatron_tpo.configs"],
+    # The repository keeps kernels/ and configs/ at the top (see DESIGN.md); they are
+    # installed inside the package because the import name `kernels` is taken on PyPI.
+    package_dir={"megatron_tpo.kernels": "kernels", "megatron_tpo.configs": "configs"},
+    package_data={"megatron_tpo.configs": ["*/*.yaml", "*.yaml"]},
+    install_requires=[
+        "torch>=2.4",
+        "megatron-core>=0.16,<0.17",
+        "transformers>=4.45",
+        "hydra-core>=1.3",
+        "omegaconf>=2.3",
+        "safetensors>=0.4",
+        "datasets>=2.20",
+        "pyarrow>=15",
+        "triton>=3.0; platform_system == 'Linux'",
+        "psutil",
+        "tqdm",
+        "tensorboard",
+        "matplotlib",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-timeout"],
+        "gpu": ["transformer-engine[pytorch]", "vllm>=0.17"],
+    },
+    entry_points={
+        "console_scripts": [
+            "tpo-convert=megatron_tpo.cli.convert:main",
+        ]
+    },
+)
