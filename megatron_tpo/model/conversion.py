@@ -1,0 +1,216 @@
+"""Stream a Llama checkpoint between the HF layout and megatron per-rank shards.
+
+Both directions go one layer at a time and write each layer before reading the next,
+so converting 70B holds one layer's full tensors (plus, for HF output, the shard being
+filled) rather than the model.
+"""
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List
+
+import torch
+from tqdm import tqdm
+
+from megatron_tpo.config import ConfigError, ParallelConfig
+from megatron_tpo.model import llama_layout as layout
+from megatron_tpo.model import mcore_shards as shards
+from megatron_tpo.model.hf_checkpoint import (
+    HFCheckpointReader, atomic_save_file, plan_shards, shard_file_names, write_index,
+)
+from megatron_tpo.model.hf_config import (
+    hf_config_from_model, model_config_from_hf, read_hf_config_dict,
+)
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "tokenizer.model", "generation_config.json", "chat_template.jinja")
+DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
+
+
+@dataclass
+class ConversionSummary:
+    direction: str
+    source: str
+    destination: str
+    tensors: int
+    bytes_written: int
+    files_written: int
+    seconds: float
+
+    def __str__(self) -> str:
+        return (f"{self.direction}: {self.tensors} tensors, {self.bytes_written / 1e6:.1f} MB in "
+                f"{self.files_written} files, {self.seconds:.1f} s -> {self.destination}")
+
+
+def _copy_tokenizer(source: Path, destination: Path) -> None:
+    present = [name for name in TOKENIZER_FILES if (source / name).is_file()]
+    if present:
+        destination.mkdir(parents=True, exist_ok=True)
+        for name in present:
+            shutil.copy2(source / name, destination / name)
+
+
+def _prepare_output(out_dir: Path, marker: str) -> None:
+    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / marker).exists():
+        raise ConfigError(f"{out_dir}: exists, is not empty and is not an earlier output; "
+                          "choose another --out")
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _hf_layer(reader: HFCheckpointReader, model, layer: int) -> Dict[str, torch.Tensor]:
+    hidden, head_dim = model.hidden_size, model.head_dim
+    shapes = {
+        "self_attn.q_proj.weight": (model.num_attention_heads * head_dim, hidden),
+        "self_attn.k_proj.weight": (model.num_query_groups * head_dim, hidden),
+        "self_attn.v_proj.weight": (model.num_query_groups * head_dim, hidden),
+        "self_attn.o_proj.weight": (hidden, model.num_attention_heads * head_dim),
+        "mlp.gate_proj.weight": (model.ffn_hidden_size, hidden),
+        "mlp.up_proj.weight": (model.ffn_hidden_size, hidden),
+        "mlp.down_proj.weight": (hidden, model.ffn_hidden_size),
+        "input_layernorm.weight": (hidden,),
+        "post_attention_layernorm.weight": (hidden,),
+    }
+    prefix = layout.hf_layer_prefix(layer)
+    return {name: reader.get(prefix + name, shape) for name, shape in shapes.items()}
+
+
+def hf_to_mcore(hf_dir: Path, out_dir: Path, tp: int, pp: int,
+                progress: bool = True) -> ConversionSummary:
+    """Convert an HF Llama directory into megatron shards for TP=``tp``, PP=``pp``."""
+    started = time.perf_counter()
+    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    raw_config = read_hf_config_dict(hf_dir)
+    model = model_config_from_hf(raw_config, str(hf_dir / "config.json"), name=hf_dir.name)
+    # Every divisibility rule is checked before a single tensor is read.
+    ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp).validate(model)
+    reader = HFCheckpointReader(hf_dir)
+    embedding = reader.get(layout.HF_EMBEDDING, (model.vocab_size, model.hidden_size))
+    info = shards.ShardedCheckpointInfo(
+        model=model, tensor_parallel_size=tp, pipeline_parallel_size=pp,
+        padded_vocab_size=model.padded_vocab_size(tp),
+        dtype=str(embedding.dtype).removeprefix("torch."),
+    )
+    _prepare_output(out_dir, shards.MANIFEST)
+    (out_dir / shards.MANIFEST).unlink(missing_ok=True)  # incomplete until rewritten
+    (out_dir / "hf_config.json").write_text(json.dumps(raw_config, indent=2))
+    _copy_tokenizer(hf_dir, out_dir / "tokenizer")
+
+    written = {"tensors": 0, "bytes": 0, "files": 0}
+
+    def save(tensors: Dict[str, torch.Tensor], path: Path, tp_rank: int) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_save_file(tensors, path, metadata={"tp_rank": str(tp_rank), "tp_size": str(tp)})
+        written["tensors"] += len(tensors)
+        written["bytes"] += sum(t.numel() * t.element_size() for t in tensors.values())
+        written["files"] += 1
+
+    steps = tqdm(total=model.num_layers + 2, desc="hf -> mcore", unit="part", disable=not progress)
+    for tp_rank, shard in enumerate(layout.shard_vocab(embedding, info.padded_vocab_size, tp)):
+        save({layout.EMBEDDING: shard}, shards.embedding_file(out_dir, tp_rank), tp_rank)
+    del embedding
+    steps.update()
+    for layer in range(model.num_layers):
+        prefix = layout.mcore_layer_prefix(layer)
+        stage = info.stage_of_layer(layer)
+        for tp_rank, shard in enumerate(layout.shard_layer(_hf_layer(reader, model, layer),
+                                                           model, tp)):
+            save({prefix + name: tensor for name, tensor in shard.items()},
+                 shards.layer_file(out_dir, tp_rank, stage, layer), tp_rank)
+        steps.update()
+    norm = reader.get(layout.HF_FINAL_NORM, (model.hidden_size,))
+    output = reader.get(layout.HF_OUTPUT_LAYER, (model.vocab_size, model.hidden_size))
+    for tp_rank, shard in enumerate(layout.shard_vocab(output, info.padded_vocab_size, tp)):
+        save({layout.FINAL_NORM: norm, layout.OUTPUT_LAYER: shard},
+             shards.final_file(out_dir, tp_rank, info), tp_rank)
+    steps.update()
+    steps.close()
+    shards.write_manifest(out_dir, info)
+    return ConversionSummary("hf -> mcore", str(hf_dir), str(out_dir), written["tensors"],
+                             written["bytes"], written["files"], time.perf_counter() - started)
+
+
+def _hf_names_and_sizes(model, element_size: int) -> List[tuple]:
+    hidden, head_dim, ffn = model.hidden_size, model.head_dim, model.ffn_hidden_size
+    per_layer = {
+        "self_attn.q_proj.weight": model.num_attention_heads * head_dim * hidden,
+        "self_attn.k_proj.weight": model.num_query_groups * head_dim * hidden,
+        "self_attn.v_proj.weight": model.num_query_groups * head_dim * hidden,
+        "self_attn.o_proj.weight": hidden * model.num_attention_heads * head_dim,
+        "mlp.gate_proj.weight": ffn * hidden,
+        "mlp.up_proj.weight": ffn * hidden,
+        "mlp.down_proj.weight": hidden * ffn,
+        "input_layernorm.weight": hidden,
+        "post_attention_layernorm.weight": hidden,
+    }
+    sizes = [(layout.HF_EMBEDDING, model.vocab_size * hidden)]
+    for layer in range(model.num_layers):
+        prefix = layout.hf_layer_prefix(layer)
+        sizes += [(prefix + name, count) for name, count in per_layer.items()]
+    sizes += [(layout.HF_FINAL_NORM, hidden), (layout.HF_OUTPUT_LAYER, model.vocab_size * hidden)]
+    return [(name, count * element_size) for name, count in sizes]
+
+
+def _hf_tensors_in_order(root: Path, info: shards.ShardedCheckpointInfo):
+    """Yield ``(hf_name, tensor)`` in HF order, reading one layer's TP shards at a time."""
+    model, tp = info.model, info.tensor_parallel_size
+    embeddings = [shards.load_shard_file(shards.embedding_file(root, r))[layout.EMBEDDING]
+                  for r in range(tp)]
+    yield layout.HF_EMBEDDING, layout.merge_vocab(embeddings, model.vocab_size)
+    del embeddings
+    for layer in range(model.num_layers):
+        prefix = layout.mcore_layer_prefix(layer)
+        stage = info.stage_of_layer(layer)
+        rank_shards = []
+        for tp_rank in range(tp):
+            tensors = shards.load_shard_file(shards.layer_file(root, tp_rank, stage, layer))
+            rank_shards.append({name[len(prefix):]: t for name, t in tensors.items()})
+        for name, tensor in layout.merge_layer(rank_shards, model).items():
+            yield layout.hf_layer_prefix(layer) + name, tensor
+    finals = [shards.load_shard_file(shards.final_file(root, r, info)) for r in range(tp)]
+    yield layout.HF_FINAL_NORM, finals[0][layout.FINAL_NORM]
+    yield layout.HF_OUTPUT_LAYER, layout.merge_vocab([f[layout.OUTPUT_LAYER] for f in finals],
+                                                     model.vocab_size)
+
+
+def mcore_to_hf(mcore_dir: Path, out_dir: Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+                progress: bool = True) -> ConversionSummary:
+    """Convert megatron shards back into an HF directory (sharded safetensors + index)."""
+    started = time.perf_counter()
+    mcore_dir, out_dir = Path(mcore_dir), Path(out_dir)
+    info = shards.read_manifest(mcore_dir)
+    shards.check_complete(mcore_dir, info)
+    _prepare_output(out_dir, "config.json")
+    element_size = torch.empty((), dtype=getattr(torch, info.dtype)).element_size()
+    sizes = _hf_names_and_sizes(info.model, element_size)
+    plan = plan_shards(sizes, max_shard_bytes)
+    file_names = shard_file_names(len(plan))
+    file_of = {name: file_names[i] for i, names in enumerate(plan) for name in names}
+    last_name_of_file = {names[-1]: file_names[i] for i, names in enumerate(plan)}
+
+    pending: Dict[str, torch.Tensor] = {}
+    total = 0
+    steps = tqdm(total=len(sizes), desc="mcore -> hf", unit="tensor", disable=not progress)
+    for name, tensor in _hf_tensors_in_order(mcore_dir, info):
+        if name not in file_of:
+            raise ConfigError(f"{mcore_dir}: produced unexpected tensor {name}")
+        pending[name] = tensor
+        total += tensor.numel() * tensor.element_size()
+        if name in last_name_of_file:
+            atomic_save_file(pending, out_dir / last_name_of_file[name],
+                             metadata={"format": "pt"})
+            pending = {}
+        steps.update()
+    steps.close()
+    if len(plan) > 1:
+        write_index(out_dir, file_of, total)
+    if (mcore_dir / "tokenizer").is_dir():
+        _copy_tokenizer(mcore_dir / "tokenizer", out_dir)
+    hf_config = hf_config_from_model(info.model, shards.read_hf_config_copy(mcore_dir),
+                                     torch_dtype=info.dtype)
+    hf_config.save_pretrained(out_dir)  # config.json last: it marks a finished directory
+    return ConversionSummary("mcore -> hf", str(mcore_dir), str(out_dir), len(sizes), total,
+                             len(plan), time.perf_counter() - started)
+

@@ -1,0 +1,163 @@
+"""The Llama-3 family as a megatron-core ``GPTModel``.
+
+Llama-3 in megatron terms: RMSNorm, SwiGLU (gated linear unit with SiLU), RoPE without
+interleaving (HF's rotate-half convention, so converted weights need no permutation),
+grouped-query attention, no biases, untied input and output embeddings.
+"""
+
+import functools
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from megatron_tpo.config import ConfigError, ModelConfig, ParallelConfig
+
+# megatron-core 0.16's GPTModel exposes only the llama3 RoPE scaling factor; the other
+# three parameters are fixed at Llama 3.1's values, so other values must be refused.
+_MEGATRON_FIXED_ROPE_SCALING = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                "original_max_position_embeddings": 8192}
+
+
+@functools.lru_cache(maxsize=1)
+def transformer_engine_available() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+        from megatron.core.extensions import transformer_engine as _  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def llama_layer_spec(use_transformer_engine: Optional[bool] = None):
+    """The one place that chooses Transformer Engine layers or megatron's local ones."""
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_layer_local_spec, get_gpt_layer_with_transformer_engine_spec,
+    )
+
+    if use_transformer_engine is None:
+        use_transformer_engine = transformer_engine_available()
+    if use_transformer_engine:
+        return get_gpt_layer_with_transformer_engine_spec()
+    return get_gpt_layer_local_spec(normalization="RMSNorm")
+
+
+def _check_rope_scaling(model: ModelConfig) -> None:
+    if model.rope_scaling is None:
+        return
+    for name, fixed in _MEGATRON_FIXED_ROPE_SCALING.items():
+        if getattr(model.rope_scaling, name) != fixed:
+            raise ConfigError(
+                f"model.rope_scaling.{name}={getattr(model.rope_scaling, name)}: "
+                f"megatron-core 0.16 supports only {fixed}"
+            )
+
+
+def llama_transformer_config(
+    model: ModelConfig,
+    parallel: ParallelConfig,
+    params_dtype: torch.dtype = torch.float32,
+    recompute_granularity: Optional[str] = None,
+    **overrides,
+):
+    """A megatron ``TransformerConfig`` for ``model`` laid out as ``parallel`` says.
+
+    ``overrides`` go straight to ``TransformerConfig`` (FP8 recipes, recompute methods).
+    """
+    from megatron.core.transformer import TransformerConfig
+
+    parallel.validate(model)
+    _check_rope_scaling(model)
+    on_gpu = torch.cuda.is_available()
+    settings = dict(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        ffn_hidden_size=model.ffn_hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_query_groups,
+        kv_channels=model.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=model.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=model.init_method_std,
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
+        context_parallel_size=parallel.context_parallel_size,
+        sequence_parallel=parallel.sequence_parallel,
+        params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
+        recompute_granularity=recompute_granularity,
+        # The fused paths below need apex or CUDA kernels; the torch ones are exact.
+        use_cpu_initialization=not on_gpu,
+        gradient_accumulation_fusion=False,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=on_gpu,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+    )
+    if recompute_granularity == "full":
+        settings.update(recompute_method="uniform", recompute_num_layers=1)
+    settings.update(overrides)
+    return TransformerConfig(**settings)
+
+
+def build_llama(
+    model: ModelConfig,
+    parallel: ParallelConfig,
+    *,
+    pre_process: Optional[bool] = None,
+    post_process: Optional[bool] = None,
+    vp_stage: Optional[int] = None,
+    params_dtype: torch.dtype = torch.float32,
+    config=None,
+):
+    """Build this rank's ``GPTModel`` chunk; megatron's parallel state must be initialised.
+
+    ``pre_process``/``post_process`` default to whether this rank holds the first/last
+    pipeline stage (of virtual stage ``vp_stage``).
+    """
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+
+    config = config or llama_transformer_config(model, parallel, params_dtype)
+    if pre_process is None:
+        pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False,
+                                                             vp_stage=vp_stage)
+    if post_process is None:
+        post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False,
+                                                             vp_stage=vp_stage)
+    gpt = GPTModel(
+        config=config,
+        transformer_layer_spec=llama_layer_spec(),
+        vocab_size=model.padded_vocab_size(parallel.tensor_model_parallel_size),
+        max_sequence_length=model.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=False,
+        position_embedding_type="rope",
+        rotary_base=int(model.rope_theta),
+        rope_scaling=model.rope_scaling is not None,
+        rope_scaling_factor=model.rope_scaling.factor if model.rope_scaling else 8.0,
+        vp_stage=vp_stage,
+    )
+    if torch.cuda.is_available():
+        gpt.cuda(torch.cuda.current_device())
+    return gpt
+
+
+def build_llama_chunks(model: ModelConfig, parallel: ParallelConfig, **kwargs) -> List:
+    """One ``GPTModel`` per virtual pipeline stage held by this rank (one without VPP)."""
+    virtual_stages = parallel.virtual_pipeline_model_parallel_size or 1
+    if virtual_stages == 1:
+        return [build_llama(model, parallel, **kwargs)]
+    return [build_llama(model, parallel, vp_stage=stage, **kwargs)
+            for stage in range(virtual_stages)]

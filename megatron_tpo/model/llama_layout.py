@@ -1,0 +1,121 @@
+"""Where each Llama weight lives in HF and in megatron, and how TP splits it.
+
+A layer moves between the two layouts as a dict of tensors: ``shard_layer`` turns HF
+tensors into one dict per TP rank (megatron names), ``merge_layer`` the reverse. Both
+only slice and concatenate, so a round trip is bit-exact.
+
+Megatron fuses attention into one ``linear_qkv`` whose rows go group by group: for
+each query group, its query heads, then its key head, then its value head. TP gives
+each rank whole groups, so a rank's rows are a contiguous block. The SwiGLU input
+projection ``linear_fc1`` is ``[gate; up]`` *per rank*: rank r holds its slice of
+gate followed by its slice of up, not a slice of the TP=1 tensor.
+"""
+
+from typing import Dict, List
+
+import torch
+
+from megatron_tpo.config import ModelConfig
+
+Tensor = torch.Tensor
+
+# Names inside one layer: megatron (local spec) -> HF (after "model.layers.{i}.").
+REPLICATED_LAYER_WEIGHTS = {
+    "input_layernorm.weight": "input_layernorm.weight",
+    "pre_mlp_layernorm.weight": "post_attention_layernorm.weight",
+}
+HF_LAYER_WEIGHTS = (
+    "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
+    "self_attn.o_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight",
+    "mlp.down_proj.weight", "input_layernorm.weight", "post_attention_layernorm.weight",
+)
+# Transformer Engine's spec fuses each norm into the linear layer that follows it.
+TE_NAME_FOR_LOCAL = {
+    "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
+    "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight",
+}
+
+EMBEDDING = "embedding.word_embeddings.weight"
+FINAL_NORM = "decoder.final_layernorm.weight"
+OUTPUT_LAYER = "output_layer.weight"
+HF_EMBEDDING = "model.embed_tokens.weight"
+HF_FINAL_NORM = "model.norm.weight"
+HF_OUTPUT_LAYER = "lm_head.weight"
+
+
+def hf_layer_prefix(layer: int) -> str:
+    return f"model.layers.{layer}."
+
+
+def mcore_layer_prefix(layer: int) -> str:
+    return f"decoder.layers.{layer}."
+
+
+def _chunks(tensor: Tensor, parts: int, dim: int) -> List[Tensor]:
+    return [chunk.contiguous() for chunk in torch.chunk(tensor, parts, dim=dim)]
+
+
+def shard_layer(hf: Dict[str, Tensor], model: ModelConfig, tp: int) -> List[Dict[str, Tensor]]:
+    """HF tensors of one layer (names without the layer prefix) -> one dict per TP rank."""
+    groups, head_dim = model.num_query_groups, model.head_dim
+    heads_per_group = model.num_attention_heads // groups
+    hidden = model.hidden_size
+    q = hf["self_attn.q_proj.weight"].reshape(groups, heads_per_group * head_dim, hidden)
+    k = hf["self_attn.k_proj.weight"].reshape(groups, head_dim, hidden)
+    v = hf["self_attn.v_proj.weight"].reshape(groups, head_dim, hidden)
+    qkv = torch.cat([q, k, v], dim=1).reshape(-1, hidden)
+
+    gates = _chunks(hf["mlp.gate_proj.weight"], tp, 0)
+    ups = _chunks(hf["mlp.up_proj.weight"], tp, 0)
+    qkv_shards = _chunks(qkv, tp, 0)
+    proj_shards = _chunks(hf["self_attn.o_proj.weight"], tp, 1)
+    fc2_shards = _chunks(hf["mlp.down_proj.weight"], tp, 1)
+    shards = []
+    for rank in range(tp):
+        shard = {
+            "self_attention.linear_qkv.weight": qkv_shards[rank],
+            "self_attention.linear_proj.weight": proj_shards[rank],
+            "mlp.linear_fc1.weight": torch.cat([gates[rank], ups[rank]], dim=0),
+            "mlp.linear_fc2.weight": fc2_shards[rank],
+        }
+        for mcore_name, hf_name in REPLICATED_LAYER_WEIGHTS.items():
+            shard[mcore_name] = hf[hf_name]
+        shards.append(shard)
+    return shards
+
+
+def merge_layer(shards: List[Dict[str, Tensor]], model: ModelConfig) -> Dict[str, Tensor]:
+    """One dict per TP rank (megatron names of one layer) -> HF tensors of that layer."""
+    groups, head_dim = model.num_query_groups, model.head_dim
+    heads_per_group = model.num_attention_heads // groups
+    hidden = model.hidden_size
+    qkv = torch.cat([s["self_attention.linear_qkv.weight"] for s in shards], dim=0)
+    qkv = qkv.reshape(groups, (heads_per_group + 2) * head_dim, hidden)
+    q, k, v = torch.split(qkv, [heads_per_group * head_dim, head_dim, head_dim], dim=1)
+    gate_up = [torch.chunk(s["mlp.linear_fc1.weight"], 2, dim=0) for s in shards]
+    hf = {
+        "self_attn.q_proj.weight": q.reshape(-1, hidden).contiguous(),
+        "self_attn.k_proj.weight": k.reshape(-1, hidden).contiguous(),
+        "self_attn.v_proj.weight": v.reshape(-1, hidden).contiguous(),
+        "self_attn.o_proj.weight": torch.cat(
+            [s["self_attention.linear_proj.weight"] for s in shards], dim=1),
+        "mlp.gate_proj.weight": torch.cat([gate for gate, _ in gate_up], dim=0),
+        "mlp.up_proj.weight": torch.cat([up for _, up in gate_up], dim=0),
+        "mlp.down_proj.weight": torch.cat([s["mlp.linear_fc2.weight"] for s in shards], dim=1),
+    }
+    for mcore_name, hf_name in REPLICATED_LAYER_WEIGHTS.items():
+        hf[hf_name] = shards[0][mcore_name]
+    return hf
+
+
+def shard_vocab(weight: Tensor, padded_vocab_size: int, tp: int) -> List[Tensor]:
+    """Pad the vocab rows with zeros to ``padded_vocab_size`` and split them over TP."""
+    padding = padded_vocab_size - weight.shape[0]
+    if padding:
+        weight = torch.cat([weight, weight.new_zeros(padding, weight.shape[1])], dim=0)
+    return _chunks(weight, tp, 0)
+
+
+def merge_vocab(shards: List[Tensor], vocab_size: int) -> Tensor:
+    """Join the TP vocab shards and drop megatron's padding rows."""
+    return torch.cat(shards, dim=0)[:vocab_size].contiguous()

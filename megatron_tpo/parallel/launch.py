@@ -1,0 +1,137 @@
+"""Start torch.distributed and megatron's parallel state from torchrun or Slurm.
+
+torchrun exports RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT; ``srun`` exports
+SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID/SLURM_NODELIST and nothing about a master, so
+the first host of the node list becomes the master and the port is derived from the
+job id (every task of a job computes the same one without talking to the others).
+"""
+
+import os
+import re
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import List, Mapping, Optional
+
+import torch
+
+from megatron_tpo.config import ConfigError, ModelConfig, ParallelConfig
+
+
+@dataclass(frozen=True)
+class DistributedEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+    launcher: str  # "torchrun", "slurm" or "single"
+
+
+def expand_slurm_nodelist(nodelist: str) -> List[str]:
+    """``"gpu[001-003,7],login1"`` -> ``["gpu001", "gpu002", "gpu003", "gpu7", "login1"]``."""
+    hosts: List[str] = []
+    # Split on commas that are not inside brackets.
+    for item in re.findall(r"[^,\[]+(?:\[[^\]]*\][^,\[]*)*", nodelist):
+        match = re.fullmatch(r"([^\[]*)\[([^\]]*)\](.*)", item)
+        if not match:
+            hosts.append(item)
+            continue
+        prefix, ranges, suffix = match.groups()
+        for part in ranges.split(","):
+            low, _, high = part.partition("-")
+            width = len(low)
+            for number in range(int(low), int(high or low) + 1):
+                hosts.extend(expand_slurm_nodelist(f"{prefix}{number:0{width}d}{suffix}"))
+    return hosts
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def detect_distributed_env(environ: Optional[Mapping[str, str]] = None) -> DistributedEnv:
+    env = os.environ if environ is None else environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return DistributedEnv(
+            rank=int(env["RANK"]),
+            world_size=int(env["WORLD_SIZE"]),
+            local_rank=int(env.get("LOCAL_RANK", 0)),
+            master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=int(env.get("MASTER_PORT", 29500)),
+            launcher="torchrun",
+        )
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get(
+            "SLURM_NODELIST")
+        if not nodelist:
+            raise ConfigError("SLURM_PROCID is set but SLURM_NODELIST is not: run the job with srun")
+        job_id = int(env.get("SLURM_JOB_ID", "0"))
+        return DistributedEnv(
+            rank=int(env["SLURM_PROCID"]),
+            world_size=int(env["SLURM_NTASKS"]),
+            local_rank=int(env.get("SLURM_LOCALID", 0)),
+            master_addr=env.get("MASTER_ADDR") or expand_slurm_nodelist(nodelist)[0],
+            # Above the ephemeral-port floor most clusters leave free for jobs.
+            master_port=int(env.get("MASTER_PORT") or 20000 + job_id % 20000),
+            launcher="slurm",
+        )
+    return DistributedEnv(rank=0, world_size=1, local_rank=0, master_addr="127.0.0.1",
+                          master_port=_free_port(), launcher="single")
+
+
+def init_megatron(
+    parallel: ParallelConfig,
+    model: Optional[ModelConfig] = None,
+    seed: int = 1234,
+    environ: Optional[Mapping[str, str]] = None,
+    timeout_minutes: int = 30,
+) -> DistributedEnv:
+    """Check the layout, start the process group and megatron's parallel state.
+
+    The layout is validated against the model and the world size before any process
+    group exists, so a bad setting fails in every rank at once with the same message.
+    """
+    env = detect_distributed_env(environ)
+    if model is not None:
+        parallel.validate(model, env.world_size)
+    else:
+        parallel.data_parallel_size(env.world_size)
+
+    from megatron.core import parallel_state, tensor_parallel
+
+    if torch.cuda.is_available():
+        torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
+        backend = "nccl"
+    else:
+        from megatron_tpo.parallel.cpu_adapter import install_cpu_adapter
+
+        install_cpu_adapter()
+        backend = "gloo"
+
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(
+            backend=backend,
+            init_method=f"tcp://{env.master_addr}:{env.master_port}",
+            rank=env.rank,
+            world_size=env.world_size,
+            timeout=timedelta(minutes=timeout_minutes),
+        )
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
+        context_parallel_size=parallel.context_parallel_size,
+    )
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    return env
+
+
+def shutdown_megatron() -> None:
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

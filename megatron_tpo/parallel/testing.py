@@ -1,0 +1,44 @@
+"""Run a function in several local gloo processes, as torchrun would; for tests and demos."""
+
+import os
+import pickle
+import socket
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, List
+
+import torch.multiprocessing as mp
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple,
+            result_dir: str) -> None:
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo",
+    )
+    result = fn(rank, world_size, *args)
+    # A file, not a queue: a large result in a pipe would block the child before join.
+    with open(Path(result_dir) / f"{rank}.pkl", "wb") as handle:
+        pickle.dump(result, handle)
+
+
+def spawn(fn: Callable, world_size: int, *args: Any) -> List[Any]:
+    """Run ``fn(rank, world_size, *args)`` in ``world_size`` processes; return results by rank.
+
+    ``fn`` must be importable (a module-level function). A failure in any rank is
+    re-raised here with that rank's traceback.
+    """
+    with tempfile.TemporaryDirectory() as result_dir:
+        mp.start_processes(_worker, args=(world_size, _free_port(), fn, args, result_dir),
+                           nprocs=world_size, join=True, start_method="spawn")
+        results = []
+        for rank in range(world_size):
+            with open(Path(result_dir) / f"{rank}.pkl", "rb") as handle:
+                results.append(pickle.load(handle))
+        return results
