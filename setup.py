@@ -33,6 +33,8 @@ setup(
     entry_points={
         "console_scripts": [
             "tpo-convert=megatron_tpo.cli.convert:main",
+            "tpo-plan=megatron_tpo.cli.plan:main",
+            "tpo-tiny-train=megatron_tpo.cli.tiny_train:main",
         ]
     },
 )

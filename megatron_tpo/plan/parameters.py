@@ -8,7 +8,7 @@ the Transformer Engine spec (it fuses the two norms into the following linear la
 
 import math
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from megatron_tpo.config import ModelConfig
 
@@ -165,3 +165,18 @@ def rank_parameters(model: ModelConfig, tp: int, pp: int, vpp: int, pp_rank: int
                   else layout.numel_unpadded)
     return RankParameters(parameters, buffer_numel, shard)
 
+
+
+_RANK_PARAMETERS_CACHE: Dict[tuple, RankParameters] = {}
+
+
+def cached_rank_parameters(model: ModelConfig, tp: int, pp: int, vpp: int, pp_rank: int,
+                           dp_rank: int, dp_size: int, dp_cp_size: int) -> RankParameters:
+    """``rank_parameters`` remembered across the thousands of layouts a search tries."""
+    key = (model.num_layers, model.hidden_size, model.ffn_hidden_size, model.num_attention_heads,
+           model.num_query_groups, model.padded_vocab_size(tp), tp, pp, vpp, pp_rank, dp_rank,
+           dp_size, dp_cp_size)
+    if key not in _RANK_PARAMETERS_CACHE:
+        _RANK_PARAMETERS_CACHE[key] = rank_parameters(model, tp, pp, vpp, pp_rank, dp_rank,
+                                                      dp_size, dp_cp_size)
+    return _RANK_PARAMETERS_CACHE[key]
