@@ -25,6 +25,11 @@ CUDA_BOUND_MODULES = (
     "megatron.core.models.common.embeddings.rotary_pos_embedding",
     "megatron.core.tensor_parallel.random",
     "megatron.core.tensor_parallel.layers",
+    "megatron.core.tensor_parallel.mappings",
+    "megatron.core.tensor_parallel.utils",
+    "megatron.core.tensor_parallel.data",
+    "megatron.core.transformer.module",
+    "megatron.core.models.gpt.gpt_model",
     "megatron.core.pipeline_parallel.schedules",
     "megatron.core.pipeline_parallel.p2p_communication",
     "megatron.core.distributed.param_and_grad_buffer",
@@ -124,6 +129,18 @@ class _TorchOnCpu(types.ModuleType):
         return attr
 
 
+def _clip_grad_by_total_norm_on_cpu(parameters, max_norm, total_norm, use_decoupled_grad=False):
+    """megatron's clip_grad_by_total_norm_fp32 minus its assert that grads are CUDA tensors."""
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    attribute = "decoupled_grad" if use_decoupled_grad else "grad"
+    grads = [getattr(p, attribute).detach() for p in parameters
+             if getattr(p, attribute, None) is not None]
+    clip_coeff = max_norm / (total_norm + 1.0e-6)
+    if clip_coeff < 1.0 and grads:
+        torch._foreach_mul_(grads, clip_coeff)
+
+
 def _check_megatron_version() -> None:
     from megatron.core import package_info
 
@@ -160,5 +177,12 @@ def install_cpu_adapter() -> bool:
 
     tp_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
     tp_random._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
+
+    # Grad clipping asserts `grad.type() == 'torch.cuda.FloatTensor'`; optimizer.py
+    # imported the function by name, so both references are replaced.
+    from megatron.core.optimizer import clip_grads, optimizer
+
+    clip_grads.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_on_cpu
+    optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_on_cpu
     _installed = True
     return True

@@ -1,4 +1,4 @@
-"""Run a function in several local gloo processes, as torchrun would; for tests and demos."""
+"""Run a function in several local gloo processes, as torchrun would (tests, CPU demos)."""
 
 import os
 import pickle
@@ -28,7 +28,7 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple,
         pickle.dump(result, handle)
 
 
-def spawn(fn: Callable, world_size: int, *args: Any) -> List[Any]:
+def spawn_local(fn: Callable, world_size: int, *args: Any) -> List[Any]:
     """Run ``fn(rank, world_size, *args)`` in ``world_size`` processes; return results by rank.
 
     ``fn`` must be importable (a module-level function). A failure in any rank is

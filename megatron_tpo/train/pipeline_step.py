@@ -1,0 +1,44 @@
+"""One optimiser step through megatron's pipeline schedule (1F1B, interleaved with VPP)."""
+
+from typing import Callable, Dict, List, Sequence
+
+import torch
+
+
+def train_step(
+    ddp_chunks: List,
+    optimizer,
+    forward_step: Callable,
+    micro_batches: Sequence,
+    seq_length: int,
+    micro_batch_size: int,
+) -> Dict[str, float]:
+    """Run forward/backward over ``micro_batches`` and step the optimizer.
+
+    ``forward_step(data_iterator, model) -> (output, loss_func)`` as megatron expects;
+    ``loss_func`` returns ``(loss, metrics_dict)``. Returns the mean of each metric over
+    micro-batches (on the last pipeline stage; empty elsewhere) plus ``grad_norm``.
+    """
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    for chunk in ddp_chunks:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    model = ddp_chunks if len(ddp_chunks) > 1 else ddp_chunks[0]
+    # Every virtual stage reads each micro-batch once, so each gets its own iterator.
+    iterators = [iter(micro_batches) for _ in ddp_chunks]
+    iterator = iterators[0] if len(ddp_chunks) == 1 else iterators
+    per_microbatch = get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iterator, model=model,
+        num_microbatches=len(micro_batches), seq_length=seq_length,
+        micro_batch_size=micro_batch_size, forward_only=False,
+    )
+    update_successful, grad_norm, _ = optimizer.step()
+    metrics: Dict[str, float] = {}
+    for name in per_microbatch[0] if per_microbatch else ():
+        values = torch.stack([torch.as_tensor(m[name], dtype=torch.float64)
+                              for m in per_microbatch])
+        metrics[name] = values.mean().item()
+    metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+    metrics["update_successful"] = float(bool(update_successful))
+    return metrics

@@ -1,0 +1,148 @@
+"""megatron-core Llama at several TP/PP equals HF transformers on the same weights."""
+
+import pytest
+import torch
+
+from llama_fixtures import save_random_hf_llama, tiny_model_config
+from megatron_tpo.config import ParallelConfig
+from megatron_tpo.model import llama_layout as layout
+from megatron_tpo.model.conversion import hf_to_mcore
+from megatron_tpo.parallel.local_launch import spawn_local
+
+SEQ_LEN, MICRO_BATCH, MICRO_BATCHES = 12, 2, 4
+
+
+def _batch(vocab_size: int, seed: int = 7):
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, vocab_size, (MICRO_BATCHES * MICRO_BATCH, SEQ_LEN + 1),
+                           generator=generator)
+    return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+
+
+def _run_layouts(rank, world_size, model, layouts, shard_roots, inputs, labels, with_grads):
+    """Worker: for each (tp, pp), load the shards, run the pipeline schedule, report."""
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    from megatron_tpo.model.llama import build_llama
+    from megatron_tpo.model.mcore_shards import load_model_shards, with_global_layer_numbers
+    from megatron_tpo.parallel import init_megatron
+
+    reports = {}
+    for (tp, pp), shard_root in zip(layouts, shard_roots):
+        parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+        init_megatron(parallel, model)
+        gpt = build_llama(model, parallel)
+        load_model_shards(gpt, shard_root)
+        logits_out = []
+
+        def forward_step(data_iterator, gpt_model):
+            tokens, targets = next(data_iterator)
+            positions = torch.arange(SEQ_LEN).expand_as(tokens)
+            output = gpt_model(tokens, positions, None)
+
+            def loss_func(output_tensor):
+                # Cross entropy over the true vocab: megatron's padding rows must not
+                # take part in the softmax, or TP sizes with different padding differ.
+                logits = gather_from_tensor_model_parallel_region(output_tensor)
+                logits = logits[..., : model.vocab_size]
+                if with_grads:
+                    return torch.nn.functional.cross_entropy(
+                        logits.reshape(-1, model.vocab_size), targets.reshape(-1)), {}
+                logits_out.append(logits.detach())
+                return logits.sum() * 0.0, {}
+
+            return output, loss_func
+
+        micro_batches = list(zip(inputs.chunk(MICRO_BATCHES), labels.chunk(MICRO_BATCHES)))
+        get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter(micro_batches), model=gpt,
+            num_microbatches=MICRO_BATCHES, seq_length=SEQ_LEN, micro_batch_size=MICRO_BATCH,
+            forward_only=not with_grads,
+        )
+        report = {"tp_rank": parallel_state.get_tensor_model_parallel_rank()}
+        if logits_out:
+            report["logits"] = torch.cat(logits_out)
+        if with_grads:
+            grads = {name: p.grad.detach().clone() for name, p in gpt.named_parameters()}
+            report["grads"] = with_global_layer_numbers(gpt, grads)
+        reports[(tp, pp)] = report
+        parallel_state.destroy_model_parallel()
+    return reports
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    model = tiny_model_config()
+    assert model.vocab_size % 2 == 1 and model.num_query_groups < model.num_attention_heads
+    root = tmp_path_factory.mktemp("parity")
+    hf_dir = save_random_hf_llama(model, root / "hf")
+    shard_roots = {}
+    for tp, pp in [(1, 1), (2, 1), (1, 2), (2, 2)]:
+        shard_roots[(tp, pp)] = hf_to_mcore(
+            hf_dir, root / f"tp{tp}pp{pp}", tp, pp,
+            make_vocab_size_divisible_by=model.make_vocab_size_divisible_by, progress=False,
+        ).destination
+    return model, hf_dir, shard_roots
+
+
+def _hf_logits(hf_dir, inputs):
+    from transformers import LlamaForCausalLM
+
+    hf_model = LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return hf_model(inputs).logits
+
+
+def _collect(reports, key):
+    return [report[key] for report in reports if key in report]
+
+
+def test_logits_match_hf_at_every_layout(checkpoint):
+    model, hf_dir, shard_roots = checkpoint
+    inputs, labels = _batch(model.vocab_size)
+    expected = _hf_logits(hf_dir, inputs)
+
+    layouts_by_world = {1: [(1, 1)], 2: [(2, 1), (1, 2)], 4: [(2, 2)]}
+    for world_size, layouts in layouts_by_world.items():
+        reports = spawn_local(_run_layouts, world_size, model, layouts,
+                        [shard_roots[l] for l in layouts], inputs, labels, False)
+        for tp_pp in layouts:
+            logits = _collect([r[tp_pp] for r in reports], "logits")
+            assert logits, f"no rank produced logits at TP/PP {tp_pp}"
+            for got in logits:  # every TP rank of the last stage holds the full logits
+                difference = (got - expected).abs().max().item()
+                assert difference < 1e-4, f"TP/PP {tp_pp}: max |megatron - HF| = {difference}"
+
+
+def _hf_named_grads(reports, model, tp):
+    """Merge megatron grads of every rank (global layer names) into HF names."""
+    by_rank = [{} for _ in range(tp)]
+    for report in reports:
+        by_rank[report["tp_rank"]].update(report["grads"])
+    merged = {layout.HF_FINAL_NORM: by_rank[0][layout.FINAL_NORM],
+              layout.HF_EMBEDDING: layout.merge_vocab([g[layout.EMBEDDING] for g in by_rank],
+                                                      model.vocab_size),
+              layout.HF_OUTPUT_LAYER: layout.merge_vocab([g[layout.OUTPUT_LAYER] for g in by_rank],
+                                                         model.vocab_size)}
+    for layer in range(model.num_layers):
+        prefix = layout.mcore_layer_prefix(layer)
+        per_rank = [{n[len(prefix):]: t for n, t in g.items() if n.startswith(prefix)}
+                    for g in by_rank]
+        for name, grad in layout.merge_layer(per_rank, model).items():
+            merged[layout.hf_layer_prefix(layer) + name] = grad
+    return merged
+
+
+def test_1f1b_gradients_at_tp2_pp2_equal_tp1_pp1(checkpoint):
+    model, _, shard_roots = checkpoint
+    inputs, labels = _batch(model.vocab_size, seed=11)
+    single = spawn_local(_run_layouts, 1, model, [(1, 1)], [shard_roots[(1, 1)]], inputs, labels, True)
+    split = spawn_local(_run_layouts, 4, model, [(2, 2)], [shard_roots[(2, 2)]], inputs, labels, True)
+    reference = _hf_named_grads([r[(1, 1)] for r in single], model, tp=1)
+    parallel = _hf_named_grads([r[(2, 2)] for r in split], model, tp=2)
+    assert reference.keys() == parallel.keys()
+    for name, grad in reference.items():
+        assert grad.abs().max() > 0, f"{name}: zero gradient, the test would prove nothing"
+        torch.testing.assert_close(parallel[name], grad, rtol=1e-4, atol=1e-6, msg=name)
