@@ -126,17 +126,16 @@ def stage_memory(workload: Workload, layout: TrainingLayout, pp_rank: int,
         kv_width = 2 * model.num_query_groups * model.head_dim / tp
         communication += 2 * 2 * tokens * kv_width * 2
 
-    weights = params.buffer_numel * assume.param_bytes
+    weights = params.weight_bytes(assume.param_bytes)
     if layout.fp8:
         # Transformer Engine caches an FP8 copy of each weight for the micro-batches of a
         # step (its Hopper transpose is made per GEMM and counted in the reserve).
         weights += params.parameters * 1
-    master_bytes = 4 if assume.param_bytes < 4 else 0  # fp32 master copy of bf16 weights
     return TrainingMemory(
         pipeline_stage=pp_rank,
         weights=weights,
-        gradients=params.buffer_numel * assume.grad_bytes,
-        optimizer=params.optimizer_shard * (master_bytes + 4 + 4),  # + Adam m and v
+        gradients=params.gradient_bytes(assume.grad_bytes),
+        optimizer=params.optimizer_bytes(assume.param_bytes),
         activations=activations,
         logits=logits,
         communication=communication,
@@ -151,8 +150,9 @@ def training_memory(workload: Workload, layout: TrainingLayout) -> TrainingMemor
     """
     worst = None
     for pp_rank in sorted({0, layout.pp - 1}):
-        params = cached_rank_parameters(workload.model, layout.tp, layout.pp, layout.vpp, pp_rank,
-                                 dp_rank=0, dp_size=layout.dp, dp_cp_size=layout.dp_cp)
+        params = cached_rank_parameters(workload.model, layout.tp, layout.pp, layout.vpp,
+                                        pp_rank, dp_rank=0, dp_size=layout.dp,
+                                        dp_cp_size=layout.dp_cp)
         memory = stage_memory(workload, layout, pp_rank, params)
         if worst is None or memory.total > worst.total:
             worst = memory

@@ -22,18 +22,23 @@ BUCKET_NUMEL_PER_DP_RANK = 1_000_000
 class ParamTensor:
     name: str
     numel: int
+    # megatron's local-spec RMSNorm (torch's, without apex) ignores params_dtype and keeps
+    # its weight in fp32; DDP then gives fp32 parameters a buffer of their own.
+    fp32: bool = False
 
 
-def layer_parameters(model: ModelConfig, tp: int, prefix: str) -> List[ParamTensor]:
+def layer_parameters(model: ModelConfig, tp: int, prefix: str,
+                     norms_in_fp32: bool = False) -> List[ParamTensor]:
     """One Llama decoder layer's shards on a TP rank (registration order of the local spec)."""
     h, head_dim = model.hidden_size, model.head_dim
     qkv_rows = (model.num_attention_heads + 2 * model.num_query_groups) * head_dim
     return [
-        ParamTensor(f"{prefix}.input_layernorm.weight", h),  # norms are replicated over TP
+        # Norms are replicated over TP.
+        ParamTensor(f"{prefix}.input_layernorm.weight", h, norms_in_fp32),
         ParamTensor(f"{prefix}.self_attention.linear_proj.weight",
                     h * model.num_attention_heads * head_dim // tp),
         ParamTensor(f"{prefix}.self_attention.linear_qkv.weight", qkv_rows // tp * h),
-        ParamTensor(f"{prefix}.pre_mlp_layernorm.weight", h),
+        ParamTensor(f"{prefix}.pre_mlp_layernorm.weight", h, norms_in_fp32),
         # SwiGLU: gate and up projections fused into one column-parallel weight.
         ParamTensor(f"{prefix}.mlp.linear_fc1.weight", 2 * model.ffn_hidden_size // tp * h),
         ParamTensor(f"{prefix}.mlp.linear_fc2.weight", h * model.ffn_hidden_size // tp),
@@ -41,7 +46,7 @@ def layer_parameters(model: ModelConfig, tp: int, prefix: str) -> List[ParamTens
 
 
 def chunk_parameters(model: ModelConfig, tp: int, pp: int, vpp: int, pp_rank: int,
-                     vp_stage: int = 0) -> List[ParamTensor]:
+                     vp_stage: int = 0, norms_in_fp32: bool = False) -> List[ParamTensor]:
     """The parameters of one model chunk (virtual stage ``vp_stage`` of ``pp_rank``)."""
     layers_per_chunk = model.num_layers // (pp * vpp)
     vocab_shard = model.padded_vocab_size(tp) // tp
@@ -49,9 +54,10 @@ def chunk_parameters(model: ModelConfig, tp: int, pp: int, vpp: int, pp_rank: in
     if pp_rank == 0 and vp_stage == 0:
         params.append(ParamTensor("embedding.word_embeddings.weight", vocab_shard * model.hidden_size))
     for index in range(layers_per_chunk):
-        params += layer_parameters(model, tp, f"decoder.layers.{index}")
+        params += layer_parameters(model, tp, f"decoder.layers.{index}", norms_in_fp32)
     if pp_rank == pp - 1 and vp_stage == vpp - 1:
-        params.append(ParamTensor("decoder.final_layernorm.weight", model.hidden_size))
+        params.append(ParamTensor("decoder.final_layernorm.weight", model.hidden_size,
+                                  norms_in_fp32))
         params.append(ParamTensor("output_layer.weight", vocab_shard * model.hidden_size))
     return params
 
@@ -131,11 +137,37 @@ def grad_buffer_layout(params: List[ParamTensor], dp_size: int, bucket_numel: Op
 
 @dataclass(frozen=True)
 class RankParameters:
-    """What one rank allocates for parameters, gradients and optimizer state (elements)."""
+    """What one rank allocates for parameters, gradients and optimizer state (elements).
 
-    parameters: int          # real parameter elements (sum over this rank's chunks)
-    buffer_numel: int        # padded gradient (and, with the distributed optimizer, param) buffer
-    optimizer_shard: int     # elements whose optimizer state this rank keeps
+    "low" is the training dtype (bf16) buffer, "fp32" the buffer of parameters kept in
+    fp32 (the local spec's norms); each is padded on its own.
+    """
+
+    parameters: int            # real parameter elements (sum over this rank's chunks)
+    low_buffer_numel: int      # padded param and grad buffer of bf16 parameters
+    fp32_buffer_numel: int
+    low_optimizer_shard: int   # elements whose optimizer state this rank keeps
+    fp32_optimizer_shard: int
+
+    @property
+    def buffer_numel(self) -> int:
+        return self.low_buffer_numel + self.fp32_buffer_numel
+
+    @property
+    def optimizer_shard(self) -> int:
+        return self.low_optimizer_shard + self.fp32_optimizer_shard
+
+    def weight_bytes(self, param_bytes: int) -> int:
+        return self.low_buffer_numel * param_bytes + self.fp32_buffer_numel * 4
+
+    def gradient_bytes(self, grad_bytes: int) -> int:
+        return self.low_buffer_numel * grad_bytes + self.fp32_buffer_numel * 4
+
+    def optimizer_bytes(self, param_bytes: int) -> int:
+        """Adam m and v in fp32 for every owned element, plus an fp32 master copy of the
+        low-precision ones (fp32 parameters are updated in place)."""
+        master = 4 if param_bytes < 4 else 0
+        return self.low_optimizer_shard * (master + 8) + self.fp32_optimizer_shard * 8
 
 
 def default_bucket_numel(dp_size: int) -> int:
@@ -144,26 +176,34 @@ def default_bucket_numel(dp_size: int) -> int:
 
 def rank_parameters(model: ModelConfig, tp: int, pp: int, vpp: int, pp_rank: int,
                     dp_rank: int, dp_size: int, dp_cp_size: int, distributed_optimizer: bool = True,
-                    overlap_grad_reduce: bool = True) -> RankParameters:
+                    overlap_grad_reduce: bool = True, bucket_numel: Optional[int] = None,
+                    norms_in_fp32: bool = False) -> RankParameters:
     """Parameters and buffers of the rank at (``pp_rank``, ``dp_rank``) in the DP x CP group.
 
     megatron wraps each virtual-stage chunk in its own DDP; only the first chunk of the
     first pipeline stage uses buckets (the others' reduction is off the critical path),
     and buckets exist only with ``overlap_grad_reduce``. The bucket size follows the DP
     group without CP, the padding the DP x CP group the buffer is sharded over.
+    ``bucket_numel`` overrides megatron's default bucket size (DDP's ``bucket_size``).
+    ``norms_in_fp32``: the local spec's torch norms (the Transformer Engine spec, used on
+    GPUs, keeps them in bf16, fused into the following linear layer).
     """
-    parameters = buffer_numel = shard = 0
+    bucket_numel = bucket_numel or default_bucket_numel(dp_size)
+    parameters = 0
+    buffers = {False: 0, True: 0}  # keyed by "is fp32"
+    shards = {False: 0, True: 0}
     for vp_stage in range(vpp):
-        params = chunk_parameters(model, tp, pp, vpp, pp_rank, vp_stage)
-        bucketed = overlap_grad_reduce and pp_rank == 0 and vp_stage == 0
-        layout = grad_buffer_layout(params, dp_cp_size,
-                                    default_bucket_numel(dp_size) if bucketed else None,
-                                    distributed_optimizer)
+        params = chunk_parameters(model, tp, pp, vpp, pp_rank, vp_stage, norms_in_fp32)
         parameters += sum(p.numel for p in params)
-        buffer_numel += layout.numel
-        shard += (layout.optimizer_shard_numel(dp_rank, dp_cp_size) if distributed_optimizer
-                  else layout.numel_unpadded)
-    return RankParameters(parameters, buffer_numel, shard)
+        bucketed = overlap_grad_reduce and pp_rank == 0 and vp_stage == 0
+        for fp32 in (False, True):  # DDP builds one buffer per (param, grad) dtype
+            group = [p for p in params if p.fp32 == fp32]
+            layout = grad_buffer_layout(group, dp_cp_size, bucket_numel if bucketed else None,
+                                        distributed_optimizer)
+            buffers[fp32] += layout.numel
+            shards[fp32] += (layout.optimizer_shard_numel(dp_rank, dp_cp_size)
+                             if distributed_optimizer else layout.numel_unpadded)
+    return RankParameters(parameters, buffers[False], buffers[True], shards[False], shards[True])
 
 
 

@@ -120,9 +120,9 @@ def step_time(workload: Workload, layout: TrainingLayout) -> StepTime:
     params = cached_rank_parameters(model, tp, layout.pp, layout.vpp, 0, 0, layout.dp,
                                     layout.dp_cp)
     dp_bandwidth = cluster.bandwidth(tp, layout.dp_cp)
-    reduce_scatter = _ring_seconds(params.buffer_numel * assume.grad_bytes, layout.dp_cp,
+    reduce_scatter = _ring_seconds(params.gradient_bytes(assume.grad_bytes), layout.dp_cp,
                                    dp_bandwidth)
-    all_gather = _ring_seconds(params.buffer_numel * assume.param_bytes, layout.dp_cp,
+    all_gather = _ring_seconds(params.weight_bytes(assume.param_bytes), layout.dp_cp,
                                dp_bandwidth)
     backward_seconds = microbatch_seconds * 2 / 3
     forward_seconds = microbatch_seconds / 3
