@@ -1,0 +1,215 @@
+"""Triton implementation of the fused target log-prob (the GPU path).
+
+Forward: a grid of (token block, vocab split) programs; each walks its vocab tiles,
+computes a [BLOCK_T, BLOCK_V] logit tile with tl.dot over hidden chunks (float32
+accumulation), and folds it into a running max / sum (online log-sum-exp). The splits
+give the GPU enough programs when tokens are few; their statistics are merged in torch.
+
+Backward: a grid of (token block, vocab tile) programs; each recomputes its logit tile,
+forms the logit gradient, and adds its contributions to the hidden and weight gradients
+with float32 atomics, so no [tokens, vocab] tensor ever exists.
+
+Under TRITON_INTERPRET=1 (set before triton is imported) the same kernels run on CPU
+tensors; the tests use that. Block sizes there are kept small so the interpreter is fast.
+"""
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .softmax_statistics import SliceStatistics, merge_slices
+
+# GPU tile sizes; not tuned (no GPU was available while writing them).
+GPU_BLOCKS = dict(BLOCK_T=64, BLOCK_V=128, BLOCK_H=64)
+INTERPRETER_BLOCKS = dict(BLOCK_T=16, BLOCK_V=16, BLOCK_H=16)
+# Aim for at least this many forward programs, splitting the vocab when tokens are few.
+TARGET_PROGRAMS = 512
+
+
+@triton.jit
+def _logit_tile(hidden_ptr, weight_ptr, rows, cols, row_ok, col_ok, hidden_size,
+                stride_ht, stride_wv, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+                BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
+    """hidden[rows] @ weight[cols].T as a float32 [BLOCK_T, BLOCK_V] tile."""
+    logits = tl.zeros([BLOCK_T, BLOCK_V], dtype=tl.float32)
+    for k in range(0, hidden_size, BLOCK_H):
+        ks = k + tl.arange(0, BLOCK_H)
+        k_ok = ks < hidden_size
+        h = tl.load(hidden_ptr + rows[:, None] * stride_ht + ks[None, :],
+                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(weight_ptr + cols[:, None] * stride_wv + ks[None, :],
+                    mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        if DOT_IN_FP32:
+            h, w = h.to(tl.float32), w.to(tl.float32)
+        logits = tl.dot(h, tl.trans(w), acc=logits, input_precision=DOT_PRECISION)
+    return logits
+
+
+@triton.jit
+def _statistics_kernel(hidden_ptr, weight_ptr, targets_ptr,
+                       max_ptr, sum_exp_ptr, sum_exp_shifted_ptr, target_logit_ptr,
+                       num_tokens, vocab_size, hidden_size, tiles_per_split,
+                       stride_ht, stride_wv,
+                       WITH_ENTROPY: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                       DOT_IN_FP32: tl.constexpr,
+                       BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
+    token_block = tl.program_id(0)
+    split = tl.program_id(1)
+    rows = token_block * BLOCK_T + tl.arange(0, BLOCK_T)
+    row_ok = rows < num_tokens
+    targets = tl.load(targets_ptr + rows, mask=row_ok, other=-1)
+
+    running_max = tl.full([BLOCK_T], float("-inf"), dtype=tl.float32)
+    sum_exp = tl.zeros([BLOCK_T], dtype=tl.float32)
+    sum_exp_shifted = tl.zeros([BLOCK_T], dtype=tl.float32)
+    target_logit = tl.zeros([BLOCK_T], dtype=tl.float32)
+    for tile in range(0, tiles_per_split):
+        cols = (split * tiles_per_split + tile) * BLOCK_V + tl.arange(0, BLOCK_V)
+        col_ok = cols < vocab_size
+        logits = _logit_tile(hidden_ptr, weight_ptr, rows, cols, row_ok, col_ok, hidden_size,
+                             stride_ht, stride_wv, DOT_PRECISION, DOT_IN_FP32,
+                             BLOCK_T, BLOCK_V, BLOCK_H)
+        logits = tl.where(col_ok[None, :], logits, float("-inf"))
+        # The host makes every split's first tile hold real columns, so new_max is finite.
+        new_max = tl.maximum(running_max, tl.max(logits, axis=1))
+        scale = tl.exp(running_max - new_max)
+        shifted = logits - new_max[:, None]
+        exp_shifted = tl.exp(shifted)
+        if WITH_ENTROPY:
+            # Rebase the old sum onto the new max; where nothing was summed yet (sum 0,
+            # max -inf) the shift is meaningless, so use 0 rather than produce -inf * 0.
+            old_shift = tl.where(sum_exp > 0, running_max - new_max, 0.0)
+            tile_term = exp_shifted * tl.where(col_ok[None, :], shifted, 0.0)
+            sum_exp_shifted = scale * (sum_exp_shifted + old_shift * sum_exp) \
+                + tl.sum(tile_term, axis=1)
+        sum_exp = scale * sum_exp + tl.sum(exp_shifted, axis=1)
+        running_max = new_max
+        is_target = cols[None, :] == targets[:, None]
+        target_logit += tl.sum(tl.where(is_target, logits, 0.0), axis=1)
+
+    out = split * num_tokens + rows
+    tl.store(max_ptr + out, running_max, mask=row_ok)
+    tl.store(sum_exp_ptr + out, sum_exp, mask=row_ok)
+    tl.store(target_logit_ptr + out, target_logit, mask=row_ok)
+    if WITH_ENTROPY:
+        tl.store(sum_exp_shifted_ptr + out, sum_exp_shifted, mask=row_ok)
+
+
+@triton.jit
+def _gradients_kernel(hidden_ptr, weight_ptr, targets_ptr, lse_ptr, grad_logprob_ptr,
+                      grad_entropy_ptr, mean_logit_ptr, grad_hidden_ptr, grad_weight_ptr,
+                      num_tokens, vocab_size, hidden_size, stride_ht, stride_wv,
+                      WITH_ENTROPY_GRAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                      DOT_IN_FP32: tl.constexpr,
+                      BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    row_ok = rows < num_tokens
+    col_ok = cols < vocab_size
+    logits = _logit_tile(hidden_ptr, weight_ptr, rows, cols, row_ok, col_ok, hidden_size,
+                         stride_ht, stride_wv, DOT_PRECISION, DOT_IN_FP32,
+                             BLOCK_T, BLOCK_V, BLOCK_H)
+
+    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+    grad_logprob = tl.load(grad_logprob_ptr + rows, mask=row_ok, other=0.0)
+    targets = tl.load(targets_ptr + rows, mask=row_ok, other=-1)
+    tile_ok = row_ok[:, None] & col_ok[None, :]
+    probs = tl.where(tile_ok, tl.exp(logits - lse[:, None]), 0.0)
+    is_target = (cols[None, :] == targets[:, None]).to(tl.float32)
+    grad_logits = grad_logprob[:, None] * (is_target - probs)
+    if WITH_ENTROPY_GRAD:
+        grad_entropy = tl.load(grad_entropy_ptr + rows, mask=row_ok, other=0.0)
+        mean_logit = tl.load(mean_logit_ptr + rows, mask=row_ok, other=0.0)
+        grad_logits += grad_entropy[:, None] * probs * (mean_logit[:, None] - logits)
+    # Same rounding as a bf16 matmul of the logit gradient would see.
+    grad_logits = grad_logits.to(hidden_ptr.dtype.element_ty)
+    if DOT_IN_FP32:
+        grad_logits = grad_logits.to(tl.float32)
+
+    for k in range(0, hidden_size, BLOCK_H):
+        ks = k + tl.arange(0, BLOCK_H)
+        k_ok = ks < hidden_size
+        h = tl.load(hidden_ptr + rows[:, None] * stride_ht + ks[None, :],
+                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(weight_ptr + cols[:, None] * stride_wv + ks[None, :],
+                    mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        if DOT_IN_FP32:
+            h, w = h.to(tl.float32), w.to(tl.float32)
+        grad_h = tl.dot(grad_logits, w, input_precision=DOT_PRECISION)
+        tl.atomic_add(grad_hidden_ptr + rows[:, None] * hidden_size + ks[None, :], grad_h,
+                      mask=row_ok[:, None] & k_ok[None, :])
+        grad_w = tl.dot(tl.trans(grad_logits), h, input_precision=DOT_PRECISION)
+        tl.atomic_add(grad_weight_ptr + cols[:, None] * hidden_size + ks[None, :], grad_w,
+                      mask=col_ok[:, None] & k_ok[None, :])
+
+
+def _launch_settings(hidden: torch.Tensor, weight: torch.Tensor):
+    if hidden.dtype != weight.dtype:
+        raise ValueError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) dtypes differ")
+    if hidden.is_cuda:
+        # float32 inputs would otherwise be rounded to TF32 on tensor cores.
+        precision = "ieee" if hidden.dtype == torch.float32 else "tf32"
+        return dict(GPU_BLOCKS, DOT_PRECISION=precision, DOT_IN_FP32=False)
+    # The interpreter's tl.dot gives garbage for bfloat16 operands (triton 3.9), so CPU
+    # runs upcast the (already rounded) operands; products and sums match the GPU's.
+    return dict(INTERPRETER_BLOCKS, DOT_PRECISION="ieee", DOT_IN_FP32=True)
+
+
+def slice_statistics(hidden: torch.Tensor, weight: torch.Tensor, local_targets: torch.Tensor,
+                     with_entropy: bool) -> SliceStatistics:
+    """Softmax statistics of ``hidden @ weight.T`` per token (see softmax_statistics)."""
+    hidden, weight = hidden.contiguous(), weight.contiguous()
+    settings = _launch_settings(hidden, weight)
+    num_tokens, hidden_size = hidden.shape
+    vocab_size = weight.shape[0]
+    token_blocks = triton.cdiv(max(num_tokens, 1), settings["BLOCK_T"])
+    vocab_tiles = triton.cdiv(vocab_size, settings["BLOCK_V"])
+    wanted_splits = max(1, min(vocab_tiles, TARGET_PROGRAMS // token_blocks))
+    tiles_per_split = triton.cdiv(vocab_tiles, wanted_splits)
+    # Recount so that no split starts past the last tile (it would see only -inf).
+    splits = triton.cdiv(vocab_tiles, tiles_per_split)
+
+    partial = torch.empty((4, splits, num_tokens), dtype=torch.float32, device=hidden.device)
+    _statistics_kernel[(token_blocks, splits)](
+        hidden, weight, local_targets.contiguous(), partial[0], partial[1], partial[2],
+        partial[3], num_tokens, vocab_size, hidden_size, tiles_per_split,
+        hidden.stride(0), weight.stride(0),
+        WITH_ENTROPY=with_entropy, **settings)
+    per_split = SliceStatistics(partial[0], partial[1],
+                                partial[2] if with_entropy else None, partial[3])
+    return merge_slices(per_split)
+
+
+def slice_gradients(hidden: torch.Tensor, weight: torch.Tensor, local_targets: torch.Tensor,
+                    log_sum_exp: torch.Tensor, grad_logprob: torch.Tensor,
+                    grad_entropy: Optional[torch.Tensor] = None,
+                    mean_logit: Optional[torch.Tensor] = None
+                    ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Float32 gradients of hidden (this shard's partial) and of the weight shard.
+
+    Same formulas as logprob_torch.slice_gradients.
+    """
+    hidden, weight = hidden.contiguous(), weight.contiguous()
+    settings = _launch_settings(hidden, weight)
+    num_tokens, hidden_size = hidden.shape
+    vocab_size = weight.shape[0]
+    grad_hidden = torch.zeros((num_tokens, hidden_size), dtype=torch.float32,
+                              device=hidden.device)
+    grad_weight = torch.zeros((vocab_size, hidden_size), dtype=torch.float32,
+                              device=weight.device)
+    if num_tokens == 0:
+        return grad_hidden, grad_weight
+    with_entropy_grad = grad_entropy is not None
+    grid = (triton.cdiv(num_tokens, settings["BLOCK_T"]),
+            triton.cdiv(vocab_size, settings["BLOCK_V"]))
+    _gradients_kernel[grid](
+        hidden, weight, local_targets.contiguous(), log_sum_exp.contiguous(),
+        grad_logprob.contiguous(),
+        grad_entropy.contiguous() if with_entropy_grad else grad_logprob,
+        mean_logit.contiguous() if with_entropy_grad else grad_logprob,
+        grad_hidden, grad_weight, num_tokens, vocab_size, hidden_size,
+        hidden.stride(0), weight.stride(0),
+        WITH_ENTROPY_GRAD=with_entropy_grad, **settings)
+    return grad_hidden, grad_weight
