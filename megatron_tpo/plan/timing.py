@@ -17,6 +17,9 @@ from megatron_tpo.config import ModelConfig
 from megatron_tpo.plan.parameters import cached_rank_parameters, layer_parameters
 from megatron_tpo.plan.workload import TrainingLayout, Workload
 
+# Start-up cost of one NCCL collective or p2p transfer (the alpha of the alpha-beta
+# model): it dominates the many small TP and PP messages of small micro-batches.
+COMMUNICATION_LATENCY_S = 20e-6
 # Bytes Adam touches per element of the shard: read fp32 grad, master, m, v; write
 # master, m, v; write the bf16 parameter.
 ADAM_BYTES_PER_ELEMENT = 4 * 4 + 3 * 4 + 2
@@ -66,7 +69,9 @@ def model_flops_per_token(model: ModelConfig, seq_len: int) -> float:
 
 def _ring_seconds(size_bytes: float, group: int, bandwidth: float) -> float:
     """One ring all-gather or reduce-scatter: each GPU sends (n-1)/n of the data."""
-    return size_bytes * (group - 1) / group / bandwidth if group > 1 else 0.0
+    if group == 1:
+        return 0.0
+    return COMMUNICATION_LATENCY_S + size_bytes * (group - 1) / group / bandwidth
 
 
 def step_time(workload: Workload, layout: TrainingLayout) -> StepTime:
@@ -115,7 +120,8 @@ def step_time(workload: Workload, layout: TrainingLayout) -> StepTime:
     if layout.pp > 1:
         stride = tp * cp * layout.dp
         sends = 2 * microbatches * layout.vpp  # activation forward, its gradient backward
-        pipeline_comm = sends * activation_bytes / tp / cluster.bandwidth(stride, layout.pp)
+        pipeline_comm = sends * (COMMUNICATION_LATENCY_S + activation_bytes / tp
+                                 / cluster.bandwidth(stride, layout.pp))
 
     params = cached_rank_parameters(model, tp, layout.pp, layout.vpp, 0, 0, layout.dp,
                                     layout.dp_cp)

@@ -1,5 +1,6 @@
 """Enumerate trainer layouts, reject the impossible ones with a reason, rank the rest."""
 
+import math
 from collections import Counter
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Tuple
@@ -13,6 +14,9 @@ from megatron_tpo.plan.workload import RECOMPUTE_CHOICES, TrainingLayout, Worklo
 TENSOR_PARALLEL_SIZES = (1, 2, 4, 8)
 CONTEXT_PARALLEL_SIZES = (1, 2, 4, 8, 16)
 MICRO_BATCH_SIZES = (1, 2, 4, 8)
+# Estimates closer than this are a tie, broken in favour of less model parallelism (more
+# DP), as NVIDIA's published recipes do: the fewest moving parts that fit.
+NEAR_TIE = 0.01
 # Transformer Engine's FP8 GEMMs need every dimension to be a multiple of 16.
 FP8_DIM_MULTIPLE = 16
 
@@ -150,6 +154,13 @@ class TrainingSearch:
                 for category, count in counts.most_common()]
 
 
+def _ranking_key(plan: TrainingPlan) -> Tuple[int, int, float]:
+    """Step time in bins of NEAR_TIE (log scale), then model-parallel size, then time."""
+    layout = plan.layout
+    time_bin = round(math.log(plan.time.total) / math.log1p(NEAR_TIE))
+    return (time_bin, layout.tp * layout.pp * layout.cp, plan.time.total)
+
+
 def search_training(workload: Workload) -> TrainingSearch:
     plans: List[TrainingPlan] = []
     rejections: List[Rejection] = []
@@ -159,5 +170,5 @@ def search_training(workload: Workload) -> TrainingSearch:
     if not plans and not rejections:
         raise PlanError(f"no layout of TP{TENSOR_PARALLEL_SIZES} x CP x PP divides the world "
                         f"size {workload.cluster.world_size}")
-    plans.sort(key=lambda plan: (plan.time.total, plan.memory.total))
+    plans.sort(key=lambda plan: _ranking_key(plan))
     return TrainingSearch(plans, rejections)
