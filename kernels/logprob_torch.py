@@ -42,6 +42,9 @@ def slice_statistics(hidden: torch.Tensor, weight: torch.Tensor, local_targets: 
                      with_entropy: bool, token_chunk: int = TOKEN_CHUNK,
                      vocab_chunk: int = VOCAB_CHUNK) -> SliceStatistics:
     """Softmax statistics of ``hidden @ weight.T`` per token (see softmax_statistics)."""
+    if hidden.shape[0] == 0:
+        empty = hidden.new_zeros(0, dtype=torch.float32)
+        return SliceStatistics(empty, empty, empty if with_entropy else None, empty)
     per_token_chunk = []
     for rows in _chunks(hidden.shape[0], token_chunk):
         hidden_chunk = hidden[rows].float()

@@ -1,0 +1,96 @@
+"""The Triton kernels themselves, run on CPU by Triton's interpreter, against the reference.
+
+TRITON_INTERPRET must be set before triton is first imported, so the ordinary test run
+starts a fresh pytest process with it set; there the interpreted tests below run.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from megatron_tpo.kernels import reference_target_logprobs
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+needs_interpreter = pytest.mark.skipif(not INTERPRETED, reason="runs in the child with "
+                                       "TRITON_INTERPRET=1 (see test_kernels_in_interpreter)")
+
+
+@pytest.mark.skipif(INTERPRETED, reason="already inside the interpreter run")
+def test_kernels_in_interpreter():
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                          "-k", "not test_kernels_in_interpreter", __file__], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    # Every interpreted test must have run, not been skipped.
+    assert " skipped" not in run.stdout.splitlines()[-1], run.stdout
+
+
+def _inputs(tokens, hidden_size, vocab, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(tokens, hidden_size, generator=gen).to(dtype)
+    weight = (torch.randn(vocab, hidden_size, generator=gen) * 2 / hidden_size ** 0.5).to(dtype)
+    targets = torch.randint(0, vocab, (tokens,), generator=gen)
+    targets[torch.rand(tokens, generator=gen) < 0.2] = -100
+    mask = (torch.rand(tokens, generator=gen) > 0.2).long()
+    upstream = torch.randn(2, tokens, generator=gen)
+    return hidden, weight, targets, mask, upstream
+
+
+def _values_and_grads(fn, hidden, weight, targets, mask, upstream, dtype, with_entropy=True):
+    hidden = hidden.detach().to(dtype).requires_grad_()
+    weight = weight.detach().to(dtype).requires_grad_()
+    logprobs, entropy = fn(hidden, weight, targets, mask)
+    loss = (logprobs * upstream[0].to(logprobs.dtype)).sum()
+    if with_entropy:
+        loss = loss + (entropy * upstream[1].to(entropy.dtype)).sum()
+    loss.backward()
+    return logprobs.detach(), entropy.detach(), hidden.grad, weight.grad
+
+
+def _triton(hidden, weight, targets, mask, upstream, with_entropy=True):
+    from megatron_tpo.kernels import fused_target_logprobs
+
+    def call(h, w, t, m):
+        return fused_target_logprobs(h, w, t, m, return_entropy=True, impl="triton")
+    return _values_and_grads(call, hidden, weight, targets, mask, upstream, hidden.dtype,
+                             with_entropy)
+
+
+def _reference(hidden, weight, targets, mask, upstream, with_entropy=True):
+    return _values_and_grads(reference_target_logprobs, hidden, weight, targets, mask, upstream,
+                             torch.float64, with_entropy)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("tokens,hidden_size,vocab", [(37, 40, 101), (1, 16, 50), (18, 33, 64)])
+def test_float32_values_and_gradients(tokens, hidden_size, vocab):
+    inputs = _inputs(tokens, hidden_size, vocab, torch.float32)
+    for actual, expected in zip(_triton(*inputs), _reference(*inputs)):
+        torch.testing.assert_close(actual.double(), expected, atol=2e-5, rtol=2e-5)
+
+
+@needs_interpreter
+def test_several_tiles_per_program_and_no_entropy_gradient(monkeypatch):
+    from megatron_tpo.kernels import logprob_triton
+    # Few programs: each walks several vocab tiles, exercising the online rescaling.
+    monkeypatch.setattr(logprob_triton, "TARGET_PROGRAMS", 2)
+    inputs = _inputs(21, 24, 150, torch.float32, seed=1)
+    actual = _triton(*inputs, with_entropy=False)
+    expected = _reference(*inputs, with_entropy=False)
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(a.double(), e, atol=2e-5, rtol=2e-5)
+
+
+@needs_interpreter
+def test_bfloat16_accumulates_in_float32():
+    inputs = _inputs(19, 48, 90, torch.bfloat16, seed=2)
+    actual, expected = _triton(*inputs), _reference(*inputs)
+    torch.testing.assert_close(actual[0].double(), expected[0], atol=1e-4, rtol=0)
+    torch.testing.assert_close(actual[1].double(), expected[1], atol=1e-4, rtol=0)
+    # Gradients pass through bf16 (the logit gradient and the returned grads).
+    for a, e in zip(actual[2:], expected[2:]):
+        torch.testing.assert_close(a.double(), e, atol=2e-2, rtol=2e-2)
