@@ -190,3 +190,22 @@ def test_text_report_shows_breakdown_and_rejections(capsys):
     for text in ("Memory per GPU of plan 1", "optimizer (fp32 master + Adam m, v",
                  "Rejected layouts by reason:", "out of memory by", "policy (llama3_8b)"):
         assert text in out
+
+
+def test_model_and_gpu_table_from_the_users_yaml(capsys, tmp_path):
+    model = tmp_path / "my1b.yaml"
+    model.write_text("name: my1b\nnum_layers: 16\nhidden_size: 2048\nffn_hidden_size: 8192\n"
+                     "num_attention_heads: 32\nnum_query_groups: 8\nvocab_size: 128256\n"
+                     "max_position_embeddings: 8192\n")
+    table = tmp_path / "gpus.yaml"
+    table.write_text("gpus:\n  l40s:\n    memory_gib: 44.5\n    bf16_tflops: 362\n"
+                     "    fp8_tflops: 733\n    hbm_tb_per_s: 0.864\n    nvlink_gb_per_s: 32\n"
+                     "    internode_gbit_per_s: 100\n")
+    code, out, _ = _run(capsys, "--model", str(model), "--gpu", "l40s", "--gpu-table", str(table),
+                        "--nodes", "1", "--seq-len", "4096", "--global-batch", "64", "--json")
+    assert code == 0
+    assert json.loads(out)["training"]["plans"][0]["memory_gib"]["total"] <= 44.5
+    table.write_text("gpus:\n  l40s:\n    memory_gb: 48\n")
+    code, _, err = _run(capsys, "--model", str(model), "--gpu", "l40s", "--gpu-table", str(table),
+                        "--nodes", "1", "--seq-len", "4096", "--global-batch", "64")
+    assert code == 2 and "memory_gb" in err
