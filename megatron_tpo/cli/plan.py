@@ -6,6 +6,7 @@
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -109,6 +110,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (ConfigError, PlanError) as error:
         print(f"tpo-plan: error: {error}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # `tpo-plan ... | head` closed the pipe early; nothing is wrong with the plan.
+        sys.stdout = open(os.devnull, "w")
     return 0
 
 

@@ -72,4 +72,4 @@ def emit_plan(directory: Path, workload: Workload, plan: TrainingPlan,
         "#SBATCH --exclusive",
         "",
     ]))
-    return paths
+    return paths + [sbatch_path]

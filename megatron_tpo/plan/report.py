@@ -5,7 +5,7 @@ from typing import Dict, List
 
 from megatron_tpo.plan.hardware import GIB
 from megatron_tpo.plan.rollout import EngineSearch
-from megatron_tpo.plan.training_search import TrainingPlan, TrainingSearch
+from megatron_tpo.plan.training_search import NEAR_TIE, TrainingPlan, TrainingSearch
 from megatron_tpo.plan.workload import Workload
 
 MEMORY_LABELS = {
@@ -115,6 +115,7 @@ def format_report(workload: Workload, search: TrainingSearch, top: int, show_rej
         f"top {min(top, len(search.plans))} by estimated step time:",
     ]
     lines += _training_table(workload, search.plans[:top])
+    lines.append(f"  (estimates within {NEAR_TIE:.0%} count as a tie: less model parallelism first)")
     best = search.plans[0]
     memory = best.memory.as_gib()
     capacity = cluster.gpu.memory_gib

@@ -126,7 +126,7 @@ def evaluate(workload: Workload, layout: TrainingLayout):
     if memory.total > capacity:
         shortfall = (memory.total - capacity) / GIB
         return Rejection(layout, "out of memory",
-                         f"out of memory by {shortfall:.1f} GiB on PP stage "
+                         f"out of memory by {shortfall:.2f} GiB on PP stage "
                          f"{memory.pipeline_stage} (needs {memory.total / GIB:.1f} of "
                          f"{capacity / GIB:.1f} GiB)", shortfall)
     time = step_time(workload, layout)
