@@ -30,7 +30,8 @@ def values_and_grads(fn, hidden, weight, targets, mask, upstream, dtype):
     hidden = hidden.detach().to(dtype).requires_grad_()
     weight = weight.detach().to(dtype).requires_grad_()
     logprobs, entropy = fn(hidden, weight, targets, mask)
-    (logprobs * upstream[0].to(logprobs.dtype) + entropy * upstream[1].to(entropy.dtype)).sum().backward()
+    loss = logprobs * upstream[0].to(logprobs.dtype) + entropy * upstream[1].to(entropy.dtype)
+    loss.sum().backward()
     return logprobs.detach(), entropy.detach(), hidden.grad, weight.grad
 
 

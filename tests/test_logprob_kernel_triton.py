@@ -23,7 +23,8 @@ def test_kernels_in_interpreter():
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1")
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                          "-k", "not test_kernels_in_interpreter", __file__], env=env, capture_output=True, text=True, timeout=600)
+                          "-k", "not test_kernels_in_interpreter", __file__],
+                         env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
     # Every interpreted test must have run, not been skipped.
     assert " skipped" not in run.stdout.splitlines()[-1], run.stdout

@@ -1,0 +1,1 @@
+"""Training stage of a TPO iteration: the DPO loss, reference log-probs, the megatron-core step."""
