@@ -25,16 +25,18 @@ def _run_layouts(rank, world_size, model, layouts, shard_roots, inputs, labels, 
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
-    from megatron_tpo.model.llama import build_llama
+    from megatron_tpo.model.llama import build_llama_chunks
     from megatron_tpo.model.mcore_shards import load_model_shards, with_global_layer_numbers
     from megatron_tpo.parallel import init_megatron
 
     reports = {}
-    for (tp, pp), shard_root in zip(layouts, shard_roots):
-        parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    for (tp, pp, vpp), shard_root in zip(layouts, shard_roots):
+        parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                  virtual_pipeline_model_parallel_size=vpp)
         init_megatron(parallel, model)
-        gpt = build_llama(model, parallel)
-        load_model_shards(gpt, shard_root)
+        chunks = build_llama_chunks(model, parallel)
+        for chunk in chunks:
+            load_model_shards(chunk, shard_root)
         logits_out = []
 
         def forward_step(data_iterator, gpt_model):
@@ -56,8 +58,11 @@ def _run_layouts(rank, world_size, model, layouts, shard_roots, inputs, labels, 
             return output, loss_func
 
         micro_batches = list(zip(inputs.chunk(MICRO_BATCHES), labels.chunk(MICRO_BATCHES)))
+        iterators = [iter(micro_batches) for _ in chunks]
         get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=iter(micro_batches), model=gpt,
+            forward_step_func=forward_step,
+            data_iterator=iterators if vpp else iterators[0],
+            model=chunks if vpp else chunks[0],
             num_microbatches=MICRO_BATCHES, seq_length=SEQ_LEN, micro_batch_size=MICRO_BATCH,
             forward_only=not with_grads,
         )
@@ -65,9 +70,11 @@ def _run_layouts(rank, world_size, model, layouts, shard_roots, inputs, labels, 
         if logits_out:
             report["logits"] = torch.cat(logits_out)
         if with_grads:
-            grads = {name: p.grad.detach().clone() for name, p in gpt.named_parameters()}
-            report["grads"] = with_global_layer_numbers(gpt, grads)
-        reports[(tp, pp)] = report
+            report["grads"] = {}
+            for chunk in chunks:
+                grads = {name: p.grad.detach().clone() for name, p in chunk.named_parameters()}
+                report["grads"].update(with_global_layer_numbers(chunk, grads))
+        reports[(tp, pp, vpp)] = report
         parallel_state.destroy_model_parallel()
     return reports
 
@@ -80,7 +87,7 @@ def checkpoint(tmp_path_factory):
     hf_dir = save_random_hf_llama(model, root / "hf")
     shard_roots = {}
     for tp, pp in [(1, 1), (2, 1), (1, 2), (2, 2)]:
-        shard_roots[(tp, pp)] = hf_to_mcore(
+        shard_roots[(tp, pp, None)] = shard_roots[(tp, pp, 2)] = hf_to_mcore(
             hf_dir, root / f"tp{tp}pp{pp}", tp, pp,
             make_vocab_size_divisible_by=model.make_vocab_size_divisible_by, progress=False,
         ).destination
@@ -104,7 +111,8 @@ def test_logits_match_hf_at_every_layout(checkpoint):
     inputs, labels = _batch(model.vocab_size)
     expected = _hf_logits(hf_dir, inputs)
 
-    layouts_by_world = {1: [(1, 1)], 2: [(2, 1), (1, 2)], 4: [(2, 2)]}
+    layouts_by_world = {1: [(1, 1, None)], 2: [(2, 1, None), (1, 2, None), (1, 2, 2)],
+                        4: [(2, 2, None)]}
     for world_size, layouts in layouts_by_world.items():
         reports = spawn_local(_run_layouts, world_size, model, layouts,
                         [shard_roots[l] for l in layouts], inputs, labels, False)
@@ -135,14 +143,22 @@ def _hf_named_grads(reports, model, tp):
     return merged
 
 
-def test_1f1b_gradients_at_tp2_pp2_equal_tp1_pp1(checkpoint):
+def test_1f1b_gradients_at_tp2_pp2_and_interleaved_equal_tp1_pp1(checkpoint):
     model, _, shard_roots = checkpoint
     inputs, labels = _batch(model.vocab_size, seed=11)
-    single = spawn_local(_run_layouts, 1, model, [(1, 1)], [shard_roots[(1, 1)]], inputs, labels, True)
-    split = spawn_local(_run_layouts, 4, model, [(2, 2)], [shard_roots[(2, 2)]], inputs, labels, True)
-    reference = _hf_named_grads([r[(1, 1)] for r in single], model, tp=1)
-    parallel = _hf_named_grads([r[(2, 2)] for r in split], model, tp=2)
-    assert reference.keys() == parallel.keys()
-    for name, grad in reference.items():
-        assert grad.abs().max() > 0, f"{name}: zero gradient, the test would prove nothing"
-        torch.testing.assert_close(parallel[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    single_layout, split_layout, interleaved_layout = (1, 1, None), (2, 2, None), (1, 2, 2)
+    single = spawn_local(_run_layouts, 1, model, [single_layout], [shard_roots[single_layout]],
+                         inputs, labels, True)
+    split = spawn_local(_run_layouts, 4, model, [split_layout], [shard_roots[split_layout]],
+                        inputs, labels, True)
+    interleaved = spawn_local(_run_layouts, 2, model, [interleaved_layout],
+                              [shard_roots[interleaved_layout]], inputs, labels, True)
+    reference = _hf_named_grads([r[single_layout] for r in single], model, tp=1)
+    for name_of_run, run, layout_key, tp in (("TP2/PP2", split, split_layout, 2),
+                                             ("TP1/PP2/VPP2", interleaved, interleaved_layout, 1)):
+        parallel = _hf_named_grads([r[layout_key] for r in run], model, tp=tp)
+        assert reference.keys() == parallel.keys()
+        for name, grad in reference.items():
+            assert grad.abs().max() > 0, f"{name}: zero gradient, the test would prove nothing"
+            torch.testing.assert_close(parallel[name], grad, rtol=1e-4, atol=1e-6,
+                                       msg=f"{name_of_run}: {name}")

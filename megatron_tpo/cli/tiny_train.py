@@ -70,37 +70,45 @@ def _train(rank, world_size, model, parallel, shard_root, steps, micro_batches, 
     return history
 
 
+def run_tiny_training(model_name: str = "tiny", tp: int = 2, pp: int = 2, steps: int = 10,
+                      micro_batches: int = 4, seq_len: int = 32, vpp=None):
+    """Train a random ``model_name`` on a fixed batch; return ``[(loss, grad_norm, seconds)]``."""
+    from transformers import LlamaForCausalLM
+
+    from megatron_tpo.model.conversion import hf_to_mcore
+    from megatron_tpo.model.hf_config import hf_config_from_model
+    from megatron_tpo.parallel.local_launch import spawn_local
+
+    model = load_model_config(model_name)
+    parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                              virtual_pipeline_model_parallel_size=vpp)
+    parallel.validate(model, world_size=tp * pp)
+    with tempfile.TemporaryDirectory() as scratch:
+        torch.manual_seed(0)
+        LlamaForCausalLM(hf_config_from_model(model)).save_pretrained(Path(scratch) / "hf")
+        shard_root = hf_to_mcore(Path(scratch) / "hf", Path(scratch) / "mcore", tp, pp,
+                                 make_vocab_size_divisible_by=model.make_vocab_size_divisible_by,
+                                 progress=False).destination
+        print(f"training {model.name} at TP={tp} PP={pp} VPP={vpp or 1} on {tp * pp} CPU processes (gloo)",
+              flush=True)
+        histories = spawn_local(_train, tp * pp, model, parallel, shard_root, steps,
+                                micro_batches, seq_len)
+    # Only the last pipeline stage sees the loss.
+    return next(h for h in histories if h[0][0] is not None)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="tiny", help="configs/model name or YAML path")
     parser.add_argument("--tp", type=int, default=2)
     parser.add_argument("--pp", type=int, default=2)
+    parser.add_argument("--vpp", type=int, default=None, help="virtual pipeline stages")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--micro-batches", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=32)
     args = parser.parse_args(argv)
-
-    from megatron_tpo.model.conversion import hf_to_mcore
-    from megatron_tpo.parallel.local_launch import spawn_local
-    from megatron_tpo.model.hf_config import hf_config_from_model
-
-    model = load_model_config(args.model)
-    parallel = ParallelConfig(tensor_model_parallel_size=args.tp,
-                              pipeline_model_parallel_size=args.pp)
-    parallel.validate(model, world_size=args.tp * args.pp)
-    with tempfile.TemporaryDirectory() as scratch:
-        from transformers import LlamaForCausalLM
-
-        torch.manual_seed(0)
-        LlamaForCausalLM(hf_config_from_model(model)).save_pretrained(Path(scratch) / "hf")
-        shard_root = hf_to_mcore(Path(scratch) / "hf", Path(scratch) / "mcore", args.tp, args.pp,
-                                 make_vocab_size_divisible_by=model.make_vocab_size_divisible_by,
-                                 progress=False).destination
-        print(f"training {model.name} at TP={args.tp} PP={args.pp} on "
-              f"{args.tp * args.pp} CPU processes (gloo)", flush=True)
-        histories = spawn_local(_train, args.tp * args.pp, model, parallel, shard_root,
-                                args.steps, args.micro_batches, args.seq_len)
-    history = next(h for h in histories if h[0][0] is not None)
+    history = run_tiny_training(args.model, args.tp, args.pp, args.steps, args.micro_batches,
+                                args.seq_len, args.vpp)
     times = [elapsed for _, _, elapsed in history[1:]] or [history[0][2]]
     print(f"loss {history[0][0]:.4f} -> {history[-1][0]:.4f}; median step "
           f"{statistics.median(times) * 1000:.0f} ms over {len(times)} steps after the first")

@@ -78,12 +78,18 @@ def _hf_layer(reader: HFCheckpointReader, model, layer: int) -> Dict[str, torch.
 
 
 def hf_to_mcore(hf_dir: Path, out_dir: Path, tp: int, pp: int,
+                make_vocab_size_divisible_by: int = 128,
                 progress: bool = True) -> ConversionSummary:
-    """Convert an HF Llama directory into megatron shards for TP=``tp``, PP=``pp``."""
+    """Convert an HF Llama directory into megatron shards for TP=``tp``, PP=``pp``.
+
+    The vocab is padded to a multiple of ``make_vocab_size_divisible_by * tp``
+    (megatron's default is 128) with zero rows.
+    """
     started = time.perf_counter()
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     raw_config = read_hf_config_dict(hf_dir)
     model = model_config_from_hf(raw_config, str(hf_dir / "config.json"), name=hf_dir.name)
+    model.make_vocab_size_divisible_by = make_vocab_size_divisible_by
     # Every divisibility rule is checked before a single tensor is read.
     ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp).validate(model)
     reader = HFCheckpointReader(hf_dir)
@@ -112,13 +118,17 @@ def hf_to_mcore(hf_dir: Path, out_dir: Path, tp: int, pp: int,
         save({layout.EMBEDDING: shard}, shards.embedding_file(out_dir, tp_rank), tp_rank)
     del embedding
     steps.update()
-    for layer in range(model.num_layers):
+    def convert_layer(layer: int) -> None:
+        # A function of its own so the layer's tensors are freed before the next is read.
         prefix = layout.mcore_layer_prefix(layer)
         stage = info.stage_of_layer(layer)
-        for tp_rank, shard in enumerate(layout.shard_layer(_hf_layer(reader, model, layer),
-                                                           model, tp)):
+        rank_shards = layout.shard_layer(_hf_layer(reader, model, layer), model, tp)
+        for tp_rank, shard in enumerate(rank_shards):
             save({prefix + name: tensor for name, tensor in shard.items()},
                  shards.layer_file(out_dir, tp_rank, stage, layer), tp_rank)
+
+    for layer in range(model.num_layers):
+        convert_layer(layer)
         steps.update()
     norm = reader.get(layout.HF_FINAL_NORM, (model.hidden_size,))
     output = reader.get(layout.HF_OUTPUT_LAYER, (model.vocab_size, model.hidden_size))

@@ -103,6 +103,10 @@ def llama_transformer_config(
         masked_softmax_fusion=on_gpu,
         apply_rope_fusion=False,
         persist_layer_norm=False,
+        # Batched p2p posts send-to-prev before recv-from-prev; gloo matches messages per
+        # peer in order, so at PP=2 (prev == next) a gradient would arrive where an
+        # activation is expected. Unbatched p2p orders them by rank parity instead.
+        batch_p2p_comm=on_gpu,
     )
     if recompute_granularity == "full":
         settings.update(recompute_method="uniform", recompute_num_layers=1)

@@ -1,0 +1,68 @@
+"""``tpo-convert``: Llama checkpoints between Hugging Face and megatron layouts.
+
+    tpo-convert hf-to-mcore --hf DIR --out DIR --tp N --pp M
+    tpo-convert mcore-to-hf --mcore DIR --out DIR [--max-shard-size 5GB]
+"""
+
+import argparse
+import sys
+
+from megatron_tpo.config import ConfigError
+
+_UNITS = {"KB": 1000, "MB": 1000**2, "GB": 1000**3, "KIB": 1024, "MIB": 1024**2,
+          "GIB": 1024**3, "B": 1}
+
+
+def parse_size(text: str) -> int:
+    """``"5GB"`` -> 5_000_000_000, as HF's ``max_shard_size`` reads it."""
+    upper = text.strip().upper()
+    for unit in sorted(_UNITS, key=len, reverse=True):
+        if upper.endswith(unit) and upper[: -len(unit)].strip():
+            return int(float(upper[: -len(unit)]) * _UNITS[unit])
+    return int(upper)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tpo-convert", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    to_mcore = commands.add_parser("hf-to-mcore", help="HF safetensors -> megatron shards")
+    to_mcore.add_argument("--hf", required=True, help="HF model directory (config.json, safetensors)")
+    to_mcore.add_argument("--out", required=True, help="output directory for the shards")
+    to_mcore.add_argument("--tp", type=int, default=1, help="tensor parallel size")
+    to_mcore.add_argument("--pp", type=int, default=1, help="pipeline parallel size")
+    to_mcore.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
+                          help="pad the vocab to a multiple of this times TP (megatron's default)")
+
+    to_hf = commands.add_parser("mcore-to-hf", help="megatron shards -> HF safetensors")
+    to_hf.add_argument("--mcore", required=True, help="directory written by hf-to-mcore")
+    to_hf.add_argument("--out", required=True, help="output HF model directory")
+    to_hf.add_argument("--max-shard-size", default="5GB", type=parse_size,
+                       help="largest safetensors shard (e.g. 5GB, 500MB)")
+
+    for command in (to_mcore, to_hf):
+        command.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from megatron_tpo.model.conversion import hf_to_mcore, mcore_to_hf
+
+    try:
+        if args.command == "hf-to-mcore":
+            summary = hf_to_mcore(args.hf, args.out, args.tp, args.pp,
+                                  make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
+                                  progress=not args.quiet)
+        else:
+            summary = mcore_to_hf(args.mcore, args.out, max_shard_bytes=args.max_shard_size,
+                                  progress=not args.quiet)
+    except ConfigError as error:
+        print(f"tpo-convert: error: {error}", file=sys.stderr)
+        return 2
+    print(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
