@@ -14,10 +14,6 @@ from megatron_tpo.plan.hardware import GIB
 from megatron_tpo.plan.parameters import RankParameters, cached_rank_parameters
 from megatron_tpo.plan.workload import TrainingLayout, Workload
 
-# The fused DPO log-prob kernel streams the vocabulary in tiles and never holds a full
-# row of logits; it keeps one tile of fp32 logits per token plus a running max and sum.
-FUSED_LOGPROB_VOCAB_TILE = 4096
-
 
 @dataclass(frozen=True)
 class TrainingMemory:
@@ -115,7 +111,10 @@ def stage_memory(workload: Workload, layout: TrainingLayout, pp_rank: int,
             # bf16 logits from the output layer plus their fp32 copy for log-softmax.
             logits = tokens * vocab_shard * (2 + 4)
         else:
-            logits = tokens * (min(FUSED_LOGPROB_VOCAB_TILE, vocab_shard) * 4 + 8)
+            # The fused kernel (kernels/logprob_triton.py) keeps logit tiles on chip; in
+            # memory it has 4 fp32 statistics per token and, in backward, fp32 gradients
+            # of the hidden states and of the whole output-layer shard.
+            logits = tokens * 4 * 4 + tokens * h * 4 + vocab_shard * h * 4
 
     communication = 0.0
     if tp > 1:  # sequence-parallel all-gather workspace (megatron's global memory buffer)
