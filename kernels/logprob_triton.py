@@ -13,6 +13,7 @@ Under TRITON_INTERPRET=1 (set before triton is imported) the same kernels run on
 tensors; the tests use that. Block sizes there are kept small so the interpreter is fast.
 """
 
+import os
 from typing import Optional, Tuple
 
 import torch
@@ -57,7 +58,8 @@ def _statistics_kernel(hidden_ptr, weight_ptr, targets_ptr,
                        BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
     token_block = tl.program_id(0)
     split = tl.program_id(1)
-    rows = token_block * BLOCK_T + tl.arange(0, BLOCK_T)
+    # 64-bit offsets: a vocab shard of 128256 x 8192 and more overflows int32 indexing.
+    rows = (token_block * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
     row_ok = rows < num_tokens
     targets = tl.load(targets_ptr + rows, mask=row_ok, other=-1)
 
@@ -66,7 +68,7 @@ def _statistics_kernel(hidden_ptr, weight_ptr, targets_ptr,
     sum_exp_shifted = tl.zeros([BLOCK_T], dtype=tl.float32)
     target_logit = tl.zeros([BLOCK_T], dtype=tl.float32)
     for tile in range(0, tiles_per_split):
-        cols = (split * tiles_per_split + tile) * BLOCK_V + tl.arange(0, BLOCK_V)
+        cols = ((split * tiles_per_split + tile) * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
         col_ok = cols < vocab_size
         logits = _logit_tile(hidden_ptr, weight_ptr, rows, cols, row_ok, col_ok, hidden_size,
                              stride_ht, stride_wv, DOT_PRECISION, DOT_IN_FP32,
@@ -104,8 +106,8 @@ def _gradients_kernel(hidden_ptr, weight_ptr, targets_ptr, lse_ptr, grad_logprob
                       WITH_ENTROPY_GRAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
                       DOT_IN_FP32: tl.constexpr,
                       BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    rows = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+    cols = (tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
     row_ok = rows < num_tokens
     col_ok = cols < vocab_size
     logits = _logit_tile(hidden_ptr, weight_ptr, rows, cols, row_ok, col_ok, hidden_size,
@@ -149,9 +151,13 @@ def _launch_settings(hidden: torch.Tensor, weight: torch.Tensor):
     if hidden.dtype != weight.dtype:
         raise ValueError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) dtypes differ")
     if hidden.is_cuda:
-        # float32 inputs would otherwise be rounded to TF32 on tensor cores.
+        # float32 inputs would otherwise be rounded to TF32 on tensor cores; for bf16
+        # operands the setting has no effect.
         precision = "ieee" if hidden.dtype == torch.float32 else "tf32"
         return dict(GPU_BLOCKS, DOT_PRECISION=precision, DOT_IN_FP32=False)
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("impl='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before "
+                         "triton is first imported (to run the kernels on CPU)")
     # The interpreter's tl.dot gives garbage for bfloat16 operands (triton 3.9), so CPU
     # runs upcast the (already rounded) operands; products and sums match the GPU's.
     return dict(INTERPRETER_BLOCKS, DOT_PRECISION="ieee", DOT_IN_FP32=True)
