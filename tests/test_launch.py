@@ -26,9 +26,10 @@ def test_torchrun_environment_wins():
 
 def test_slurm_environment_picks_first_host_and_a_job_derived_port():
     slurm = {"SLURM_PROCID": "13", "SLURM_NTASKS": "16", "SLURM_LOCALID": "5",
-             "SLURM_JOB_NODELIST": "h100-[017-018]", "SLURM_JOB_ID": "424242"}
+             "SLURM_JOB_NODELIST": "h100-[017-018]", "SLURM_JOB_ID": "424242",
+             "SLURM_TASKS_PER_NODE": "8(x2)"}
     env = detect_distributed_env(slurm)
-    assert (env.rank, env.world_size, env.local_rank) == (13, 16, 5)
+    assert (env.rank, env.world_size, env.local_rank, env.local_world_size) == (13, 16, 5, 8)
     assert env.master_addr == "h100-017" and env.launcher == "slurm"
     assert env.master_port == 20000 + 424242 % 20000
     assert detect_distributed_env(slurm).master_port == env.master_port  # same on every task

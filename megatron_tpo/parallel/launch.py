@@ -26,6 +26,7 @@ class DistributedEnv:
     master_addr: str
     master_port: int
     launcher: str  # "torchrun", "slurm" or "single"
+    local_world_size: int = 1  # ranks on this machine
 
 
 def expand_slurm_nodelist(nodelist: str) -> List[str]:
@@ -62,6 +63,7 @@ def detect_distributed_env(environ: Optional[Mapping[str, str]] = None) -> Distr
             master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
             master_port=int(env.get("MASTER_PORT", 29500)),
             launcher="torchrun",
+            local_world_size=int(env.get("LOCAL_WORLD_SIZE", 1)),
         )
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
         nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get(
@@ -77,9 +79,22 @@ def detect_distributed_env(environ: Optional[Mapping[str, str]] = None) -> Distr
             # Above the ephemeral-port floor most clusters leave free for jobs.
             master_port=int(env.get("MASTER_PORT") or 20000 + job_id % 20000),
             launcher="slurm",
+            # "4(x2)" means four tasks on each of two nodes.
+            local_world_size=int(env.get("SLURM_TASKS_PER_NODE", "1").split("(")[0].split(",")[0]),
         )
     return DistributedEnv(rank=0, world_size=1, local_rank=0, master_addr="127.0.0.1",
                           master_port=_free_port(), launcher="single")
+
+
+def share_cpu_threads(ranks_on_this_machine: int) -> None:
+    """Give each rank its share of the cores.
+
+    OpenMP threads that outnumber the cores spin against each other and slow small
+    matmuls a hundredfold; torchrun sets OMP_NUM_THREADS=1 for the same reason. An
+    explicit OMP_NUM_THREADS wins.
+    """
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, ranks_on_this_machine)))
 
 
 def init_megatron(
@@ -109,6 +124,7 @@ def init_megatron(
         from megatron_tpo.parallel.cpu_adapter import install_cpu_adapter
 
         install_cpu_adapter()
+        share_cpu_threads(env.local_world_size)
         backend = "gloo"
 
     if not torch.distributed.is_initialized():

@@ -7,8 +7,9 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, List
 
-import torch
 import torch.multiprocessing as mp
+
+from megatron_tpo.parallel.launch import share_cpu_threads
 
 
 def _free_port() -> int:
@@ -21,11 +22,10 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple,
             result_dir: str) -> None:
     os.environ.update(
         RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo",
+        LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+        GLOO_SOCKET_IFNAME="lo",
     )
-    # Share the cores: OpenMP threads that outnumber them spin against each other and
-    # slow small matmuls a hundredfold (torchrun sets OMP_NUM_THREADS=1 for the same reason).
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    share_cpu_threads(world_size)
     result = fn(rank, world_size, *args)
     # A file, not a queue: a large result in a pipe would block the child before join.
     with open(Path(result_dir) / f"{rank}.pkl", "wb") as handle:
