@@ -109,8 +109,11 @@ def train_on_fixed_batch(rank: int, world_size: int, run: FixedBatchRun) -> List
                             peak_memory_bytes=torch.cuda.max_memory_allocated() if on_gpu else None)
         records.append(record)
         if is_reporting_rank:
+            memory = (f"  peak {record.peak_memory_bytes / 2**30:.1f} GiB"
+                      if record.peak_memory_bytes is not None else "")
             print(f"step {step + 1}/{run.steps}  loss {record.loss:.4f}  "
-                  f"grad_norm {record.grad_norm:.4f}  {record.seconds * 1000:.0f} ms", flush=True)
+                  f"grad_norm {record.grad_norm:.4f}  {record.seconds * 1000:.0f} ms{memory}",
+                  flush=True)
     shutdown_megatron()
     return records
 

@@ -1,6 +1,6 @@
 """Wrap model chunks for training: megatron DDP, its optimizer and grad finalisation."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import List, Tuple
 
 import torch
@@ -15,9 +15,10 @@ class OptimizerSettings:
     adam_beta2: float = 0.95
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
-    # The distributed optimizer shards Adam state over DP; on CPU, resume of its
-    # state is inexact with plain torch Adam (see DESIGN.md), so it is a GPU default.
-    use_distributed_optimizer: bool = False
+    # The distributed optimizer shards Adam state over DP. On CPU it cannot be built
+    # (it checks for torch.cuda tensor types) and its resume is inexact with plain
+    # torch Adam (DESIGN.md), so it is the default on GPUs only.
+    use_distributed_optimizer: bool = field(default_factory=torch.cuda.is_available)
 
 
 def wrap_for_training(chunks: List, settings: OptimizerSettings) -> Tuple[List, object]:
