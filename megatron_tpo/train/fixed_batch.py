@@ -20,7 +20,7 @@ from megatron_tpo.config import ModelConfig, ParallelConfig
 
 @dataclass
 class StepRecord:
-    loss: Optional[float]  # None on ranks that are not the last pipeline stage
+    loss: Optional[float]  # on the one reporting rank (last stage, TP and DP rank 0)
     grad_norm: float
     seconds: float
     peak_memory_bytes: Optional[int]  # CUDA only
@@ -104,7 +104,8 @@ def train_on_fixed_batch(rank: int, world_size: int, run: FixedBatchRun) -> List
                              run.micro_batch_size)
         if on_gpu:
             torch.cuda.synchronize()
-        record = StepRecord(loss=metrics.get("loss"), grad_norm=metrics["grad_norm"],
+        record = StepRecord(loss=metrics["loss"] if is_reporting_rank else None,
+                            grad_norm=metrics["grad_norm"],
                             seconds=time.perf_counter() - started,
                             peak_memory_bytes=torch.cuda.max_memory_allocated() if on_gpu else None)
         records.append(record)
@@ -141,5 +142,4 @@ def run_locally(run: FixedBatchRun) -> List[StepRecord]:
                 progress=False,
             ).destination)
         per_rank = spawn_local(train_on_fixed_batch, world_size, run)
-    # Only the last pipeline stage sees the loss.
     return next(records for records in per_rank if records[0].loss is not None)
