@@ -9,6 +9,7 @@ from llama_fixtures import save_random_hf_llama, tiny_model_config
 from megatron_tpo.cli.convert import main as convert_main
 from megatron_tpo.config import ConfigError, ParallelConfig, load_model_config
 from megatron_tpo.model.conversion import hf_to_mcore, mcore_to_hf
+from megatron_tpo.model.llama import llama_transformer_config, transformer_engine_available
 from megatron_tpo.parallel import init_megatron
 
 
@@ -91,3 +92,19 @@ def test_cli_reports_a_bad_tp_without_a_traceback(tmp_path, capsys):
                          "--tp", "3", "--quiet"])
     assert code == 2
     assert "tensor_model_parallel_size=3" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(transformer_engine_available(), reason="Transformer Engine supports both")
+@pytest.mark.parametrize("parallel,setting", [
+    (ParallelConfig(context_parallel_size=2), "context_parallel_size=2"),
+    (ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True), "sequence_parallel"),
+])
+def test_what_the_local_layers_cannot_do_is_refused_without_transformer_engine(parallel, setting):
+    with pytest.raises(ConfigError, match=setting):
+        llama_transformer_config(tiny_model_config(), parallel)
+
+
+def test_rope_scaling_megatron_cannot_express_is_refused():
+    model = tiny_model_config(rope_scaling={"factor": 32.0, "high_freq_factor": 2.0})
+    with pytest.raises(ConfigError, match="rope_scaling.high_freq_factor=2.0"):
+        llama_transformer_config(model, ParallelConfig())

@@ -53,6 +53,19 @@ def _check_rope_scaling(model: ModelConfig) -> None:
             )
 
 
+def _check_local_spec_support(parallel: ParallelConfig) -> None:
+    """Refuse what megatron's local layers cannot do; Transformer Engine's can."""
+    if transformer_engine_available():
+        return
+    if parallel.context_parallel_size > 1:
+        raise ConfigError(
+            f"parallel.context_parallel_size={parallel.context_parallel_size} needs Transformer "
+            "Engine's attention; megatron's local attention has no context parallelism")
+    if parallel.sequence_parallel:
+        raise ConfigError("parallel.sequence_parallel=true needs Transformer Engine (or apex): "
+                          "megatron's local RMSNorm cannot run sequence-parallel")
+
+
 def llama_transformer_config(
     model: ModelConfig,
     parallel: ParallelConfig,
@@ -68,6 +81,7 @@ def llama_transformer_config(
 
     parallel.validate(model)
     _check_rope_scaling(model)
+    _check_local_spec_support(parallel)
     on_gpu = torch.cuda.is_available()
     settings = dict(
         num_layers=model.num_layers,
