@@ -3,10 +3,12 @@
 Forward + backward of sum(log-probs) w.r.t. hidden and weight, both variants in the
 same run, on the same inputs. Prints a line per variant and, last, one JSON object.
 
-  python benchmarks/logprob_kernel.py            # CPU: 4096 tokens, hidden 512, vocab 32000, fp32
-  python benchmarks/logprob_kernel.py            # on a CUDA machine: 8192 x 4096 x 128256, bf16
+  python benchmarks/logprob_kernel.py [--repeats 5] [--tokens T --hidden H --vocab V]
 
-Time: median wall time of ``--repeats`` runs after one warm-up run.
+Defaults follow the device: without CUDA 4096 tokens, hidden 512, vocab 32000 in
+float32 (the chunked torch path); with CUDA 8192 x 4096 x 128256 in bfloat16 (Triton).
+Time: median wall time of ``--repeats`` runs after one warm-up run, the two variants
+alternating in one process so that load from other jobs falls on both alike.
 Peak memory, CPU: each variant runs in a fresh process, which resets the kernel's peak
 resident-set counter (/proc/self/clear_refs = 5) just before its first fwd+bwd and
 reports VmHWM minus the resident size at that moment: the extra memory the call needed,
@@ -65,15 +67,26 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def median_ms(fn, device, repeats):
-    times = []
+def wall_ms(fn, device):
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return (time.perf_counter() - start) * 1e3
+
+
+def interleaved_median_ms(shape, device, repeats):
+    """Median fwd+bwd time per variant, alternating variants so load drift hits both."""
+    hidden, weight, targets = make_inputs(**shape, device=device)
+    runs = {variant: (lambda v=variant: forward_backward(v, hidden, weight, targets))
+            for variant in VARIANTS}
+    for run in runs.values():
+        run()  # warm-up (and Triton compilation)
+    times = {variant: [] for variant in VARIANTS}
     for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+        for variant, run in runs.items():
+            times[variant].append(wall_ms(run, device))
+    return {variant: statistics.median(values) for variant, values in times.items()}
 
 
 def _resident_kb(field):
@@ -100,25 +113,22 @@ def peak_extra_mb(run, device):
     return (_resident_kb("VmHWM") - before) / 1024
 
 
-def measure(variant, shape, device, repeats):
+def measure_memory(variant, shape, device):
+    """Peak extra memory of one fwd+bwd, with the loss and gradient norms for a cross-check."""
     hidden, weight, targets = make_inputs(**shape, device=device)
     losses = []
-
-    def run():
-        losses.append(forward_backward(variant, hidden, weight, targets))
-
-    peak = peak_extra_mb(run, device)  # the first run, which is also the warm-up
-    ms = median_ms(run, device, repeats)
-    return dict(ms=ms, peak_mb=peak, loss=losses[0],
-                grad_hidden_norm=hidden.grad.float().norm().item(),
-                grad_weight_norm=weight.grad.float().norm().item())
+    peak = peak_extra_mb(
+        lambda: losses.append(forward_backward(variant, hidden, weight, targets)), device)
+    return dict(peak_mb=peak, loss=losses[0],
+                grad_hidden_norm=hidden.grad.double().norm().item(),
+                grad_weight_norm=weight.grad.double().norm().item())
 
 
-def measure_in_fresh_process(variant, args):
+def measure_memory_in_fresh_process(variant, args):
     """CPU peak memory needs a process whose peak counter only this variant touched."""
     command = [sys.executable, __file__, "--variant", variant, "--tokens", str(args.tokens),
                "--hidden", str(args.hidden), "--vocab", str(args.vocab), "--dtype", args.dtype,
-               "--repeats", str(args.repeats), "--device", args.device]
+               "--device", args.device]
     done = subprocess.run(command, check=True, capture_output=True, text=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -129,7 +139,8 @@ def matmul_floor_ms(shape, device, repeats):
     a = torch.randn(shape["tokens"], shape["hidden"], device=device, dtype=dtype)
     b = torch.randn(shape["hidden"], shape["vocab"], device=device, dtype=dtype)
     torch.matmul(a, b)
-    one_matmul_ms = median_ms(lambda: torch.matmul(a, b), device, repeats)
+    one_matmul_ms = statistics.median(
+        wall_ms(lambda: torch.matmul(a, b), device) for _ in range(repeats))
     flops = 2 * shape["tokens"] * shape["hidden"] * shape["vocab"]
     return 3 * one_matmul_ms, flops / (one_matmul_ms * 1e-3) / 1e12
 
@@ -142,7 +153,8 @@ def main():
     parser.add_argument("--vocab", type=int)
     parser.add_argument("--dtype", choices=("float32", "bfloat16"))
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--variant", choices=tuple(VARIANTS), help="internal: measure one")
+    parser.add_argument("--variant", choices=tuple(VARIANTS),
+                        help="internal: measure this variant's memory only")
     args = parser.parse_args()
     defaults = GPU_SHAPE if args.device == "cuda" else CPU_SHAPE
     for name, value in defaults.items():
@@ -151,18 +163,20 @@ def main():
     shape = {name: getattr(args, name) for name in CPU_SHAPE}
 
     if args.variant:
-        print(json.dumps(measure(args.variant, shape, args.device, args.repeats)))
+        print(json.dumps(measure_memory(args.variant, shape, args.device)))
         return
 
     results = {}
     for variant in VARIANTS:
         if args.device == "cuda":
-            results[variant] = measure(variant, shape, args.device, args.repeats)
+            results[variant] = measure_memory(variant, shape, args.device)
             torch.cuda.empty_cache()
         else:
-            results[variant] = measure_in_fresh_process(variant, args)
-        print(f"{variant}: {results[variant]['ms']:.1f} ms fwd+bwd, "
-              f"peak +{results[variant]['peak_mb']:.0f} MiB", flush=True)
+            results[variant] = measure_memory_in_fresh_process(variant, args)
+    for variant, ms in interleaved_median_ms(shape, args.device, args.repeats).items():
+        results[variant]["ms"] = ms
+        print(f"{variant}: {ms:.1f} ms fwd+bwd, peak +{results[variant]['peak_mb']:.0f} MiB",
+              flush=True)
 
     naive, fused = results["naive"], results["fused"]
     summary = dict(

@@ -85,16 +85,17 @@ def slice_gradients(hidden: torch.Tensor, weight: torch.Tensor, local_targets: t
         for cols in _chunks(weight.shape[0], vocab_chunk):
             weight_chunk = weight[cols].float()
             logits = hidden_chunk @ weight_chunk.T
-            probs = torch.sub(logits, lse).exp_()
             if grad_entropy is None:
-                grad_logits = probs.mul_(-grad_lp)
+                grad_logits = logits.sub_(lse).exp_().mul_(-grad_lp)
             else:
+                probs = torch.sub(logits, lse).exp_()
                 # p * (grad_entropy * (E[z] - z) - grad_logprob), in place on the logits.
                 grad_logits = (logits.neg_().add_(mean_logit[rows, None])
                                .mul_(grad_entropy[rows, None]).sub_(grad_lp).mul_(probs))
             targets_in_tile = local_targets[rows] - cols.start
             owned = ((targets_in_tile >= 0) & (targets_in_tile < logits.shape[1])).nonzero()[:, 0]
             grad_logits[owned, targets_in_tile[owned]] += grad_lp[owned, 0]
-            grad_hidden[rows] += grad_logits @ weight_chunk
-            grad_weight[cols] += grad_logits.T @ hidden_chunk
+            # addmm_ accumulates inside the matmul: no extra pass over the gradients.
+            grad_hidden[rows].addmm_(grad_logits, weight_chunk)
+            grad_weight[cols].addmm_(grad_logits.T, hidden_chunk)
     return grad_hidden, grad_weight
