@@ -67,6 +67,7 @@ class _FusedTargetLogprobs(torch.autograd.Function):
         return logprobs
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_logprobs, grad_entropies=None):
         hidden_rows, weight, local_targets, rows, lse, token_entropy = ctx.saved_tensors
         grad_lp = (torch.zeros_like(lse) if grad_logprobs is None
@@ -128,7 +129,8 @@ def fused_target_logprobs(
         valid = valid & mask.bool()
     implementation = _implementation(impl, hidden)
     outputs = _FusedTargetLogprobs.apply(
-        hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1), valid.reshape(-1),
+        hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1).long(),
+        valid.reshape(-1),
         tp_group, vocab_start, return_entropy, implementation)
     if return_entropy:
         return tuple(out.view(targets.shape) for out in outputs)

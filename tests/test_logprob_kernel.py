@@ -86,11 +86,11 @@ def test_everything_masked_gives_zeros():
     assert all((v == 0).all() for v in values)
 
 
-def test_logprobs_alone_keep_leading_dimensions(small_chunks):
+def test_logprobs_alone_keep_leading_dimensions_int32_targets(small_chunks):
     hidden, weight, targets, mask, _ = make_inputs(24, 16, 90, seed=3)
     hidden = hidden.view(4, 6, 16).requires_grad_()
-    logprobs = fused_target_logprobs(hidden, weight, targets.view(4, 6), mask.view(4, 6),
-                                     impl="torch")
+    logprobs = fused_target_logprobs(hidden, weight, targets.view(4, 6).int(),
+                                     mask.view(4, 6), impl="torch")
     assert logprobs.shape == (4, 6) and logprobs.dtype == torch.float32
     logprobs.sum().backward()
     expected, _ = reference_target_logprobs(hidden.detach(), weight, targets.view(4, 6),
