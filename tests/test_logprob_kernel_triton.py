@@ -5,13 +5,17 @@ starts a fresh pytest process with it set; there the interpreted tests below run
 """
 
 import os
+import socket
 import subprocess
 import sys
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
-from megatron_tpo.kernels import reference_target_logprobs
+# Neither import loads triton: the Triton module is imported when impl="triton" is used.
+from megatron_tpo.kernels import fused_target_logprobs, reference_target_logprobs
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 needs_interpreter = pytest.mark.skipif(not INTERPRETED, reason="runs in the child with "
@@ -53,8 +57,6 @@ def _values_and_grads(fn, hidden, weight, targets, mask, upstream, dtype, with_e
 
 
 def _triton(hidden, weight, targets, mask, upstream, with_entropy=True):
-    from megatron_tpo.kernels import fused_target_logprobs
-
     def call(h, w, t, m):
         return fused_target_logprobs(h, w, t, m, return_entropy=True, impl="triton")
     return _values_and_grads(call, hidden, weight, targets, mask, upstream, hidden.dtype,
@@ -95,3 +97,38 @@ def test_bfloat16_accumulates_in_float32():
     # Gradients pass through bf16 (the logit gradient and the returned grads).
     for a, e in zip(actual[2:], expected[2:]):
         torch.testing.assert_close(a.double(), e, atol=2e-2, rtol=2e-2)
+
+
+def _tp_rank(rank, port, inputs, result_dir):
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=2)
+    try:
+        hidden, weight, targets, mask, upstream = inputs
+        shard_size = weight.shape[0] // 2
+        shard = weight[rank * shard_size:(rank + 1) * shard_size]
+
+        def call(h, w, t, m):
+            return fused_target_logprobs(h, w, t, m, tp_group=dist.group.WORLD,
+                                         vocab_start=rank * shard_size, return_entropy=True,
+                                         impl="triton")
+        result = _values_and_grads(call, hidden, shard, targets, mask, upstream, hidden.dtype)
+        torch.save(result, os.path.join(result_dir, f"{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@needs_interpreter
+def test_tensor_parallel_two_ranks_equal_reference(tmp_path):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    inputs = _inputs(17, 24, 2 * 40, torch.float32, seed=3)
+    mp.spawn(_tp_rank, args=(port, inputs, str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"{rank}.pt", weights_only=True) for rank in range(2)]
+    expected = _reference(*inputs)
+    for rank in ranks:  # full values and the full (all-reduced) hidden gradient everywhere
+        for actual, wanted in zip(rank[:3], expected[:3]):
+            torch.testing.assert_close(actual.double(), wanted, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(torch.cat([ranks[0][3], ranks[1][3]]).double(), expected[3],
+                               atol=2e-5, rtol=2e-5)
