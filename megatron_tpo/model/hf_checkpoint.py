@@ -75,9 +75,6 @@ class HFCheckpointReader:
                               f"the config implies {tuple(expected_shape)}")
         return tensor
 
-    def dtype_of(self, name: str) -> torch.dtype:
-        return self.get(name).dtype
-
 
 def atomic_save_file(tensors: Dict[str, torch.Tensor], path: Path, metadata=None) -> None:
     """Write a safetensors file under a temporary name, then rename it into place."""

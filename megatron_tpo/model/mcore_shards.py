@@ -41,10 +41,6 @@ class ShardedCheckpointInfo:
     def stage_of_layer(self, layer: int) -> int:
         return layer // (self.model.num_layers // self.pipeline_parallel_size)
 
-    def layers_of_stage(self, stage: int) -> range:
-        per_stage = self.model.num_layers // self.pipeline_parallel_size
-        return range(stage * per_stage, (stage + 1) * per_stage)
-
 
 def rank_dir(root: Path, tp_rank: int, pp_rank: int) -> Path:
     return Path(root) / f"tp{tp_rank:02d}_pp{pp_rank:03d}"
