@@ -130,8 +130,7 @@ def fused_target_logprobs(
     implementation = _implementation(impl, hidden)
     outputs = _FusedTargetLogprobs.apply(
         hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1).long(),
-        valid.reshape(-1),
-        tp_group, vocab_start, return_entropy, implementation)
+        valid.reshape(-1), tp_group, vocab_start, return_entropy, implementation)
     if return_entropy:
         return tuple(out.view(targets.shape) for out in outputs)
     return outputs.view(targets.shape)

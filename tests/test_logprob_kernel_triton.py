@@ -1,13 +1,15 @@
 """The Triton kernels themselves, run on CPU by Triton's interpreter, against the reference.
 
 TRITON_INTERPRET must be set before triton is first imported, so the ordinary test run
-starts a fresh pytest process with it set; there the interpreted tests below run.
+starts a fresh pytest process with it set; there the interpreted tests below run. The
+ordinary run also compiles the kernels for an H100 (sm_90), which needs no GPU.
 """
 
 import os
 import socket
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -27,10 +29,10 @@ def test_kernels_in_interpreter():
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1")
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                          "-k", "not test_kernels_in_interpreter", __file__],
+                          "-k", "interpreted", __file__],
                          env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
-    # Every interpreted test must have run, not been skipped.
+    # Every test_interpreted_* must have run, not been skipped.
     assert " skipped" not in run.stdout.splitlines()[-1], run.stdout
 
 
@@ -70,14 +72,14 @@ def _reference(hidden, weight, targets, mask, upstream, with_entropy=True):
 
 @needs_interpreter
 @pytest.mark.parametrize("tokens,hidden_size,vocab", [(37, 40, 101), (1, 16, 50), (18, 33, 64)])
-def test_float32_values_and_gradients(tokens, hidden_size, vocab):
+def test_interpreted_float32_values_and_gradients(tokens, hidden_size, vocab):
     inputs = _inputs(tokens, hidden_size, vocab, torch.float32)
     for actual, expected in zip(_triton(*inputs), _reference(*inputs)):
         torch.testing.assert_close(actual.double(), expected, atol=2e-5, rtol=2e-5)
 
 
 @needs_interpreter
-def test_several_tiles_per_program_and_no_entropy_gradient(monkeypatch):
+def test_interpreted_several_tiles_per_program_and_no_entropy_gradient(monkeypatch):
     from megatron_tpo.kernels import logprob_triton
     # Few programs: each walks several vocab tiles, exercising the online rescaling.
     monkeypatch.setattr(logprob_triton, "TARGET_PROGRAMS", 2)
@@ -89,7 +91,7 @@ def test_several_tiles_per_program_and_no_entropy_gradient(monkeypatch):
 
 
 @needs_interpreter
-def test_bfloat16_accumulates_in_float32():
+def test_interpreted_bfloat16_accumulates_in_float32():
     inputs = _inputs(19, 48, 90, torch.bfloat16, seed=2)
     actual, expected = _triton(*inputs), _reference(*inputs)
     torch.testing.assert_close(actual[0].double(), expected[0], atol=1e-4, rtol=0)
@@ -119,7 +121,7 @@ def _tp_rank(rank, port, inputs, result_dir):
 
 
 @needs_interpreter
-def test_tensor_parallel_two_ranks_equal_reference(tmp_path):
+def test_interpreted_tensor_parallel_two_ranks_equal_reference(tmp_path):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -132,3 +134,48 @@ def test_tensor_parallel_two_ranks_equal_reference(tmp_path):
             torch.testing.assert_close(actual.double(), wanted, atol=2e-5, rtol=2e-5)
     torch.testing.assert_close(torch.cat([ranks[0][3], ranks[1][3]]).double(), expected[3],
                                atol=2e-5, rtol=2e-5)
+
+
+def _compile_for_h100(kernel, pointer_dtypes, constexprs, num_warps):
+    """Compile ``kernel`` to an sm_90 cubin without a GPU; return cuobjdump's usage line."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    signature = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            signature[name] = pointer_dtypes.get(name, "*fp32")
+        else:
+            signature[name] = "i32"
+    compiled = triton.compile(ASTSource(kernel, signature, constexprs=constexprs),
+                              target=GPUTarget("cuda", 90, 32),
+                              options=dict(num_warps=num_warps))
+    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    with tempfile.TemporaryDirectory() as folder:
+        cubin = os.path.join(folder, "kernel.cubin")
+        with open(cubin, "wb") as handle:
+            handle.write(compiled.asm["cubin"])
+        usage = subprocess.run([os.path.join(tools, "cuobjdump"), "-res-usage", cubin],
+                               capture_output=True, text=True, check=True).stdout
+    return next(line for line in usage.splitlines() if "REG:" in line)
+
+
+@pytest.mark.skipif(INTERPRETED, reason="compiles for a GPU target, not interpreted")
+@pytest.mark.parametrize("with_entropy", [False, True])
+def test_bf16_kernels_compile_for_h100(with_entropy):
+    """No GPU here, but Triton's compiler and ptxas run anyway: the GPU settings must
+    compile, and the hot (no entropy gradient) kernels must not spill registers."""
+    from megatron_tpo.kernels import logprob_triton
+    bf16 = {"hidden_ptr": "*bf16", "weight_ptr": "*bf16", "targets_ptr": "*i64"}
+    for kernel, settings, flag in (
+            (logprob_triton._statistics_kernel, logprob_triton.GPU_FORWARD, "WITH_ENTROPY"),
+            (logprob_triton._gradients_kernel, logprob_triton.GPU_BACKWARD,
+             "WITH_ENTROPY_GRAD")):
+        blocks = {name: value for name, value in settings.items() if name != "num_warps"}
+        constexprs = dict(blocks, DOT_PRECISION="tf32", DOT_IN_FP32=False,
+                          **{flag: with_entropy})
+        usage = _compile_for_h100(kernel, bf16, constexprs, settings["num_warps"])
+        if not with_entropy:
+            assert " STACK:0 " in usage, f"{kernel.__name__} spills: {usage}"
