@@ -1,0 +1,117 @@
+"""DPO training settings as a typed config, loaded from ``configs/train/<name>.yaml``.
+
+Only what can be checked without a model or a machine is checked here; whether FP8
+fits the model's shapes and the hardware is decided in ``megatron_tpo.train.fp8``.
+"""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Union
+
+from megatron_tpo.config.errors import ConfigError
+from megatron_tpo.config.loading import CONFIG_DIR, load_structured
+
+LOSS_TYPES = ("sigmoid", "ipo")
+RECOMPUTE_GRANULARITIES = (None, "selective", "full")
+LR_DECAY_STYLES = ("cosine", "linear", "constant")
+# Names as megatron-core 0.16's TransformerConfig spells them. Its "custom" recipe needs
+# a quantizer factory import path and is not offered here.
+FP8_FORMATS = ("e4m3", "hybrid")
+FP8_RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")
+FP8_AMAX_COMPUTE_ALGOS = ("most_recent", "max")
+
+
+@dataclass
+class FP8Config:
+    enabled: bool = False
+    # "hybrid": E4M3 forward, E5M2 for gradients (wider range); "e4m3": E4M3 throughout.
+    format: str = "hybrid"
+    recipe: str = "delayed"
+    # Delayed scaling only: scale = (fp8_max / amax) / 2**margin, amax over a history.
+    margin: int = 0
+    amax_history_len: int = 1024
+    amax_compute_algo: str = "max"
+    # False keeps the weight-gradient GEMM in bf16.
+    wgrad: bool = True
+
+    def validate(self) -> None:
+        if not self.enabled:
+            return
+        if self.format not in FP8_FORMATS:
+            raise ConfigError(f"training.fp8.format={self.format!r}: must be one of {FP8_FORMATS}")
+        if self.recipe not in FP8_RECIPES:
+            raise ConfigError(f"training.fp8.recipe={self.recipe!r}: must be one of {FP8_RECIPES}")
+        if self.amax_compute_algo not in FP8_AMAX_COMPUTE_ALGOS:
+            raise ConfigError(f"training.fp8.amax_compute_algo={self.amax_compute_algo!r}: "
+                              f"must be one of {FP8_AMAX_COMPUTE_ALGOS}")
+        if self.amax_history_len < 1:
+            raise ConfigError(
+                f"training.fp8.amax_history_len={self.amax_history_len}: must be >= 1")
+        if self.margin < 0:
+            raise ConfigError(f"training.fp8.margin={self.margin}: must be >= 0")
+
+
+@dataclass
+class DPOTrainingConfig:
+    # The preference loss (see megatron_tpo.train.losses).
+    beta: float = 0.1
+    loss_type: str = "sigmoid"
+    label_smoothing: float = 0.0
+    # Adam with linear warm-up, then decay to min_lr at train_steps.
+    lr: float = 5e-7
+    min_lr: float = 0.0
+    warmup_steps: int = 10
+    train_steps: int = 100
+    lr_decay_style: str = "cosine"
+    weight_decay: float = 0.0
+    clip_grad: float = 1.0  # 0 turns clipping off
+    # One micro-batch holds this many pairs: 2 * micro_batch_pairs sequences.
+    micro_batch_pairs: int = 1
+    # Every micro-batch of a step is padded to one length, a multiple of this, so the
+    # pipeline's fixed activation shape fits all of them (and FP8 GEMMs stay aligned).
+    pad_to_multiple_of: int = 16
+    pad_token_id: int = 0
+    recompute_granularity: Optional[str] = None
+    fp8: FP8Config = field(default_factory=FP8Config)
+
+    def validate(self) -> None:
+        """Raise ``ConfigError`` naming the first setting that cannot work."""
+        if self.loss_type not in LOSS_TYPES:
+            raise ConfigError(f"training.loss_type={self.loss_type!r}: must be one of {LOSS_TYPES}")
+        if self.beta <= 0:
+            raise ConfigError(f"training.beta={self.beta}: must be positive")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"training.label_smoothing={self.label_smoothing}: must be in [0, 0.5)")
+        if self.label_smoothing and self.loss_type != "sigmoid":
+            raise ConfigError(f"training.label_smoothing={self.label_smoothing}: applies to "
+                              f"loss_type='sigmoid' only, not {self.loss_type!r}")
+        if self.lr <= 0 or not 0 <= self.min_lr <= self.lr:
+            raise ConfigError(f"training.lr={self.lr}, training.min_lr={self.min_lr}: "
+                              "need 0 <= min_lr <= lr and lr > 0")
+        if self.train_steps < 1 or not 0 <= self.warmup_steps < self.train_steps:
+            raise ConfigError(f"training.warmup_steps={self.warmup_steps}, training.train_steps="
+                              f"{self.train_steps}: need 0 <= warmup_steps < train_steps")
+        if self.lr_decay_style not in LR_DECAY_STYLES:
+            raise ConfigError(f"training.lr_decay_style={self.lr_decay_style!r}: must be one of "
+                              f"{LR_DECAY_STYLES}")
+        if self.clip_grad < 0:
+            raise ConfigError(f"training.clip_grad={self.clip_grad}: must be >= 0")
+        for name in ("micro_batch_pairs", "pad_to_multiple_of"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"training.{name}={getattr(self, name)}: must be >= 1")
+        if self.recompute_granularity not in RECOMPUTE_GRANULARITIES:
+            raise ConfigError(f"training.recompute_granularity={self.recompute_granularity!r}: "
+                              f"must be one of {RECOMPUTE_GRANULARITIES}")
+        self.fp8.validate()
+
+
+def load_training_config(name_or_path: Union[str, Path] = "dpo", **overrides) -> DPOTrainingConfig:
+    """``configs/train/<name>.yaml`` or a YAML path, with ``overrides`` on top, validated."""
+    path = Path(name_or_path)
+    if path.suffix not in (".yaml", ".yml"):
+        path = CONFIG_DIR / "train" / f"{name_or_path}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"training config not found: {path}")
+    config = load_structured(DPOTrainingConfig, path, **overrides)
+    config.validate()
+    return config
