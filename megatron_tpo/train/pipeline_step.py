@@ -5,6 +5,16 @@ from typing import Callable, Dict, List, Sequence
 import torch
 
 
+def unwrapped(model):
+    """The ``GPTModel`` inside a DDP wrapper (or the model itself)."""
+    return getattr(model, "module", model)
+
+
+def position_ids(input_ids: torch.Tensor) -> torch.Tensor:
+    """[batch, seq] positions 0..seq-1: every sequence of a micro-batch starts at 0."""
+    return torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+
+
 def train_step(
     ddp_chunks: List,
     optimizer,
