@@ -1,0 +1,224 @@
+"""The DPO trainer at TP=2, PP=2 equals an independent HF reference, and learns.
+
+One spawn of four gloo processes serves every multi-process assertion: it computes the
+reference log-probs, trains a few steps, then builds a second trainer from the same
+weights for one step whose gradients are compared with HF transformers.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llama_fixtures import save_random_hf_llama, tiny_model_config
+from megatron_tpo.config import ConfigError, DPOTrainingConfig, FP8Config, ParallelConfig
+from megatron_tpo.model import llama_layout as layout
+from megatron_tpo.model.conversion import hf_to_mcore
+from megatron_tpo.model.llama import transformer_engine_available
+from megatron_tpo.parallel.local_launch import spawn_local
+from megatron_tpo.train.dpo_batch import TokenizedPair
+from megatron_tpo.train.fp8 import check_fp8_settings
+
+TP, PP = 2, 2
+LEARNING = DPOTrainingConfig(beta=0.5, lr=2e-3, warmup_steps=2, train_steps=8,
+                             micro_batch_pairs=2, pad_to_multiple_of=8, clip_grad=0.0,
+                             recompute_granularity="selective")
+# Label smoothing and a reference that disagrees with the policy make every term of the
+# loss matter; full recomputation reruns the layers in backward.
+PARITY = DPOTrainingConfig(beta=0.3, label_smoothing=0.1, lr=1e-3, warmup_steps=0,
+                           train_steps=8, micro_batch_pairs=2, pad_to_multiple_of=8,
+                           clip_grad=0.0, recompute_granularity="full")
+LEARNING_STEPS = 5
+
+
+def _random_pairs(vocab_size: int, count: int = 4, seed: int = 3):
+    generator = torch.Generator().manual_seed(seed)
+
+    def tokens(low, high):
+        length = int(torch.randint(low, high, (), generator=generator))
+        return torch.randint(0, vocab_size, (length,), generator=generator).tolist()
+
+    return [TokenizedPair(prompt=tokens(2, 6), chosen=tokens(3, 10), rejected=tokens(3, 10))
+            for _ in range(count)]
+
+
+def _trainer_worker(rank, world_size, model, shard_root, pairs, reference_shift):
+    from megatron.core import parallel_state
+
+    from megatron_tpo.model.mcore_shards import with_global_layer_numbers
+    from megatron_tpo.parallel import init_megatron, shutdown_megatron
+    from megatron_tpo.train.dpo_trainer import DPOTrainer
+    from megatron_tpo.train.reference_logprobs import with_reference_logprobs
+
+    parallel = ParallelConfig(tensor_model_parallel_size=TP, pipeline_model_parallel_size=PP)
+    init_megatron(parallel, model)
+    report = {"tp_rank": parallel_state.get_tensor_model_parallel_rank()}
+
+    learner = DPOTrainer(model, parallel, LEARNING, shard_root)
+    report["reference"] = learner.reference_logprobs(pairs)
+    stored = with_reference_logprobs(pairs, report["reference"])
+    report["learning"] = [learner.step(stored) for _ in range(LEARNING_STEPS)]
+
+    checked = DPOTrainer(model, parallel, PARITY, shard_root)
+    shifted = with_reference_logprobs(pairs, report["reference"] + reference_shift)
+    report["parity"] = checked.step(shifted)
+    report["grads"] = {}
+    for chunk in checked.chunks:
+        # megatron's DDP accumulates into main_grad; clipping is off, so it is the raw grad.
+        grads = {name: p.main_grad.detach().clone() for name, p in chunk.named_parameters()}
+        report["grads"].update(with_global_layer_numbers(chunk, grads))
+    shutdown_megatron()
+    return report
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    model = tiny_model_config()
+    root = tmp_path_factory.mktemp("dpo")
+    hf_dir = save_random_hf_llama(model, root / "hf")
+    shard_root = hf_to_mcore(hf_dir, root / "mcore", TP, PP,
+                             make_vocab_size_divisible_by=model.make_vocab_size_divisible_by,
+                             progress=False).destination
+    pairs = _random_pairs(model.vocab_size)
+    reference_shift = torch.tensor([[0.7, -0.4], [-1.1, 0.2], [0.3, 0.9], [-0.5, -1.3]],
+                                   dtype=torch.float64)
+    reports = spawn_local(_trainer_worker, TP * PP, model, shard_root, pairs, reference_shift)
+    return model, hf_dir, pairs, reference_shift, reports
+
+
+def _hf_sequence_logprobs(hf_model, prompt, completion):
+    """Sum of log p(completion token) under HF's full logits: no padding, no kernel."""
+    tokens = torch.tensor([list(prompt) + list(completion)])
+    logprobs = F.log_softmax(hf_model(tokens).logits[0, :-1].double(), dim=-1)
+    picked = logprobs.gather(-1, tokens[0, 1:, None])[:, 0]
+    return picked[len(prompt) - 1:].sum()
+
+
+def _hf_pair_logprobs(hf_model, pairs):
+    chosen = torch.stack([_hf_sequence_logprobs(hf_model, p.prompt, p.chosen) for p in pairs])
+    rejected = torch.stack([_hf_sequence_logprobs(hf_model, p.prompt, p.rejected) for p in pairs])
+    return chosen, rejected
+
+
+def _last_stage_reports(reports):
+    return [r for r in reports if "loss" in r["learning"][0]]
+
+
+def _merged_hf_grads(reports, model):
+    by_rank = [{} for _ in range(TP)]
+    for report in reports:
+        by_rank[report["tp_rank"]].update(report["grads"])
+    merged = {layout.HF_FINAL_NORM: by_rank[0][layout.FINAL_NORM],
+              layout.HF_EMBEDDING: layout.merge_vocab([g[layout.EMBEDDING] for g in by_rank],
+                                                      model.vocab_size),
+              layout.HF_OUTPUT_LAYER: layout.merge_vocab([g[layout.OUTPUT_LAYER] for g in by_rank],
+                                                         model.vocab_size)}
+    for layer in range(model.num_layers):
+        prefix = layout.mcore_layer_prefix(layer)
+        per_rank = [{n[len(prefix):]: t for n, t in g.items() if n.startswith(prefix)}
+                    for g in by_rank]
+        for name, grad in layout.merge_layer(per_rank, model).items():
+            merged[layout.hf_layer_prefix(layer) + name] = grad
+    return merged
+
+
+def test_reference_logprobs_equal_hf_on_every_rank_and_step_zero_loss_is_log_2(run):
+    from transformers import LlamaForCausalLM
+
+    model, hf_dir, pairs, _, reports = run
+    hf_model = LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        chosen, rejected = _hf_pair_logprobs(hf_model, pairs)
+    expected = torch.stack([chosen, rejected], dim=1)
+    for report in reports:  # every stage stores the pairs, so every rank has them
+        torch.testing.assert_close(report["reference"], expected, rtol=1e-5, atol=1e-4)
+    last = _last_stage_reports(reports)
+    assert len(last) == TP
+    for report in last:
+        first = report["learning"][0]
+        assert abs(first["loss"] - math.log(2)) < 1e-6, first
+        assert first["rewards/margin"] == 0 and first["rewards/accuracy"] == 0
+
+
+def test_loss_goes_down_on_a_fixed_batch_under_warmup_and_cosine_lr(run):
+    _, _, _, _, reports = run
+    steps = _last_stage_reports(reports)[0]["learning"]
+    losses = [s["loss"] for s in steps]
+    assert all(later < earlier for earlier, later in zip(losses, losses[1:])), losses
+    assert steps[-1]["rewards/accuracy"] == 1.0 and steps[-1]["rewards/margin"] > 0
+
+    def scheduled(step):  # linear warm-up to lr, then cosine to min_lr at train_steps
+        if step <= LEARNING.warmup_steps:
+            return LEARNING.lr * step / LEARNING.warmup_steps
+        progress = (step - LEARNING.warmup_steps) / (LEARNING.train_steps - LEARNING.warmup_steps)
+        return LEARNING.min_lr + (LEARNING.lr - LEARNING.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    for report in reports:
+        for number, metrics in enumerate(report["learning"], start=1):
+            assert metrics["lr"] == pytest.approx(scheduled(number), rel=1e-12)
+            assert metrics["tokens_per_second"] > 0 and metrics["grad_norm"] > 0
+
+
+def test_dpo_loss_and_gradients_equal_hf_with_plain_log_softmax(run):
+    from transformers import LlamaForCausalLM
+
+    model, hf_dir, pairs, reference_shift, reports = run
+    hf_model = LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    # The stored reference values are inputs of the loss, not under test here.
+    reference = _last_stage_reports(reports)[0]["reference"] + reference_shift
+    chosen, rejected = _hf_pair_logprobs(hf_model, pairs)
+    preference = (chosen - rejected) - (reference[:, 0] - reference[:, 1])
+    beta, smoothing = PARITY.beta, PARITY.label_smoothing
+    loss = (-(1 - smoothing) * F.logsigmoid(beta * preference)
+            - smoothing * F.logsigmoid(-beta * preference)).mean()
+    loss.backward()
+
+    for report in _last_stage_reports(reports):
+        assert report["parity"]["loss"] == pytest.approx(loss.item(), rel=1e-5)
+    expected = {name: p.grad for name, p in hf_model.named_parameters()}
+    got = _merged_hf_grads(reports, model)
+    assert got.keys() == expected.keys()
+    for name, grad in expected.items():
+        assert grad.abs().max() > 0, f"{name}: zero gradient, the test would prove nothing"
+        torch.testing.assert_close(got[name], grad.float(), rtol=1e-4, atol=1e-6, msg=name)
+
+
+def _fp8(**settings) -> DPOTrainingConfig:
+    return DPOTrainingConfig(micro_batch_pairs=1, pad_to_multiple_of=16,
+                             fp8=FP8Config(enabled=True, **settings))
+
+
+@pytest.mark.parametrize("training, model_overrides, tp, named", [
+    (_fp8(recipe="fancy"), {}, 1, "training.fp8.recipe='fancy'"),
+    (_fp8(format="e5m2"), {}, 1, "training.fp8.format='e5m2'"),
+    (_fp8(amax_compute_algo="mean"), {}, 1, "training.fp8.amax_compute_algo"),
+    (_fp8(), {"hidden_size": 72, "ffn_hidden_size": 192}, 1, "model.hidden_size = 72"),
+    (_fp8(), {}, 2, "model.ffn_hidden_size / parallel.tensor_model_parallel_size=2 = 88"),
+    (_fp8(recipe="mxfp8"), {"hidden_size": 80, "ffn_hidden_size": 192}, 1,
+     "model.hidden_size = 80 is not a multiple of 32"),
+    (DPOTrainingConfig(micro_batch_pairs=1, pad_to_multiple_of=2, fp8=FP8Config(enabled=True)),
+     {}, 1, "training.pad_to_multiple_of=2: tokens per micro-batch are only guaranteed to be "
+            "a multiple of 4"),
+    (DPOTrainingConfig(micro_batch_pairs=1, pad_to_multiple_of=8,
+                       fp8=FP8Config(enabled=True, recipe="mxfp8")),
+     {"ffn_hidden_size": 192}, 1, "need a multiple of 32"),
+])
+def test_fp8_settings_that_cannot_work_are_refused_with_the_setting(training, model_overrides,
+                                                                    tp, named):
+    model = tiny_model_config(**model_overrides)
+    parallel = ParallelConfig(tensor_model_parallel_size=tp)
+    with pytest.raises(ConfigError) as refused:
+        check_fp8_settings(training, model, parallel, check_environment=False)
+    assert named in str(refused.value)
+
+
+def test_fp8_is_refused_without_transformer_engine_or_cuda():
+    training = _fp8()
+    model, parallel = tiny_model_config(), ParallelConfig()
+    check_fp8_settings(training, model, parallel, check_environment=False)  # shapes are fine
+    if transformer_engine_available() and torch.cuda.is_available():
+        pytest.skip("Transformer Engine and CUDA are present: FP8 is allowed here")
+    needed = "Transformer Engine" if not transformer_engine_available() else "CUDA GPU"
+    with pytest.raises(ConfigError, match=needed):
+        check_fp8_settings(training, model, parallel)
