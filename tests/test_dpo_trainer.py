@@ -1,8 +1,10 @@
-"""The DPO trainer at TP=2, PP=2 equals an independent HF reference, and learns.
+"""The DPO trainer equals an independent HF reference, and learns.
 
-One spawn of four gloo processes serves every multi-process assertion: it computes the
-reference log-probs, trains a few steps, then builds a second trainer from the same
-weights for one step whose gradients are compared with HF transformers.
+Two layouts of four gloo processes: TP=2/PP=2, and TP=1/PP=2 with two virtual stages
+per rank and two data-parallel replicas (each with its own half of the pairs). One spawn
+per layout serves every multi-process assertion: it computes the reference log-probs,
+trains a few steps, then builds a second trainer from the same weights for one step
+whose gradients are compared with HF transformers.
 """
 
 import math
@@ -20,14 +22,17 @@ from megatron_tpo.parallel.local_launch import spawn_local
 from megatron_tpo.train.dpo_batch import TokenizedPair
 from megatron_tpo.train.fp8 import check_fp8_settings
 
-TP, PP = 2, 2
+# (tensor, pipeline, virtual pipeline, data) parallel sizes; four processes each.
+LAYOUTS = {"tp2_pp2": (2, 2, None, 1), "tp1_pp2_vpp2_dp2": (1, 2, 2, 2)}
+# One pair per micro-batch: 4 / DP micro-batches per step, at least PP of them, as the
+# interleaved schedule needs.
 LEARNING = DPOTrainingConfig(beta=0.5, lr=2e-3, warmup_steps=2, train_steps=8,
-                             micro_batch_pairs=2, pad_to_multiple_of=8, clip_grad=0.0,
+                             micro_batch_pairs=1, pad_to_multiple_of=8, clip_grad=0.0,
                              recompute_granularity="selective")
 # Label smoothing and a reference that disagrees with the policy make every term of the
 # loss matter; full recomputation reruns the layers in backward.
 PARITY = DPOTrainingConfig(beta=0.3, label_smoothing=0.1, lr=1e-3, warmup_steps=0,
-                           train_steps=8, micro_batch_pairs=2, pad_to_multiple_of=8,
+                           train_steps=8, micro_batch_pairs=1, pad_to_multiple_of=8,
                            clip_grad=0.0, recompute_granularity="full")
 LEARNING_STEPS = 5
 
@@ -43,7 +48,8 @@ def _random_pairs(vocab_size: int, count: int = 4, seed: int = 3):
             for _ in range(count)]
 
 
-def _trainer_worker(rank, world_size, model, shard_root, pairs, reference_shift):
+def _trainer_worker(rank, world_size, model, shard_root, layout_sizes, all_pairs,
+                    all_reference_shifts):
     from megatron.core import parallel_state
 
     from megatron_tpo.model.mcore_shards import with_global_layer_numbers
@@ -51,9 +57,17 @@ def _trainer_worker(rank, world_size, model, shard_root, pairs, reference_shift)
     from megatron_tpo.train.dpo_trainer import DPOTrainer
     from megatron_tpo.train.reference_logprobs import with_reference_logprobs
 
-    parallel = ParallelConfig(tensor_model_parallel_size=TP, pipeline_model_parallel_size=PP)
+    tp, pp, vpp, _ = layout_sizes
+    parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                              virtual_pipeline_model_parallel_size=vpp)
     init_megatron(parallel, model)
-    report = {"tp_rank": parallel_state.get_tensor_model_parallel_rank()}
+    dp_rank = parallel_state.get_data_parallel_rank()
+    dp_size = parallel_state.get_data_parallel_world_size()
+    share = len(all_pairs) // dp_size
+    pairs = all_pairs[dp_rank * share:(dp_rank + 1) * share]
+    reference_shift = all_reference_shifts[dp_rank * share:(dp_rank + 1) * share]
+    report = {"tp_rank": parallel_state.get_tensor_model_parallel_rank(), "dp_rank": dp_rank,
+              "pairs": slice(dp_rank * share, (dp_rank + 1) * share)}
 
     learner = DPOTrainer(model, parallel, LEARNING, shard_root)
     report["reference"] = learner.reference_logprobs(pairs)
@@ -73,18 +87,24 @@ def _trainer_worker(rank, world_size, model, shard_root, pairs, reference_shift)
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def hf_checkpoint(tmp_path_factory):
     model = tiny_model_config()
-    root = tmp_path_factory.mktemp("dpo")
-    hf_dir = save_random_hf_llama(model, root / "hf")
-    shard_root = hf_to_mcore(hf_dir, root / "mcore", TP, PP,
+    return model, save_random_hf_llama(model, tmp_path_factory.mktemp("dpo") / "hf")
+
+
+@pytest.fixture(scope="module", params=sorted(LAYOUTS))
+def run(request, hf_checkpoint, tmp_path_factory):
+    model, hf_dir = hf_checkpoint
+    tp, pp, vpp, dp = sizes = LAYOUTS[request.param]
+    shard_root = hf_to_mcore(hf_dir, tmp_path_factory.mktemp(request.param), tp, pp,
                              make_vocab_size_divisible_by=model.make_vocab_size_divisible_by,
                              progress=False).destination
     pairs = _random_pairs(model.vocab_size)
     reference_shift = torch.tensor([[0.7, -0.4], [-1.1, 0.2], [0.3, 0.9], [-0.5, -1.3]],
                                    dtype=torch.float64)
-    reports = spawn_local(_trainer_worker, TP * PP, model, shard_root, pairs, reference_shift)
-    return model, hf_dir, pairs, reference_shift, reports
+    reports = spawn_local(_trainer_worker, tp * pp * dp, model, shard_root, sizes, pairs,
+                          reference_shift)
+    return model, hf_dir, pairs, reference_shift, reports, tp
 
 
 def _hf_sequence_logprobs(hf_model, prompt, completion):
@@ -105,10 +125,12 @@ def _last_stage_reports(reports):
     return [r for r in reports if "loss" in r["learning"][0]]
 
 
-def _merged_hf_grads(reports, model):
-    by_rank = [{} for _ in range(TP)]
+def _merged_hf_grads(reports, model, tp):
+    """HF-named grads from DP rank 0's model replica (DDP made every replica's equal)."""
+    by_rank = [{} for _ in range(tp)]
     for report in reports:
-        by_rank[report["tp_rank"]].update(report["grads"])
+        if report["dp_rank"] == 0:
+            by_rank[report["tp_rank"]].update(report["grads"])
     merged = {layout.HF_FINAL_NORM: by_rank[0][layout.FINAL_NORM],
               layout.HF_EMBEDDING: layout.merge_vocab([g[layout.EMBEDDING] for g in by_rank],
                                                       model.vocab_size),
@@ -126,15 +148,16 @@ def _merged_hf_grads(reports, model):
 def test_reference_logprobs_equal_hf_on_every_rank_and_step_zero_loss_is_log_2(run):
     from transformers import LlamaForCausalLM
 
-    model, hf_dir, pairs, _, reports = run
+    model, hf_dir, pairs, _, reports, _ = run
     hf_model = LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     with torch.no_grad():
         chosen, rejected = _hf_pair_logprobs(hf_model, pairs)
     expected = torch.stack([chosen, rejected], dim=1)
     for report in reports:  # every stage stores the pairs, so every rank has them
-        torch.testing.assert_close(report["reference"], expected, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(report["reference"], expected[report["pairs"]],
+                                   rtol=1e-5, atol=1e-4)
     last = _last_stage_reports(reports)
-    assert len(last) == TP
+    assert len(last) == 2
     for report in last:
         first = report["learning"][0]
         assert abs(first["loss"] - math.log(2)) < 1e-6, first
@@ -142,7 +165,7 @@ def test_reference_logprobs_equal_hf_on_every_rank_and_step_zero_loss_is_log_2(r
 
 
 def test_loss_goes_down_on_a_fixed_batch_under_warmup_and_cosine_lr(run):
-    _, _, _, _, reports = run
+    reports = run[4]
     steps = _last_stage_reports(reports)[0]["learning"]
     losses = [s["loss"] for s in steps]
     assert all(later < earlier for earlier, later in zip(losses, losses[1:])), losses
@@ -163,10 +186,14 @@ def test_loss_goes_down_on_a_fixed_batch_under_warmup_and_cosine_lr(run):
 def test_dpo_loss_and_gradients_equal_hf_with_plain_log_softmax(run):
     from transformers import LlamaForCausalLM
 
-    model, hf_dir, pairs, reference_shift, reports = run
+    model, hf_dir, pairs, reference_shift, reports, tp = run
     hf_model = LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
     # The stored reference values are inputs of the loss, not under test here.
-    reference = _last_stage_reports(reports)[0]["reference"] + reference_shift
+    last = _last_stage_reports(reports)
+    reference = torch.zeros(len(pairs), 2, dtype=torch.float64)
+    for report in last:
+        reference[report["pairs"]] = report["reference"]
+    reference += reference_shift
     chosen, rejected = _hf_pair_logprobs(hf_model, pairs)
     preference = (chosen - rejected) - (reference[:, 0] - reference[:, 1])
     beta, smoothing = PARITY.beta, PARITY.label_smoothing
@@ -174,10 +201,12 @@ def test_dpo_loss_and_gradients_equal_hf_with_plain_log_softmax(run):
             - smoothing * F.logsigmoid(-beta * preference)).mean()
     loss.backward()
 
-    for report in _last_stage_reports(reports):
-        assert report["parity"]["loss"] == pytest.approx(loss.item(), rel=1e-5)
+    # Each DP rank's loss is the mean over its pairs; DDP averages gradients over DP.
+    losses_by_dp_rank = {report["dp_rank"]: report["parity"]["loss"] for report in last}
+    assert sum(losses_by_dp_rank.values()) / len(losses_by_dp_rank) == pytest.approx(
+        loss.item(), rel=1e-5)
     expected = {name: p.grad for name, p in hf_model.named_parameters()}
-    got = _merged_hf_grads(reports, model)
+    got = _merged_hf_grads(reports, model, tp)
     assert got.keys() == expected.keys()
     for name, grad in expected.items():
         assert grad.abs().max() > 0, f"{name}: zero gradient, the test would prove nothing"
