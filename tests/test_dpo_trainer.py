@@ -251,3 +251,49 @@ def test_fp8_is_refused_without_transformer_engine_or_cuda():
     needed = "Transformer Engine" if not transformer_engine_available() else "CUDA GPU"
     with pytest.raises(ConfigError, match=needed):
         check_fp8_settings(training, model, parallel)
+
+
+def _sequence_parallel_gather_worker(rank, world_size):
+    """Hidden-state gradients through the output layer's sequence-parallel gather."""
+    from types import SimpleNamespace
+
+    from megatron.core import parallel_state
+
+    from megatron_tpo.kernels.logprob import fused_target_logprobs
+    from megatron_tpo.parallel import init_megatron, shutdown_megatron
+    from megatron_tpo.train.policy_logprobs import return_hidden_states_from_output_layer
+
+    init_megatron(ParallelConfig(tensor_model_parallel_size=world_size))
+    generator = torch.Generator().manual_seed(5)
+    seq, batch, hidden_size, vocab = 8, 2, 16, 30
+    hidden = torch.randn(seq, batch, hidden_size, generator=generator)
+    weight = torch.randn(vocab, hidden_size, generator=generator)
+    targets = torch.randint(0, vocab, (seq, batch), generator=generator)
+    rows = vocab // world_size
+    shard = weight[rank * rows:(rank + 1) * rows]
+    group = parallel_state.get_tensor_model_parallel_group()
+
+    def logprob_sum(full_hidden):
+        return fused_target_logprobs(full_hidden, shard, targets, tp_group=group,
+                                     vocab_start=rank * rows).sum()
+
+    everything = hidden.clone().requires_grad_()
+    logprob_sum(everything).backward()
+
+    gpt_model = SimpleNamespace(post_process=True, config=SimpleNamespace(sequence_parallel=True),
+                                output_layer=torch.nn.Linear(hidden_size, rows, bias=False))
+    return_hidden_states_from_output_layer(gpt_model)
+    own = slice(rank * seq // world_size, (rank + 1) * seq // world_size)
+    local = hidden[own].clone().requires_grad_()
+    gathered, _ = gpt_model.output_layer(local)
+    logprob_sum(gathered).backward()
+    shutdown_megatron()
+    return everything.grad[own], local.grad
+
+
+def test_sequence_parallel_gather_keeps_the_kernel_hidden_gradient():
+    """The kernel already sums the hidden gradient over TP ranks; the gather in front of it
+    must hand each rank its slice of that sum, not sum it again."""
+    for expected, got in spawn_local(_sequence_parallel_gather_worker, 2):
+        assert expected.abs().max() > 0
+        torch.testing.assert_close(got, expected)

@@ -32,8 +32,12 @@ def return_hidden_states_from_output_layer(gpt_model) -> None:
     def hidden_states_instead_of_logits(hidden_states, weight=None, runtime_gather_output=None):
         if gather_sequence:
             # Each TP rank holds a slice of the sequence; the kernel needs every token on
-            # every rank, as the logits matmul would have (its backward reduce-scatters).
-            hidden_states = gather_from_sequence_parallel_region(hidden_states)
+            # every rank. Its backward already sums the hidden gradient over the TP group,
+            # so the gather's backward must only keep this rank's slice: the default
+            # reduce-scatter (right for the logits matmul's partial gradients) would add
+            # the TP ranks' identical full gradients up once more.
+            hidden_states = gather_from_sequence_parallel_region(
+                hidden_states, tensor_parallel_output_grad=False)
         return hidden_states, None
 
     output_layer.forward = hidden_states_instead_of_logits
