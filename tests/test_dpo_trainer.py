@@ -213,6 +213,31 @@ def test_dpo_loss_and_gradients_equal_hf_with_plain_log_softmax(run):
         torch.testing.assert_close(got[name], grad.float(), rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_pair_micro_batches_put_chosen_then_rejected_and_mask_only_completions():
+    from megatron_tpo.train.dpo_batch import pair_micro_batches
+
+    pairs = [TokenizedPair(prompt=[1, 2], chosen=[3, 4, 5], rejected=[6]),
+             TokenizedPair(prompt=[7], chosen=[8], rejected=[9, 10, 11, 12],
+                           reference_chosen=-1.5, reference_rejected=-2.5)]
+    with pytest.raises(ConfigError, match="reference log-probs"):
+        pair_micro_batches(pairs, 2)
+    pairs[0].reference_chosen, pairs[0].reference_rejected = -0.5, -0.25
+    first, second = pair_micro_batches(pairs, 1, pad_to_multiple_of=4, pad_token_id=0)
+    # Longest sequence: 1 + 4 tokens -> 4 inputs; both micro-batches share that length.
+    assert first.input_ids.shape == second.input_ids.shape == (2, 4)
+    assert first.input_ids.tolist() == [[1, 2, 3, 4], [1, 2, 6, 0]]
+    assert first.targets.tolist() == [[2, 3, 4, 5], [2, 6, 0, 0]]
+    assert first.loss_mask.tolist() == [[0, 1, 1, 1], [0, 1, 0, 0]]
+    assert second.targets.tolist() == [[8, 0, 0, 0], [9, 10, 11, 12]]
+    assert second.loss_mask.tolist() == [[1, 0, 0, 0], [1, 1, 1, 1]]
+    assert first.reference_logprobs.tolist() == [-0.5, -0.25]
+    assert second.reference_logprobs.tolist() == [-1.5, -2.5]
+    with pytest.raises(ConfigError, match="training.micro_batch_pairs=2"):
+        pair_micro_batches(pairs[:1], 2)
+    with pytest.raises(ConfigError, match="max_position_embeddings=3"):
+        pair_micro_batches(pairs, 1, max_seq_length=3)
+
+
 def _fp8(**settings) -> DPOTrainingConfig:
     return DPOTrainingConfig(micro_batch_pairs=1, pad_to_multiple_of=16,
                              fp8=FP8Config(enabled=True, **settings))
@@ -251,6 +276,14 @@ def test_fp8_is_refused_without_transformer_engine_or_cuda():
     needed = "Transformer Engine" if not transformer_engine_available() else "CUDA GPU"
     with pytest.raises(ConfigError, match=needed):
         check_fp8_settings(training, model, parallel)
+
+
+def test_context_parallelism_is_refused_before_any_work():
+    from megatron_tpo.train.dpo_trainer import DPOTrainer
+
+    with pytest.raises(ConfigError, match="parallel.context_parallel_size=2"):
+        DPOTrainer(tiny_model_config(), ParallelConfig(context_parallel_size=2),
+                   DPOTrainingConfig())
 
 
 def _sequence_parallel_gather_worker(rank, world_size):

@@ -15,7 +15,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from megatron_tpo.config import DPOTrainingConfig, ModelConfig, ParallelConfig
+from megatron_tpo.config import ConfigError, DPOTrainingConfig, ModelConfig, ParallelConfig
 from megatron_tpo.train.dpo_batch import PairMicroBatch, TokenizedPair, pair_micro_batches
 from megatron_tpo.train.dpo_step import dpo_forward_step
 from megatron_tpo.train.fp8 import fp8_transformer_overrides
@@ -30,6 +30,14 @@ def _sequence_tokens(pairs: Sequence[TokenizedPair]) -> int:
     return sum(2 * len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs)
 
 
+def _check_layout(parallel: ParallelConfig) -> None:
+    if parallel.context_parallel_size > 1:
+        # Each CP rank would need its load-balanced slice of every sequence, and the
+        # sequence sums an all-reduce over CP; neither is done here yet.
+        raise ConfigError(f"parallel.context_parallel_size={parallel.context_parallel_size}: "
+                          "the DPO trainer does not split pairs over context-parallel ranks")
+
+
 class DPOTrainer:
     """This rank's policy chunks, optimizer and LR schedule; megatron must be initialised."""
 
@@ -39,6 +47,7 @@ class DPOTrainer:
         from megatron_tpo.model.mcore_shards import load_model_shards
 
         training.validate()
+        _check_layout(parallel)
         self.model, self.training = model, training
         on_gpu = torch.cuda.is_available()
         self.device = (torch.device("cuda", torch.cuda.current_device()) if on_gpu
