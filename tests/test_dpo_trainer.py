@@ -219,7 +219,7 @@ def test_pair_micro_batches_put_chosen_then_rejected_and_mask_only_completions()
     pairs = [TokenizedPair(prompt=[1, 2], chosen=[3, 4, 5], rejected=[6]),
              TokenizedPair(prompt=[7], chosen=[8], rejected=[9, 10, 11, 12],
                            reference_chosen=-1.5, reference_rejected=-2.5)]
-    with pytest.raises(ConfigError, match="reference log-probs"):
+    with pytest.raises(ValueError, match="reference log-probs"):
         pair_micro_batches(pairs, 2)
     pairs[0].reference_chosen, pairs[0].reference_rejected = -0.5, -0.25
     first, second = pair_micro_batches(pairs, 1, pad_to_multiple_of=4, pad_token_id=0)

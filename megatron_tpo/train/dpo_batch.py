@@ -56,10 +56,10 @@ def padded_length(pairs: Sequence[TokenizedPair], pad_to_multiple_of: int) -> in
 
 def _check_pair(index: int, pair: TokenizedPair) -> None:
     if not pair.prompt:
-        raise ConfigError(f"pair {index}: empty prompt; the first completion token needs a "
+        raise ValueError(f"pair {index}: empty prompt; the first completion token needs a "
                           "prompt token to be predicted from")
     if not pair.chosen or not pair.rejected:
-        raise ConfigError(f"pair {index}: empty chosen or rejected completion")
+        raise ValueError(f"pair {index}: empty chosen or rejected completion")
 
 
 def pair_micro_batch(pairs: Sequence[TokenizedPair], seq_length: int,
@@ -72,7 +72,7 @@ def pair_micro_batch(pairs: Sequence[TokenizedPair], seq_length: int,
             prompt_lengths.append(len(pair.prompt))
     lengths = torch.tensor([len(s) for s in sequences])
     if int(lengths.max()) - 1 > seq_length:
-        raise ConfigError(f"a sequence of {int(lengths.max())} tokens does not fit "
+        raise ValueError(f"a sequence of {int(lengths.max())} tokens does not fit "
                           f"seq_length={seq_length} inputs")
     tokens = torch.full((len(sequences), seq_length + 1), pad_token_id, dtype=torch.long)
     for row, sequence in enumerate(sequences):
@@ -82,7 +82,7 @@ def pair_micro_batch(pairs: Sequence[TokenizedPair], seq_length: int,
     references = [(p.reference_chosen, p.reference_rejected) for p in pairs]
     known = [r is not None for ref in references for r in ref]
     if any(known) and not all(known):
-        raise ConfigError("some pairs carry reference log-probs and some do not; compute "
+        raise ValueError("some pairs carry reference log-probs and some do not; compute "
                           "them for all pairs of the iteration")
     reference = None
     if all(known):
@@ -101,7 +101,7 @@ def pair_micro_batches(pairs: Sequence[TokenizedPair], pairs_per_micro_batch: in
     a step must have the same sequence length.
     """
     if not pairs:
-        raise ConfigError("no preference pairs to batch")
+        raise ValueError("no preference pairs to batch")
     if len(pairs) % pairs_per_micro_batch:
         raise ConfigError(f"{len(pairs)} pairs do not split into micro-batches of "
                           f"training.micro_batch_pairs={pairs_per_micro_batch}")
