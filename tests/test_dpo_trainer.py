@@ -175,7 +175,8 @@ def test_loss_goes_down_on_a_fixed_batch_under_warmup_and_cosine_lr(run):
         if step <= LEARNING.warmup_steps:
             return LEARNING.lr * step / LEARNING.warmup_steps
         progress = (step - LEARNING.warmup_steps) / (LEARNING.train_steps - LEARNING.warmup_steps)
-        return LEARNING.min_lr + (LEARNING.lr - LEARNING.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+        cosine = 0.5 * (1 + math.cos(math.pi * progress))
+        return LEARNING.min_lr + (LEARNING.lr - LEARNING.min_lr) * cosine
 
     for report in reports:
         for number, metrics in enumerate(report["learning"], start=1):

@@ -81,7 +81,8 @@ class DPOTrainingConfig:
         if self.beta <= 0:
             raise ConfigError(f"training.beta={self.beta}: must be positive")
         if not 0.0 <= self.label_smoothing < 0.5:
-            raise ConfigError(f"training.label_smoothing={self.label_smoothing}: must be in [0, 0.5)")
+            raise ConfigError(
+                f"training.label_smoothing={self.label_smoothing}: must be in [0, 0.5)")
         if self.label_smoothing and self.loss_type != "sigmoid":
             raise ConfigError(f"training.label_smoothing={self.label_smoothing}: applies to "
                               f"loss_type='sigmoid' only, not {self.loss_type!r}")

@@ -58,13 +58,14 @@ def reference_pair_logprobs(chunks: List, micro_batches: Sequence[PairMicroBatch
                               torch.cat([m["rejected"] for m in per_micro_batch])], dim=1).double()
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         # Only the last stage computed them; every stage stores the pairs.
-        torch.distributed.broadcast(values, src=parallel_state.get_pipeline_model_parallel_last_rank(),
-                                    group=parallel_state.get_pipeline_model_parallel_group())
+        torch.distributed.broadcast(
+            values, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+            group=parallel_state.get_pipeline_model_parallel_group())
     return values.cpu()
 
 
 def with_reference_logprobs(pairs: Sequence[TokenizedPair],
                             values: torch.Tensor) -> List[TokenizedPair]:
     """Copies of ``pairs`` carrying the [pairs, 2] reference log-probs."""
-    return [dataclasses.replace(pair, reference_chosen=float(chosen), reference_rejected=float(rejected))
+    return [dataclasses.replace(pair, reference_chosen=chosen, reference_rejected=rejected)
             for pair, (chosen, rejected) in zip(pairs, values.tolist())]
