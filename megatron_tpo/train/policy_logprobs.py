@@ -59,6 +59,10 @@ def true_vocab_weight_shard(gpt_model, vocab_size: int):
         raise ValueError(f"TP rank's vocab shard [{vocab_start}, {vocab_start + rows_per_rank}) "
                          f"holds only padding (vocab {vocab_size}); lower "
                          "make_vocab_size_divisible_by")
+    if true_rows == rows_per_rank:
+        # No slice, no SliceBackward: it would allocate a zero [rows, hidden] gradient
+        # to scatter into on every rank, though only the last one holds padding.
+        return weight, vocab_start
     return weight[:true_rows], vocab_start
 
 
