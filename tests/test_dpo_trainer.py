@@ -20,7 +20,7 @@ from megatron_tpo.model.conversion import hf_to_mcore
 from megatron_tpo.model.llama import transformer_engine_available
 from megatron_tpo.parallel.local_launch import spawn_local
 from megatron_tpo.train.dpo_batch import TokenizedPair
-from megatron_tpo.train.fp8 import check_fp8_settings
+from megatron_tpo.train.fp8 import check_fp8_settings, transformer_config_fields
 
 # (tensor, pipeline, virtual pipeline, data) parallel sizes; four processes each.
 LAYOUTS = {"tp2_pp2": (2, 2, None, 1), "tp1_pp2_vpp2_dp2": (1, 2, 2, 2)}
@@ -266,6 +266,18 @@ def test_fp8_settings_that_cannot_work_are_refused_with_the_setting(training, mo
     with pytest.raises(ConfigError) as refused:
         check_fp8_settings(training, model, parallel, check_environment=False)
     assert named in str(refused.value)
+
+
+def test_fp8_settings_become_megatron_transformer_config_fields():
+    from megatron_tpo.model.llama import llama_transformer_config
+
+    fp8 = FP8Config(enabled=True, format="e4m3", recipe="tensorwise", margin=1,
+                    amax_history_len=16, amax_compute_algo="most_recent", wgrad=False)
+    config = llama_transformer_config(tiny_model_config(), ParallelConfig(), torch.bfloat16,
+                                      **transformer_config_fields(fp8))
+    assert (config.fp8, config.fp8_recipe, config.fp8_margin, config.fp8_amax_history_len,
+            config.fp8_amax_compute_algo, config.fp8_wgrad) == (
+        "e4m3", "tensorwise", 1, 16, "most_recent", False)
 
 
 def test_fp8_is_refused_without_transformer_engine_or_cuda():

@@ -11,7 +11,9 @@ from typing import Dict
 
 import torch
 
-from megatron_tpo.config import ConfigError, DPOTrainingConfig, ModelConfig, ParallelConfig
+from megatron_tpo.config import (
+    ConfigError, DPOTrainingConfig, FP8Config, ModelConfig, ParallelConfig,
+)
 from megatron_tpo.model.llama import transformer_engine_available
 
 # TE checks every FP8 GEMM operand: rows (tokens) a multiple of 8 and columns a multiple
@@ -91,13 +93,15 @@ def check_fp8_settings(training: DPOTrainingConfig, model: ModelConfig,
         _check_environment(training.fp8.recipe)
 
 
-def fp8_transformer_overrides(training: DPOTrainingConfig, model: ModelConfig,
-                              parallel: ParallelConfig) -> Dict[str, object]:
-    """``TransformerConfig`` fields (megatron-core 0.16 names) for ``training.fp8``; {} when off."""
-    check_fp8_settings(training, model, parallel)
-    if not training.fp8.enabled:
-        return {}
-    fp8 = training.fp8
+def transformer_config_fields(fp8: FP8Config) -> Dict[str, object]:
+    """``fp8`` in megatron-core 0.16 ``TransformerConfig`` field names (checks nothing)."""
     return dict(fp8=fp8.format, fp8_recipe=fp8.recipe, fp8_margin=fp8.margin,
                 fp8_amax_history_len=fp8.amax_history_len,
                 fp8_amax_compute_algo=fp8.amax_compute_algo, fp8_wgrad=fp8.wgrad)
+
+
+def fp8_transformer_overrides(training: DPOTrainingConfig, model: ModelConfig,
+                              parallel: ParallelConfig) -> Dict[str, object]:
+    """Checked ``TransformerConfig`` fields for ``training.fp8``; {} when FP8 is off."""
+    check_fp8_settings(training, model, parallel)
+    return transformer_config_fields(training.fp8) if training.fp8.enabled else {}
