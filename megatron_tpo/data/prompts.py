@@ -1,0 +1,125 @@
+"""Instruction sets: load, validate, clean, filter by length, slice per iteration.
+
+A malformed file is reported by name and line before anything downstream runs, which
+is why JSONL is checked line by line here rather than left to ``datasets``' parser.
+"""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import numpy as np
+
+from megatron_tpo.config.errors import ConfigError
+
+FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow"}
+
+
+class PromptFileError(ValueError):
+    """A prompt file that cannot be read; the message names the file and line."""
+
+
+@dataclass
+class PromptSetConfig:
+    path: str = ""                 # local .jsonl / .parquet / .arrow, or a hub dataset name
+    split: str = "train"           # hub datasets only
+    field: str = "instruction"     # the column holding the instruction
+    min_tokens: int = 1
+    max_tokens: int = 1024         # longer instructions leave no room for thought+response
+    prompts_per_iteration: int = 5000
+    seed: int = 0
+
+    def validate(self) -> None:
+        if not self.path:
+            raise ConfigError("prompts.path is empty")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise ConfigError(f"prompts.min_tokens={self.min_tokens}, prompts.max_tokens="
+                              f"{self.max_tokens}: need 0 <= min_tokens <= max_tokens")
+        if self.prompts_per_iteration < 1:
+            raise ConfigError(f"prompts.prompts_per_iteration={self.prompts_per_iteration}: "
+                              "must be >= 1")
+
+
+def check_jsonl(path: Path, field: str) -> None:
+    """Raise ``PromptFileError`` at the first line that is not a JSON object with ``field``."""
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise PromptFileError(f"{path}:{number}: not valid JSON ({error.msg})") from error
+            if not isinstance(record, dict):
+                raise PromptFileError(f"{path}:{number}: expected a JSON object, got "
+                                      f"{type(record).__name__}")
+            if field not in record:
+                raise PromptFileError(f"{path}:{number}: missing field {field!r}")
+            if not isinstance(record[field], str):
+                raise PromptFileError(f"{path}:{number}: field {field!r} is "
+                                      f"{type(record[field]).__name__}, not a string")
+
+
+def read_instructions(config: PromptSetConfig) -> List[str]:
+    """The raw instruction column of the configured file or hub dataset, in file order."""
+    import datasets
+
+    path = Path(config.path)
+    if path.suffix in FORMATS:
+        if not path.is_file():
+            raise PromptFileError(f"{path}: prompt file not found")
+        if path.suffix in (".jsonl", ".json"):
+            check_jsonl(path, config.field)
+        dataset = datasets.load_dataset(FORMATS[path.suffix], data_files=str(path), split="train")
+    else:
+        dataset = datasets.load_dataset(config.path, split=config.split)
+    if config.field not in dataset.column_names:
+        raise PromptFileError(f"{config.path}: no column {config.field!r} (columns: "
+                              f"{', '.join(dataset.column_names)})")
+    return list(dataset[config.field])
+
+
+def clean_instructions(instructions: Sequence[Optional[str]]) -> List[str]:
+    """Drop empty (or whitespace-only) and repeated instructions; keep first occurrences."""
+    seen, kept = set(), []
+    for instruction in instructions:
+        if not instruction or not instruction.strip():
+            continue
+        key = instruction.strip()
+        if key not in seen:
+            seen.add(key)
+            kept.append(instruction)
+    return kept
+
+
+def filter_by_token_length(instructions: Sequence[str], tokenizer, min_tokens: int,
+                           max_tokens: int) -> List[str]:
+    lengths = [len(ids) for ids in
+               tokenizer(list(instructions), add_special_tokens=False)["input_ids"]]
+    return [text for text, length in zip(instructions, lengths)
+            if min_tokens <= length <= max_tokens]
+
+
+def load_prompts(config: PromptSetConfig, tokenizer) -> List[str]:
+    """The cleaned, length-filtered instruction set, in file order."""
+    config.validate()
+    instructions = clean_instructions(read_instructions(config))
+    return filter_by_token_length(instructions, tokenizer, config.min_tokens, config.max_tokens)
+
+
+def iteration_prompts(prompts: Sequence[str], iteration: int, per_iteration: int,
+                      seed: int) -> List[str]:
+    """Iteration ``iteration``'s own slice of one seeded shuffle of ``prompts``.
+
+    Slices of different iterations never overlap (the paper trains each iteration on
+    instructions unseen before); running out of prompts is an error, not a silent reuse.
+    """
+    if iteration < 0:
+        raise ValueError(f"iteration={iteration}: must be >= 0")
+    order = np.random.default_rng(seed).permutation(len(prompts))
+    start, stop = iteration * per_iteration, (iteration + 1) * per_iteration
+    if stop > len(prompts):
+        raise ConfigError(f"iteration {iteration} needs prompts [{start}, {stop}) but the set "
+                          f"has {len(prompts)}; lower prompts.prompts_per_iteration")
+    return [prompts[i] for i in order[start:stop]]

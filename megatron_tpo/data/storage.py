@@ -1,0 +1,122 @@
+"""Per-iteration stage outputs (rollouts, judgments, pairs) as Parquet with a manifest.
+
+Layout: ``<root>/iteration_<t>/<stage>.parquet`` and ``<stage>.manifest.json``. Both are
+written under a temporary name in the same directory, fsynced and renamed, the manifest
+last: a stage is finished exactly when its manifest exists and matches its Parquet file,
+so a run killed mid-write redoes that stage and never reads half of it.
+"""
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+STAGES = ("rollouts", "judgments", "pairs")
+
+
+def config_hash(config: Any) -> str:
+    """A stable digest of a (dataclass or plain) config, to tell runs with other settings apart."""
+    plain = asdict(config) if is_dataclass(config) else config
+    encoded = json.dumps(plain, sort_keys=True, default=str).encode()
+    return hashlib.sha256(encoded).hexdigest()[:16]
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _atomic_write(path: Path, write) -> None:
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
+    # The rename itself lives in the directory; fsync it so it survives a crash.
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+class IterationStore:
+    def __init__(self, root):
+        self.root = Path(root)
+
+    def stage_dir(self, iteration: int) -> Path:
+        return self.root / f"iteration_{iteration:03d}"
+
+    def _paths(self, iteration: int, stage: str):
+        if stage not in STAGES:
+            raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
+        directory = self.stage_dir(iteration)
+        return directory / f"{stage}.parquet", directory / f"{stage}.manifest.json"
+
+    def write(self, iteration: int, stage: str, rows: Sequence[Mapping[str, Any]], *,
+              seed: Optional[int], config_digest: str,
+              counts: Optional[Mapping[str, int]] = None,
+              schema: Optional[pa.Schema] = None) -> Dict[str, Any]:
+        """Write one stage's rows atomically; returns the manifest."""
+        data_path, manifest_path = self._paths(iteration, stage)
+        data_path.parent.mkdir(parents=True, exist_ok=True)
+        table = pa.Table.from_pylist(list(rows), schema=schema)
+        _atomic_write(data_path, lambda handle: pq.write_table(table, handle))
+        manifest = {
+            "iteration": iteration, "stage": stage, "rows": table.num_rows,
+            "seed": seed, "config_hash": config_digest,
+            "counts": {key: int(value) for key, value in (counts or {}).items()},
+            "sha256": _file_sha256(data_path),
+        }
+        _atomic_write(manifest_path,
+                      lambda handle: handle.write(json.dumps(manifest, indent=2).encode()))
+        return manifest
+
+    def manifest(self, iteration: int, stage: str) -> Optional[Dict[str, Any]]:
+        _, manifest_path = self._paths(iteration, stage)
+        if not manifest_path.is_file():
+            return None
+        return json.loads(manifest_path.read_text())
+
+    def is_finished(self, iteration: int, stage: str,
+                    config_digest: Optional[str] = None) -> bool:
+        """Manifest present, Parquet matching it, and (if given) written with this config."""
+        data_path, _ = self._paths(iteration, stage)
+        manifest = self.manifest(iteration, stage)
+        if manifest is None or not data_path.is_file():
+            return False
+        if config_digest is not None and manifest["config_hash"] != config_digest:
+            return False
+        return _file_sha256(data_path) == manifest["sha256"]
+
+    def read_table(self, iteration: int, stage: str) -> pa.Table:
+        if not self.is_finished(iteration, stage):
+            raise FileNotFoundError(f"{self.stage_dir(iteration)}: stage {stage!r} is not "
+                                    "finished (no manifest, or the data does not match it)")
+        data_path, _ = self._paths(iteration, stage)
+        return pq.read_table(data_path)
+
+    def read(self, iteration: int, stage: str) -> List[Dict[str, Any]]:
+        """The rows exactly as written."""
+        return self.read_table(iteration, stage).to_pylist()
+
+    def read_dataset(self, iteration: int, stage: str):
+        """The stage as an in-memory ``datasets.Dataset`` (no cache files written)."""
+        import datasets
+
+        return datasets.Dataset(self.read_table(iteration, stage))

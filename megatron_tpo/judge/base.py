@@ -1,0 +1,31 @@
+"""The judge seam: scores for responses only, grouped by the prompt they answer."""
+
+from abc import ABC, abstractmethod
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Sequence
+
+
+@dataclass
+class Judgment:
+    """``scores[i][k]`` scores ``responses[i][k]``; ``counts`` reports what went wrong."""
+
+    scores: List[List[float]]
+    counts: Counter = field(default_factory=Counter)
+    # Judge-specific per-response values to store beside the score (e.g. win rates).
+    extras: Dict[str, List[List[Any]]] = field(default_factory=dict)
+
+
+class Judge(ABC):
+    @abstractmethod
+    def judge(self, prompts: Sequence[str], responses: Sequence[Sequence[str]]) -> Judgment:
+        """Judge ``responses[i]``, the parsed responses to instruction ``prompts[i]``."""
+
+    def score(self, prompts: Sequence[str], responses: Sequence[Sequence[str]]
+              ) -> List[List[float]]:
+        return self.judge(prompts, responses).scores
+
+
+def check_grouping(prompts: Sequence[str], responses: Sequence[Sequence[str]]) -> None:
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} groups of responses")

@@ -1,0 +1,102 @@
+"""Judge settings (``configs/judge/<name>.yaml``): which judge, its options, length control."""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Union
+
+from megatron_tpo.config.errors import ConfigError
+from megatron_tpo.config.loading import CONFIG_DIR, load_structured
+from megatron_tpo.rollout.engine import SamplingParams
+
+KINDS = ("reward_model", "pairwise", "exact_answer", "format")
+LENGTH_UNITS = ("tokens", "chars")
+
+
+@dataclass
+class LengthControlConfig:
+    # controlled = z(score) - rho * z(length); the paper picks rho in [0, 0.5], 0 is off.
+    rho: float = 0.0
+    unit: str = "tokens"
+
+
+@dataclass
+class RewardModelJudgeConfig:
+    path: str = ""               # a local HF checkpoint directory (or hub name when reachable)
+    batch_size: int = 8
+    max_length: int = 4096       # longer (instruction, response) texts are truncated
+    device: str = "cpu"
+    dtype: str = "float32"
+    trust_remote_code: bool = False
+
+
+@dataclass
+class PairwiseJudgeConfig:
+    score_method: str = "bradley_terry"      # bradley_terry | win_rate
+    max_pairs_per_prompt: Optional[int] = None   # null: all K*(K-1)/2 pairs
+    bradley_terry_prior: float = 0.5         # virtual wins per side of a pair
+    seed: int = 0                            # which pairs, when not all
+    sampling: SamplingParams = field(default_factory=lambda: SamplingParams(
+        n=1, temperature=0.0, top_p=1.0, max_new_tokens=1024))
+
+
+@dataclass
+class ExactAnswerJudgeConfig:
+    answers_path: str = ""       # JSONL with the instruction and its reference answer
+    prompt_field: str = "instruction"
+    answer_field: str = "answer"
+    answer_pattern: Optional[str] = None    # regex with one group; null: the whole response
+
+
+@dataclass
+class FormatJudgeConfig:
+    pattern: str = ".+"
+    max_chars: Optional[int] = None
+
+
+@dataclass
+class JudgeConfig:
+    kind: str = "reward_model"
+    length_control: LengthControlConfig = field(default_factory=LengthControlConfig)
+    reward_model: RewardModelJudgeConfig = field(default_factory=RewardModelJudgeConfig)
+    pairwise: PairwiseJudgeConfig = field(default_factory=PairwiseJudgeConfig)
+    exact_answer: ExactAnswerJudgeConfig = field(default_factory=ExactAnswerJudgeConfig)
+    format: FormatJudgeConfig = field(default_factory=FormatJudgeConfig)
+
+    def validate(self) -> None:
+        if self.kind not in KINDS:
+            raise ConfigError(f"judge.kind={self.kind!r}: must be one of {KINDS}")
+        if self.length_control.unit not in LENGTH_UNITS:
+            raise ConfigError(f"judge.length_control.unit={self.length_control.unit!r}: "
+                              f"must be one of {LENGTH_UNITS}")
+        if self.length_control.rho < 0:
+            raise ConfigError(f"judge.length_control.rho={self.length_control.rho}: must be >= 0")
+        if self.kind == "reward_model":
+            if not self.reward_model.path:
+                raise ConfigError("judge.reward_model.path is empty")
+            if self.reward_model.batch_size < 1 or self.reward_model.max_length < 1:
+                raise ConfigError("judge.reward_model.batch_size and max_length must be >= 1")
+        if self.kind == "pairwise":
+            from megatron_tpo.judge.pairwise import SCORE_METHODS
+
+            if self.pairwise.score_method not in SCORE_METHODS:
+                raise ConfigError(f"judge.pairwise.score_method={self.pairwise.score_method!r}: "
+                                  f"must be one of {SCORE_METHODS}")
+            if self.pairwise.bradley_terry_prior <= 0:
+                raise ConfigError("judge.pairwise.bradley_terry_prior must be > 0, or an "
+                                  "undefeated response gets an infinite score")
+            if self.pairwise.max_pairs_per_prompt is not None and self.pairwise.max_pairs_per_prompt < 1:
+                raise ConfigError("judge.pairwise.max_pairs_per_prompt must be >= 1 or null")
+            self.pairwise.sampling.validate()
+        if self.kind == "exact_answer" and not self.exact_answer.answers_path:
+            raise ConfigError("judge.exact_answer.answers_path is empty")
+
+
+def load_judge_config(name_or_path: Union[str, Path], **overrides) -> JudgeConfig:
+    path = Path(name_or_path)
+    if path.suffix not in (".yaml", ".yml"):
+        path = CONFIG_DIR / "judge" / f"{name_or_path}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"judge config not found: {path}")
+    config = load_structured(JudgeConfig, path, **overrides)
+    config.validate()
+    return config

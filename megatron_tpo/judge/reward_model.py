@@ -1,0 +1,70 @@
+"""A scalar reward-model judge: an HF sequence classifier scores (instruction, response)."""
+
+from typing import List, Sequence
+
+import torch
+
+from megatron_tpo.judge.base import Judge, Judgment, check_grouping
+
+
+def reward_from_output(output) -> torch.Tensor:
+    """One reward per row: ArmoRM-style models return ``score``; plain classifiers ``logits``."""
+    score = getattr(output, "score", None)
+    if score is not None:
+        return score.reshape(score.shape[0], -1)[:, 0]
+    return output.logits[:, 0]
+
+
+class RewardModelJudge(Judge):
+    def __init__(self, model, tokenizer, batch_size: int = 8, max_length: int = 4096,
+                 device: str = "cpu"):
+        self.model = model.to(device).eval()
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.max_length = max_length
+        self.device = device
+
+    @classmethod
+    def from_pretrained(cls, path: str, batch_size: int = 8, max_length: int = 4096,
+                        device: str = "cpu", dtype: str = "float32",
+                        trust_remote_code: bool = False) -> "RewardModelJudge":
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        return cls(model, tokenizer, batch_size=batch_size, max_length=max_length, device=device)
+
+    def conversation_text(self, instruction: str, response: str) -> str:
+        """The reward model sees the bare instruction and the response, never the thought."""
+        messages = [{"role": "user", "content": instruction},
+                    {"role": "assistant", "content": response}]
+        if getattr(self.tokenizer, "chat_template", None):
+            return self.tokenizer.apply_chat_template(messages, tokenize=False)
+        return f"{instruction}\n\n{response}"
+
+    @torch.no_grad()
+    def rewards(self, texts: Sequence[str]) -> List[float]:
+        if self.tokenizer.pad_token_id is None:
+            raise ValueError("the reward model's tokenizer has no pad token; batching needs one")
+        rewards: List[float] = []
+        for start in range(0, len(texts), self.batch_size):
+            # Right truncation keeps the instruction and the start of the response; chat
+            # texts carry their own special tokens, so none are added.
+            batch = self.tokenizer(list(texts[start:start + self.batch_size]), return_tensors="pt",
+                                   padding=True, truncation=True, max_length=self.max_length,
+                                   add_special_tokens=False).to(self.device)
+            output = self.model(**batch)
+            rewards.extend(reward_from_output(output).float().cpu().tolist())
+        return rewards
+
+    def judge(self, prompts: Sequence[str], responses: Sequence[Sequence[str]]) -> Judgment:
+        check_grouping(prompts, responses)
+        texts = [self.conversation_text(prompt, response)
+                 for prompt, group in zip(prompts, responses) for response in group]
+        flat = self.rewards(texts)
+        scores, start = [], 0
+        for group in responses:
+            scores.append(flat[start:start + len(group)])
+            start += len(group)
+        return Judgment(scores=scores)

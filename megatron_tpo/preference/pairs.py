@@ -1,0 +1,73 @@
+"""Preference pairs: per prompt, the best and the worst of its samples after length control."""
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from megatron_tpo.preference.length_control import length_controlled_scores
+
+
+@dataclass
+class PromptSamples:
+    """One prompt's parsed samples; ``sample_indices`` point back into its K outputs."""
+
+    prompt_id: int
+    sample_indices: Sequence[int]
+    scores: Sequence[float]
+    lengths: Sequence[float]
+
+
+@dataclass
+class SelectedPair:
+    prompt_id: int
+    chosen_index: int
+    rejected_index: int
+    chosen_score: float
+    rejected_score: float
+    score_margin: float            # raw judge score, chosen minus rejected
+    length_margin: float           # response length, chosen minus rejected
+    controlled_margin: float       # length-controlled score, chosen minus rejected
+
+
+SKIP_TOO_FEW_SAMPLES = "fewer_than_two_parsed"
+SKIP_EQUAL_SCORES = "all_scores_equal"
+
+
+def select_pair(samples: PromptSamples, rho: float) -> Tuple[Optional[SelectedPair], Optional[str]]:
+    """The pair of one prompt, or ``None`` and why it was skipped."""
+    if len(samples.scores) < 2:
+        return None, SKIP_TOO_FEW_SAMPLES
+    scores = np.asarray(samples.scores, dtype=np.float64)
+    # Equal scores carry no preference; length control alone would otherwise always pick
+    # the shortest response as chosen.
+    if np.all(scores == scores[0]):
+        return None, SKIP_EQUAL_SCORES
+    lengths = np.asarray(samples.lengths, dtype=np.float64)
+    controlled = length_controlled_scores(scores, lengths, rho)
+    best, worst = int(np.argmax(controlled)), int(np.argmin(controlled))
+    return SelectedPair(
+        prompt_id=samples.prompt_id,
+        chosen_index=int(samples.sample_indices[best]),
+        rejected_index=int(samples.sample_indices[worst]),
+        chosen_score=float(scores[best]),
+        rejected_score=float(scores[worst]),
+        score_margin=float(scores[best] - scores[worst]),
+        length_margin=float(lengths[best] - lengths[worst]),
+        controlled_margin=float(controlled[best] - controlled[worst]),
+    ), None
+
+
+def select_pairs(prompts: Sequence[PromptSamples], rho: float
+                 ) -> Tuple[List[SelectedPair], Counter]:
+    """Pairs of all prompts that have one, and the skipped prompts counted by reason."""
+    pairs: List[SelectedPair] = []
+    skipped: Counter = Counter()
+    for samples in prompts:
+        pair, reason = select_pair(samples, rho)
+        if pair is None:
+            skipped[reason] += 1
+        else:
+            pairs.append(pair)
+    return pairs, skipped
