@@ -1,0 +1,83 @@
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaForSequenceClassification
+
+from megatron_tpo.judge import JudgeConfig, RewardModelJudge, build_judge, reward_from_output
+
+sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "data"))
+from tiny_hf import tiny_llama_config, tiny_tokenizer  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def classifier(tokenizer):
+    torch.manual_seed(0)
+    return LlamaForSequenceClassification(tiny_llama_config(tokenizer, num_labels=1)).eval()
+
+
+def reward_of_one(model, tokenizer, text, max_length=10_000):
+    ids = tokenizer(text, add_special_tokens=False, truncation=True,
+                    max_length=max_length, return_tensors="pt")
+    with torch.no_grad():
+        return model(**ids).logits[0, 0].item()
+
+
+def test_batched_scores_equal_one_at_a_time(classifier, tokenizer):
+    judge = RewardModelJudge(classifier, tokenizer, batch_size=3)
+    prompts = ["the cat", "write a b c"]
+    responses = [["the sun is a cat", "dog", "moon moon moon moon moon moon"],
+                 ["a b c", "c b a !"]]
+    scores = judge.score(prompts, responses)
+    assert [len(s) for s in scores] == [3, 2]
+    for prompt, group, row in zip(prompts, responses, scores):
+        for response, score in zip(group, row):
+            text = judge.conversation_text(prompt, response)
+            assert text.startswith("<|begin_of_text|><|start_header_id|>user")
+            assert score == pytest.approx(reward_of_one(classifier, tokenizer, text), abs=1e-5)
+    assert len({round(s, 6) for row in scores for s in row}) == 5
+
+
+def test_long_inputs_are_truncated(classifier, tokenizer):
+    judge = RewardModelJudge(classifier, tokenizer, batch_size=2, max_length=12)
+    long_response = "the cat is here " * 40
+    short, long = judge.score(["q"], [["dog", long_response]])[0]
+    text = judge.conversation_text("q", long_response)
+    assert len(tokenizer(text, add_special_tokens=False)["input_ids"]) > 12
+    assert long == pytest.approx(reward_of_one(classifier, tokenizer, text, max_length=12), abs=1e-5)
+
+
+@dataclass
+class ArmoStyleOutput:
+    score: torch.Tensor
+    logits: torch.Tensor
+
+
+def test_score_attribute_wins_over_logits():
+    output = ArmoStyleOutput(score=torch.tensor([[0.25], [-1.5]]),
+                             logits=torch.tensor([[9.0, 1.0], [9.0, 2.0]]))
+    assert reward_from_output(output).tolist() == [0.25, -1.5]
+
+    @dataclass
+    class PlainOutput:
+        logits: torch.Tensor
+
+    assert reward_from_output(PlainOutput(torch.tensor([[3.0, 1.0]]))).tolist() == [3.0]
+
+
+def test_build_judge_loads_a_saved_classifier(classifier, tokenizer, tmp_path):
+    classifier.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    config = JudgeConfig(kind="reward_model")
+    config.reward_model.path = str(tmp_path)
+    config.reward_model.batch_size = 2
+    judge = build_judge(config)
+    direct = RewardModelJudge(classifier, tokenizer).score(["the cat"], [["dog", "sun"]])
+    assert judge.score(["the cat"], [["dog", "sun"]])[0] == pytest.approx(direct[0], abs=1e-5)
