@@ -1,0 +1,71 @@
+import pytest
+
+from megatron_tpo.data import SPECIFIC, IterationStore
+from megatron_tpo.judge import Judge, Judgment, LengthControlConfig
+from megatron_tpo.preference import build_iteration_data
+from megatron_tpo.rollout import GenerationOutput
+
+
+class ExclamationJudge(Judge):
+    """Scores a response by its number of "!"; records what it was shown."""
+
+    def __init__(self):
+        self.seen = []
+
+    def judge(self, prompts, responses):
+        self.seen.append((list(prompts), [list(g) for g in responses]))
+        return Judgment(scores=[[float(r.count("!")) for r in g] for g in responses],
+                        extras={"bangs": [[r.count("!") for r in g] for g in responses]})
+
+
+OUTPUTS = [
+    GenerationOutput("<chat>q0", ["t0 <R>ok!", "t1 no marker", "t2 <R>great!!!", "t3 <R>meh"],
+                     [3, 3, 3, 3]),
+    GenerationOutput("<chat>q1", ["only <R>one!", "<R>"], [2, 1]),
+    GenerationOutput("<chat>q2", ["a<R>same!", "b<R>same!"], [2, 2]),
+]
+
+
+def test_rollouts_to_pairs():
+    judge = ExclamationJudge()
+    data = build_iteration_data(["q0", "q1", "q2"], OUTPUTS, SPECIFIC, judge,
+                                LengthControlConfig(rho=0.0, unit="chars"))
+    # The judge saw the parsed responses only, grouped by instruction.
+    assert judge.seen == [(["q0", "q1", "q2"],
+                           [["ok!", "great!!!", "meh"], ["one!"], ["same!", "same!"]])]
+    assert data.counts == {"no_response_marker": 1, "empty_response": 1,
+                           "fewer_than_two_parsed": 1, "all_scores_equal": 1}
+    assert len(data.rollouts) == 8
+    assert [r["parse_ok"] for r in data.rollouts[:4]] == [True, False, True, True]
+    assert [(j["prompt_id"], j["sample_index"], j["score"], j["bangs"]) for j in data.judgments][:3] \
+        == [(0, 0, 1.0, 1), (0, 2, 3.0, 3), (0, 3, 0.0, 0)]
+    [pair] = data.pairs
+    assert (pair["chosen"], pair["rejected"]) == ("t2 <R>great!!!", "t3 <R>meh")
+    assert (pair["chosen_index"], pair["rejected_index"]) == (2, 3)
+    assert pair["prompt_text"] == "<chat>q0"
+    assert pair["score_margin"] == 3.0
+    assert pair["length_margin"] == len("great!!!") - len("meh")
+
+
+def test_length_control_changes_the_pair_and_stages_store(tmp_path):
+    outputs = [GenerationOutput("p", ["<R>good!", "<R>" + "long! " * 30 + "!", "<R>bad"], [1] * 3)]
+    lc = LengthControlConfig(rho=2.0, unit="chars")
+    data = build_iteration_data(["q"], outputs, SPECIFIC, ExclamationJudge(), lc)
+    # Scores 1, 31, 0; the long response's length z-score (1.41) times rho=2 outweighs
+    # its score z-score (1.41), so the short "good!" is chosen.
+    assert (data.pairs[0]["chosen_index"], data.pairs[0]["rejected_index"]) == (0, 1)
+    uncontrolled = build_iteration_data(["q"], outputs, SPECIFIC, ExclamationJudge(),
+                                        LengthControlConfig(rho=0.0, unit="chars"))
+    assert (uncontrolled.pairs[0]["chosen_index"], uncontrolled.pairs[0]["rejected_index"]) == (1, 2)
+
+    store = IterationStore(tmp_path)
+    for stage in ("rollouts", "judgments", "pairs"):
+        store.write(0, stage, getattr(data, stage), seed=0, config_digest="d",
+                    counts=data.counts)
+        assert store.read(0, stage) == getattr(data, stage)
+
+
+def test_token_lengths_need_a_tokenizer():
+    with pytest.raises(ValueError, match="needs the policy tokenizer"):
+        build_iteration_data(["q"], [GenerationOutput("p", ["<R>a", "<R>b"], [1, 1])], SPECIFIC,
+                             ExclamationJudge(), LengthControlConfig(rho=0.1, unit="tokens"))
