@@ -74,6 +74,17 @@ def test_update_weights_makes_the_engine_equal_the_trainer(tokenizer):
         engine.update_weights([("lm_head.weight", torch.zeros(3, 32))])
 
 
+def test_sleep_refuses_generation_until_wake(tokenizer):
+    engine = HFRolloutEngine(tiny_policy(tokenizer, 0), tokenizer)
+    sampling = SamplingParams(n=1, temperature=0.0, max_new_tokens=3)
+    before = engine.generate(["the cat"], sampling)
+    engine.sleep()
+    with pytest.raises(RuntimeError, match="asleep"):
+        engine.generate(["the cat"], sampling)
+    engine.wake()
+    assert engine.generate(["the cat"], sampling)[0].texts == before[0].texts
+
+
 def test_rollout_configs():
     assert load_rollout_config("paper").sampling == SamplingParams(
         n=8, temperature=0.8, top_p=0.95, max_new_tokens=2048, seed=0)

@@ -13,8 +13,22 @@ class HFRolloutEngine(RolloutEngine):
         self.tokenizer = tokenizer
         self.device = device
         self.batch_size = batch_size
+        self.asleep = False
+
+    def sleep(self) -> None:
+        # Parks the weights in host memory so a colocated trainer gets the accelerator.
+        self.model.to("cpu")
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        self.asleep = True
+
+    def wake(self) -> None:
+        self.model.to(self.device)
+        self.asleep = False
 
     def generate(self, prompts: Sequence[str], sampling: SamplingParams) -> List[GenerationOutput]:
+        if self.asleep:
+            raise RuntimeError("HFRolloutEngine.generate called while asleep; call wake() first")
         sampling.validate()
         if sampling.seed is not None:
             torch.manual_seed(sampling.seed)
