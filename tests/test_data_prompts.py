@@ -8,7 +8,8 @@ import pytest
 
 from megatron_tpo.config.errors import ConfigError
 from megatron_tpo.data import (GENERIC, IterationStore, PromptFileError, PromptSetConfig,
-                               apply_thought_chat_template, iteration_prompts, load_prompts,
+                               apply_thought_chat_template, iteration_prompts, load_prompt_set_config,
+                               load_prompts,
                                load_thought_template)
 
 sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "data"))
@@ -102,8 +103,19 @@ def test_llama3_chat_template_around_the_thought_prompt(tokenizer):
     assert "<|start_header_id|>user<|end_header_id|>\n\nName a cat.<|eot_id|>" in system
 
 
+def test_corrupt_parquet_is_named(tmp_path, tokenizer):
+    path = tmp_path / "corrupt.parquet"
+    path.write_bytes(b"this is not parquet")
+    with pytest.raises(PromptFileError, match=r"corrupt\.parquet: cannot be read as parquet"):
+        load_prompts(PromptSetConfig(path=str(path)), tokenizer)
+
+
 def test_bad_prompt_settings():
     with pytest.raises(ConfigError, match="prompts.path is empty"):
         PromptSetConfig().validate()
     with pytest.raises(ConfigError, match="min_tokens=5"):
         PromptSetConfig(path="x.jsonl", min_tokens=5, max_tokens=2).validate()
+    config = load_prompt_set_config("ultrafeedback")
+    assert (config.field, config.prompts_per_iteration) == ("prompt", 5000)
+    with pytest.raises(ConfigError, match="prompts_per_iteration=0"):
+        load_prompt_set_config("ultrafeedback", prompts_per_iteration=0)

@@ -5,7 +5,8 @@ from megatron_tpo.data.parsing import (ParseError, ParseFailure, ThoughtResponse
                                        parse_thought_response)
 from megatron_tpo.data.prompts import (PromptFileError, PromptSetConfig, check_jsonl,
                                        clean_instructions, filter_by_token_length,
-                                       iteration_prompts, load_prompts, read_instructions)
+                                       iteration_prompts, load_prompt_set_config, load_prompts,
+                                       read_instructions)
 from megatron_tpo.data.storage import STAGES, IterationStore, config_hash
 from megatron_tpo.data.thought_templates import (BUILTIN_TEMPLATES, GENERIC, SPECIFIC,
                                                  ThoughtTemplate, load_thought_template)
@@ -15,6 +16,6 @@ __all__ = [
     "PromptFileError", "PromptSetConfig", "SPECIFIC", "STAGES", "ThoughtResponse",
     "ThoughtTemplate", "apply_thought_chat_template", "check_jsonl", "clean_instructions",
     "config_hash", "filter_by_token_length", "iteration_prompts", "load_prompts",
-    "load_thought_template", "parse_outputs", "parse_thought_response", "read_instructions",
+    "load_prompt_set_config", "load_thought_template", "parse_outputs", "parse_thought_response", "read_instructions",
     "thought_messages",
 ]

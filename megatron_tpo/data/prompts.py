@@ -7,11 +7,12 @@ is why JSONL is checked line by line here rather than left to ``datasets``' pars
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Union
 
 import numpy as np
 
 from megatron_tpo.config.errors import ConfigError
+from megatron_tpo.config.loading import CONFIG_DIR, load_structured
 
 FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow"}
 
@@ -39,6 +40,18 @@ class PromptSetConfig:
         if self.prompts_per_iteration < 1:
             raise ConfigError(f"prompts.prompts_per_iteration={self.prompts_per_iteration}: "
                               "must be >= 1")
+
+
+def load_prompt_set_config(name_or_path: Union[str, Path], **overrides) -> PromptSetConfig:
+    """``configs/prompts/<name>.yaml`` or a YAML path, with ``overrides`` on top, validated."""
+    path = Path(name_or_path)
+    if path.suffix not in (".yaml", ".yml"):
+        path = CONFIG_DIR / "prompts" / f"{name_or_path}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"prompt set config not found: {path}")
+    config = load_structured(PromptSetConfig, path, **overrides)
+    config.validate()
+    return config
 
 
 def check_jsonl(path: Path, field: str) -> None:
@@ -71,7 +84,12 @@ def read_instructions(config: PromptSetConfig) -> List[str]:
             raise PromptFileError(f"{path}: prompt file not found")
         if path.suffix in (".jsonl", ".json"):
             check_jsonl(path, config.field)
-        dataset = datasets.load_dataset(FORMATS[path.suffix], data_files=str(path), split="train")
+        try:
+            dataset = datasets.load_dataset(FORMATS[path.suffix], data_files=str(path),
+                                            split="train")
+        except Exception as error:  # datasets raises many types; the user needs the file name
+            raise PromptFileError(f"{path}: cannot be read as {FORMATS[path.suffix]} "
+                                  f"({type(error).__name__}: {error})") from error
     else:
         dataset = datasets.load_dataset(config.path, split=config.split)
     if config.field not in dataset.column_names:
