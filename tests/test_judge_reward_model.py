@@ -54,6 +54,18 @@ def test_long_inputs_are_truncated(classifier, tokenizer):
     assert long == pytest.approx(reward_of_one(classifier, tokenizer, text, max_length=12), abs=1e-5)
 
 
+def test_models_without_a_pad_token_run_unpadded(tokenizer):
+    torch.manual_seed(2)
+    model = LlamaForSequenceClassification(
+        tiny_llama_config(tokenizer, num_labels=1, pad_token_id=None)).eval()
+    judge = RewardModelJudge(model, tokenizer, batch_size=4)
+    assert judge.effective_batch_size() == 1
+    scores = judge.score(["q"], [["dog", "the sun is a cat"]])[0]
+    for response, score in zip(["dog", "the sun is a cat"], scores):
+        text = judge.conversation_text("q", response)
+        assert score == pytest.approx(reward_of_one(model, tokenizer, text), abs=1e-5)
+
+
 @dataclass
 class ArmoStyleOutput:
     score: torch.Tensor

@@ -5,6 +5,7 @@ judge that prefers whichever answer comes first gives both a win and cancels out
 verdicts become per-response scores by win rate and by a Bradley-Terry fit.
 """
 
+import dataclasses
 import itertools
 from collections import Counter
 from typing import Callable, List, Optional, Sequence, Tuple
@@ -39,7 +40,7 @@ class PairwiseJudge(Judge):
             raise ValueError(f"score_method={score_method!r}: must be one of {SCORE_METHODS}")
         self.engine = engine
         # One verdict per judge prompt; n > 1 would need a vote this judge does not do.
-        self.sampling = SamplingParams(**{**vars(sampling), "n": 1})
+        self.sampling = dataclasses.replace(sampling, n=1)
         self.format_prompt = format_prompt
         self.prompt_template = prompt_template
         self.score_method = score_method

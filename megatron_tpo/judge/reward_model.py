@@ -43,16 +43,26 @@ class RewardModelJudge(Judge):
             return self.tokenizer.apply_chat_template(messages, tokenize=False)
         return f"{instruction}\n\n{response}"
 
+    def effective_batch_size(self) -> int:
+        # Sequence classifiers read the score at the last non-pad token, found through
+        # config.pad_token_id; without one (Llama-3 has none) padding would move that
+        # token, so such models are run one text at a time, unpadded.
+        if self.tokenizer.pad_token_id is None or self.model.config.pad_token_id is None:
+            return 1
+        return self.batch_size
+
     @torch.no_grad()
     def rewards(self, texts: Sequence[str]) -> List[float]:
-        if self.tokenizer.pad_token_id is None:
-            raise ValueError("the reward model's tokenizer has no pad token; batching needs one")
+        batch_size = self.effective_batch_size()
+        # Right padding: these models take positions from the start, not from the mask.
+        self.tokenizer.padding_side = "right"
         rewards: List[float] = []
-        for start in range(0, len(texts), self.batch_size):
+        for start in range(0, len(texts), batch_size):
             # Right truncation keeps the instruction and the start of the response; chat
             # texts carry their own special tokens, so none are added.
-            batch = self.tokenizer(list(texts[start:start + self.batch_size]), return_tensors="pt",
-                                   padding=True, truncation=True, max_length=self.max_length,
+            batch = self.tokenizer(list(texts[start:start + batch_size]), return_tensors="pt",
+                                   padding=batch_size > 1, truncation=True,
+                                   max_length=self.max_length,
                                    add_special_tokens=False).to(self.device)
             output = self.model(**batch)
             rewards.extend(reward_from_output(output).float().cpu().tolist())

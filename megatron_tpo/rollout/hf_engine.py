@@ -11,6 +11,10 @@ class HFRolloutEngine(RolloutEngine):
     def __init__(self, model, tokenizer, device: str = "cpu", batch_size: int = 8):
         self.model = model.to(device).eval()
         self.tokenizer = tokenizer
+        if tokenizer.pad_token is None:
+            # Llama-3 ships no pad token; padded positions are masked out, and output is
+            # cut at the first end-of-sequence token anyway, so EOS can stand in.
+            tokenizer.pad_token = tokenizer.eos_token
         self.device = device
         self.batch_size = batch_size
         self.asleep = False
