@@ -3,6 +3,7 @@
 from typing import List, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from megatron_tpo.judge.base import Judge, Judgment, check_grouping
 
@@ -57,7 +58,8 @@ class RewardModelJudge(Judge):
         # Right padding: these models take positions from the start, not from the mask.
         self.tokenizer.padding_side = "right"
         rewards: List[float] = []
-        for start in range(0, len(texts), batch_size):
+        for start in tqdm(range(0, len(texts), batch_size), desc="reward model batches",
+                          leave=False, disable=len(texts) <= batch_size):
             # Right truncation keeps the instruction and the start of the response; chat
             # texts carry their own special tokens, so none are added.
             batch = self.tokenizer(list(texts[start:start + batch_size]), return_tensors="pt",

@@ -3,6 +3,7 @@
 from typing import Iterable, List, Sequence, Tuple
 
 import torch
+from tqdm.auto import tqdm
 
 from megatron_tpo.rollout.engine import GenerationOutput, RolloutEngine, SamplingParams
 
@@ -37,7 +38,8 @@ class HFRolloutEngine(RolloutEngine):
         if sampling.seed is not None:
             torch.manual_seed(sampling.seed)
         outputs: List[GenerationOutput] = []
-        for start in range(0, len(prompts), self.batch_size):
+        for start in tqdm(range(0, len(prompts), self.batch_size), desc="rollout batches",
+                          leave=False, disable=len(prompts) <= self.batch_size):
             outputs.extend(self._generate_batch(prompts[start:start + self.batch_size], sampling))
         return outputs
 
