@@ -35,6 +35,7 @@ setup(
             "tpo-convert=megatron_tpo.cli.convert:main",
             "tpo-plan=megatron_tpo.cli.plan:main",
             "tpo-tiny-train=megatron_tpo.cli.tiny_train:main",
+            "tpo-check-prompts=megatron_tpo.data.check_prompts:main",
         ]
     },
 )
