@@ -70,12 +70,11 @@ class IterationStore:
 
     def write(self, iteration: int, stage: str, rows: Sequence[Mapping[str, Any]], *,
               seed: Optional[int], config_digest: str,
-              counts: Optional[Mapping[str, int]] = None,
-              schema: Optional[pa.Schema] = None) -> Dict[str, Any]:
+              counts: Optional[Mapping[str, int]] = None) -> Dict[str, Any]:
         """Write one stage's rows atomically; returns the manifest."""
         data_path, manifest_path = self._paths(iteration, stage)
         data_path.parent.mkdir(parents=True, exist_ok=True)
-        table = pa.Table.from_pylist(list(rows), schema=schema)
+        table = pa.Table.from_pylist(list(rows))
         _atomic_write(data_path, lambda handle: pq.write_table(table, handle))
         manifest = {
             "iteration": iteration, "stage": stage, "rows": table.num_rows,
