@@ -21,6 +21,10 @@ class RewardModelJudge(Judge):
                  device: str = "cpu"):
         self.model = model.to(device).eval()
         self.tokenizer = tokenizer
+        # Right truncation keeps the instruction and the start of the response. Right
+        # padding because these models count positions from the start, not from the mask.
+        tokenizer.truncation_side = "right"
+        tokenizer.padding_side = "right"
         self.batch_size = batch_size
         self.max_length = max_length
         self.device = device
@@ -55,13 +59,10 @@ class RewardModelJudge(Judge):
     @torch.no_grad()
     def rewards(self, texts: Sequence[str]) -> List[float]:
         batch_size = self.effective_batch_size()
-        # Right padding: these models take positions from the start, not from the mask.
-        self.tokenizer.padding_side = "right"
         rewards: List[float] = []
         for start in tqdm(range(0, len(texts), batch_size), desc="reward model batches",
                           leave=False, disable=len(texts) <= batch_size):
-            # Right truncation keeps the instruction and the start of the response; chat
-            # texts carry their own special tokens, so none are added.
+            # Chat texts carry their own special tokens, so none are added.
             batch = self.tokenizer(list(texts[start:start + batch_size]), return_tensors="pt",
                                    padding=batch_size > 1, truncation=True,
                                    max_length=self.max_length,

@@ -47,11 +47,10 @@ class HFRolloutEngine(RolloutEngine):
     def _generate_batch(self, prompts: Sequence[str], sampling: SamplingParams
                         ) -> List[GenerationOutput]:
         # Left padding keeps every prompt's last token next to its first generated one.
-        self.tokenizer.padding_side = "left"
         # Chat-formatted prompts already carry <|begin_of_text|>; adding it again would
         # give the model a prompt it never saw in training.
         batch = self.tokenizer(list(prompts), return_tensors="pt", padding=True,
-                               add_special_tokens=False).to(self.device)
+                               padding_side="left", add_special_tokens=False).to(self.device)
         greedy = sampling.temperature == 0
         sampled = self.model.generate(
             **batch, do_sample=not greedy, num_return_sequences=sampling.n,
