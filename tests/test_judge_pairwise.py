@@ -147,3 +147,12 @@ def test_judge_sees_only_responses_never_thoughts():
     engine = ScriptedJudgeEngine(lambda a, b: "[[A]]")
     PairwiseJudge(engine, GREEDY).judge(["q"], [[p.response for p in parsed]])
     assert engine.prompts and not any("SECRET" in prompt for prompt in engine.prompts)
+
+
+def test_an_engine_that_drops_prompts_is_an_error():
+    class Lossy(ScriptedJudgeEngine):
+        def generate(self, prompts, sampling):
+            return super().generate(prompts, sampling)[:-1]
+
+    with pytest.raises(RuntimeError, match="answered 1 of 2 judge prompts"):
+        PairwiseJudge(Lossy(lambda a, b: "[[A]]"), GREEDY).judge(["q"], [["a", "b"]])

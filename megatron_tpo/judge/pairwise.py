@@ -61,6 +61,9 @@ class PairwiseJudge(Judge):
                                                    responses[p][a], responses[p][b]))
             for p, a, b in battles]
         outputs = self.engine.generate(judge_prompts, self.sampling) if judge_prompts else []
+        if len(outputs) != len(battles):
+            raise RuntimeError(f"the judge engine answered {len(outputs)} of "
+                               f"{len(battles)} judge prompts")
 
         wins = [np.zeros((len(group), len(group))) for group in responses]
         verdicts = {}
