@@ -103,6 +103,13 @@ def test_llama3_chat_template_around_the_thought_prompt(tokenizer):
     assert "<|start_header_id|>user<|end_header_id|>\n\nName a cat.<|eot_id|>" in system
 
 
+def test_a_tokenizer_without_chat_template_is_refused():
+    bare = tiny_tokenizer()
+    bare.chat_template = None
+    with pytest.raises(ValueError, match="has no chat_template"):
+        apply_thought_chat_template(bare, "x", GENERIC)
+
+
 def test_corrupt_parquet_is_named(tmp_path, tokenizer):
     path = tmp_path / "corrupt.parquet"
     path.write_bytes(b"this is not parquet")
