@@ -2,7 +2,7 @@ import pytest
 
 from megatron_tpo.data import SPECIFIC, IterationStore
 from megatron_tpo.judge import Judge, Judgment, LengthControlConfig
-from megatron_tpo.preference import build_iteration_data
+from megatron_tpo.preference import build_iteration_data, iteration_summary
 from megatron_tpo.rollout import GenerationOutput
 
 
@@ -45,6 +45,16 @@ def test_rollouts_to_pairs():
     assert pair["prompt_text"] == "<chat>q0"
     assert pair["score_margin"] == 3.0
     assert pair["length_margin"] == len("great!!!") - len("meh")
+
+    summary = iteration_summary(data)
+    assert summary["samples"] == 8 and summary["parse_rate"] == 6 / 8
+    assert summary["mean_score"] == pytest.approx((1 + 3 + 0 + 1 + 1 + 1) / 6)
+    # parsed responses: ok! great!!! meh one! same! same!
+    assert summary["mean_response_length"] == pytest.approx((3 + 8 + 3 + 4 + 5 + 5) / 6)
+    # parsed thoughts: t0 t2 t3 only a b
+    assert summary["mean_thought_chars"] == pytest.approx((2 + 2 + 2 + 4 + 1 + 1) / 6)
+    assert (summary["pairs"], summary["mean_score_margin"], summary["mean_length_margin"]) == \
+        (1, 3.0, 5.0)
 
 
 def test_length_control_changes_the_pair_and_stages_store(tmp_path):
