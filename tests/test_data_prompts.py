@@ -32,13 +32,17 @@ RECORDS = [{"instruction": "the cat", "id": 0}, {"instruction": "", "id": 1},
 CLEAN = ["the cat", "dog", "sun moon"]   # empty, duplicate and too long (8 tokens) dropped
 
 
-@pytest.mark.parametrize("suffix", ["jsonl", "parquet", "arrow"])
+@pytest.mark.parametrize("suffix", ["jsonl", "parquet", "arrow", "saved"])
 def test_load_clean_and_filter(tmp_path, tokenizer, suffix):
     path = tmp_path / f"prompts.{suffix}"
     if suffix == "jsonl":
         write_jsonl(path, RECORDS)
     elif suffix == "parquet":
         pq.write_table(pa.Table.from_pylist(RECORDS), path)
+    elif suffix == "saved":
+        import datasets
+
+        datasets.DatasetDict({"train": datasets.Dataset.from_list(RECORDS)}).save_to_disk(path)
     else:
         with pa.ipc.new_stream(path, pa.Table.from_pylist(RECORDS).schema) as writer:
             writer.write_table(pa.Table.from_pylist(RECORDS))

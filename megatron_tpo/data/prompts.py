@@ -14,7 +14,7 @@ import numpy as np
 from megatron_tpo.config.errors import ConfigError
 from megatron_tpo.config.loading import CONFIG_DIR, load_structured
 
-FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow"}
+FORMATS = {".jsonl": "json", ".parquet": "parquet", ".arrow": "arrow"}
 
 
 class PromptFileError(ValueError):
@@ -23,8 +23,10 @@ class PromptFileError(ValueError):
 
 @dataclass
 class PromptSetConfig:
-    path: str = ""                 # local .jsonl / .parquet / .arrow, or a hub dataset name
-    split: str = "train"           # hub datasets only
+    # A local .jsonl / .parquet / .arrow file, a directory written by save_to_disk, or a
+    # hub dataset name (when a hub is reachable).
+    path: str = ""
+    split: str = "train"           # hub datasets and saved DatasetDicts only
     field: str = "instruction"     # the column holding the instruction
     min_tokens: int = 1
     max_tokens: int = 1024         # longer instructions leave no room for thought+response
@@ -82,7 +84,7 @@ def read_instructions(config: PromptSetConfig) -> List[str]:
     if path.suffix in FORMATS:
         if not path.is_file():
             raise PromptFileError(f"{path}: prompt file not found")
-        if path.suffix in (".jsonl", ".json"):
+        if path.suffix == ".jsonl":
             check_jsonl(path, config.field)
         try:
             dataset = datasets.load_dataset(FORMATS[path.suffix], data_files=str(path),
@@ -90,8 +92,17 @@ def read_instructions(config: PromptSetConfig) -> List[str]:
         except Exception as error:  # datasets raises many types; the user needs the file name
             raise PromptFileError(f"{path}: cannot be read as {FORMATS[path.suffix]} "
                                   f"({type(error).__name__}: {error})") from error
+    elif path.is_dir():
+        dataset = datasets.load_from_disk(str(path))
+        if isinstance(dataset, datasets.DatasetDict):
+            dataset = dataset[config.split]
     else:
-        dataset = datasets.load_dataset(config.path, split=config.split)
+        try:
+            dataset = datasets.load_dataset(config.path, split=config.split)
+        except Exception as error:
+            raise PromptFileError(f"{config.path}: not a local file or directory, and not "
+                                  f"loadable as a hub dataset ({type(error).__name__}: "
+                                  f"{error})") from error
     if config.field not in dataset.column_names:
         raise PromptFileError(f"{config.path}: no column {config.field!r} (columns: "
                               f"{', '.join(dataset.column_names)})")
