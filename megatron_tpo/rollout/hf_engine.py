@@ -81,6 +81,8 @@ class HFRolloutEngine(RolloutEngine):
 
     @torch.no_grad()
     def update_weights(self, stream: Iterable[Tuple[str, torch.Tensor]]) -> None:
+        # Tensors are copied as they arrive (the stream may be larger than memory), so an
+        # error part-way leaves a half-updated model: callers must treat it as fatal.
         parameters = dict(self.model.named_parameters())
         for name, tensor in stream:
             if name not in parameters:
