@@ -131,18 +131,7 @@ def _merged_hf_grads(reports, model, tp):
     for report in reports:
         if report["dp_rank"] == 0:
             by_rank[report["tp_rank"]].update(report["grads"])
-    merged = {layout.HF_FINAL_NORM: by_rank[0][layout.FINAL_NORM],
-              layout.HF_EMBEDDING: layout.merge_vocab([g[layout.EMBEDDING] for g in by_rank],
-                                                      model.vocab_size),
-              layout.HF_OUTPUT_LAYER: layout.merge_vocab([g[layout.OUTPUT_LAYER] for g in by_rank],
-                                                         model.vocab_size)}
-    for layer in range(model.num_layers):
-        prefix = layout.mcore_layer_prefix(layer)
-        per_rank = [{n[len(prefix):]: t for n, t in g.items() if n.startswith(prefix)}
-                    for g in by_rank]
-        for name, grad in layout.merge_layer(per_rank, model).items():
-            merged[layout.hf_layer_prefix(layer) + name] = grad
-    return merged
+    return layout.merge_model(by_rank, model)
 
 
 def test_reference_logprobs_equal_hf_on_every_rank_and_step_zero_loss_is_log_2(run):

@@ -129,18 +129,7 @@ def _hf_named_grads(reports, model, tp):
     by_rank = [{} for _ in range(tp)]
     for report in reports:
         by_rank[report["tp_rank"]].update(report["grads"])
-    merged = {layout.HF_FINAL_NORM: by_rank[0][layout.FINAL_NORM],
-              layout.HF_EMBEDDING: layout.merge_vocab([g[layout.EMBEDDING] for g in by_rank],
-                                                      model.vocab_size),
-              layout.HF_OUTPUT_LAYER: layout.merge_vocab([g[layout.OUTPUT_LAYER] for g in by_rank],
-                                                         model.vocab_size)}
-    for layer in range(model.num_layers):
-        prefix = layout.mcore_layer_prefix(layer)
-        per_rank = [{n[len(prefix):]: t for n, t in g.items() if n.startswith(prefix)}
-                    for g in by_rank]
-        for name, grad in layout.merge_layer(per_rank, model).items():
-            merged[layout.hf_layer_prefix(layer) + name] = grad
-    return merged
+    return layout.merge_model(by_rank, model)
 
 
 def test_1f1b_gradients_at_tp2_pp2_and_interleaved_equal_tp1_pp1(checkpoint):

@@ -42,10 +42,17 @@ def load_structured(schema: Type[T], path: Path, **overrides) -> T:
         raise ConfigError(f"{path}: {error}") from error
 
 
-def load_model_config(name_or_path: Union[str, Path], **overrides) -> ModelConfig:
-    config = load_structured(ModelConfig, _resolve("model", name_or_path), **overrides)
+def load_group_config(schema: Type[T], group: str, name_or_path: Union[str, Path],
+                      **overrides) -> T:
+    """``configs/<group>/<name>.yaml`` or a YAML path into ``schema``, with ``overrides``
+    on top, then the schema's own ``validate()``."""
+    config = load_structured(schema, _resolve(group, name_or_path), **overrides)
     config.validate()
     return config
+
+
+def load_model_config(name_or_path: Union[str, Path], **overrides) -> ModelConfig:
+    return load_group_config(ModelConfig, "model", name_or_path, **overrides)
 
 
 def load_parallel_config(name_or_path: Union[str, Path], **overrides) -> ParallelConfig:

@@ -1,6 +1,6 @@
 """The Llama-3 family as a typed config, loaded from ``configs/model/<name>.yaml``."""
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 

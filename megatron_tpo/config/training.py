@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 from megatron_tpo.config.errors import ConfigError
-from megatron_tpo.config.loading import CONFIG_DIR, load_structured
+from megatron_tpo.config.loading import load_group_config
 
 LOSS_TYPES = ("sigmoid", "ipo")
 RECOMPUTE_GRANULARITIES = (None, "selective", "full")
@@ -108,11 +108,4 @@ class DPOTrainingConfig:
 
 def load_training_config(name_or_path: Union[str, Path] = "dpo", **overrides) -> DPOTrainingConfig:
     """``configs/train/<name>.yaml`` or a YAML path, with ``overrides`` on top, validated."""
-    path = Path(name_or_path)
-    if path.suffix not in (".yaml", ".yml"):
-        path = CONFIG_DIR / "train" / f"{name_or_path}.yaml"
-    if not path.is_file():
-        raise ConfigError(f"training config not found: {path}")
-    config = load_structured(DPOTrainingConfig, path, **overrides)
-    config.validate()
-    return config
+    return load_group_config(DPOTrainingConfig, "train", name_or_path, **overrides)

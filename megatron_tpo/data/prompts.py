@@ -12,7 +12,7 @@ from typing import List, Optional, Sequence, Union
 import numpy as np
 
 from megatron_tpo.config.errors import ConfigError
-from megatron_tpo.config.loading import CONFIG_DIR, load_structured
+from megatron_tpo.config.loading import load_group_config
 
 FORMATS = {".jsonl": "json", ".parquet": "parquet", ".arrow": "arrow"}
 
@@ -46,14 +46,7 @@ class PromptSetConfig:
 
 def load_prompt_set_config(name_or_path: Union[str, Path], **overrides) -> PromptSetConfig:
     """``configs/prompts/<name>.yaml`` or a YAML path, with ``overrides`` on top, validated."""
-    path = Path(name_or_path)
-    if path.suffix not in (".yaml", ".yml"):
-        path = CONFIG_DIR / "prompts" / f"{name_or_path}.yaml"
-    if not path.is_file():
-        raise ConfigError(f"prompt set config not found: {path}")
-    config = load_structured(PromptSetConfig, path, **overrides)
-    config.validate()
-    return config
+    return load_group_config(PromptSetConfig, "prompts", name_or_path, **overrides)
 
 
 def check_jsonl(path: Path, field: str) -> None:

@@ -5,7 +5,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 from megatron_tpo.config.errors import ConfigError
-from megatron_tpo.config.loading import CONFIG_DIR, load_structured
+from megatron_tpo.config.loading import load_group_config
 from megatron_tpo.rollout.engine import SamplingParams
 
 KINDS = ("reward_model", "pairwise", "exact_answer", "format")
@@ -92,11 +92,4 @@ class JudgeConfig:
 
 
 def load_judge_config(name_or_path: Union[str, Path], **overrides) -> JudgeConfig:
-    path = Path(name_or_path)
-    if path.suffix not in (".yaml", ".yml"):
-        path = CONFIG_DIR / "judge" / f"{name_or_path}.yaml"
-    if not path.is_file():
-        raise ConfigError(f"judge config not found: {path}")
-    config = load_structured(JudgeConfig, path, **overrides)
-    config.validate()
-    return config
+    return load_group_config(JudgeConfig, "judge", name_or_path, **overrides)

@@ -119,3 +119,20 @@ def shard_vocab(weight: Tensor, padded_vocab_size: int, tp: int) -> List[Tensor]
 def merge_vocab(shards: List[Tensor], vocab_size: int) -> Tensor:
     """Join the TP vocab shards and drop megatron's padding rows."""
     return torch.cat(shards, dim=0)[:vocab_size].contiguous()
+
+
+def merge_model(by_tp_rank: List[Dict[str, Tensor]], model: ModelConfig) -> Dict[str, Tensor]:
+    """A whole model's megatron tensors, one dict per TP rank (global layer numbers), ->
+    HF-named tensors: weights, or gradients gathered from every rank of a run."""
+    merged = {
+        HF_EMBEDDING: merge_vocab([r[EMBEDDING] for r in by_tp_rank], model.vocab_size),
+        HF_FINAL_NORM: by_tp_rank[0][FINAL_NORM],
+        HF_OUTPUT_LAYER: merge_vocab([r[OUTPUT_LAYER] for r in by_tp_rank], model.vocab_size),
+    }
+    for layer in range(model.num_layers):
+        prefix = mcore_layer_prefix(layer)
+        per_rank = [{n[len(prefix):]: t for n, t in r.items() if n.startswith(prefix)}
+                    for r in by_tp_rank]
+        for name, tensor in merge_layer(per_rank, model).items():
+            merged[hf_layer_prefix(layer) + name] = tensor
+    return merged

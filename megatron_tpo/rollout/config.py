@@ -5,7 +5,7 @@ from pathlib import Path
 from typing import Union
 
 from megatron_tpo.config.errors import ConfigError
-from megatron_tpo.config.loading import CONFIG_DIR, load_structured
+from megatron_tpo.config.loading import load_group_config
 from megatron_tpo.rollout.engine import SamplingParams
 
 ENGINES = ("hf", "vllm")
@@ -29,11 +29,4 @@ class RolloutConfig:
 
 
 def load_rollout_config(name_or_path: Union[str, Path] = "paper", **overrides) -> RolloutConfig:
-    path = Path(name_or_path)
-    if path.suffix not in (".yaml", ".yml"):
-        path = CONFIG_DIR / "rollout" / f"{name_or_path}.yaml"
-    if not path.is_file():
-        raise ConfigError(f"rollout config not found: {path}")
-    config = load_structured(RolloutConfig, path, **overrides)
-    config.validate()
-    return config
+    return load_group_config(RolloutConfig, "rollout", name_or_path, **overrides)
