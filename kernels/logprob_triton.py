@@ -34,20 +34,30 @@ TARGET_PROGRAMS = 512
 
 
 @triton.jit
+def _operand_slices(hidden_ptr, weight_ptr, rows, cols, row_ok, col_ok, k, hidden_size,
+                    stride_ht, stride_wv, DOT_IN_FP32: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Columns [k, k + BLOCK_H) of hidden[rows] and weight[cols], zero outside the tensors."""
+    ks = k + tl.arange(0, BLOCK_H)
+    k_ok = ks < hidden_size
+    h = tl.load(hidden_ptr + rows[:, None] * stride_ht + ks[None, :],
+                mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+    w = tl.load(weight_ptr + cols[:, None] * stride_wv + ks[None, :],
+                mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+    if DOT_IN_FP32:
+        h, w = h.to(tl.float32), w.to(tl.float32)
+    return h, w, ks, k_ok
+
+
+@triton.jit
 def _logit_tile(hidden_ptr, weight_ptr, rows, cols, row_ok, col_ok, hidden_size,
                 stride_ht, stride_wv, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
                 BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
     """hidden[rows] @ weight[cols].T as a float32 [BLOCK_T, BLOCK_V] tile."""
     logits = tl.zeros([BLOCK_T, BLOCK_V], dtype=tl.float32)
     for k in range(0, hidden_size, BLOCK_H):
-        ks = k + tl.arange(0, BLOCK_H)
-        k_ok = ks < hidden_size
-        h = tl.load(hidden_ptr + rows[:, None] * stride_ht + ks[None, :],
-                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(weight_ptr + cols[:, None] * stride_wv + ks[None, :],
-                    mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-        if DOT_IN_FP32:
-            h, w = h.to(tl.float32), w.to(tl.float32)
+        h, w, ks, k_ok = _operand_slices(hidden_ptr, weight_ptr, rows, cols, row_ok, col_ok, k,
+                                         hidden_size, stride_ht, stride_wv, DOT_IN_FP32,
+                                         BLOCK_H)
         logits = tl.dot(h, tl.trans(w), acc=logits, input_precision=DOT_PRECISION)
     return logits
 
@@ -135,14 +145,9 @@ def _gradients_kernel(hidden_ptr, weight_ptr, targets_ptr, lse_ptr, grad_logprob
         grad_logits = grad_logits.to(tl.float32)
 
     for k in range(0, hidden_size, BLOCK_H):
-        ks = k + tl.arange(0, BLOCK_H)
-        k_ok = ks < hidden_size
-        h = tl.load(hidden_ptr + rows[:, None] * stride_ht + ks[None, :],
-                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(weight_ptr + cols[:, None] * stride_wv + ks[None, :],
-                    mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-        if DOT_IN_FP32:
-            h, w = h.to(tl.float32), w.to(tl.float32)
+        h, w, ks, k_ok = _operand_slices(hidden_ptr, weight_ptr, rows, cols, row_ok, col_ok, k,
+                                         hidden_size, stride_ht, stride_wv, DOT_IN_FP32,
+                                         BLOCK_H)
         grad_h = tl.dot(grad_logits, w, input_precision=DOT_PRECISION)
         # Relaxed: the adds only accumulate; nothing reads them before the kernel ends.
         tl.atomic_add(grad_hidden_ptr + rows[:, None] * hidden_size + ks[None, :], grad_h,
