@@ -6,6 +6,7 @@ filled) rather than the model.
 """
 
 import json
+import math
 import shutil
 import time
 from dataclasses import dataclass
@@ -61,20 +62,9 @@ def _prepare_output(out_dir: Path, marker: str) -> None:
 
 
 def _hf_layer(reader: HFCheckpointReader, model, layer: int) -> Dict[str, torch.Tensor]:
-    hidden, head_dim = model.hidden_size, model.head_dim
-    shapes = {
-        "self_attn.q_proj.weight": (model.num_attention_heads * head_dim, hidden),
-        "self_attn.k_proj.weight": (model.num_query_groups * head_dim, hidden),
-        "self_attn.v_proj.weight": (model.num_query_groups * head_dim, hidden),
-        "self_attn.o_proj.weight": (hidden, model.num_attention_heads * head_dim),
-        "mlp.gate_proj.weight": (model.ffn_hidden_size, hidden),
-        "mlp.up_proj.weight": (model.ffn_hidden_size, hidden),
-        "mlp.down_proj.weight": (hidden, model.ffn_hidden_size),
-        "input_layernorm.weight": (hidden,),
-        "post_attention_layernorm.weight": (hidden,),
-    }
     prefix = layout.hf_layer_prefix(layer)
-    return {name: reader.get(prefix + name, shape) for name, shape in shapes.items()}
+    return {name: reader.get(prefix + name, shape)
+            for name, shape in layout.hf_layer_shapes(model).items()}
 
 
 def hf_to_mcore(hf_dir: Path, out_dir: Path, tp: int, pp: int,
@@ -143,24 +133,8 @@ def hf_to_mcore(hf_dir: Path, out_dir: Path, tp: int, pp: int,
 
 
 def _hf_names_and_sizes(model, element_size: int) -> List[tuple]:
-    hidden, head_dim, ffn = model.hidden_size, model.head_dim, model.ffn_hidden_size
-    per_layer = {
-        "self_attn.q_proj.weight": model.num_attention_heads * head_dim * hidden,
-        "self_attn.k_proj.weight": model.num_query_groups * head_dim * hidden,
-        "self_attn.v_proj.weight": model.num_query_groups * head_dim * hidden,
-        "self_attn.o_proj.weight": hidden * model.num_attention_heads * head_dim,
-        "mlp.gate_proj.weight": ffn * hidden,
-        "mlp.up_proj.weight": ffn * hidden,
-        "mlp.down_proj.weight": hidden * ffn,
-        "input_layernorm.weight": hidden,
-        "post_attention_layernorm.weight": hidden,
-    }
-    sizes = [(layout.HF_EMBEDDING, model.vocab_size * hidden)]
-    for layer in range(model.num_layers):
-        prefix = layout.hf_layer_prefix(layer)
-        sizes += [(prefix + name, count) for name, count in per_layer.items()]
-    sizes += [(layout.HF_FINAL_NORM, hidden), (layout.HF_OUTPUT_LAYER, model.vocab_size * hidden)]
-    return [(name, count * element_size) for name, count in sizes]
+    return [(name, math.prod(shape) * element_size)
+            for name, shape in layout.hf_model_shapes(model)]
 
 
 def _hf_tensors_in_order(root: Path, info: shards.ShardedCheckpointInfo):

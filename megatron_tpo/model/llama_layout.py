@@ -11,7 +11,7 @@ projection ``linear_fc1`` is ``[gate; up]`` *per rank*: rank r holds its slice o
 gate followed by its slice of up, not a slice of the TP=1 tensor.
 """
 
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import torch
 
@@ -24,11 +24,6 @@ REPLICATED_LAYER_WEIGHTS = {
     "input_layernorm.weight": "input_layernorm.weight",
     "pre_mlp_layernorm.weight": "post_attention_layernorm.weight",
 }
-HF_LAYER_WEIGHTS = (
-    "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
-    "self_attn.o_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight",
-    "mlp.down_proj.weight", "input_layernorm.weight", "post_attention_layernorm.weight",
-)
 # Transformer Engine's spec fuses each norm into the linear layer that follows it.
 TE_NAME_FOR_LOCAL = {
     "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
@@ -49,6 +44,34 @@ def hf_layer_prefix(layer: int) -> str:
 
 def mcore_layer_prefix(layer: int) -> str:
     return f"decoder.layers.{layer}."
+
+
+def hf_layer_shapes(model: ModelConfig) -> Dict[str, Tuple[int, ...]]:
+    """Shape of each HF tensor of one layer (names without the layer prefix), in HF order."""
+    hidden, ffn = model.hidden_size, model.ffn_hidden_size
+    query_width = model.num_attention_heads * model.head_dim
+    key_value_width = model.num_query_groups * model.head_dim
+    return {
+        "self_attn.q_proj.weight": (query_width, hidden),
+        "self_attn.k_proj.weight": (key_value_width, hidden),
+        "self_attn.v_proj.weight": (key_value_width, hidden),
+        "self_attn.o_proj.weight": (hidden, query_width),
+        "mlp.gate_proj.weight": (ffn, hidden),
+        "mlp.up_proj.weight": (ffn, hidden),
+        "mlp.down_proj.weight": (hidden, ffn),
+        "input_layernorm.weight": (hidden,),
+        "post_attention_layernorm.weight": (hidden,),
+    }
+
+
+def hf_model_shapes(model: ModelConfig) -> List[Tuple[str, Tuple[int, ...]]]:
+    """``(hf_name, shape)`` of every tensor of the HF checkpoint, in HF order."""
+    vocab = (model.vocab_size, model.hidden_size)
+    shapes = [(HF_EMBEDDING, vocab)]
+    for layer in range(model.num_layers):
+        shapes += [(hf_layer_prefix(layer) + name, shape)
+                   for name, shape in hf_layer_shapes(model).items()]
+    return shapes + [(HF_FINAL_NORM, (model.hidden_size,)), (HF_OUTPUT_LAYER, vocab)]
 
 
 def _chunks(tensor: Tensor, parts: int, dim: int) -> List[Tensor]:
