@@ -13,18 +13,14 @@ import time
 from pathlib import Path
 from typing import Dict
 
+from megatron_tpo.parallel.launch import free_local_port
+
 DAEMONS = ("munged", "slurmctld", "slurmd")
 
 
 def slurm_installed() -> bool:
     return all(shutil.which(name) or Path(f"/usr/sbin/{name}").exists() for name in DAEMONS) \
         and shutil.which("sbatch") is not None
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _daemon(name: str) -> str:
@@ -50,8 +46,8 @@ class LocalSlurm:
         config.write_text("\n".join([
             "ClusterName=tpotest",
             f"SlurmctldHost={self.host}(127.0.0.1)",
-            f"SlurmctldPort={_free_port()}",
-            f"SlurmdPort={_free_port()}",
+            f"SlurmctldPort={free_local_port()}",
+            f"SlurmdPort={free_local_port()}",
             "AuthType=auth/munge", "CredType=cred/munge",
             f"AuthInfo=socket={self.socket}",
             "SlurmUser=root", "SlurmdUser=root",

@@ -1,15 +1,13 @@
 """The chunked torch path of fused_target_logprobs against the float64 reference; TP=2 on gloo."""
 
 import functools
-import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from megatron_tpo.kernels import fused_target_logprobs, logprob_torch, reference_target_logprobs
+from megatron_tpo.parallel.local_launch import spawn_local
 
 IGNORE = -100
 
@@ -128,31 +126,21 @@ def test_unknown_implementation_is_refused():
 
 # --- tensor parallelism: two gloo processes, each owning half of the vocabulary ---
 
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _tp_rank(rank, world_size, port, inputs, result_dir):
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world_size)
+def _tp_rank(rank, world_size, inputs):
+    dist.init_process_group("gloo")  # spawn_local exported RANK, WORLD_SIZE and MASTER_*
     try:
         hidden, weight, targets, mask, upstream = inputs
         shard_size = weight.shape[0] // world_size
         shard = weight[rank * shard_size:(rank + 1) * shard_size]
-        result = fused(hidden, shard, targets, mask, upstream, tp_group=dist.group.WORLD,
-                       vocab_start=rank * shard_size)
-        torch.save(result, os.path.join(result_dir, f"{rank}.pt"))
+        return fused(hidden, shard, targets, mask, upstream, tp_group=dist.group.WORLD,
+                     vocab_start=rank * shard_size)
     finally:
         dist.destroy_process_group()
 
 
-def test_tensor_parallel_two_ranks_equal_one(tmp_path):
+def test_tensor_parallel_two_ranks_equal_one():
     inputs = make_inputs(45, 24, 2 * 77, seed=5)
-    mp.spawn(_tp_rank, args=(2, _free_port(), inputs, str(tmp_path)), nprocs=2, join=True)
-    ranks = [torch.load(tmp_path / f"{rank}.pt", weights_only=True) for rank in range(2)]
+    ranks = spawn_local(_tp_rank, 2, inputs)
     single = fused(*inputs)
     for rank in ranks:  # every rank returns the full values and the full hidden gradient
         for a, e in zip(rank[:3], single[:3]):

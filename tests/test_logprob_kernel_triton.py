@@ -6,7 +6,6 @@ ordinary run also compiles the kernels for an H100 (sm_90), which needs no GPU.
 """
 
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -14,10 +13,10 @@ import tempfile
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 # Neither import loads triton: the Triton module is imported when impl="triton" is used.
 from megatron_tpo.kernels import fused_target_logprobs, reference_target_logprobs
+from megatron_tpo.parallel.local_launch import spawn_local
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 needs_interpreter = pytest.mark.skipif(not INTERPRETED, reason="runs in the child with "
@@ -101,33 +100,26 @@ def test_interpreted_bfloat16_accumulates_in_float32():
         torch.testing.assert_close(a.double(), e, atol=2e-2, rtol=2e-2)
 
 
-def _tp_rank(rank, port, inputs, result_dir):
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=2)
+def _tp_rank(rank, world_size, inputs):
+    dist.init_process_group("gloo")  # spawn_local exported RANK, WORLD_SIZE and MASTER_*
     try:
         hidden, weight, targets, mask, upstream = inputs
-        shard_size = weight.shape[0] // 2
+        shard_size = weight.shape[0] // world_size
         shard = weight[rank * shard_size:(rank + 1) * shard_size]
 
         def call(h, w, t, m):
             return fused_target_logprobs(h, w, t, m, tp_group=dist.group.WORLD,
                                          vocab_start=rank * shard_size, return_entropy=True,
                                          impl="triton")
-        result = _values_and_grads(call, hidden, shard, targets, mask, upstream, hidden.dtype)
-        torch.save(result, os.path.join(result_dir, f"{rank}.pt"))
+        return _values_and_grads(call, hidden, shard, targets, mask, upstream, hidden.dtype)
     finally:
         dist.destroy_process_group()
 
 
 @needs_interpreter
-def test_interpreted_tensor_parallel_two_ranks_equal_reference(tmp_path):
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+def test_interpreted_tensor_parallel_two_ranks_equal_reference():
     inputs = _inputs(17, 24, 2 * 40, torch.float32, seed=3)
-    mp.spawn(_tp_rank, args=(port, inputs, str(tmp_path)), nprocs=2, join=True)
-    ranks = [torch.load(tmp_path / f"{rank}.pt", weights_only=True) for rank in range(2)]
+    ranks = spawn_local(_tp_rank, 2, inputs)
     expected = _reference(*inputs)
     for rank in ranks:  # full values and the full (all-reduced) hidden gradient everywhere
         for actual, wanted in zip(rank[:3], expected[:3]):

@@ -47,7 +47,8 @@ def expand_slurm_nodelist(nodelist: str) -> List[str]:
     return hosts
 
 
-def _free_port() -> int:
+def free_local_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -83,7 +84,7 @@ def detect_distributed_env(environ: Optional[Mapping[str, str]] = None) -> Distr
             local_world_size=int(env.get("SLURM_TASKS_PER_NODE", "1").split("(")[0].split(",")[0]),
         )
     return DistributedEnv(rank=0, world_size=1, local_rank=0, master_addr="127.0.0.1",
-                          master_port=_free_port(), launcher="single")
+                          master_port=free_local_port(), launcher="single")
 
 
 def share_cpu_threads(ranks_on_this_machine: int) -> None:

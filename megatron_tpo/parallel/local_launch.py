@@ -2,20 +2,13 @@
 
 import os
 import pickle
-import socket
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, List
 
 import torch.multiprocessing as mp
 
-from megatron_tpo.parallel.launch import share_cpu_threads
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from megatron_tpo.parallel.launch import free_local_port, share_cpu_threads
 
 
 def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple,
@@ -39,7 +32,7 @@ def spawn_local(fn: Callable, world_size: int, *args: Any) -> List[Any]:
     re-raised here with that rank's traceback.
     """
     with tempfile.TemporaryDirectory() as result_dir:
-        mp.start_processes(_worker, args=(world_size, _free_port(), fn, args, result_dir),
+        mp.start_processes(_worker, args=(world_size, free_local_port(), fn, args, result_dir),
                            nprocs=world_size, join=True, start_method="spawn")
         results = []
         for rank in range(world_size):

@@ -61,7 +61,7 @@ def train_on_fixed_batch(rank: int, world_size: int, run: FixedBatchRun) -> List
     from megatron_tpo.model.mcore_shards import load_model_shards
     from megatron_tpo.parallel import init_megatron, shutdown_megatron
     from megatron_tpo.train.megatron_setup import OptimizerSettings, wrap_for_training
-    from megatron_tpo.train.pipeline_step import train_step
+    from megatron_tpo.train.pipeline_step import position_ids, train_step
 
     on_gpu = torch.cuda.is_available()
     init_megatron(run.parallel, run.model)
@@ -78,11 +78,10 @@ def train_on_fixed_batch(rank: int, world_size: int, run: FixedBatchRun) -> List
                            (run.micro_batches, run.micro_batch_size, run.seq_len + 1),
                            generator=generator).to(device)
     batches = [(t[:, :-1], t[:, 1:]) for t in tokens]
-    positions = torch.arange(run.seq_len, device=device).unsqueeze(0)
 
     def forward_step(data_iterator, gpt_model):
         inputs, targets = next(data_iterator)
-        logits = gpt_model(inputs, positions, None)
+        logits = gpt_model(inputs, position_ids(inputs), None)
 
         def loss_func(output):
             loss = _masked_vocab_parallel_loss(output, targets, run.model.vocab_size)
