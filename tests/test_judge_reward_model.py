@@ -98,3 +98,58 @@ def test_build_judge_loads_a_saved_classifier(classifier, tokenizer, tmp_path):
     judge = build_judge(config)
     direct = RewardModelJudge(classifier, tokenizer).score(["the cat"], [["dog", "sun"]])
     assert judge.score(["the cat"], [["dog", "sun"]])[0] == pytest.approx(direct[0], abs=1e-5)
+
+
+# Written out by hand from the Llama-3 chat format, not produced by the code under test:
+# the user turn holds the instruction, the assistant turn the response, no generation
+# prompt after it, and no thought anywhere.
+EXPECTED_CHAT_TEXTS = [
+    "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nthe cat<|eot_id|>"
+    "<|start_header_id|>assistant<|end_header_id|>\n\nthe sun is a cat<|eot_id|>",
+    "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nthe cat<|eot_id|>"
+    "<|start_header_id|>assistant<|end_header_id|>\n\ndog<|eot_id|>",
+    "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nwrite a b c<|eot_id|>"
+    "<|start_header_id|>assistant<|end_header_id|>\n\nc b a !<|eot_id|>",
+]
+
+
+def _record_model_inputs(model):
+    """Keep every (input_ids, attention_mask) the model is called with, unpadded."""
+    seen = []
+
+    def hook(module, args, kwargs):
+        ids, mask = kwargs["input_ids"], kwargs["attention_mask"]
+        seen.extend(row[row_mask.bool()].tolist() for row, row_mask in zip(ids, mask))
+
+    return seen, model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+@pytest.mark.parametrize("batch_size", [1, 2])
+def test_reward_model_sees_user_instruction_then_assistant_response(classifier, tokenizer,
+                                                                    batch_size):
+    judge = RewardModelJudge(classifier, tokenizer, batch_size=batch_size)
+    seen, handle = _record_model_inputs(classifier)
+    try:
+        judge.score(["the cat", "write a b c"], [["the sun is a cat", "dog"], ["c b a !"]])
+    finally:
+        handle.remove()
+    expected = [tokenizer(text, add_special_tokens=False)["input_ids"]
+                for text in EXPECTED_CHAT_TEXTS]
+    assert seen == expected
+    # The literal tokenises as intended: one BOS, each header a single special token.
+    assert expected[1][:4] == tokenizer.convert_tokens_to_ids(
+        ["<|begin_of_text|>", "<|start_header_id|>", "user", "<|end_header_id|>"])
+    assert expected[1].count(tokenizer.bos_token_id) == 1
+
+
+def test_reward_model_without_chat_template_sees_instruction_blank_line_response(classifier):
+    bare = tiny_tokenizer()
+    bare.chat_template = None
+    judge = RewardModelJudge(classifier, bare, batch_size=1)
+    assert judge.conversation_text("the cat", "a dog") == "the cat\n\na dog"
+    seen, handle = _record_model_inputs(classifier)
+    try:
+        judge.score(["the cat"], [["a dog"]])
+    finally:
+        handle.remove()
+    assert seen == [bare("the cat a dog", add_special_tokens=False)["input_ids"]]
