@@ -13,11 +13,6 @@ import torch.nn.functional as F
 
 from megatron_tpo.config import ConfigError, ModelConfig, ParallelConfig
 
-# megatron-core 0.16's GPTModel exposes only the llama3 RoPE scaling factor; the other
-# three parameters are fixed at Llama 3.1's values, so other values must be refused.
-_MEGATRON_FIXED_ROPE_SCALING = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                "original_max_position_embeddings": 8192}
-
 
 @functools.lru_cache(maxsize=1)
 def transformer_engine_available() -> bool:
@@ -43,14 +38,46 @@ def llama_layer_spec(use_transformer_engine: Optional[bool] = None):
 
 
 def _check_rope_scaling(model: ModelConfig) -> None:
-    if model.rope_scaling is None:
+    """Refuse llama3 RoPE scaling values whose inverse frequencies would be inf or NaN."""
+    scaling = model.rope_scaling
+    if scaling is None:
         return
-    for name, fixed in _MEGATRON_FIXED_ROPE_SCALING.items():
-        if getattr(model.rope_scaling, name) != fixed:
-            raise ConfigError(
-                f"model.rope_scaling.{name}={getattr(model.rope_scaling, name)}: "
-                f"megatron-core 0.16 supports only {fixed}"
-            )
+    if not scaling.factor >= 1.0:
+        raise ConfigError(f"model.rope_scaling.factor={scaling.factor}: must be at least 1")
+    if not 0 < scaling.low_freq_factor < scaling.high_freq_factor:
+        # The smoothing between the two wavelengths divides by their difference.
+        raise ConfigError(
+            f"model.rope_scaling.low_freq_factor={scaling.low_freq_factor}, "
+            f"high_freq_factor={scaling.high_freq_factor}: need 0 < low_freq_factor < high_freq_factor")
+    if scaling.original_max_position_embeddings <= 0:
+        raise ConfigError("model.rope_scaling.original_max_position_embeddings="
+                          f"{scaling.original_max_position_embeddings}: must be positive")
+
+
+def check_buildable(model: ModelConfig, parallel: ParallelConfig) -> None:
+    """Run every check ``build_llama`` runs, without building: conversions call this
+    before writing anything, so a checkpoint they write is one the builder accepts."""
+    model.validate()
+    parallel.validate(model)
+    _check_rope_scaling(model)
+    _check_local_spec_support(parallel)
+
+
+def _apply_llama3_rope_scaling(gpt, model: ModelConfig) -> None:
+    """Scale the rotary inverse frequencies with all four llama3 parameters.
+
+    megatron-core 0.16's ``GPTModel`` passes only ``factor`` to ``RotaryEmbedding``,
+    which fixes the other three at Llama 3.1's values; its own ``_apply_scaling`` takes
+    all four, so the model is built unscaled and the frequencies are rescaled here.
+    """
+    rotary = getattr(gpt, "rotary_pos_emb", None)
+    if model.rope_scaling is None or rotary is None:
+        return
+    scaling = model.rope_scaling
+    rotary.inv_freq = rotary._apply_scaling(
+        rotary.inv_freq, factor=scaling.factor, low_freq_factor=scaling.low_freq_factor,
+        high_freq_factor=scaling.high_freq_factor,
+        original_max_position_embeddings=scaling.original_max_position_embeddings)
 
 
 def _check_local_spec_support(parallel: ParallelConfig) -> None:
@@ -79,9 +106,7 @@ def llama_transformer_config(
     """
     from megatron.core.transformer import TransformerConfig
 
-    parallel.validate(model)
-    _check_rope_scaling(model)
-    _check_local_spec_support(parallel)
+    check_buildable(model, parallel)
     on_gpu = torch.cuda.is_available()
     settings = dict(
         num_layers=model.num_layers,
@@ -163,10 +188,10 @@ def build_llama(
         share_embeddings_and_output_weights=False,
         position_embedding_type="rope",
         rotary_base=int(model.rope_theta),
-        rope_scaling=model.rope_scaling is not None,
-        rope_scaling_factor=model.rope_scaling.factor if model.rope_scaling else 8.0,
+        rope_scaling=False,  # applied below with all four llama3 parameters
         vp_stage=vp_stage,
     )
+    _apply_llama3_rope_scaling(gpt, model)
     if torch.cuda.is_available():
         gpt.cuda(torch.cuda.current_device())
     return gpt
