@@ -56,16 +56,29 @@ def test_field_is_selectable(tmp_path, tokenizer):
     assert load_prompts(PromptSetConfig(path=str(path), field="question"), tokenizer) == ["sun"]
 
 
+def _write_prompts_as_a_stage(path, tokenizer, output):
+    """Load the prompt file while the stage is being written, so the write is reached
+    whether or not the load succeeds."""
+
+    def rows():
+        for prompt in load_prompts(PromptSetConfig(path=str(path)), tokenizer):
+            yield {"prompt": prompt}
+
+    return IterationStore(output).write(0, "rollouts", rows(), seed=0, config_digest="x")
+
+
 def test_bad_json_on_line_7_is_named_and_nothing_is_written(tmp_path, tokenizer):
     path = tmp_path / "bad.jsonl"
     lines = [json.dumps({"instruction": f"p{i}"}) for i in range(6)] + ['{"instruction": "p6",']
     path.write_text("\n".join(lines) + "\n")
     output = tmp_path / "run"
     with pytest.raises(PromptFileError, match=r"bad\.jsonl:7: not valid JSON"):
-        prompts = load_prompts(PromptSetConfig(path=str(path)), tokenizer)
-        IterationStore(output).write(0, "rollouts", [{"prompt": p} for p in prompts],
-                                     seed=0, config_digest="x")
+        _write_prompts_as_a_stage(path, tokenizer, output)
     assert not output.exists()
+    # The same write with the line fixed does write: the assertion above can fail.
+    path.write_text("\n".join(lines[:6] + ['{"instruction": "p6"}']) + "\n")
+    assert _write_prompts_as_a_stage(path, tokenizer, output)["rows"] == 7
+    assert IterationStore(output).read(0, "rollouts")[6] == {"prompt": "p6"}
 
 
 def test_missing_field_is_named_with_its_line(tmp_path, tokenizer):

@@ -73,8 +73,9 @@ class IterationStore:
               counts: Optional[Mapping[str, int]] = None) -> Dict[str, Any]:
         """Write one stage's rows atomically; returns the manifest."""
         data_path, manifest_path = self._paths(iteration, stage)
-        data_path.parent.mkdir(parents=True, exist_ok=True)
+        # Rows first: a row source that fails (a bad prompt file) leaves no directory.
         table = pa.Table.from_pylist(list(rows))
+        data_path.parent.mkdir(parents=True, exist_ok=True)
         _atomic_write(data_path, lambda handle: pq.write_table(table, handle))
         manifest = {
             "iteration": iteration, "stage": stage, "rows": table.num_rows,
