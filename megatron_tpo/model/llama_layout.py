@@ -107,27 +107,54 @@ def shard_layer(hf: Dict[str, Tensor], model: ModelConfig, tp: int) -> List[Dict
     return shards
 
 
-def merge_layer(shards: List[Dict[str, Tensor]], model: ModelConfig) -> Dict[str, Tensor]:
-    """One dict per TP rank (megatron names of one layer) -> HF tensors of that layer."""
+def _merge_qkv(shards: List[Tensor], model: ModelConfig) -> Dict[str, Tensor]:
     groups, head_dim = model.num_query_groups, model.head_dim
     heads_per_group = model.num_attention_heads // groups
     hidden = model.hidden_size
-    qkv = torch.cat([s["self_attention.linear_qkv.weight"] for s in shards], dim=0)
-    qkv = qkv.reshape(groups, (heads_per_group + 2) * head_dim, hidden)
+    qkv = torch.cat(shards, dim=0).reshape(groups, (heads_per_group + 2) * head_dim, hidden)
     q, k, v = torch.split(qkv, [heads_per_group * head_dim, head_dim, head_dim], dim=1)
-    gate_up = [torch.chunk(s["mlp.linear_fc1.weight"], 2, dim=0) for s in shards]
-    hf = {
-        "self_attn.q_proj.weight": q.reshape(-1, hidden).contiguous(),
-        "self_attn.k_proj.weight": k.reshape(-1, hidden).contiguous(),
-        "self_attn.v_proj.weight": v.reshape(-1, hidden).contiguous(),
-        "self_attn.o_proj.weight": torch.cat(
-            [s["self_attention.linear_proj.weight"] for s in shards], dim=1),
-        "mlp.gate_proj.weight": torch.cat([gate for gate, _ in gate_up], dim=0),
-        "mlp.up_proj.weight": torch.cat([up for _, up in gate_up], dim=0),
-        "mlp.down_proj.weight": torch.cat([s["mlp.linear_fc2.weight"] for s in shards], dim=1),
-    }
-    for mcore_name, hf_name in REPLICATED_LAYER_WEIGHTS.items():
-        hf[hf_name] = shards[0][mcore_name]
+    return {"self_attn.q_proj.weight": q.reshape(-1, hidden).contiguous(),
+            "self_attn.k_proj.weight": k.reshape(-1, hidden).contiguous(),
+            "self_attn.v_proj.weight": v.reshape(-1, hidden).contiguous()}
+
+
+def _merge_fc1(shards: List[Tensor], model: ModelConfig) -> Dict[str, Tensor]:
+    gate_up = [torch.chunk(shard, 2, dim=0) for shard in shards]
+    return {"mlp.gate_proj.weight": torch.cat([gate for gate, _ in gate_up], dim=0),
+            "mlp.up_proj.weight": torch.cat([up for _, up in gate_up], dim=0)}
+
+
+# Megatron name of a layer tensor -> how its TP shards become HF tensors.
+_LAYER_MERGES = {
+    "self_attention.linear_qkv.weight": _merge_qkv,
+    "self_attention.linear_proj.weight": lambda shards, model: {
+        "self_attn.o_proj.weight": torch.cat(shards, dim=1)},
+    "mlp.linear_fc1.weight": _merge_fc1,
+    "mlp.linear_fc2.weight": lambda shards, model: {
+        "mlp.down_proj.weight": torch.cat(shards, dim=1)},
+}
+
+
+def is_tensor_parallel(mcore_name: str) -> bool:
+    """Whether TP ranks hold different slices of this tensor (layer names without the
+    layer prefix, or the embedding, final norm and output layer)."""
+    return mcore_name in _LAYER_MERGES or mcore_name in (EMBEDDING, OUTPUT_LAYER)
+
+
+def merge_layer_tensor(mcore_name: str, shards: List[Tensor], model: ModelConfig
+                       ) -> Dict[str, Tensor]:
+    """One megatron tensor of a layer, one shard per TP rank (a single copy for the
+    replicated norms) -> the HF tensors it holds (names without the layer prefix)."""
+    if mcore_name in REPLICATED_LAYER_WEIGHTS:
+        return {REPLICATED_LAYER_WEIGHTS[mcore_name]: shards[0]}
+    return _LAYER_MERGES[mcore_name](shards, model)
+
+
+def merge_layer(shards: List[Dict[str, Tensor]], model: ModelConfig) -> Dict[str, Tensor]:
+    """One dict per TP rank (megatron names of one layer) -> HF tensors of that layer."""
+    hf: Dict[str, Tensor] = {}
+    for mcore_name in list(_LAYER_MERGES) + list(REPLICATED_LAYER_WEIGHTS):
+        hf.update(merge_layer_tensor(mcore_name, [s[mcore_name] for s in shards], model))
     return hf
 
 
