@@ -17,7 +17,9 @@ def _search(model: str, gpus: int, global_batch: int, seq_len: int = 8192, fp8: 
     cluster = Cluster("h100-80gb", find_gpu("h100-80gb"), gpus // 8, 8)
     workload = Workload(load_model_config(model), cluster, seq_len, global_batch,
                         Assumptions(allow_fp8=fp8))
-    return search_training(workload)
+    # NVIDIA's recipes use context parallelism, which megatron-core's pre-training runs
+    # and the DPO trainer does not yet: validate the estimator on all of megatron-core.
+    return search_training(workload, runnable_only=False)
 
 
 def _position(search, tp, pp, vpp, cp, micro_batch=1):

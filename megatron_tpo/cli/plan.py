@@ -1,39 +1,42 @@
-"""``tpo-plan``: choose the trainer's and the engines' parallel layout before a run.
+"""``tpo-plan``: choose, judge and check the trainer's and the engines' layout.
 
-    tpo-plan --model llama3_70b --nodes 8 --gpus-per-node 8 --gpu h100-80gb \
-             --seq-len 4096 --global-batch 256 [--judge llama3_70b] [--json] [--emit DIR]
+    # rank layouts
+    tpo-plan --model llama3_70b --nodes 8 --seq-len 4096 --global-batch 256 [--judge llama3_8b]
+    # judge one layout: memory, step time, every problem and the smallest fixes
+    tpo-plan --model llama3_70b --nodes 8 --seq-len 4096 --global-batch 256 \
+             --layout tp=4,pp=4,vpp=5,cp=2,mbs=1 [--recompute full] [--fp8]
+    tpo-plan --from plans/70b/parallel.yaml ...  |  tpo-plan --from RUN_DIR/config.yaml ...
+    # add one whole TPO iteration, colocated against separate engine pools
+    ... --prompts 5000 --samples 8 --prompt-tokens 300 --thought-tokens 400 \
+        --response-tokens 300 --judge-kind reward_model --judge llama3_8b
+    # learn from a run
+    tpo-plan --check RUN_DIR          # estimate against measurement, per figure
+    tpo-plan --calibrate RUN_DIR      # fit MFU and decode efficiency -> calibration.yaml
+    tpo-plan ... --calibration RUN_DIR/calibration.yaml
 """
 
 import argparse
-import json
 import os
 import sys
-from dataclasses import replace
-from pathlib import Path
 from typing import List, Optional
 
-from megatron_tpo.config import ConfigError, load_model_config
-from megatron_tpo.plan.emit import emit_plan
-from megatron_tpo.plan.hardware import find_gpu
-from megatron_tpo.plan.report import format_report, plan_report_dict
-from megatron_tpo.plan.rollout import plan_engines
-from megatron_tpo.plan.training_search import PlanError, search_training
-from megatron_tpo.plan.workload import Assumptions, Cluster, Workload
+from megatron_tpo.cli import plan_modes
+from megatron_tpo.config import ConfigError
+from megatron_tpo.plan.training_search import PlanError
+from megatron_tpo.plan.workload import RECOMPUTE_CHOICES, Assumptions
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = Assumptions()
-    parser = argparse.ArgumentParser(
-        prog="tpo-plan",
-        description="Rank parallel layouts (TP, PP, VPP, CP, DP, micro-batch, recompute, FP8) "
-                    "for the TPO trainer and TP/replicas for the vLLM engines.")
-    parser.add_argument("--model", required=True, help="name in configs/model or a YAML path")
-    parser.add_argument("--nodes", type=int, required=True)
+    parser.add_argument("--model", help="name in configs/model or a YAML path "
+                        "(with --from RUN_DIR/config.yaml: the run's model)")
+    parser.add_argument("--nodes", type=int, help="nodes (with a run config: its world size)")
     parser.add_argument("--gpus-per-node", type=int, default=8)
-    parser.add_argument("--gpu", default="h100-80gb", help="name in the GPU table")
+    parser.add_argument("--gpu", help="name in the GPU table (default h100-80gb; with a run "
+                        "config or --check: the run's run.hardware)")
     parser.add_argument("--gpu-table", help="your own GPU table YAML (configs/hardware/gpus.yaml schema)")
-    parser.add_argument("--seq-len", type=int, required=True)
-    parser.add_argument("--global-batch", type=int, required=True,
+    parser.add_argument("--seq-len", type=int, help="tokens per sequence the memory must hold")
+    parser.add_argument("--global-batch", type=int,
                         help="sequences per optimizer step (a DPO pair is two sequences)")
     parser.add_argument("--judge", help="judge model served by vLLM (name or YAML path)")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9,
@@ -44,6 +47,51 @@ def build_parser() -> argparse.ArgumentParser:
                         help="fused DPO log-prob kernel or full fp32 logits")
     parser.add_argument("--mfu-bf16", type=float, default=defaults.mfu_bf16)
     parser.add_argument("--mfu-fp8", type=float, default=defaults.mfu_fp8)
+
+
+def _add_layout_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--layout", help="judge this layout: tp=4,pp=4,vpp=5,cp=2,mbs=1")
+    parser.add_argument("--from", dest="from_file", metavar="FILE",
+                        help="judge the layout of a parallel YAML (configs/parallel schema) or "
+                             "of a run's config.yaml")
+    parser.add_argument("--recompute", choices=RECOMPUTE_CHOICES,
+                        help="with --layout/--from: activation recomputation (default none, or "
+                             "the run config's)")
+    parser.add_argument("--fp8", action="store_true", help="with --layout/--from: FP8 GEMMs")
+    parser.add_argument("--micro-batch", type=int,
+                        help="with --from a parallel YAML: sequences per micro-batch (default 1)")
+
+
+def _add_iteration_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("whole TPO iteration (given --prompts or --response-tokens)")
+    group.add_argument("--prompts", type=int, help="prompts per iteration")
+    group.add_argument("--samples", type=int, help="K samples per prompt (default 8)")
+    group.add_argument("--prompt-tokens", type=float, help="mean prompt length")
+    group.add_argument("--thought-tokens", type=float, help="mean thought length")
+    group.add_argument("--response-tokens", type=float, help="mean response length")
+    group.add_argument("--judge-kind", choices=("reward_model", "pairwise"),
+                       help="reward-model forward, or pairwise verdicts in both orders")
+    group.add_argument("--verdict-tokens", type=float, default=256.0,
+                       help="pairwise: mean generated tokens per verdict (default 256)")
+    group.add_argument("--comparisons-per-prompt", type=int,
+                       help="pairwise: comparisons per prompt (default all K(K-1)/2)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tpo-plan",
+        description="Rank or judge parallel layouts (TP, PP, VPP, CP, DP, micro-batch, "
+                    "recompute, FP8) for the TPO trainer and the vLLM engines, estimate a "
+                    "whole TPO iteration, and check estimates against a recorded run.")
+    _add_cluster_arguments(parser)
+    _add_layout_arguments(parser)
+    _add_iteration_arguments(parser)
+    parser.add_argument("--check", metavar="RUN_DIR", help="estimate against measurement")
+    parser.add_argument("--calibrate", metavar="RUN_DIR",
+                        help="fit MFU and decode efficiency to a run; write a calibration YAML")
+    parser.add_argument("--calibration-out", metavar="FILE",
+                        help="where --calibrate writes (default RUN_DIR/calibration.yaml)")
+    parser.add_argument("--calibration", metavar="FILE", help="use a --calibrate result")
     parser.add_argument("--top", type=int, default=5, help="how many trainer plans to show")
     parser.add_argument("--show-rejected", action="store_true", help="list every rejected layout")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
@@ -51,56 +99,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _check_request(args: argparse.Namespace) -> None:
-    for name in ("nodes", "gpus_per_node", "seq_len", "global_batch", "top"):
-        if getattr(args, name) <= 0:
-            raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if not 0 < args.gpu_memory_utilization <= 1:
-        raise ConfigError("--gpu-memory-utilization must be in (0, 1]")
-    for name in ("mfu_bf16", "mfu_fp8"):
-        if not 0 < getattr(args, name) <= 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be in (0, 1]")
-
-
 def run(args: argparse.Namespace) -> str:
-    _check_request(args)
-    model = load_model_config(args.model)
-    if args.seq_len > model.max_position_embeddings:
-        raise ConfigError(f"--seq-len {args.seq_len} exceeds {model.name}'s "
-                          f"max_position_embeddings={model.max_position_embeddings}")
-    gpu = find_gpu(args.gpu, args.gpu_table)
-    assumptions = replace(Assumptions(), attention=args.attention, logprobs=args.logprobs,
-                          mfu_bf16=args.mfu_bf16, mfu_fp8=args.mfu_fp8,
-                          allow_fp8=not args.no_fp8)
-    cluster = Cluster(args.gpu, gpu, args.nodes, args.gpus_per_node)
-    workload = Workload(model, cluster, args.seq_len, args.global_batch, assumptions)
-
-    search = search_training(workload)
-    if not search.plans:
-        reasons = "; ".join(f"{count} x {category} (e.g. {example})"
-                            for category, count, example in search.rejection_summary()[:3])
-        raise PlanError(f"no layout of {model.name} fits {cluster.nodes} x "
-                        f"{cluster.gpus_per_node} {args.gpu}: {reasons}")
-
-    engines = [plan_engines("policy", model, cluster, args.seq_len, args.gpu_memory_utilization)]
-    if args.judge:
-        judge = load_model_config(args.judge)
-        engines.append(plan_engines("judge", judge, cluster, args.seq_len,
-                                    args.gpu_memory_utilization))
-
-    emitted: List[Path] = []
-    if args.emit:
-        emitted = emit_plan(Path(args.emit), workload, search.plans[0], engines,
-                            job_name=f"tpo-{model.name}")
-    if args.json:
-        report = plan_report_dict(workload, search, args.top, args.show_rejected, engines)
-        report["emitted"] = [str(path) for path in emitted]
-        return json.dumps(report, indent=2)
-    text = format_report(workload, search, args.top, args.show_rejected, engines,
-                         args.gpu_memory_utilization)
-    if emitted:
-        text += "\n\nWrote " + ", ".join(str(path) for path in emitted)
-    return text
+    """The report ``tpo-plan`` prints for ``args``; ConfigError/PlanError for bad input."""
+    if args.check and args.calibrate:
+        raise ConfigError("--check and --calibrate: give one")
+    if args.check or args.calibrate:
+        return plan_modes.run_dir_report(args)
+    request = plan_modes.resolve_request(args)
+    if request.layout is not None:
+        return plan_modes.layout_report(args, request)
+    return plan_modes.search_report(args, request)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -69,6 +69,19 @@ def total_parameters(model: ModelConfig) -> int:
     return model.num_layers * per_layer + embeddings + model.hidden_size
 
 
+def most_loaded_rank_parameters(model: ModelConfig, tp: int, pp: int, vpp: int) -> Tuple[int, int]:
+    """(pipeline stage, parameters on each of its ranks) of the stage holding the most.
+
+    Middle stages hold only layers; the first adds the embedding, the last the output
+    layer (and final norm), so one of those two is the answer. DP and CP replicate.
+    """
+    def stage_total(pp_rank: int) -> int:
+        return sum(p.numel for vp_stage in range(vpp)
+                   for p in chunk_parameters(model, tp, pp, vpp, pp_rank, vp_stage))
+    return max(((rank, stage_total(rank)) for rank in sorted({0, pp - 1})),
+               key=lambda item: (item[1], -item[0]))
+
+
 @dataclass(frozen=True)
 class GradBufferLayout:
     """megatron-core's ``_ParamAndGradBuffer`` for one model chunk: padded size and buckets."""

@@ -4,6 +4,7 @@ from dataclasses import asdict
 from typing import Dict, List
 
 from megatron_tpo.plan.hardware import GIB
+from megatron_tpo.plan.parameters import most_loaded_rank_parameters, total_parameters
 from megatron_tpo.plan.rollout import EngineSearch
 from megatron_tpo.plan.training_search import NEAR_TIE, TrainingPlan, TrainingSearch
 from megatron_tpo.plan.workload import Workload
@@ -17,6 +18,20 @@ MEMORY_LABELS = {
     "communication": "communication buffers",
     "runtime_reserve": "CUDA context, workspaces, fragmentation",
 }
+
+
+def parameter_count_dict(workload: Workload, plan: TrainingPlan) -> Dict:
+    layout = plan.layout
+    stage, on_rank = most_loaded_rank_parameters(workload.model, layout.tp, layout.pp, layout.vpp)
+    return {"total": total_parameters(workload.model), "most_loaded_rank": on_rank,
+            "most_loaded_pipeline_stage": stage}
+
+
+def parameter_count_line(workload: Workload, plan: TrainingPlan) -> str:
+    counts = parameter_count_dict(workload, plan)
+    return (f"Parameters: {counts['total'] / 1e9:.2f} B in the model, "
+            f"{counts['most_loaded_rank'] / 1e9:.3f} B on each rank of PP stage "
+            f"{counts['most_loaded_pipeline_stage']} (the stage with the most; padded vocabulary)")
 
 
 def training_plan_dict(workload: Workload, plan: TrainingPlan) -> Dict:
@@ -37,6 +52,7 @@ def training_plan_dict(workload: Workload, plan: TrainingPlan) -> Dict:
         "step_time_s": plan.time.as_dict(),
         "tokens_per_second": plan.tokens_per_second,
         "mfu": plan.mfu,
+        "parameters": parameter_count_dict(workload, plan),
     }
 
 
@@ -60,6 +76,11 @@ def plan_report_dict(workload: Workload, search: TrainingSearch, top: int,
             "plans": [training_plan_dict(workload, plan) for plan in search.plans[:top]],
             "rejected_summary": [{"reason": category, "count": count, "example": example}
                                  for category, count, example in search.rejection_summary()],
+            "not_runnable": {
+                "count": len(search.not_runnable),
+                "best": [dict(training_plan_dict(workload, plan), reason=reason)
+                         for plan, reason in search.not_runnable[:top]],
+            },
         },
         "rollout": {},
     }
@@ -91,6 +112,16 @@ def _training_table(workload: Workload, plans: List[TrainingPlan]) -> List[str]:
     return lines
 
 
+def _not_runnable_lines(search: TrainingSearch) -> List[str]:
+    if not search.not_runnable:
+        return []
+    fastest, reason = search.not_runnable[0]
+    gain = search.plans[0].time.total / fastest.time.total - 1 if search.plans else 0.0
+    return [f"  {len(search.not_runnable)} more layouts fit but are {reason.split(':')[0]} "
+            f"(e.g. {fastest.layout.label()}, {fastest.time.total:.2f} s, {gain:.0%} faster: "
+            f"{reason.split(': ', 1)[1]}); not ranked"]
+
+
 def _engine_lines(engine: EngineSearch) -> List[str]:
     lines = [f"  {engine.role} ({engine.model_name}):",
              f"    {'TP':>3} {'replicas/node':>13} {'weights GiB':>11} {'KV GiB':>7} "
@@ -111,12 +142,14 @@ def format_report(workload: Workload, search: TrainingSearch, top: int, show_rej
         f"{cluster.gpu_name} ({cluster.world_size} GPUs), seq-len {workload.seq_len}, "
         f"global batch {workload.global_batch}",
         "",
-        f"Trainer: {len(search.plans)} feasible layouts, {len(search.rejections)} rejected; "
+        f"Trainer: {len(search.plans)} runnable layouts fit, {len(search.rejections)} rejected; "
         f"top {min(top, len(search.plans))} by estimated step time:",
     ]
     lines += _training_table(workload, search.plans[:top])
     lines.append(f"  (estimates within {NEAR_TIE:.0%} count as a tie: less model parallelism first)")
+    lines += _not_runnable_lines(search)
     best = search.plans[0]
+    lines += ["", parameter_count_line(workload, best)]
     memory = best.memory.as_gib()
     capacity = cluster.gpu.memory_gib
     lines += ["", f"Memory per GPU of plan 1 (PP stage {best.memory.pipeline_stage}, "

@@ -58,6 +58,22 @@ def kv_bytes_per_token_per_gpu(model: ModelConfig, tp: int) -> float:
     return 2 * model.num_layers * kv_heads_per_gpu * model.head_dim * 2
 
 
+def decode_tokens_per_second(model: ModelConfig, cluster: Cluster, tp: int, sequences: int,
+                             seq_len: int) -> float:
+    """Tokens/s one replica decodes with ``sequences`` in flight, each up to ``seq_len``.
+
+    Decode is bound by HBM: every step reads the TP-sharded bf16 weights and each
+    sequence's KV cache (on average half a sequence long), then pays two all-reduce
+    latencies per layer with TP > 1.
+    """
+    weights = total_parameters(model) * 2 / tp
+    step_bytes = weights + sequences * seq_len / 2 * kv_bytes_per_token_per_gpu(model, tp)
+    step_seconds = step_bytes / cluster.gpu.hbm_bytes_per_s
+    if tp > 1:
+        step_seconds += 2 * model.num_layers * ALL_REDUCE_LATENCY_S
+    return sequences / step_seconds
+
+
 def engine_rejection(model: ModelConfig, tp: int, cluster: Cluster) -> str:
     if tp > cluster.gpus_per_node:
         return f"TP{tp} would span nodes of {cluster.gpus_per_node} GPUs"
@@ -94,14 +110,9 @@ def plan_engines(role: str, model: ModelConfig, cluster: Cluster, seq_len: int,
                 f"sequence at gpu_memory_utilization={gpu_memory_utilization}"))
             continue
         sequences = min(MAX_NUM_SEQS, kv_tokens // seq_len)
-        # Decode is bound by HBM: every step reads the weights and each sequence's KV
-        # cache (on average half a sequence long).
-        step_bytes = weights + sequences * seq_len / 2 * kv_bytes_per_token_per_gpu(model, tp)
-        step_seconds = step_bytes / gpu.hbm_bytes_per_s
-        if tp > 1:
-            step_seconds += 2 * model.num_layers * ALL_REDUCE_LATENCY_S
         replicas = cluster.gpus_per_node // tp
+        per_replica = decode_tokens_per_second(model, cluster, tp, sequences, seq_len)
         plans.append(EnginePlan(role, tp, replicas, weights / GIB, kv_cache / GIB, kv_tokens,
-                                sequences, replicas * sequences / step_seconds))
+                                sequences, replicas * per_replica))
     plans.sort(key=lambda plan: -plan.decode_tokens_per_second_per_node)
     return EngineSearch(role, model.name, plans, rejections)

@@ -1,0 +1,267 @@
+"""The modes of ``tpo-plan`` (search, one layout, run check/calibration), kept apart from
+its argument parser so each reads as one short function."""
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from megatron_tpo.config import ConfigError, ModelConfig, load_model_config, load_parallel_config
+from megatron_tpo.plan.calibration import (apply_calibration, fit_calibration, load_calibration,
+                                           save_calibration)
+from megatron_tpo.plan.emit import emit_plan
+from megatron_tpo.plan.given_layout import assess_layout, layout_from_parallel, parse_layout
+from megatron_tpo.plan.hardware import find_gpu
+from megatron_tpo.plan.iteration import IterationAssumptions, IterationRequest
+from megatron_tpo.plan.iteration_report import format_iteration, iteration_report_dict
+from megatron_tpo.plan.layout_report import format_layout_report, layout_report_dict
+from megatron_tpo.plan.pools import compare_pools
+from megatron_tpo.plan.report import format_report, plan_report_dict
+from megatron_tpo.plan.rollout import plan_engines
+from megatron_tpo.plan.run_check import (check_figures, format_figures, run_model,
+                                         uncomparable_figures)
+from megatron_tpo.plan.run_dir import RunConfig, read_run_config, read_run_dir
+from megatron_tpo.plan.training_search import PlanError, TrainingPlan, search_training
+from megatron_tpo.plan.workload import Assumptions, Cluster, TrainingLayout, Workload
+
+DEFAULT_GPU = "h100-80gb"
+CALIBRATION_FILE = "calibration.yaml"
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    workload: Workload
+    layout: Optional[TrainingLayout]        # --layout / --from: judge this one
+    iteration: Optional[IterationRequest]   # --prompts / --response-tokens
+    iteration_assumptions: IterationAssumptions
+    run_config: Optional[RunConfig]
+
+
+def _read_from_file(path: str):
+    """(RunConfig, None) for a run's config.yaml, (None, ParallelConfig) for a parallel YAML."""
+    try:
+        top = OmegaConf.load(path) if Path(path).is_file() else None
+    except OmegaConfBaseException as error:
+        raise ConfigError(f"{path}: {error}") from error
+    if top is None:
+        raise ConfigError(f"--from {path}: file not found")
+    if "parallel" in top:
+        return read_run_config(path), None
+    return None, load_parallel_config(path)
+
+
+def _cluster(args: argparse.Namespace, run_config: Optional[RunConfig]) -> Cluster:
+    gpu_name = args.gpu or (run_config.hardware if run_config else DEFAULT_GPU)
+    gpu = find_gpu(gpu_name, args.gpu_table)
+    if args.gpus_per_node <= 0:
+        raise ConfigError(f"--gpus-per-node must be positive, got {args.gpus_per_node}")
+    if args.nodes is not None:
+        return Cluster(gpu_name, gpu, args.nodes, args.gpus_per_node)
+    if run_config is None:
+        raise ConfigError("--nodes is required (or --from a run's config.yaml)")
+    per_node = min(args.gpus_per_node, run_config.world_size)
+    if run_config.world_size % per_node:
+        raise ConfigError(f"run.world_size={run_config.world_size} is not a whole number of "
+                          f"{per_node}-GPU nodes; pass --gpus-per-node")
+    return Cluster(gpu_name, gpu, run_config.world_size // per_node, per_node)
+
+
+def _assumptions(args: argparse.Namespace):
+    assumptions = Assumptions(attention=args.attention, logprobs=args.logprobs,
+                              mfu_bf16=args.mfu_bf16, mfu_fp8=args.mfu_fp8,
+                              allow_fp8=not args.no_fp8)
+    iteration = IterationAssumptions(gpu_memory_utilization=args.gpu_memory_utilization)
+    if args.calibration:
+        assumptions, iteration = apply_calibration(load_calibration(args.calibration),
+                                                   assumptions, iteration)
+    return assumptions, iteration
+
+
+def _check_numbers(args: argparse.Namespace, cluster: Cluster, seq_len: int,
+                   global_batch: Optional[int]) -> None:
+    if global_batch is None:
+        raise ConfigError("--global-batch is required (sequences per optimizer step)")
+    for name, value in (("nodes", cluster.nodes), ("seq-len", seq_len),
+                        ("global-batch", global_batch), ("top", args.top)):
+        if value <= 0:
+            raise ConfigError(f"--{name} must be positive, got {value}")
+    if not 0 < args.gpu_memory_utilization <= 1:
+        raise ConfigError("--gpu-memory-utilization must be in (0, 1]")
+    for name in ("mfu_bf16", "mfu_fp8"):
+        if not 0 < getattr(args, name) <= 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be in (0, 1]")
+
+
+def _layout(args: argparse.Namespace, run_config, parallel, world_size: int):
+    if args.layout and args.from_file:
+        raise ConfigError("--layout and --from: give one")
+    if args.layout:
+        return parse_layout(args.layout, world_size, args.recompute or "none", args.fp8)
+    if run_config is not None:
+        return layout_from_parallel(run_config.parallel, world_size,
+                                    args.micro_batch or run_config.micro_batch_sequences,
+                                    args.recompute or run_config.recompute,
+                                    args.fp8 or run_config.train.fp8.enabled)
+    if parallel is not None:
+        return layout_from_parallel(parallel, world_size, args.micro_batch or 1,
+                                    args.recompute or "none", args.fp8)
+    if args.recompute or args.fp8 or args.micro_batch:
+        raise ConfigError("--recompute, --fp8 and --micro-batch describe a given layout: "
+                          "use them with --layout or --from")
+    return None
+
+
+def _iteration(args: argparse.Namespace, model: ModelConfig,
+               run_config: Optional[RunConfig]) -> Optional[IterationRequest]:
+    if args.prompts is None and args.response_tokens is None:
+        return None
+    missing = [f"--{name.replace('_', '-')}" for name in
+               ("prompt_tokens", "thought_tokens", "response_tokens")
+               if getattr(args, name) is None]
+    if args.prompts is None and run_config is None:
+        missing.insert(0, "--prompts")
+    if missing:
+        raise ConfigError(f"the iteration estimate needs {', '.join(missing)}")
+    judge_kind = args.judge_kind or (run_config.judge_kind if run_config else "reward_model")
+    request = IterationRequest(
+        prompts=args.prompts or run_config.prompts_per_iteration,
+        samples=args.samples or (run_config.samples_per_prompt if run_config else 8),
+        prompt_tokens=args.prompt_tokens, thought_tokens=args.thought_tokens,
+        response_tokens=args.response_tokens,
+        judge_kind=judge_kind if judge_kind in ("reward_model", "pairwise") else "reward_model",
+        judge_model=load_model_config(args.judge) if args.judge else model,
+        verdict_tokens=args.verdict_tokens, comparisons_per_prompt=args.comparisons_per_prompt)
+    request.validate()
+    return request
+
+
+def resolve_request(args: argparse.Namespace) -> PlanRequest:
+    run_config, parallel = _read_from_file(args.from_file) if args.from_file else (None, None)
+    if args.model:
+        model = load_model_config(args.model)
+    elif run_config is not None:
+        model = run_config.model
+    else:
+        raise ConfigError("--model is required (or --from a run's config.yaml)")
+    cluster = _cluster(args, run_config)
+    seq_len = args.seq_len or (run_config.max_prompt_tokens + run_config.max_new_tokens
+                               if run_config else None)
+    if seq_len is None:
+        raise ConfigError("--seq-len is required (tokens per sequence the memory must hold)")
+    _check_numbers(args, cluster, seq_len, args.global_batch)
+    if seq_len > model.max_position_embeddings:
+        raise ConfigError(f"--seq-len {seq_len} exceeds {model.name}'s "
+                          f"max_position_embeddings={model.max_position_embeddings}")
+    assumptions, iteration_assumptions = _assumptions(args)
+    workload = Workload(model, cluster, seq_len, args.global_batch, assumptions)
+    return PlanRequest(workload, _layout(args, run_config, parallel, cluster.world_size),
+                       _iteration(args, model, run_config), iteration_assumptions, run_config)
+
+
+def _engines(args: argparse.Namespace, workload: Workload):
+    engines = [plan_engines("policy", workload.model, workload.cluster, workload.seq_len,
+                            args.gpu_memory_utilization)]
+    if args.judge:
+        engines.append(plan_engines("judge", load_model_config(args.judge), workload.cluster,
+                                    workload.seq_len, args.gpu_memory_utilization))
+    return engines
+
+
+def _with_iteration(args, request: PlanRequest, plans: List[TrainingPlan], text: str,
+                    report: dict) -> str:
+    """Append the whole-iteration estimate (if asked for) to the text or JSON report."""
+    if request.iteration is not None:
+        comparison = compare_pools(request.workload, plans, request.iteration,
+                                   request.iteration_assumptions)
+        if args.json:
+            report["iteration"] = iteration_report_dict(comparison, request.iteration,
+                                                        request.iteration_assumptions)
+        else:
+            text += "\n\n" + format_iteration(comparison, request.iteration)
+    return json.dumps(report, indent=2) if args.json else text
+
+
+def search_report(args: argparse.Namespace, request: PlanRequest) -> str:
+    workload = request.workload
+    search = search_training(workload)
+    if not search.plans:
+        summary = search.rejection_summary()[:3]
+        if search.not_runnable:
+            plan, reason = search.not_runnable[0]
+            summary.insert(0, ("fits but not runnable", len(search.not_runnable),
+                               f"{plan.layout.label()}: {reason}"))
+        reasons = "; ".join(f"{count} x {category} (e.g. {example})"
+                            for category, count, example in summary)
+        cluster = workload.cluster
+        raise PlanError(f"no layout of {workload.model.name} fits {cluster.nodes} x "
+                        f"{cluster.gpus_per_node} {cluster.gpu_name}: {reasons}")
+    engines = _engines(args, workload)
+    emitted = (emit_plan(Path(args.emit), workload, search.plans[0], engines,
+                         job_name=f"tpo-{workload.model.name}") if args.emit else [])
+    report = plan_report_dict(workload, search, args.top, args.show_rejected, engines)
+    report["emitted"] = [str(path) for path in emitted]
+    text = format_report(workload, search, args.top, args.show_rejected, engines,
+                         args.gpu_memory_utilization)
+    if emitted:
+        text += "\n\nWrote " + ", ".join(str(path) for path in emitted)
+    return _with_iteration(args, request, search.plans, text, report)
+
+
+def layout_report(args: argparse.Namespace, request: PlanRequest) -> str:
+    workload = request.workload
+    assessment = assess_layout(workload, request.layout)
+    # The iteration runs on this layout if it runs, else on the smallest fix.
+    plans = [assessment.plan] if assessment.runs else [fix.plan for fix in assessment.fixes[:1]]
+    text = format_layout_report(workload, assessment)
+    report = layout_report_dict(workload, assessment)
+    if args.emit:
+        if not assessment.runs:
+            raise ConfigError("--emit: this layout cannot run (see the report without --emit)")
+        emitted = emit_plan(Path(args.emit), workload, assessment.plan,
+                            _engines(args, workload), job_name=f"tpo-{workload.model.name}")
+        report["emitted"] = [str(path) for path in emitted]
+        text += "\n\nWrote " + ", ".join(str(path) for path in emitted)
+    return _with_iteration(args, request, plans, text, report)
+
+
+def run_dir_report(args: argparse.Namespace) -> str:
+    """``--check RUN_DIR`` or ``--calibrate RUN_DIR``."""
+    run_dir = Path(args.check or args.calibrate)
+    config, metrics = read_run_dir(run_dir)
+    gpu_name = args.gpu or config.hardware
+    try:
+        cluster = _cluster(argparse.Namespace(**dict(vars(args), gpu=gpu_name, nodes=None)),
+                           config)
+    except ConfigError as error:
+        if args.calibrate:
+            raise ConfigError(f"cannot calibrate {run_dir}: {error}") from error
+        return _check_text(run_dir, config, uncomparable_figures(
+            metrics, f"no estimate: {error}"), args)
+    assumptions, iteration_assumptions = _assumptions(args)
+    model = run_model(config, metrics, cluster, assumptions, iteration_assumptions)
+    if args.check:
+        return _check_text(run_dir, config, check_figures(model, metrics), args)
+    calibration, notes = fit_calibration(model, metrics, source=str(run_dir))
+    path = save_calibration(calibration, args.calibration_out or run_dir / CALIBRATION_FILE)
+    fitted = {name: getattr(calibration, name) for name in
+              ("mfu_bf16", "mfu_fp8", "decode_efficiency")}
+    if args.json:
+        return json.dumps({"calibration": str(path), "fitted": fitted, "notes": notes}, indent=2)
+    lines = [f"tpo-plan --calibrate {run_dir} on {calibration.hardware}: wrote {path}"]
+    lines += [f"  {name}: {'-' if value is None else f'{value:.4f}'}" for name, value in fitted.items()]
+    return "\n".join(lines + [f"  {note}" for note in notes])
+
+
+def _check_text(run_dir: Path, config: RunConfig, figures, args: argparse.Namespace) -> str:
+    if args.json:
+        return json.dumps({"run_dir": str(run_dir), "figures": [
+            {"name": f.name, "unit": f.unit, "estimate": f.estimate, "measured": f.measured,
+             "relative_error": f.relative_error, "note": f.note} for f in figures]}, indent=2)
+    header = (f"tpo-plan --check {run_dir}: {config.model.name}, {config.world_size} x "
+              f"{args.gpu or config.hardware}, layout TP{config.parallel.tensor_model_parallel_size}"
+              f" PP{config.parallel.pipeline_model_parallel_size}")
+    return "\n".join([header] + format_figures(figures))
