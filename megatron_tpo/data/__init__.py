@@ -8,11 +8,11 @@ from megatron_tpo.data.prompts import (PromptFileError, PromptSetConfig, check_j
                                        iteration_prompts, load_prompt_set_config, load_prompts,
                                        read_instructions)
 from megatron_tpo.data.storage import STAGES, IterationStore, config_hash
-from megatron_tpo.data.thought_templates import (BUILTIN_TEMPLATES, GENERIC, SPECIFIC,
+from megatron_tpo.data.thought_templates import (BUILTIN_TEMPLATES, DIRECT, GENERIC, SPECIFIC,
                                                  ThoughtTemplate, load_thought_template)
 
 __all__ = [
-    "BUILTIN_TEMPLATES", "GENERIC", "IterationStore", "ParseError", "ParseFailure",
+    "BUILTIN_TEMPLATES", "DIRECT", "GENERIC", "IterationStore", "ParseError", "ParseFailure",
     "PromptFileError", "PromptSetConfig", "SPECIFIC", "STAGES", "ThoughtResponse",
     "ThoughtTemplate", "apply_thought_chat_template", "check_jsonl", "clean_instructions",
     "config_hash", "filter_by_token_length", "iteration_prompts", "load_prompts",

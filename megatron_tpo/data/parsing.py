@@ -33,6 +33,10 @@ class ParseError(ValueError):
 def parse_thought_response(text: str, template: ThoughtTemplate) -> ThoughtResponse:
     """Thought and response of ``text``; raises ``ParseError`` with the failure reason."""
     marker = template.response_marker
+    if marker is None:  # a direct response: nothing to split off
+        if not text.strip():
+            raise ParseError(ParseFailure.EMPTY_RESPONSE)
+        return ThoughtResponse(thought="", response=text.strip())
     occurrences = text.count(marker)
     if occurrences == 0:
         raise ParseError(ParseFailure.NO_RESPONSE_MARKER)

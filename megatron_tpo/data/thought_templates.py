@@ -20,8 +20,9 @@ class ThoughtTemplate:
     # The user turn; ``{instruction}`` is replaced by the instruction, nothing else is
     # formatted, so braces in instructions or prompts are safe.
     prompt: str = ""
-    # The text after which the response starts; exactly one occurrence is required.
-    response_marker: str = ""
+    # The text after which the response starts; exactly one occurrence is required. None
+    # means no thought at all (the direct-response baseline): the whole output is the response.
+    response_marker: Optional[str] = ""
     # Text that opens the thought; stripped from the thought when present.
     thought_marker: Optional[str] = None
     # Sent as the system turn instead of the user turn when set (the paper's "System"
@@ -29,8 +30,9 @@ class ThoughtTemplate:
     system_prompt: Optional[str] = None
 
     def validate(self) -> None:
-        if not self.response_marker:
-            raise ConfigError(f"thought template {self.name!r}: response_marker is empty")
+        if self.response_marker == "":
+            raise ConfigError(f"thought template {self.name!r}: response_marker is empty (null "
+                              "asks for direct responses without a thought)")
         if self.system_prompt is None and INSTRUCTION_FIELD not in self.prompt:
             raise ConfigError(f"thought template {self.name!r}: prompt has no "
                               f"{INSTRUCTION_FIELD} placeholder")
@@ -41,29 +43,18 @@ class ThoughtTemplate:
         return self.prompt.replace(INSTRUCTION_FIELD, instruction)
 
 
-# Wording of Figure 2 of Wu et al. 2024 ("Thinking LLMs"), the generic thought prompt.
-GENERIC = ThoughtTemplate(
-    name="generic",
-    prompt=('Respond to the following user query in a comprehensive and detailed way. You can '
-            'write down your thought process before responding. Write your thoughts after '
-            '"Here is my thought process:" and write your response after "Here is my '
-            'response:".\n\nUser query: {instruction}'),
-    thought_marker="Here is my thought process:",
-    response_marker="Here is my response:",
-)
+def _shipped(name: str) -> ThoughtTemplate:
+    template = load_structured(ThoughtTemplate, CONFIG_DIR / "thought" / f"{name}.yaml")
+    template.validate()
+    return template
 
-# The "specific" prompt of the paper's arXiv version: a draft and its evaluation in the
-# thought, the final response after <R>.
-SPECIFIC = ThoughtTemplate(
-    name="specific",
-    prompt=('Respond to the following user query in a comprehensive and detailed way. But '
-            'first write down your internal thoughts. This must include your draft response '
-            'and its evaluation. After this, write your final response after "<R>".\n\n'
-            'User query: {instruction}'),
-    response_marker="<R>",
-)
 
-BUILTIN_TEMPLATES = {t.name: t for t in (GENERIC, SPECIFIC)}
+# The paper's prompts (generic: its Figure 2; specific: its arXiv version) and the
+# direct-response baseline live in configs/thought/, which is also tpo-run's `thought` group.
+GENERIC = _shipped("generic")
+SPECIFIC = _shipped("specific")
+DIRECT = _shipped("direct")
+BUILTIN_TEMPLATES = {t.name: t for t in (GENERIC, SPECIFIC, DIRECT)}
 
 
 def load_thought_template(name_or_path: Union[str, Path]) -> ThoughtTemplate:
