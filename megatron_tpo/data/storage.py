@@ -1,4 +1,5 @@
-"""Per-iteration stage outputs (rollouts, judgments, pairs) as Parquet with a manifest.
+"""Per-iteration stage outputs (held-out evaluation, rollouts, judgments, pairs, reference
+log-probs) as Parquet with a manifest.
 
 Layout: ``<root>/iteration_<t>/<stage>.parquet`` and ``<stage>.manifest.json``. Both are
 written under a temporary name in the same directory, fsynced and renamed, the manifest
@@ -12,12 +13,74 @@ import os
 import tempfile
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, TypedDict
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-STAGES = ("rollouts", "judgments", "pairs")
+# In the order a TPO iteration produces them.
+STAGES = ("heldout", "rollouts", "judgments", "pairs", "reference")
+
+
+class RolloutRow(TypedDict):
+    """One of the K samples of one prompt, e.g. prompt 3, sample 1::
+
+        {"prompt_id": 3, "sample_index": 1, "instruction": "Add 12, 40 and 7.",
+         "prompt_text": "<|begin_of_text|>...", "prompt_token_ids": [1, 5, ...],
+         "output": "Here is my thought process: ... Here is my response: The answer is 59.",
+         "output_token_ids": [88, 12, ...], "finish_reason": "stop",
+         "thought": "...", "response": "The answer is 59.", "parse_ok": True,
+         "parse_failure": None}
+    """
+
+    prompt_id: int
+    sample_index: int
+    instruction: str
+    prompt_text: str
+    prompt_token_ids: List[int]
+    output: str
+    output_token_ids: List[int]
+    finish_reason: str            # "stop" or "length" (cut at max_new_tokens)
+    thought: Optional[str]
+    response: Optional[str]
+    parse_ok: bool
+    parse_failure: Optional[str]  # a ParseFailure value when parse_ok is False
+
+
+class JudgmentRow(TypedDict, total=False):
+    """The judge's score of one judged sample (judge-specific extras may follow)."""
+
+    prompt_id: int
+    sample_index: int
+    score: float
+    response_length: int          # in length_control.unit
+
+
+class PairRow(TypedDict, total=False):
+    """One prompt's preference pair: full outputs (thought + response) and their token ids.
+
+    The ``reference`` stage stores the same rows with ``reference_chosen`` and
+    ``reference_rejected``: sequence log-probs under M_t, the iteration's frozen reference.
+    """
+
+    prompt_id: int
+    instruction: str
+    prompt_text: str
+    prompt_token_ids: List[int]
+    chosen: str
+    rejected: str
+    chosen_token_ids: List[int]
+    rejected_token_ids: List[int]
+    chosen_index: int
+    rejected_index: int
+    chosen_score: float
+    rejected_score: Optional[float]   # None when the rejected output was invalid
+    rejected_reason: str              # "judged", "parse_failure" or "truncated"
+    score_margin: float
+    length_margin: float
+    controlled_margin: float
+    reference_chosen: float
+    reference_rejected: float
 
 
 def config_hash(config: Any) -> str:

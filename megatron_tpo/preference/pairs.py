@@ -25,28 +25,39 @@ class SelectedPair:
     chosen_index: int
     rejected_index: int
     chosen_score: float
-    rejected_score: float
-    score_margin: float            # raw judge score, chosen minus rejected
-    length_margin: float           # response length, chosen minus rejected
-    controlled_margin: float       # length-controlled score, chosen minus rejected
+    # The three below are None when the rejected sample is an invalid, unjudged output.
+    rejected_score: Optional[float]
+    score_margin: Optional[float]      # raw judge score, chosen minus rejected
+    length_margin: Optional[float]     # response length, chosen minus rejected
+    controlled_margin: Optional[float] # length-controlled score, chosen minus rejected
 
 
 SKIP_TOO_FEW_SAMPLES = "fewer_than_two_parsed"
 SKIP_EQUAL_SCORES = "all_scores_equal"
 
 
-def select_pair(samples: PromptSamples, rho: float) -> Tuple[Optional[SelectedPair], Optional[str]]:
-    """The pair of one prompt, or ``None`` and why it was skipped."""
-    if len(samples.scores) < 2:
+def select_pair(samples: PromptSamples, rho: float, rejectable: Sequence[int] = ()
+                ) -> Tuple[Optional[SelectedPair], Optional[str]]:
+    """The pair of one prompt, or ``None`` and why it was skipped.
+
+    ``rejectable`` lists sample indices of invalid (unjudged) outputs that may serve as the
+    rejected side; the first of them is preferred to the worst judged sample, since an
+    output that broke the format is worse than any that kept it.
+    """
+    if len(samples.scores) < (1 if rejectable else 2):
         return None, SKIP_TOO_FEW_SAMPLES
     scores = np.asarray(samples.scores, dtype=np.float64)
     # Equal scores carry no preference; length control alone would otherwise always pick
     # the shortest response as chosen.
-    if np.all(scores == scores[0]):
+    if not rejectable and np.all(scores == scores[0]):
         return None, SKIP_EQUAL_SCORES
     lengths = np.asarray(samples.lengths, dtype=np.float64)
     controlled = length_controlled_scores(scores, lengths, rho)
-    best, worst = int(np.argmax(controlled)), int(np.argmin(controlled))
+    best = int(np.argmax(controlled))
+    if rejectable:
+        return SelectedPair(samples.prompt_id, int(samples.sample_indices[best]),
+                            int(rejectable[0]), float(scores[best]), None, None, None, None), None
+    worst = int(np.argmin(controlled))
     return SelectedPair(
         prompt_id=samples.prompt_id,
         chosen_index=int(samples.sample_indices[best]),

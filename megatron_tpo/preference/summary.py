@@ -4,15 +4,17 @@
 rho until chosen responses are, on average, not longer than rejected ones.
 """
 
-from typing import Dict, Sequence
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 
 from megatron_tpo.preference.from_rollouts import IterationData
 
 
-def _mean(values: Sequence[float]) -> float:
-    return float(np.mean(values)) if len(values) else float("nan")
+def _mean(values: Sequence[Optional[float]]) -> float:
+    """Mean of the known values (a pair against an invalid output has no margins)."""
+    known = [value for value in values if value is not None]
+    return float(np.mean(known)) if known else float("nan")
 
 
 def iteration_summary(data: IterationData) -> Dict[str, float]:
