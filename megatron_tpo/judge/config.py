@@ -31,6 +31,9 @@ class RewardModelJudgeConfig:
 
 @dataclass
 class PairwiseJudgeConfig:
+    # The judge model (an HF checkpoint directory) served by its own engine built like the
+    # policy's; null: the policy judges its own samples (Self-Taught-Evaluator style).
+    model: Optional[str] = None
     score_method: str = "bradley_terry"      # bradley_terry | win_rate
     max_pairs_per_prompt: Optional[int] = None   # null: all K*(K-1)/2 pairs
     bradley_terry_prior: float = 0.5         # virtual wins per side of a pair

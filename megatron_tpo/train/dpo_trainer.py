@@ -66,6 +66,11 @@ class DPOTrainer:
             clip_grad=training.clip_grad))
         self.scheduler = warmup_decay_scheduler(self.optimizer, training)
 
+    def restart_lr_schedule(self) -> None:
+        """Warm up and decay again from step 0: each TPO iteration is its own DPO run
+        (against its own reference M_t); Adam's moments carry over."""
+        self.scheduler = warmup_decay_scheduler(self.optimizer, self.training)
+
     def micro_batches(self, pairs: Sequence[TokenizedPair]) -> List[PairMicroBatch]:
         batches = pair_micro_batches(pairs, self.training.micro_batch_pairs,
                                      self.training.pad_to_multiple_of,

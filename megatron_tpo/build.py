@@ -1,0 +1,137 @@
+"""``build_tpo``: everything one rank needs for the loop, built once, checked before work.
+
+Call it on every rank after ``init_megatron``. Rank 0 converts M_0 from the HF layout
+for the trainer's tensor-parallel size (once per run directory) while the others wait.
+"""
+
+import json
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+from typing import List
+
+from megatron_tpo.config.errors import ConfigError
+from megatron_tpo.config.tpo import TPOConfig, write_resolved_config
+from megatron_tpo.data.prompts import (PromptSetConfig, clean_instructions, load_prompts,
+                                      read_instructions)
+from megatron_tpo.data.storage import IterationStore, config_hash
+from megatron_tpo.loop import TPOParts
+from megatron_tpo.parallel.collectives import barrier, is_rank_zero
+from megatron_tpo.parallel.preemption import PreemptionGuard
+from megatron_tpo.report.metrics import RunMetrics
+
+DIGEST_FILE = "config_digest.json"
+
+
+def build_tpo(config: TPOConfig) -> TPOParts:
+    from transformers import AutoTokenizer
+
+    from megatron_tpo.checkpoint import TrainingCheckpointer
+    from megatron_tpo.rollout.factory import build_rollout_engine
+    from megatron_tpo.train.dpo_trainer import DPOTrainer
+
+    run_dir = Path(config.run.dir)
+    digest = claim_run_dir(config, run_dir)
+    tokenizer = AutoTokenizer.from_pretrained(config.run.policy)
+    prompts = training_prompts(config, tokenizer)
+    heldout = heldout_prompts(config)
+    engine = build_rollout_engine(config.rollout, config.run.policy, tokenizer)
+    judge = build_rank_zero_judge(config, engine, tokenizer) if is_rank_zero() else None
+    trainer = DPOTrainer(config.model, config.parallel, config.train,
+                         shard_root=str(initial_weights(config, run_dir)))
+    return TPOParts(
+        config=config, digest=digest, tokenizer=tokenizer, engine=engine, judge=judge,
+        trainer=trainer,
+        checkpointer=TrainingCheckpointer(run_dir / "checkpoints", config.checkpoint),
+        store=IterationStore(run_dir / "stages"),
+        metrics=RunMetrics(run_dir, enabled=is_rank_zero(), tensorboard=config.run.tensorboard,
+                           wandb_project=config.run.wandb_project, config=asdict(config)),
+        preemption=PreemptionGuard(), prompts=prompts, heldout=heldout,
+        engine_tensor_parallel_size=(config.rollout.vllm.tensor_parallel_size
+                                     if config.rollout.engine == "vllm" else 1))
+
+
+def build_rank_zero_judge(config: TPOConfig, policy_engine, tokenizer):
+    """The judge lives on rank 0; a pairwise judge generates through its own model's engine,
+    or through the policy's when ``judge.pairwise.model`` is null."""
+    from transformers import AutoTokenizer
+
+    from megatron_tpo.judge.factory import build_judge
+    from megatron_tpo.rollout.factory import build_rollout_engine
+
+    judge_model = config.judge.pairwise.model if config.judge.kind == "pairwise" else None
+    if judge_model is None:
+        return build_judge(config.judge, engine=policy_engine, judge_tokenizer=tokenizer)
+    judge_tokenizer = AutoTokenizer.from_pretrained(judge_model)
+    engine = build_rollout_engine(config.rollout, judge_model, judge_tokenizer)
+    return build_judge(config.judge, engine=engine, judge_tokenizer=judge_tokenizer)
+
+
+def claim_run_dir(config: TPOConfig, run_dir: Path) -> str:
+    """The digest of the settings that decide stage outputs; a run directory written with
+    other settings is refused (naming them) instead of mixing two runs' samples."""
+    digest_fields = config.digest_fields()
+    digest = config_hash(digest_fields)
+    path = run_dir / DIGEST_FILE
+    if path.is_file():
+        before = json.loads(path.read_text())
+        if before["digest"] != digest:
+            changed = sorted(_changed_keys(before["fields"], json.loads(
+                json.dumps(digest_fields, default=str))))
+            raise ConfigError(f"run.dir={run_dir} holds a run made with other settings "
+                              f"({', '.join(changed[:6])}); resume it with those settings, or "
+                              "give this run another run.dir")
+    barrier()  # every rank has compared before rank 0 writes
+    if is_rank_zero():
+        write_resolved_config(config, run_dir)
+        path.write_text(json.dumps({"digest": digest, "fields": digest_fields}, indent=1,
+                                   default=str))
+    return digest
+
+
+def _changed_keys(before, now, prefix="") -> List[str]:
+    if isinstance(before, dict) and isinstance(now, dict):
+        keys = set(before) | set(now)
+        return [k for key in keys for k in _changed_keys(before.get(key), now.get(key),
+                                                           f"{prefix}{key}.")]
+    return [] if before == now else [prefix.rstrip(".")]
+
+
+def training_prompts(config: TPOConfig, tokenizer) -> List[str]:
+    prompts = load_prompts(config.prompts, tokenizer)
+    needed = config.run.iterations * config.prompts.prompts_per_iteration
+    if needed > len(prompts):
+        raise ConfigError(f"run.iterations={config.run.iterations} x prompts."
+                          f"prompts_per_iteration={config.prompts.prompts_per_iteration} needs "
+                          f"{needed} new instructions, but {config.prompts.path} has "
+                          f"{len(prompts)} after cleaning and length filtering")
+    return prompts
+
+
+def heldout_prompts(config: TPOConfig) -> List[str]:
+    settings = config.evaluation
+    if not settings.num_prompts:
+        return []
+    instructions = clean_instructions(read_instructions(
+        PromptSetConfig(path=settings.path, field=settings.field)))
+    if len(instructions) < settings.num_prompts:
+        raise ConfigError(f"evaluation.num_prompts={settings.num_prompts}, but {settings.path} "
+                          f"has {len(instructions)} distinct instructions")
+    return instructions[:settings.num_prompts]
+
+
+def initial_weights(config: TPOConfig, run_dir: Path) -> Path:
+    """M_0 in the trainer's per-rank layout, converted once by rank 0."""
+    from megatron_tpo.model.conversion import hf_to_mcore
+    from megatron_tpo.model.mcore_shards import MANIFEST
+
+    tp = config.parallel.tensor_model_parallel_size
+    pp = config.parallel.pipeline_model_parallel_size
+    destination = run_dir / "initial_weights" / f"tp{tp}_pp{pp}"
+    if is_rank_zero() and not (destination / MANIFEST).is_file():
+        shutil.rmtree(destination, ignore_errors=True)  # a conversion cut short
+        hf_to_mcore(Path(config.run.policy), destination, tp, pp,
+                    make_vocab_size_divisible_by=config.model.make_vocab_size_divisible_by,
+                    progress=False)
+    barrier()
+    return destination

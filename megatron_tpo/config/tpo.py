@@ -1,0 +1,165 @@
+"""The root config of a TPO run: every group of ``configs/`` in one typed tree.
+
+``tpo-run`` composes it with Hydra (``configs/tpo.yaml`` and its groups, plus
+``experiment=...`` and command-line overrides), turns it into ``TPOConfig`` and calls
+``validate(world_size)`` before any process group, weight or prompt is touched.
+"""
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+from megatron_tpo.checkpoint import CheckpointConfig
+from megatron_tpo.config.errors import ConfigError
+from megatron_tpo.config.model import ModelConfig
+from megatron_tpo.config.parallel import ParallelConfig
+from megatron_tpo.config.training import DPOTrainingConfig
+from megatron_tpo.data.prompts import PromptSetConfig
+from megatron_tpo.data.thought_templates import ThoughtTemplate
+from megatron_tpo.judge.config import JudgeConfig
+from megatron_tpo.preference.from_rollouts import PreferenceConfig
+from megatron_tpo.rollout.config import RolloutConfig
+from megatron_tpo.rollout.weight_sync import WeightSyncConfig
+
+
+@dataclass(kw_only=True)
+class EvaluationConfig:
+    """Held-out instructions the policy answers greedily before every iteration and after
+    the last: the run's judged score of M_t and its win rate against M_0."""
+
+    path: str = ""
+    """A prompt file as in the ``prompts`` group (.jsonl/.parquet/.arrow or a saved dataset)."""
+    field: str = "instruction"
+    num_prompts: int = 64
+    """The first this many (after dropping empty and repeated ones); 0 turns evaluation off."""
+    failure_score: float = 0.0
+    """The score of a held-out output that does not parse (it is never shown to the judge)."""
+
+    def validate(self) -> None:
+        if self.num_prompts < 0:
+            raise ConfigError(f"evaluation.num_prompts={self.num_prompts}: must be >= 0")
+        if self.num_prompts and not self.path:
+            raise ConfigError("evaluation.path is empty (set evaluation.num_prompts=0 to run "
+                              "without a held-out evaluation)")
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    name: str = "tpo"
+    dir: str = "runs/tpo"
+    """The run directory: stage outputs, checkpoints, metrics, plots and summary.json."""
+    policy: str = ""
+    """M_0: a Hugging Face checkpoint directory (weights, config.json, tokenizer)."""
+    iterations: int = 3
+    seed: int = 0
+    pairs_per_step: int = 8
+    """Preference pairs per optimizer step over all data-parallel ranks."""
+    tensorboard: bool = True
+    wandb_project: Optional[str] = None
+    """Also log to Weights & Biases under this project (needs `wandb` installed)."""
+    hardware: str = "cpu"
+    """A configs/hardware/gpus.yaml name, recorded for `tpo-plan --check`."""
+
+    def validate(self) -> None:
+        if not self.policy:
+            raise ConfigError("run.policy is empty: give the HF checkpoint directory of M_0")
+        if not (Path(self.policy) / "config.json").is_file():
+            raise ConfigError(f"run.policy={self.policy}: no config.json there; not a Hugging "
+                              "Face checkpoint directory")
+        for name in ("iterations", "pairs_per_step"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"run.{name}={getattr(self, name)}: must be >= 1")
+
+
+@dataclass(kw_only=True)
+class TPOConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: DPOTrainingConfig = field(default_factory=DPOTrainingConfig)
+    """One iteration's DPO: ``train_steps`` steps, with their own warm-up and decay."""
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    thought: ThoughtTemplate = field(default_factory=ThoughtTemplate)
+    """The thought prompt; ``thought=direct`` is the direct-response baseline."""
+    prompts: PromptSetConfig = field(default_factory=PromptSetConfig)
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def validate(self, world_size: Optional[int] = None) -> None:
+        """Every group's own check, then the checks across groups; before any work."""
+        self.parallel.validate(self.model, world_size)
+        for group in (self.train, self.rollout, self.judge, self.thought, self.prompts,
+                      self.preference, self.evaluation, self.checkpoint, self.weight_sync,
+                      self.run):
+            group.validate()
+        check_policy_matches_model(self.run.policy, self.model)
+        self._check_files_exist()
+        longest = self.prompts.max_tokens + self.rollout.sampling.max_new_tokens
+        if longest > self.model.max_position_embeddings:
+            raise ConfigError(
+                f"prompts.max_tokens={self.prompts.max_tokens} + rollout.sampling.max_new_tokens="
+                f"{self.rollout.sampling.max_new_tokens} exceeds model.max_position_embeddings="
+                f"{self.model.max_position_embeddings}")
+        if world_size is not None:
+            data_parallel = self.parallel.data_parallel_size(world_size)
+            per_step = data_parallel * self.train.micro_batch_pairs
+            if self.run.pairs_per_step % per_step:
+                raise ConfigError(
+                    f"run.pairs_per_step={self.run.pairs_per_step} is not a multiple of data "
+                    f"parallel size {data_parallel} * train.micro_batch_pairs="
+                    f"{self.train.micro_batch_pairs}")
+
+    def _check_files_exist(self) -> None:
+        from megatron_tpo.data.prompts import FORMATS
+
+        files = {"prompts.path": self.prompts.path}
+        if self.evaluation.num_prompts:
+            files["evaluation.path"] = self.evaluation.path
+        if self.judge.kind == "exact_answer":
+            files["judge.exact_answer.answers_path"] = self.judge.exact_answer.answers_path
+        for key, path in files.items():
+            if Path(path).suffix in FORMATS and not Path(path).is_file():
+                raise ConfigError(f"{key}={path}: file not found")
+
+    def digest_fields(self) -> Dict[str, Any]:
+        """What decides the stage outputs: everything but how long the run goes on and where
+        it logs, so a run resumed with more iterations keeps its finished stages."""
+        plain = asdict(self)
+        for key in ("iterations", "tensorboard", "wandb_project", "hardware"):
+            plain["run"].pop(key)
+        return plain
+
+
+# The architecture fields a policy checkpoint must agree on with the model group.
+_ARCHITECTURE_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                        "num_query_groups", "vocab_size", "tie_word_embeddings")
+
+
+def check_policy_matches_model(policy: str, model: ModelConfig) -> None:
+    from megatron_tpo.model.hf_config import model_config_from_hf, read_hf_config_dict
+
+    from_checkpoint = model_config_from_hf(read_hf_config_dict(Path(policy)))
+    for name in _ARCHITECTURE_FIELDS:
+        ours, theirs = getattr(model, name), getattr(from_checkpoint, name)
+        if ours != theirs:
+            raise ConfigError(f"model.{name}={ours}, but run.policy={policy} has {theirs}; pick "
+                              "the model config that describes the checkpoint")
+
+
+def register_with_hydra() -> None:
+    """Make ``tpo_schema`` (this dataclass) the base of ``configs/tpo.yaml``."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="tpo_schema", node=TPOConfig)
+
+
+def write_resolved_config(config: TPOConfig, run_dir: Path) -> None:
+    from omegaconf import OmegaConf
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(config)))
+    (run_dir / "config.json").write_text(json.dumps(asdict(config), indent=2, default=str))

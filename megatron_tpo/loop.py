@@ -1,0 +1,213 @@
+"""Thought Preference Optimization: the loop, as the paper's algorithm reads.
+
+    M_0 = the instruction-tuned policy
+    for t = 0 .. T-1:
+        score M_t on held-out instructions (its judged score, its win rate against M_0)
+        K thought+response samples of M_t for this iteration's new instructions
+        parse each into thought and response; the judge scores the responses only
+        length-controlled scores pick a best and a worst sample per instruction
+        reference log-probs of every pair under M_t; DPO on thought+response -> M_{t+1}
+        checkpoint M_{t+1}; push its weights into the rollout engine (checked)
+    score M_T on held-out instructions
+
+Every rank runs this same code (one ``srun`` or ``torchrun``): all ranks are trainer
+ranks and each holds a rollout-engine replica; the judge lives on rank 0. Each stage's
+rows land atomically in ``IterationStore``; a restarted run reads finished stages back
+and resumes training from the newest checkpoint, so no sample is lost or duplicated.
+"""
+
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, List, Optional, Tuple
+
+from megatron_tpo.config.tpo import TPOConfig
+from megatron_tpo.data.chat import apply_thought_chat_template
+from megatron_tpo.data.prompts import iteration_prompts
+from megatron_tpo.data.storage import IterationStore
+from megatron_tpo.evaluation.heldout import score_heldout
+from megatron_tpo.judge.base import Judge
+from megatron_tpo.parallel.collectives import (barrier, derived_seed, generate_on_all_ranks,
+                                               is_rank_zero)
+from megatron_tpo.parallel.preemption import Preempted, PreemptionGuard, crash_point
+from megatron_tpo.preference.from_rollouts import judge_rollouts, preference_pairs, rollout_rows
+from megatron_tpo.report.metrics import RunMetrics
+from megatron_tpo.report.plots import plot_iterations
+from megatron_tpo.report.summary import (iteration_record, last_per_iteration, run_summary,
+                                         write_summary)
+from megatron_tpo.rollout.engine import RolloutEngine, SamplingParams
+from megatron_tpo.rollout.weight_sync import push_weights
+from megatron_tpo.train.dpo_batch import TokenizedPair
+from megatron_tpo.train.pair_schedule import pairs_for_step
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TPOParts:
+    """What ``megatron_tpo.build.build_tpo`` assembles for one rank."""
+
+    config: TPOConfig
+    digest: str                     # of the settings that decide stage outputs
+    tokenizer: object
+    engine: RolloutEngine           # this rank's replica
+    judge: Optional[Judge]          # rank 0 only
+    trainer: object                 # DPOTrainer
+    checkpointer: object            # TrainingCheckpointer
+    store: IterationStore
+    metrics: RunMetrics
+    preemption: PreemptionGuard
+    prompts: List[str]              # the whole training instruction set
+    heldout: List[str]
+    engine_tensor_parallel_size: int = 1   # ranks per engine replica
+
+
+def run_tpo(parts: TPOParts) -> dict:
+    """Run (or resume) the configured iterations; returns the run summary on every rank."""
+    config = parts.config
+    iteration, step = resume(parts)
+    for t in range(iteration, config.run.iterations):
+        run_iteration(parts, t, first_step=step if t == iteration else 0)
+    evaluate_heldout(parts, config.run.iterations)
+    summary = run_summary(parts.store, parts.metrics.records("iteration"),
+                          config.run.iterations, config.thought.name)
+    if is_rank_zero():
+        write_summary(summary, Path(config.run.dir) / "summary.json")
+    return summary
+
+
+def resume(parts: TPOParts) -> Tuple[int, int]:
+    """Restore the newest checkpoint (if any) and give the engine exactly those weights."""
+    trainer = parts.trainer
+    state = parts.checkpointer.load_latest(trainer.ddp_chunks, trainer.optimizer,
+                                           trainer.scheduler) or {}
+    with parts.metrics.timer("timing/weight_sync"):
+        push_weights(parts.engine, trainer.ddp_chunks, parts.config.model, parts.config.weight_sync)
+    return state.get("iteration", 0), state.get("step_in_iteration", 0)
+
+
+def run_iteration(parts: TPOParts, t: int, first_step: int = 0) -> None:
+    config, metrics = parts.config, parts.metrics
+    evaluate_heldout(parts, t)
+    instructions = iteration_prompts(parts.prompts, t, config.prompts.prompts_per_iteration,
+                                     config.prompts.seed)
+    with metrics.timer("timing/rollout"):
+        rollouts = stage(parts, t, "rollouts", lambda: generate_rollouts(parts, instructions, t))
+    with metrics.timer("timing/judge"):
+        judgments = stage(parts, t, "judgments", lambda: judge_rollouts(
+            rollouts, parts.judge, config.judge.length_control, parts.tokenizer), on="rank0")
+    pairs = stage(parts, t, "pairs", lambda: preference_pairs(
+        rollouts, judgments, config.judge.length_control.rho, config.preference), on="rank0")
+    parts.engine.sleep()  # the trainer gets the accelerator memory
+    with metrics.timer("timing/reference_logprobs"):
+        reference = stage(parts, t, "reference", lambda: reference_logprobs(parts.trainer, pairs))
+    with metrics.timer("timing/train"):
+        train_on_pairs(parts, t, reference, first_step)
+    with metrics.timer("timing/checkpoint"):
+        save_checkpoint(parts, t + 1, step_in_iteration=0)
+    parts.engine.wake()
+    with metrics.timer("timing/weight_sync"):
+        sync = push_weights(parts.engine, parts.trainer.ddp_chunks, config.model,
+                            config.weight_sync)
+    metrics.end_iteration(t, iteration_record(parts.store, t, sync))
+    if is_rank_zero():
+        plot_iterations({config.thought.name: last_per_iteration(metrics.records("iteration"))},
+                        Path(config.run.dir) / "iterations.png")
+
+
+def stage(parts: TPOParts, t: int, name: str, compute: Callable, on: str = "all") -> list:
+    """This stage's rows: read back when the store holds them (a resumed run), else computed
+    (on every rank, or on rank 0 alone with ``on="rank0"``) and written by rank 0."""
+    store, digest = parts.store, parts.digest
+    if not store.is_finished(t, name, digest):
+        rows, counts = compute() if (on == "all" or is_rank_zero()) else ([], {})
+        if is_rank_zero():
+            store.write(t, name, rows, seed=parts.config.run.seed, config_digest=digest,
+                        counts=counts)
+            parts.metrics.log({f"{name}/{key}": value for key, value in counts.items()}, step=t)
+        crash_point(t, name)
+        barrier()
+    return store.read(t, name)
+
+
+def chat_prompts(parts: TPOParts, instructions: List[str]) -> List[str]:
+    return [apply_thought_chat_template(parts.tokenizer, instruction, parts.config.thought)
+            for instruction in instructions]
+
+
+def generate_rollouts(parts: TPOParts, instructions: List[str], t: int):
+    """K samples of M_t per instruction, each parsed into thought and response."""
+    sampling = replace(parts.config.rollout.sampling,
+                       seed=derived_seed(parts.config.run.seed, t, "rollouts"))
+    outputs = generate_on_all_ranks(parts.engine, chat_prompts(parts, instructions), sampling,
+                                    parts.engine_tensor_parallel_size)
+    return rollout_rows(instructions, outputs, parts.config.thought)
+
+
+def evaluate_heldout(parts: TPOParts, t: int) -> None:
+    """Greedy answers of M_t to the held-out instructions, judged against M_0's."""
+    if not parts.heldout:
+        return
+    config = parts.config
+
+    def answer_and_judge():
+        greedy = SamplingParams(n=1, temperature=0.0, top_p=1.0,
+                                max_new_tokens=config.rollout.sampling.max_new_tokens,
+                                stop=config.rollout.sampling.stop,
+                                stop_token_ids=config.rollout.sampling.stop_token_ids)
+        outputs = generate_on_all_ranks(parts.engine, chat_prompts(parts, parts.heldout), greedy,
+                                        parts.engine_tensor_parallel_size)
+        answers, failures = rollout_rows(parts.heldout, outputs, config.thought)
+        if not is_rank_zero():
+            return [], {}
+        first = answers if t == 0 else parts.store.read(0, "heldout")
+        return score_heldout(answers, first, parts.judge, config.evaluation.failure_score), failures
+
+    with parts.metrics.timer("timing/heldout"):
+        stage(parts, t, "heldout", answer_and_judge)
+
+
+def tokenized_pairs(rows: List[dict]) -> List[TokenizedPair]:
+    """DPO trains on exactly the token ids the policy sampled, never on re-tokenized text."""
+    return [TokenizedPair(prompt=row["prompt_token_ids"], chosen=row["chosen_token_ids"],
+                          rejected=row["rejected_token_ids"],
+                          reference_chosen=row.get("reference_chosen"),
+                          reference_rejected=row.get("reference_rejected")) for row in rows]
+
+
+def reference_logprobs(trainer, pairs: List[dict]):
+    """Sequence log-probs of every pair under M_t (the policy before this iteration's DPO)."""
+    if not pairs:
+        return [], {"pairs": 0}
+    values = trainer.reference_logprobs(tokenized_pairs(pairs))
+    rows = [dict(row, reference_chosen=float(chosen), reference_rejected=float(rejected))
+            for row, (chosen, rejected) in zip(pairs, values.tolist())]
+    return rows, {"pairs": len(rows)}
+
+
+def train_on_pairs(parts: TPOParts, t: int, reference: List[dict], first_step: int) -> None:
+    """``train.train_steps`` DPO steps on the iteration's pairs, from ``first_step`` on."""
+    config, trainer = parts.config, parts.trainer
+    if not reference:
+        logger.warning("iteration %d produced no preference pairs; M_%d = M_%d", t, t + 1, t)
+        return
+    if first_step == 0:
+        trainer.restart_lr_schedule()
+    pairs = tokenized_pairs(reference)
+    for step in parts.metrics.progress(range(first_step, config.train.train_steps),
+                                       f"DPO iteration {t}"):
+        batch = pairs_for_step(pairs, config.run.pairs_per_step, step,
+                               seed=derived_seed(config.run.seed, t, "pairs"))
+        parts.metrics.log_train_step(t, step, trainer.step(batch),
+                                     global_step=t * config.train.train_steps + step)
+        if parts.preemption.requested():
+            save_checkpoint(parts, t, step_in_iteration=step + 1)
+            raise Preempted(f"preempted in iteration {t} after DPO step {step + 1}")
+        crash_point(t, "train", step)
+
+
+def save_checkpoint(parts: TPOParts, iteration: int, step_in_iteration: int) -> None:
+    trainer = parts.trainer
+    global_step = iteration * parts.config.train.train_steps + step_in_iteration
+    parts.checkpointer.save(global_step, trainer.ddp_chunks, trainer.optimizer, trainer.scheduler,
+                            {"iteration": iteration, "step_in_iteration": step_in_iteration})

@@ -1,0 +1,61 @@
+"""The few collectives the TPO loop needs beyond megatron's own: sharing generation
+work among the ranks' engine replicas, and agreeing on seeds without talking."""
+
+import hashlib
+from typing import List, Sequence
+
+import torch
+
+from megatron_tpo.rollout.engine import GenerationOutput, RolloutEngine, SamplingParams
+
+
+def world() -> tuple:
+    if not torch.distributed.is_initialized():
+        return 0, 1
+    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def is_rank_zero() -> bool:
+    return world()[0] == 0
+
+
+def barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def derived_seed(seed: int, iteration: int, purpose: str) -> int:
+    """A seed per (run seed, iteration, purpose) that every rank computes alike, so a stage
+    redone after a restart draws exactly what it drew before."""
+    digest = hashlib.sha256(f"{seed}/{iteration}/{purpose}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def generate_on_all_ranks(engine: RolloutEngine, prompts: Sequence[str],
+                          sampling: SamplingParams, engine_tensor_parallel_size: int = 1
+                          ) -> List[GenerationOutput]:
+    """Every engine replica generates its round-robin share of ``prompts``; the outputs come
+    back in prompt order on every rank.
+
+    The ranks of one tensor-parallel engine (consecutive blocks, as vLLM's external
+    launcher groups them) get identical prompts and seeds; replicas get their own seed.
+    """
+    rank, world_size = world()
+    replica, replicas = rank // engine_tensor_parallel_size, world_size // engine_tensor_parallel_size
+    mine = list(range(replica, len(prompts), replicas))
+    seed = None if sampling.seed is None else sampling.seed + replica
+    outputs = engine.generate([prompts[i] for i in mine], _with_seed(sampling, seed)) if mine else []
+    if world_size == 1:
+        return outputs
+    gathered: List[list] = [None] * world_size
+    torch.distributed.all_gather_object(gathered, list(zip(mine, outputs)))
+    ordered = {}
+    for first_rank in range(0, world_size, engine_tensor_parallel_size):
+        ordered.update(dict(gathered[first_rank]))
+    return [ordered[i] for i in range(len(prompts))]
+
+
+def _with_seed(sampling: SamplingParams, seed) -> SamplingParams:
+    from dataclasses import replace
+
+    return replace(sampling, seed=seed)

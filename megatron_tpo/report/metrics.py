@@ -1,0 +1,100 @@
+"""Run metrics: one JSONL file (what `tpo-plan --check` and the plots read), TensorBoard,
+and Weights & Biases when configured. Only rank 0 writes; every rank may call.
+
+Record kinds in ``metrics.jsonl``: ``train_step`` (one per DPO step), ``iteration`` (one
+per TPO iteration: stage timings under ``timing/``, counts, data summary, held-out
+score) and ``rank_memory`` (peak memory of every rank, once per iteration).
+"""
+
+import json
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from megatron_tpo.parallel.collectives import world
+
+
+class RunMetrics:
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool = True,
+                 wandb_project: Optional[str] = None, config: Optional[dict] = None):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.enabled = enabled
+        self.timings: Dict[str, float] = {}
+        self._tensorboard = self._wandb = None
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tensorboard = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+            if wandb_project:
+                import wandb
+
+                self._wandb = wandb.init(project=wandb_project, config=config,
+                                         dir=str(run_dir), resume="allow")
+
+    @contextmanager
+    def timer(self, name: str):
+        """Add the block's wall time to ``name`` (summed within the iteration)."""
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        yield
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - started
+
+    def progress(self, iterable: Iterable, description: str):
+        return tqdm(iterable, desc=description, disable=not self.enabled, leave=False)
+
+    def _write(self, record: dict, step: int) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+        scalars = {k: v for k, v in record.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "kind"}
+        if self._tensorboard is not None:
+            for key, value in scalars.items():
+                self._tensorboard.add_scalar(f"{record['kind']}/{key}", value, step)
+            self._tensorboard.flush()
+        if self._wandb is not None:
+            self._wandb.log({f"{record['kind']}/{k}": v for k, v in scalars.items()})
+
+    def log(self, values: dict, step: int, kind: str = "counts") -> None:
+        if values:
+            self._write({"kind": kind, "step": step, **values}, step)
+
+    def log_train_step(self, iteration: int, step: int, values: dict, global_step: int) -> None:
+        self._write({"kind": "train_step", "iteration": iteration, "step": step,
+                     "rank": world()[0], **values}, global_step)
+
+    def end_iteration(self, iteration: int, record: dict) -> None:
+        """Write the iteration's record with its stage timings, and every rank's peak memory."""
+        self._write({"kind": "iteration", "iteration": iteration, **record, **self.timings},
+                    iteration)
+        self.timings = {}
+        peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
+        peaks: List = [peak]
+        if torch.distributed.is_initialized():
+            peaks = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(peaks, peak)
+        for rank, value in enumerate(peaks):
+            self._write({"kind": "rank_memory", "iteration": iteration, "rank": rank,
+                         "peak_memory_bytes": value}, iteration)
+
+    def records(self, kind: str) -> List[dict]:
+        if not self.path.is_file():
+            return []
+        with open(self.path, encoding="utf-8") as handle:
+            return [r for r in map(json.loads, handle) if r["kind"] == kind]
+
+    def close(self) -> None:
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+        if self._wandb is not None:
+            self._wandb.finish()

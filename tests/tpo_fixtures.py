@@ -1,0 +1,67 @@
+"""A tiny TPO setting that runs in seconds: a random word-level policy, a format judge.
+
+The random policy never writes the thought markers, so the loop tests use the direct
+template (the whole output is the response). Punctuation tokens stop a sample, so its
+length varies, and a format judge prefers responses of at most 24 characters: some of a
+prompt's samples are that short, some are not, so iterations have pairs to train on.
+"""
+
+import json
+from pathlib import Path
+from typing import List
+
+import torch
+
+import sys
+
+sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "data"))
+from tiny_hf import tiny_llama_config, tiny_tokenizer  # noqa: E402
+
+WORDS = "a b c d e f g h cat dog sun moon the is my".split()
+
+
+def write_policy(directory: Path, seed: int = 0) -> Path:
+    from transformers import GenerationConfig, LlamaForCausalLM
+
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(tiny_llama_config(tokenizer, tie_word_embeddings=False))
+    model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id,
+                                               pad_token_id=tokenizer.pad_token_id)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def write_instructions(path: Path, count: int, seed: int) -> Path:
+    generator = torch.Generator().manual_seed(seed)
+    lines = []
+    for index in range(count):
+        words = [WORDS[int(i)] for i in torch.randint(len(WORDS), (5,), generator=generator)]
+        lines.append(json.dumps({"instruction": " ".join(words) + f" {index % 10}"}))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def tiny_run_overrides(root: Path, iterations: int = 2) -> List[str]:
+    """Hydra overrides for a loop run in ``root`` (policy and prompt files written there)."""
+    policy = root / "policy"
+    if not policy.is_dir():
+        write_policy(policy)
+        write_instructions(root / "train.jsonl", 64, seed=1)
+        write_instructions(root / "heldout.jsonl", 8, seed=2)
+    tokenizer = tiny_tokenizer()
+    stops = ",".join(str(tokenizer.convert_tokens_to_ids(t)) for t in (".", "!", "?", ",", ":"))
+    return [
+        "model.num_layers=2", "model.hidden_size=32", "model.ffn_hidden_size=64",
+        "model.num_attention_heads=4", "model.num_query_groups=2", f"model.vocab_size={len(tokenizer)}",
+        "model.make_vocab_size_divisible_by=1", "model.max_position_embeddings=256",
+        "thought=direct", "judge=format", "judge.format.max_chars=24", "prompts=tiny",
+        f"prompts.path={root / 'train.jsonl'}", "prompts.prompts_per_iteration=8",
+        f"evaluation.path={root / 'heldout.jsonl'}", "evaluation.num_prompts=4",
+        "rollout.sampling.n=4", "rollout.sampling.max_new_tokens=24",
+        f"rollout.sampling.stop_token_ids=[{stops}]", "preference.truncated=reject",
+        "train.train_steps=2", "train.warmup_steps=0", "train.lr=1e-3",
+        "run.pairs_per_step=2", f"run.iterations={iterations}", f"run.policy={policy}",
+        f"run.dir={root / 'run'}", "run.tensorboard=false",
+    ]
