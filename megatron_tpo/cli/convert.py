@@ -2,6 +2,11 @@
 
     tpo-convert hf-to-mcore --hf DIR --out DIR --tp N --pp M
     tpo-convert mcore-to-hf --mcore DIR --out DIR [--max-shard-size 5GB]
+    tpo-convert hf-to-nemo --hf DIR --out DIR          (a NeMo 2 directory)
+    tpo-convert nemo-to-hf --nemo DIR|FILE.nemo --out DIR [--max-shard-size 5GB]
+    tpo-convert nemo-to-mcore --nemo DIR|FILE.nemo --out DIR --tp N --pp M
+    tpo-convert mcore-to-nemo --mcore DIR --out DIR
+    tpo-convert hf-to-dist --hf DIR --out DIR          (megatron dist checkpoint, any TP/PP)
 """
 
 import argparse
@@ -40,23 +45,61 @@ def build_parser() -> argparse.ArgumentParser:
     to_hf.add_argument("--max-shard-size", default="5GB", type=parse_size,
                        help="largest safetensors shard (e.g. 5GB, 500MB)")
 
-    for command in (to_mcore, to_hf):
+    nemo_help = "NeMo 2 checkpoint directory (context/, weights/) or NeMo 1 .nemo file"
+    to_nemo = commands.add_parser("hf-to-nemo", help="HF safetensors -> NeMo 2 directory")
+    to_nemo.add_argument("--hf", required=True, help="HF model directory")
+    to_nemo.add_argument("--out", required=True, help="output NeMo 2 directory")
+    nemo_to_hf = commands.add_parser("nemo-to-hf", help="NeMo 2 or NeMo 1 -> HF safetensors")
+    nemo_to_hf.add_argument("--nemo", required=True, help=nemo_help)
+    nemo_to_hf.add_argument("--out", required=True, help="output HF model directory")
+    nemo_to_hf.add_argument("--max-shard-size", default="5GB", type=parse_size,
+                            help="largest safetensors shard (e.g. 5GB, 500MB)")
+    nemo_to_mcore = commands.add_parser("nemo-to-mcore", help="NeMo 2 or NeMo 1 -> megatron shards")
+    nemo_to_mcore.add_argument("--nemo", required=True, help=nemo_help)
+    nemo_to_mcore.add_argument("--out", required=True, help="output directory for the shards")
+    nemo_to_mcore.add_argument("--tp", type=int, default=1, help="tensor parallel size")
+    nemo_to_mcore.add_argument("--pp", type=int, default=1, help="pipeline parallel size")
+    mcore_to_nemo = commands.add_parser("mcore-to-nemo", help="megatron shards -> NeMo 2 directory")
+    mcore_to_nemo.add_argument("--mcore", required=True, help="directory written by hf-to-mcore")
+    mcore_to_nemo.add_argument("--out", required=True, help="output NeMo 2 directory")
+    to_dist = commands.add_parser(
+        "hf-to-dist", help="HF safetensors -> megatron-core dist checkpoint (loads at any TP/PP)")
+    to_dist.add_argument("--hf", required=True, help="HF model directory")
+    to_dist.add_argument("--out", required=True, help="output checkpoint directory")
+
+    for command in (to_mcore, to_hf, to_nemo, nemo_to_hf, nemo_to_mcore, mcore_to_nemo, to_dist):
         command.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
 
+def run(args):
+    """The conversion ``args.command`` names; returns its ``ConversionSummary``."""
+    from megatron_tpo.model import conversion, nemo
+
+    progress = not args.quiet
+    if args.command == "hf-to-mcore":
+        return conversion.hf_to_mcore(args.hf, args.out, args.tp, args.pp,
+                                      make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
+                                      progress=progress)
+    if args.command == "mcore-to-hf":
+        return conversion.mcore_to_hf(args.mcore, args.out, max_shard_bytes=args.max_shard_size,
+                                      progress=progress)
+    if args.command == "hf-to-nemo":
+        return nemo.hf_to_nemo(args.hf, args.out, progress=progress)
+    if args.command == "nemo-to-hf":
+        return nemo.nemo_to_hf(args.nemo, args.out, max_shard_bytes=args.max_shard_size,
+                               progress=progress)
+    if args.command == "nemo-to-mcore":
+        return nemo.nemo_to_mcore(args.nemo, args.out, args.tp, args.pp, progress=progress)
+    if args.command == "mcore-to-nemo":
+        return nemo.mcore_to_nemo(args.mcore, args.out, progress=progress)
+    return nemo.hf_to_dist(args.hf, args.out, progress=progress)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from megatron_tpo.model.conversion import hf_to_mcore, mcore_to_hf
-
     try:
-        if args.command == "hf-to-mcore":
-            summary = hf_to_mcore(args.hf, args.out, args.tp, args.pp,
-                                  make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
-                                  progress=not args.quiet)
-        else:
-            summary = mcore_to_hf(args.mcore, args.out, max_shard_bytes=args.max_shard_size,
-                                  progress=not args.quiet)
+        summary = run(args)
     except ConfigError as error:
         print(f"tpo-convert: error: {error}", file=sys.stderr)
         return 2

@@ -75,14 +75,31 @@ def hf_to_mcore(hf_dir: Path, out_dir: Path, tp: int, pp: int,
     The vocab is padded to a multiple of ``make_vocab_size_divisible_by * tp``
     (megatron's default is 128) with zero rows.
     """
-    started = time.perf_counter()
-    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    hf_dir = Path(hf_dir)
     raw_config = read_hf_config_dict(hf_dir)
     model = model_config_from_hf(raw_config, str(hf_dir / "config.json"), name=hf_dir.name)
     model.make_vocab_size_divisible_by = make_vocab_size_divisible_by
-    # Every divisibility rule is checked before a single tensor is read.
-    ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp).validate(model)
-    reader = HFCheckpointReader(hf_dir)
+    return write_mcore_shards(HFCheckpointReader(hf_dir), model, out_dir, tp, pp,
+                              raw_config=raw_config, tokenizer_dir=hf_dir, progress=progress,
+                              direction="hf -> mcore", source=str(hf_dir))
+
+
+def check_model_for_layout(model, tp: int = 1, pp: int = 1) -> None:
+    """Every check the model builder runs, before a single tensor is read or written."""
+    from megatron_tpo.model.llama import check_buildable
+
+    check_buildable(model, ParallelConfig(tensor_model_parallel_size=tp,
+                                          pipeline_model_parallel_size=pp))
+
+
+def write_mcore_shards(reader, model, out_dir: Path, tp: int, pp: int, raw_config: Dict,
+                       tokenizer_dir: Path = None, progress: bool = True,
+                       direction: str = "hf -> mcore", source: str = "") -> ConversionSummary:
+    """Write megatron shards from ``reader.get(hf_name, shape)`` (an HF-named source),
+    one layer at a time."""
+    started = time.perf_counter()
+    out_dir = Path(out_dir)
+    check_model_for_layout(model, tp, pp)
     embedding = reader.get(layout.HF_EMBEDDING, (model.vocab_size, model.hidden_size))
     info = shards.ShardedCheckpointInfo(
         model=model, tensor_parallel_size=tp, pipeline_parallel_size=pp,
@@ -92,7 +109,8 @@ def hf_to_mcore(hf_dir: Path, out_dir: Path, tp: int, pp: int,
     _prepare_output(out_dir, shards.MANIFEST)
     (out_dir / shards.MANIFEST).unlink(missing_ok=True)  # incomplete until rewritten
     (out_dir / "hf_config.json").write_text(json.dumps(raw_config, indent=2))
-    _copy_tokenizer(hf_dir, out_dir / "tokenizer")
+    if tokenizer_dir is not None:
+        _copy_tokenizer(Path(tokenizer_dir), out_dir / "tokenizer")
 
     written = {"tensors": 0, "bytes": 0, "files": 0}
 
@@ -103,7 +121,7 @@ def hf_to_mcore(hf_dir: Path, out_dir: Path, tp: int, pp: int,
         written["bytes"] += sum(t.numel() * t.element_size() for t in tensors.values())
         written["files"] += 1
 
-    steps = tqdm(total=model.num_layers + 2, desc="hf -> mcore", unit="part", disable=not progress)
+    steps = tqdm(total=model.num_layers + 2, desc=direction, unit="part", disable=not progress)
     for tp_rank, shard in enumerate(layout.shard_vocab(embedding, info.padded_vocab_size, tp)):
         save({layout.EMBEDDING: shard}, shards.embedding_file(out_dir, tp_rank), tp_rank)
     del embedding
@@ -128,7 +146,7 @@ def hf_to_mcore(hf_dir: Path, out_dir: Path, tp: int, pp: int,
     steps.update()
     steps.close()
     shards.write_manifest(out_dir, info)
-    return ConversionSummary("hf -> mcore", str(hf_dir), str(out_dir), written["tensors"],
+    return ConversionSummary(direction, source, str(out_dir), written["tensors"],
                              written["bytes"], written["files"], time.perf_counter() - started)
 
 
@@ -162,13 +180,30 @@ def _hf_tensors_in_order(root: Path, info: shards.ShardedCheckpointInfo):
 def mcore_to_hf(mcore_dir: Path, out_dir: Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
                 progress: bool = True) -> ConversionSummary:
     """Convert megatron shards back into an HF directory (sharded safetensors + index)."""
-    started = time.perf_counter()
-    mcore_dir, out_dir = Path(mcore_dir), Path(out_dir)
+    mcore_dir = Path(mcore_dir)
     info = shards.read_manifest(mcore_dir)
     shards.check_complete(mcore_dir, info)
+    tokenizer_dir = mcore_dir / "tokenizer"
+    return write_hf_directory(
+        _hf_tensors_in_order(mcore_dir, info), info.model, info.dtype, out_dir,
+        base_config=shards.read_hf_config_copy(mcore_dir),
+        tokenizer_dir=tokenizer_dir if tokenizer_dir.is_dir() else None,
+        max_shard_bytes=max_shard_bytes, progress=progress, direction="mcore -> hf",
+        source=str(mcore_dir))
+
+
+def write_hf_directory(tensors, model, dtype: str, out_dir: Path, base_config=None,
+                       tokenizer_dir: Path = None,
+                       max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, progress: bool = True,
+                       direction: str = "mcore -> hf", source: str = "") -> ConversionSummary:
+    """Write an HF directory from ``tensors``, ``(hf_name, tensor)`` in HF order, saving
+    each safetensors shard as soon as its last tensor arrives."""
+    started = time.perf_counter()
+    out_dir = Path(out_dir)
+    check_model_for_layout(model)
     _prepare_output(out_dir, "config.json")
-    element_size = torch.empty((), dtype=getattr(torch, info.dtype)).element_size()
-    sizes = _hf_names_and_sizes(info.model, element_size)
+    element_size = torch.empty((), dtype=getattr(torch, dtype)).element_size()
+    sizes = _hf_names_and_sizes(model, element_size)
     plan = plan_shards(sizes, max_shard_bytes)
     file_names = shard_file_names(len(plan))
     file_of = {name: file_names[i] for i, names in enumerate(plan) for name in names}
@@ -176,10 +211,10 @@ def mcore_to_hf(mcore_dir: Path, out_dir: Path, max_shard_bytes: int = DEFAULT_M
 
     pending: Dict[str, torch.Tensor] = {}
     total = 0
-    steps = tqdm(total=len(sizes), desc="mcore -> hf", unit="tensor", disable=not progress)
-    for name, tensor in _hf_tensors_in_order(mcore_dir, info):
+    steps = tqdm(total=len(sizes), desc=direction, unit="tensor", disable=not progress)
+    for name, tensor in tensors:
         if name not in file_of:
-            raise ConfigError(f"{mcore_dir}: produced unexpected tensor {name}")
+            raise ConfigError(f"{source}: produced unexpected tensor {name}")
         pending[name] = tensor
         total += tensor.numel() * tensor.element_size()
         if name in last_name_of_file:
@@ -190,11 +225,9 @@ def mcore_to_hf(mcore_dir: Path, out_dir: Path, max_shard_bytes: int = DEFAULT_M
     steps.close()
     if len(plan) > 1:
         write_index(out_dir, file_of, total)
-    if (mcore_dir / "tokenizer").is_dir():
-        _copy_tokenizer(mcore_dir / "tokenizer", out_dir)
-    hf_config = hf_config_from_model(info.model, shards.read_hf_config_copy(mcore_dir),
-                                     torch_dtype=info.dtype)
+    if tokenizer_dir is not None:
+        _copy_tokenizer(Path(tokenizer_dir), out_dir)
+    hf_config = hf_config_from_model(model, base_config, torch_dtype=dtype)
     hf_config.save_pretrained(out_dir)  # config.json last: it marks a finished directory
-    return ConversionSummary("mcore -> hf", str(mcore_dir), str(out_dir), len(sizes), total,
+    return ConversionSummary(direction, source, str(out_dir), len(sizes), total,
                              len(plan), time.perf_counter() - started)
-

@@ -1,0 +1,321 @@
+"""NeMo checkpoints of Llama in and out, without nemo-toolkit.
+
+Reads a NeMo 2 directory (``context/`` + ``weights/``) or a NeMo 1 ``.nemo`` tarball
+(``model_config.yaml`` + ``model_weights/``, a megatron dist checkpoint), and writes
+NeMo 2 directories: ``context/{io.json, model.yaml, nemo_tokenizer/}`` and
+``weights/{.metadata, __*_0.distcp, common.pt, metadata.json}``. Every conversion goes
+through HF-named tensors one layer at a time (``get(hf_name, shape)`` sources), so the
+HF and megatron-shard writers of ``conversion`` are reused and memory holds one layer.
+"""
+
+import json
+import shutil
+import tarfile
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Iterator, Optional, Tuple
+
+import torch
+from tqdm import tqdm
+
+from megatron_tpo.config import ConfigError, ModelConfig
+from megatron_tpo.model import llama_layout as layout
+from megatron_tpo.model import mcore_shards as shards
+from megatron_tpo.model.conversion import (
+    ConversionSummary, _copy_tokenizer, _hf_tensors_in_order, _prepare_output,
+    check_model_for_layout, write_hf_directory, write_mcore_shards,
+)
+from megatron_tpo.model.dist_weights import DistWeightsReader, DistWeightsWriter
+from megatron_tpo.model.hf_checkpoint import HFCheckpointReader
+from megatron_tpo.model.hf_config import hf_config_from_model, model_config_from_hf, read_hf_config_dict
+from megatron_tpo.model.nemo_config import (
+    TOKENIZER_DIR, llama_config_from_io_json, model_config_from_nemo1, model_config_from_nemo2,
+    nemo2_io_json, nemo2_model_yaml, read_yaml,
+)
+
+NEMO2_PREFIX = "module."
+COMPLETE_MARKER = Path("weights") / "metadata.json"
+
+
+@dataclass
+class NemoCheckpoint:
+    """An opened NeMo checkpoint: its model, an HF-named tensor source, its tokenizer."""
+
+    model: ModelConfig
+    weights: "NemoTensorSource"
+    tokenizer_dir: Optional[Path]
+    dtype: str
+    source: str
+
+
+def _megatron_layer_shapes(model: ModelConfig) -> Dict[str, Tuple[int, ...]]:
+    """TP=1 megatron shape of each layer weight, derived from the HF table."""
+    hf = layout.hf_layer_shapes(model)
+    hidden = model.hidden_size
+    qkv_rows = sum(hf[f"self_attn.{p}_proj.weight"][0] for p in "qkv")
+    return {
+        "self_attention.linear_qkv.weight": (qkv_rows, hidden),
+        "self_attention.linear_proj.weight": hf["self_attn.o_proj.weight"],
+        "mlp.linear_fc1.weight": (2 * model.ffn_hidden_size, hidden),
+        "mlp.linear_fc2.weight": hf["mlp.down_proj.weight"],
+        **{local: hf[hf_name] for local, hf_name in layout.REPLICATED_LAYER_WEIGHTS.items()},
+    }
+
+
+class NemoTensorSource:
+    """HF-named tensors of a dist checkpoint; keeps the one layer last asked for."""
+
+    def __init__(self, reader: DistWeightsReader, model: ModelConfig):
+        self.reader, self.model = reader, model
+        self._layer, self._tensors = None, {}
+
+    def check_shapes(self) -> None:
+        """Compare every tensor's global shape with the config, before anything is written."""
+        model, reader = self.model, self.reader
+        for name in (layout.EMBEDDING, layout.OUTPUT_LAYER):
+            rows, hidden = reader.global_shape(name)
+            if hidden != model.hidden_size or rows < model.vocab_size:
+                self._shape_error(name, (rows, hidden), f"({model.vocab_size}+, {model.hidden_size})")
+        if reader.global_shape(layout.FINAL_NORM) != (model.hidden_size,):
+            self._shape_error(layout.FINAL_NORM, reader.global_shape(layout.FINAL_NORM),
+                              (model.hidden_size,))
+        for local_name, shape in _megatron_layer_shapes(model).items():
+            for key in reader._layer_keys(0, local_name):
+                got = tuple(reader.tensors[key].size)
+                expected = ((model.num_layers,) + shape) if reader.stacked else shape
+                if got != expected and not key.endswith(("_w", "_v")):
+                    self._shape_error(key[len(reader.prefix):], got, expected)
+
+    def _shape_error(self, name, got, expected):
+        raise ConfigError(f"{self.reader.weights_dir}: {self.reader.prefix}{name} has shape "
+                          f"{tuple(got)}, the config implies {expected}; a checkpoint of "
+                          "another model shape?")
+
+    def get(self, name: str, expected_shape=None) -> torch.Tensor:
+        if name == layout.HF_EMBEDDING:
+            return layout.merge_vocab([self.reader.read(layout.EMBEDDING)], self.model.vocab_size)
+        if name == layout.HF_OUTPUT_LAYER:
+            return layout.merge_vocab([self.reader.read(layout.OUTPUT_LAYER)], self.model.vocab_size)
+        if name == layout.HF_FINAL_NORM:
+            return self.reader.read(layout.FINAL_NORM)
+        layer = int(name.split(".")[2])
+        if layer != self._layer:
+            self._tensors = {}  # free the previous layer before reading the next
+            self._tensors = layout.merge_layer([self.reader.read_layer(layer)], self.model)
+            self._layer = layer
+        return self._tensors.pop(name[len(layout.hf_layer_prefix(layer)):])
+
+
+class _StreamSource:
+    """``get(name)`` over an HF-ordered ``(name, tensor)`` stream, asked in the same order."""
+
+    def __init__(self, stream: Iterator):
+        self.stream, self.buffer = stream, {}
+
+    def get(self, name: str, expected_shape=None) -> torch.Tensor:
+        while name not in self.buffer:
+            try:
+                produced, tensor = next(self.stream)
+            except StopIteration:
+                raise ConfigError(f"source ended before {name}") from None
+            self.buffer[produced] = tensor
+        return self.buffer.pop(name)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _open_dist(weights_dir: Path, model_of, source: str, tokenizer_dir) -> NemoCheckpoint:
+    reader = DistWeightsReader(weights_dir, num_layers=0)
+    embedding_rows = reader.global_shape(layout.EMBEDDING)[0]
+    model = model_of(embedding_rows)
+    reader.num_layers = model.num_layers
+    tensors = NemoTensorSource(reader, model)
+    tensors.check_shapes()
+    dtype = _dtype_name(reader.tensors[reader.prefix + layout.EMBEDDING].properties.dtype)
+    return NemoCheckpoint(model, tensors, tokenizer_dir, dtype, source)
+
+
+def _tokenizer_vocab_size(tokenizer_dir: Path) -> Optional[int]:
+    path = tokenizer_dir / "tokenizer.json"
+    if not path.is_file():
+        return None
+    body = json.loads(path.read_text())
+    return len(body["model"]["vocab"]) + len(body.get("added_tokens", []))
+
+
+def open_nemo2(nemo_dir: Path) -> NemoCheckpoint:
+    """Open a NeMo 2 checkpoint directory; the config comes from ``context/model.yaml``
+    (as NeMo's exporters read it), or from ``context/io.json`` when that is missing."""
+    nemo_dir = Path(nemo_dir)
+    context, weights = nemo_dir / "context", nemo_dir / "weights"
+    if not weights.is_dir():
+        raise ConfigError(f"{nemo_dir}: no weights/ directory; not a NeMo 2 checkpoint")
+    if (context / "model.yaml").is_file():
+        config, source = read_yaml(context / "model.yaml").get("config") or {}, context / "model.yaml"
+    else:
+        config, source = llama_config_from_io_json(context / "io.json"), context / "io.json"
+    tokenizer_dir = context / TOKENIZER_DIR
+    tokenizer_dir = tokenizer_dir if tokenizer_dir.is_dir() else None
+    return _open_dist(weights, lambda rows: model_config_from_nemo2(config, str(source), rows),
+                      str(nemo_dir), tokenizer_dir)
+
+
+def open_nemo1(nemo_file: Path, work_dir: Path) -> NemoCheckpoint:
+    """Unpack a NeMo 1 ``.nemo`` tarball (plain tar, or gzip) into ``work_dir`` and open
+    its ``model_weights/`` dist checkpoint (keys prefixed ``model.``)."""
+    nemo_file = Path(nemo_file)
+    try:
+        with tarfile.open(nemo_file, "r:*") as archive:
+            archive.extractall(work_dir, filter="data")  # refuses links and paths outside
+    except (tarfile.TarError, OSError) as error:
+        raise ConfigError(f"{nemo_file}: not a readable .nemo tarball ({error})") from error
+    config_path = work_dir / "model_config.yaml"
+    config = read_yaml(config_path)
+    weights = work_dir / "model_weights"
+    if not weights.is_dir():
+        legacy = sorted(p.relative_to(work_dir) for p in work_dir.rglob("model_weights.ckpt"))
+        raise ConfigError(f"{nemo_file}: no model_weights/ dist checkpoint"
+                          + (f"; per-rank torch files {legacy[:2]} are not read" if legacy else ""))
+    return _open_dist(weights, lambda rows: model_config_from_nemo1(config, f"{nemo_file}:"
+                                                                    "model_config.yaml", rows),
+                      str(nemo_file), None)
+
+
+def open_nemo(path: Path, work_dir: Path) -> NemoCheckpoint:
+    """A NeMo 2 directory or a NeMo 1 ``.nemo`` file."""
+    path = Path(path)
+    if path.is_dir():
+        return open_nemo2(path)
+    if path.is_file():
+        return open_nemo1(path, Path(work_dir))
+    raise ConfigError(f"{path}: no such NeMo checkpoint")
+
+
+def nemo_to_hf(nemo_path: Path, out_dir: Path, max_shard_bytes: int = 5 * 1024**3,
+               progress: bool = True) -> ConversionSummary:
+    """A NeMo checkpoint -> an HF directory (padding rows of the vocab dropped)."""
+    with tempfile.TemporaryDirectory(prefix="nemo1-") as work_dir:
+        checkpoint = open_nemo(nemo_path, work_dir)
+        stream = ((name, checkpoint.weights.get(name, shape))
+                  for name, shape in layout.hf_model_shapes(checkpoint.model))
+        return write_hf_directory(stream, checkpoint.model, checkpoint.dtype, out_dir,
+                                  tokenizer_dir=checkpoint.tokenizer_dir,
+                                  max_shard_bytes=max_shard_bytes, progress=progress,
+                                  direction="nemo -> hf", source=checkpoint.source)
+
+
+def nemo_to_mcore(nemo_path: Path, out_dir: Path, tp: int, pp: int,
+                  progress: bool = True) -> ConversionSummary:
+    """A NeMo checkpoint -> megatron per-rank shards for TP=``tp``, PP=``pp``."""
+    with tempfile.TemporaryDirectory(prefix="nemo1-") as work_dir:
+        checkpoint = open_nemo(nemo_path, work_dir)
+        raw_config = hf_config_from_model(checkpoint.model, torch_dtype=checkpoint.dtype).to_dict()
+        return write_mcore_shards(checkpoint.weights, checkpoint.model, out_dir, tp, pp,
+                                  raw_config=raw_config, tokenizer_dir=checkpoint.tokenizer_dir,
+                                  progress=progress, direction="nemo -> mcore",
+                                  source=checkpoint.source)
+
+
+def write_dist_checkpoint(source, model: ModelConfig, weights_dir: Path, prefix: str,
+                          progress: bool = True, direction: str = "-> dist",
+                          source_name: str = "") -> ConversionSummary:
+    """Stacked megatron dist checkpoint from an HF-named ``source``, one layer at a time."""
+    started = time.perf_counter()
+    check_model_for_layout(model)
+    writer = DistWeightsWriter(weights_dir, prefix, model.num_layers)
+    steps = tqdm(total=model.num_layers + 2, desc=direction, unit="part", disable=not progress)
+    hidden = model.hidden_size
+    writer.write_whole({layout.EMBEDDING: source.get(layout.HF_EMBEDDING, (model.vocab_size, hidden))})
+    steps.update()
+    for layer in range(model.num_layers):
+        prefix_hf = layout.hf_layer_prefix(layer)
+        hf = {name: source.get(prefix_hf + name, shape)
+              for name, shape in layout.hf_layer_shapes(model).items()}
+        writer.write_layer(layer, layout.shard_layer(hf, model, 1)[0])
+        del hf
+        steps.update()
+    writer.write_whole({layout.FINAL_NORM: source.get(layout.HF_FINAL_NORM, (hidden,)),
+                        layout.OUTPUT_LAYER: source.get(layout.HF_OUTPUT_LAYER,
+                                                        (model.vocab_size, hidden))})
+    steps.update()
+    steps.close()
+    writer.finish()
+    tensors = 3 + model.num_layers * len(layout.REPLICATED_LAYER_WEIGHTS) + model.num_layers * 4
+    return ConversionSummary(direction, source_name, str(weights_dir), tensors,
+                             writer.bytes_written, writer.part + 3, time.perf_counter() - started)
+
+
+def _write_context(context: Path, model: ModelConfig, dtype: str, tokenizer_dir) -> None:
+    import yaml
+
+    context.mkdir(parents=True, exist_ok=True)
+    (context / "io.json").write_text(json.dumps(nemo2_io_json(model, dtype), indent=2))
+    (context / "model.yaml").write_text(yaml.safe_dump(nemo2_model_yaml(model, dtype)))
+    if tokenizer_dir is not None:
+        _copy_tokenizer(Path(tokenizer_dir), context / TOKENIZER_DIR)
+        generation = Path(tokenizer_dir) / "generation_config.json"
+        if generation.is_file():
+            (context / "artifacts").mkdir(exist_ok=True)
+            shutil.copy2(generation, context / "artifacts" / generation.name)
+
+
+def write_nemo2(source, model: ModelConfig, dtype: str, out_dir: Path, tokenizer_dir=None,
+                progress: bool = True, direction: str = "-> nemo",
+                source_name: str = "") -> ConversionSummary:
+    """A NeMo 2 directory from an HF-named tensor ``source``; the config is checked as
+    the model builder checks it before the first byte is written."""
+    out_dir = Path(out_dir)
+    check_model_for_layout(model)
+    _prepare_output(out_dir, str(COMPLETE_MARKER))
+    summary = write_dist_checkpoint(source, model, out_dir / "weights", NEMO2_PREFIX, progress,
+                                    direction, source_name)
+    _write_context(out_dir / "context", model, dtype, tokenizer_dir)
+    summary.destination = str(out_dir)
+    return summary
+
+
+def hf_to_nemo(hf_dir: Path, out_dir: Path, progress: bool = True) -> ConversionSummary:
+    """An HF Llama directory -> a NeMo 2 checkpoint directory."""
+    hf_dir = Path(hf_dir)
+    raw = read_hf_config_dict(hf_dir)
+    model = model_config_from_hf(raw, str(hf_dir / "config.json"), name=hf_dir.name)
+    model.make_vocab_size_divisible_by = _largest_power_of_two_divisor(model.vocab_size)
+    reader = HFCheckpointReader(hf_dir)
+    dtype = _dtype_name(reader.get(layout.HF_EMBEDDING).dtype)
+    return write_nemo2(reader, model, dtype, out_dir, tokenizer_dir=hf_dir, progress=progress,
+                       direction="hf -> nemo", source_name=str(hf_dir))
+
+
+def _largest_power_of_two_divisor(vocab_size: int, limit: int = 128) -> int:
+    """NeMo's importer: the largest power of two up to 128 that divides the vocab."""
+    divisor = limit
+    while vocab_size % divisor:
+        divisor //= 2
+    return divisor
+
+
+def mcore_to_nemo(mcore_dir: Path, out_dir: Path, progress: bool = True) -> ConversionSummary:
+    """Megatron per-rank shards (any TP/PP) -> a NeMo 2 checkpoint directory."""
+    mcore_dir = Path(mcore_dir)
+    info = shards.read_manifest(mcore_dir)
+    shards.check_complete(mcore_dir, info)
+    tokenizer_dir = mcore_dir / "tokenizer"
+    return write_nemo2(_StreamSource(_hf_tensors_in_order(mcore_dir, info)), info.model,
+                       info.dtype, out_dir,
+                       tokenizer_dir=tokenizer_dir if tokenizer_dir.is_dir() else None,
+                       progress=progress, direction="mcore -> nemo", source_name=str(mcore_dir))
+
+
+def hf_to_dist(hf_dir: Path, out_dir: Path, progress: bool = True) -> ConversionSummary:
+    """An HF Llama directory -> a megatron-core dist checkpoint (no key prefix, stacked
+    layers, TE norm names) that ``dist_weights.load_into_model`` loads at any TP/PP."""
+    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    model = model_config_from_hf(read_hf_config_dict(hf_dir), str(hf_dir / "config.json"),
+                                 name=hf_dir.name)
+    _prepare_output(out_dir, "metadata.json")
+    return write_dist_checkpoint(HFCheckpointReader(hf_dir), model, out_dir, "", progress,
+                                 "hf -> dist", str(hf_dir))
