@@ -42,8 +42,7 @@ def _position(search, tp, pp, vpp, cp, micro_batch=1):
 #   llama3_workload_base_configs.py: LLAMA3_8B_PRETRAIN_CONFIG_H100_BF16 (CP2),
 #   LLAMA3_70B_PRETRAIN_CONFIG_H100_BF16 (TP4 PP4 CP2 VP5),
 #   LLAMA3_70B_PRETRAIN_CONFIG_H100_FP8_CS (TP4 PP8 VP5).
-# The same tables give the measured step times used below (8B BF16 on 8 GPUs 12.27 s,
-# 70B BF16 on 64 GPUs 14.66 s).
+# Estimated step times against NVIDIA's measured ones: tests/test_plan_validation.py.
 
 @pytest.mark.parametrize("gpus, global_batch", [(8, 128), (16, 256), (64, 1024)])
 def test_llama3_8b_published_layout_is_top_ranked(gpus, global_batch):
@@ -67,17 +66,6 @@ def test_llama3_70b_published_fp8_layout_is_feasible_and_close():
     position = _position(search, tp=4, pp=8, vpp=5, cp=1)
     assert search.plans[position].layout.fp8
     assert search.plans[position].time.total < 1.10 * search.plans[0].time.total
-
-
-@pytest.mark.parametrize("model, gpus, global_batch, layout, measured_seconds", [
-    ("llama3_8b", 8, 128, (1, 1, 1, 2), 12.27),
-    ("llama3_70b", 64, 128, (4, 4, 5, 2), 14.66),
-])
-def test_step_time_estimate_is_near_nvidia_measurement(model, gpus, global_batch, layout,
-                                                       measured_seconds):
-    search = _search(model, gpus, global_batch)
-    estimate = search.plans[_position(search, *layout)].time.total
-    assert abs(estimate - measured_seconds) / measured_seconds < 0.15
 
 
 def test_memory_of_llama3_8b_data_parallel_by_hand():
