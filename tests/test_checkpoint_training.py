@@ -1,0 +1,450 @@
+"""Training checkpoints reshard, resume exactly, and refuse damaged or foreign files.
+
+Three spawns of gloo processes: one changes layout three times in the same processes
+(TP1/PP1/DP4 -> TP2/PP2 -> TP1/PP2/VPP2/DP2 -> TP1/PP1/DP4), one pair of spawns is the
+uninterrupted and the resumed DPO run, and one single process damages copies of its
+checkpoints in every way the loader must notice.
+"""
+
+import ast
+import json
+import pickle
+import random
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from llama_fixtures import tiny_model_config
+from megatron_tpo.checkpoint import CheckpointConfig, CheckpointError, TrainingCheckpointer
+from megatron_tpo.config import ConfigError, DPOTrainingConfig, ParallelConfig
+from megatron_tpo.parallel.local_launch import spawn_local
+from megatron_tpo.train.dpo_batch import TokenizedPair
+
+PACKAGE = Path(__file__).resolve().parents[1] / "megatron_tpo"
+TRAINING = DPOTrainingConfig(beta=0.5, lr=2e-3, warmup_steps=2, train_steps=8,
+                             micro_batch_pairs=1, pad_to_multiple_of=8, clip_grad=1.0)
+SEQ_LEN = 12
+
+
+def _random_pairs(vocab_size: int, count: int = 4, seed: int = 3):
+    generator = torch.Generator().manual_seed(seed)
+
+    def tokens(low, high):
+        length = int(torch.randint(low, high, (), generator=generator))
+        return torch.randint(0, vocab_size, (length,), generator=generator).tolist()
+
+    return [TokenizedPair(prompt=tokens(2, 6), chosen=tokens(3, 10), rejected=tokens(3, 10))
+            for _ in range(count)]
+
+
+def _start(model, sizes, seed):
+    """Megatron at (tp, pp, vpp) in the running process group, and a fresh trainer."""
+    from megatron_tpo.parallel import init_megatron
+    from megatron_tpo.train.dpo_trainer import DPOTrainer
+
+    tp, pp, vpp = sizes
+    parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                              virtual_pipeline_model_parallel_size=vpp)
+    init_megatron(parallel, model, seed=seed)
+    return DPOTrainer(model, parallel, TRAINING)
+
+
+def _my_pairs(pairs, reference):
+    """This DP rank's share of the pairs, carrying the given reference log-probs."""
+    from megatron.core import parallel_state
+
+    from megatron_tpo.train.reference_logprobs import with_reference_logprobs
+
+    dp_rank = parallel_state.get_data_parallel_rank()
+    share = len(pairs) // parallel_state.get_data_parallel_world_size()
+    mine = slice(dp_rank * share, (dp_rank + 1) * share)
+    return with_reference_logprobs(pairs[mine], reference[mine])
+
+
+def _logits(trainer, tokens):
+    """Full-vocab logits of ``tokens`` on the last stage (None elsewhere).
+
+    The trainer's output layer hands hidden states through for the fused kernel, so the
+    logits are the hidden states times this rank's vocab rows, gathered over TP.
+    """
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    from megatron_tpo.train.pipeline_step import position_ids, unwrapped
+
+    chunks, collected = trainer.ddp_chunks, []
+
+    def forward_step(data_iterator, model):
+        batch = next(data_iterator)
+        output = model(batch, position_ids(batch), None)
+
+        def collect(hidden):
+            weight = unwrapped(model).output_layer.weight
+            logits = gather_from_tensor_model_parallel_region(hidden @ weight.t())
+            collected.append(logits[..., :trainer.model.vocab_size].clone())
+            return hidden.new_zeros(()), {}
+
+        return output, collect
+
+    micro_batches = list(tokens.chunk(2))
+    iterators = [iter(micro_batches) for _ in chunks]
+    with torch.no_grad():
+        get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iterators if len(chunks) > 1 else iterators[0],
+            model=chunks if len(chunks) > 1 else chunks[0], num_microbatches=2,
+            seq_length=SEQ_LEN, micro_batch_size=2, forward_only=True)
+    return torch.cat(collected) if collected else None
+
+
+def _reshard_worker(rank, world_size, model, root, pairs, tokens):
+    from megatron.core import parallel_state
+
+    checkpointer = TrainingCheckpointer(root, CheckpointConfig(keep_last=3))
+    report = {}
+    trainer = _start(model, (1, 1, None), seed=1234)
+    reference = trainer.reference_logprobs(pairs)
+    mine = _my_pairs(pairs, reference)
+    trainer.step(mine)
+    checkpointer.save(1, trainer.ddp_chunks, trainer.optimizer, trainer.scheduler,
+                      {"iteration": 0, "step_in_iteration": 1})
+    report["tp1_step1"] = _logits(trainer, tokens)
+    report["tp1_second_step"] = trainer.step(mine)
+    report["tp1_step2"] = _logits(trainer, tokens)
+    parallel_state.destroy_model_parallel()
+
+    # Other weights to start from, so only the load can make the logits equal.
+    trainer = _start(model, (2, 2, None), seed=99)
+    report["tp2_loaded"] = checkpointer.load_latest(trainer.ddp_chunks, trainer.optimizer,
+                                                    trainer.scheduler)
+    report["tp2_step1"] = _logits(trainer, tokens)
+    report["tp2_second_step"] = trainer.step(_my_pairs(pairs, reference))
+    report["tp2_step2"] = _logits(trainer, tokens)
+    checkpointer.save(2, trainer.ddp_chunks, trainer.optimizer, trainer.scheduler,
+                      {"iteration": 0, "step_in_iteration": 2})
+    parallel_state.destroy_model_parallel()
+
+    trainer = _start(model, (1, 2, 2), seed=5)
+    report["vpp_loaded"] = checkpointer.load_model_only(trainer.ddp_chunks, step=1)
+    report["vpp_step1"] = _logits(trainer, tokens)
+    parallel_state.destroy_model_parallel()
+
+    trainer = _start(model, (1, 1, None), seed=7)
+    report["back_loaded"] = checkpointer.load_latest(trainer.ddp_chunks, trainer.optimizer,
+                                                     trainer.scheduler)
+    report["back_step2"] = _logits(trainer, tokens)
+    report["back_lr"] = trainer.optimizer.param_groups[0]["lr"]
+    parallel_state.destroy_model_parallel()
+    torch.distributed.destroy_process_group()
+    return report
+
+
+def _from_last_stage(reports, key):
+    values = [report[key] for report in reports if report[key] is not None]
+    assert values, f"no rank produced {key}"
+    return values
+
+
+def test_a_checkpoint_saved_at_tp1_pp1_loads_at_tp2_pp2_and_vpp_and_back_with_equal_logits(
+        tmp_path):
+    model = tiny_model_config()
+    tokens = torch.randint(0, model.vocab_size, (4, SEQ_LEN),
+                           generator=torch.Generator().manual_seed(11))
+    reports = spawn_local(_reshard_worker, 4, model, tmp_path / "run",
+                          _random_pairs(model.vocab_size), tokens)
+    expected_step1 = _from_last_stage(reports, "tp1_step1")[0]
+    for key in ("tp2_step1", "vpp_step1"):
+        for got in _from_last_stage(reports, key):
+            assert (got - expected_step1).abs().max().item() < 1e-5, key
+    # The optimizer moments and step count came along: the step after the TP2/PP2 load
+    # equals the TP1/PP1 one, and its result survives the way back to TP1/PP1.
+    tp1_step, tp2_step = reports[0]["tp1_second_step"], reports[0]["tp2_second_step"]
+    assert tp2_step["grad_norm"] == pytest.approx(tp1_step["grad_norm"], rel=1e-5)
+    assert tp2_step["lr"] == tp1_step["lr"] == pytest.approx(TRAINING.lr)
+    expected_step2 = _from_last_stage(reports, "tp1_step2")[0]
+    assert (expected_step2 - expected_step1).abs().max().item() > 1e-3  # the step moved it
+    for key in ("tp2_step2", "back_step2"):
+        for got in _from_last_stage(reports, key):
+            assert (got - expected_step2).abs().max().item() < 1e-5, key
+    for report in reports:
+        assert report["tp2_loaded"] == {"iteration": 0, "step_in_iteration": 1, "step": 1}
+        assert report["vpp_loaded"]["step"] == 1
+        assert report["back_loaded"] == {"iteration": 0, "step_in_iteration": 2, "step": 2}
+        assert report["back_lr"] == tp1_step["lr"]
+
+
+def _draws():
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    with get_cuda_rng_tracker().fork():
+        tracked = torch.rand(3)
+    return [random.random(), float(np.random.rand()), torch.rand(3), tracked]
+
+
+def _resume_worker(rank, world_size, model, root, pairs, reference, resume):
+    from megatron_tpo.model.mcore_shards import with_global_layer_numbers
+
+    checkpointer = TrainingCheckpointer(root, CheckpointConfig())
+    trainer = _start(model, (1, 2, 2), seed=4321 if resume else 1234)
+    if reference is None:
+        reference = trainer.reference_logprobs(pairs)
+    mine = _my_pairs(pairs, reference)
+    report = {"reference": reference, "steps": []}
+    if resume:
+        report["loaded"] = checkpointer.load_latest(trainer.ddp_chunks, trainer.optimizer,
+                                                    trainer.scheduler)
+    else:
+        report["steps"] = [trainer.step(mine) for _ in range(2)]
+        checkpointer.save(2, trainer.ddp_chunks, trainer.optimizer, trainer.scheduler,
+                          {"iteration": 0, "step_in_iteration": 2})
+    report["draws"] = _draws()
+    report["steps"] += [trainer.step(mine) for _ in range(2)]
+    report["weights"] = {}
+    for chunk in trainer.chunks:
+        params = {name: p.detach().clone() for name, p in chunk.named_parameters()}
+        report["weights"].update(with_global_layer_numbers(chunk, params))
+    torch.distributed.destroy_process_group()
+    return report
+
+
+def test_a_dpo_run_resumed_from_step_2_equals_the_uninterrupted_run_bitwise(tmp_path):
+    model = tiny_model_config()
+    pairs = _random_pairs(model.vocab_size)
+    whole = spawn_local(_resume_worker, 4, model, tmp_path, pairs, None, False)
+    resumed = spawn_local(_resume_worker, 4, model, tmp_path, pairs, whole[0]["reference"],
+                          True)
+    for uninterrupted, again in zip(whole, resumed):
+        assert again["loaded"] == {"iteration": 0, "step_in_iteration": 2, "step": 2}
+        assert len(uninterrupted["steps"]) == 4 and len(again["steps"]) == 2
+        for before, after in zip(uninterrupted["steps"][2:], again["steps"]):
+            for key in ("loss", "grad_norm", "lr", "rewards/margin"):
+                assert (key in before) == (key in after)
+                if key in before:
+                    assert after[key] == before[key], key
+        for first, second in zip(uninterrupted["draws"], again["draws"]):
+            assert torch.equal(torch.as_tensor(first), torch.as_tensor(second))
+        assert uninterrupted["weights"].keys() == again["weights"].keys()
+        for name, weight in uninterrupted["weights"].items():
+            assert torch.equal(weight, again["weights"][name]), name
+    assert any("loss" in report["steps"][0] for report in resumed)
+    assert whole[0]["steps"][2]["lr"] != whole[0]["steps"][3]["lr"]  # the schedule moves
+
+
+def _weights(trainer):
+    return [p.detach().clone() for chunk in trainer.chunks for p in chunk.parameters()]
+
+
+def _same(first, second):
+    return all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def _file_hashes(root: Path):
+    from megatron_tpo.data.storage import _file_sha256
+
+    return {path.relative_to(root).as_posix(): _file_sha256(path)
+            for path in sorted(root.rglob("*")) if path.is_file()}
+
+
+def _truncate(path: Path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _flip_byte(path: Path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+CORRUPTIONS = {"truncated": ("dist/__0_0.distcp", _truncate),
+               "flipped": ("dist/__0_1.distcp", _flip_byte),
+               "missing": ("dist/__0_1.distcp", Path.unlink),
+               "missing_rng": ("rng/rank_00000.json", Path.unlink)}
+
+
+def _damaged_copy_error(trainer, root: Path, case: str):
+    """Load a damaged copy of ``root``: (error text, weights kept, other files untouched)."""
+    relative, damage = CORRUPTIONS[case]
+    copy = root.parent / case
+    shutil.copytree(root, copy)
+    checkpointer = TrainingCheckpointer(copy, CheckpointConfig())
+    target = checkpointer.step_dir(checkpointer.latest_step()) / relative
+    damage(target)
+    hashes, weights = _file_hashes(copy), _weights(trainer)
+    try:
+        checkpointer.load_latest(trainer.ddp_chunks, trainer.optimizer, trainer.scheduler)
+        message = None
+    except CheckpointError as error:
+        message = str(error)
+    return message, str(target), _same(weights, _weights(trainer)), hashes == _file_hashes(copy)
+
+
+def _save_failing_after_the_shards(checkpointer, trainer, step):
+    """A save that dies once its shards are on disk, before the manifest (as a kill would)."""
+    from megatron_tpo.checkpoint import manifest
+
+    def killed(directory):
+        raise RuntimeError("killed while hashing")
+
+    original, manifest.file_records = manifest.file_records, killed
+    try:
+        checkpointer.save(step, trainer.ddp_chunks, trainer.optimizer, trainer.scheduler, {})
+    except RuntimeError as error:
+        return str(error)
+    finally:
+        manifest.file_records = original
+    return None
+
+
+def _audited_load(checkpointer, trainer):
+    """load_latest with every torch.load call recorded as (caller, source, weights_only)."""
+    calls, original = [], torch.load
+
+    def recording_load(source, *args, **kwargs):
+        caller = sys._getframe(1).f_globals.get("__name__")
+        name = Path(source).name if isinstance(source, (str, Path)) else type(source).__name__
+        calls.append((caller, name, kwargs.get("weights_only")))
+        return original(source, *args, **kwargs)
+
+    torch.load = recording_load
+    try:
+        return checkpointer.load_latest(trainer.ddp_chunks, trainer.optimizer,
+                                        trainer.scheduler), calls
+    finally:
+        torch.load = original
+
+
+def _integrity_worker(rank, world_size, model, root, pairs):
+    root = Path(root)
+    trainer = _start(model, (1, 1, None), seed=1234)
+    mine = _my_pairs(pairs, trainer.reference_logprobs(pairs))
+    checkpointer = TrainingCheckpointer(root / "run", CheckpointConfig(keep_last=2))
+    report = {"empty": checkpointer.load_latest(trainer.ddp_chunks, trainer.optimizer,
+                                                trainer.scheduler)}
+    for step in (1, 2, 3):
+        trainer.step(mine)
+        checkpointer.save(step, trainer.ddp_chunks, trainer.optimizer, trainer.scheduler,
+                          {"step_in_iteration": step})
+    report["kept"] = sorted(path.name for path in (root / "run").iterdir())
+    saved = _weights(trainer)
+    trainer.step(mine)
+    report["killed"] = _save_failing_after_the_shards(checkpointer, trainer, 4)
+    report["after_kill"] = sorted(path.name for path in (root / "run").iterdir())
+    report["latest_after_kill"] = checkpointer.latest_step()
+    report["loaded"], report["torch_loads"] = _audited_load(checkpointer, trainer)
+    report["weights_restored"] = _same(saved, _weights(trainer))
+    report["damaged"] = {case: _damaged_copy_error(trainer, root / "run", case)
+                         for case in CORRUPTIONS}
+    wider = _start_other_shape(model)
+    weights = _weights(wider)
+    try:
+        checkpointer.load_latest(wider.ddp_chunks, wider.optimizer, wider.scheduler)
+        report["other_shape"] = None
+    except CheckpointError as error:
+        report["other_shape"] = str(error)
+    report["other_shape_weights_kept"] = _same(weights, _weights(wider))
+    checkpointer.save(4, trainer.ddp_chunks, trainer.optimizer, trainer.scheduler, {})
+    report["after_next_save"] = sorted(path.name for path in (root / "run").iterdir())
+    torch.distributed.destroy_process_group()
+    return report
+
+
+def _start_other_shape(model):
+    from megatron_tpo.train.dpo_trainer import DPOTrainer
+
+    other = tiny_model_config(ffn_hidden_size=model.ffn_hidden_size + 16)
+    return DPOTrainer(other, ParallelConfig(), TRAINING)
+
+
+@pytest.fixture(scope="module")
+def integrity(tmp_path_factory):
+    model = tiny_model_config()
+    root = tmp_path_factory.mktemp("integrity")
+    return spawn_local(_integrity_worker, 1, model, root, _random_pairs(model.vocab_size))[0]
+
+
+def test_an_empty_root_loads_nothing_and_keep_last_prunes_older_checkpoints(integrity):
+    assert integrity["empty"] is None
+    assert integrity["kept"] == ["latest", "step_00000002", "step_00000003"]
+
+
+def test_a_save_killed_part_way_leaves_latest_at_the_previous_checkpoint_which_loads(
+        integrity):
+    assert integrity["killed"] == "killed while hashing"
+    assert ".step_00000004.partial" in integrity["after_kill"]
+    assert integrity["latest_after_kill"] == 3
+    assert integrity["loaded"] == {"step_in_iteration": 3, "step": 3}
+    assert integrity["weights_restored"]
+    # The next save clears the dead partial directory and prunes to keep_last.
+    assert integrity["after_next_save"] == ["latest", "step_00000003", "step_00000004"]
+
+
+@pytest.mark.parametrize("case", sorted(CORRUPTIONS))
+def test_a_damaged_file_is_named_before_anything_is_overwritten(integrity, case):
+    message, target, weights_kept, files_untouched = integrity["damaged"][case]
+    assert message is not None, f"{case}: the damaged checkpoint loaded"
+    assert target in message
+    assert weights_kept and files_untouched
+
+
+def test_a_checkpoint_of_another_model_shape_names_the_tensor(integrity):
+    message = integrity["other_shape"]
+    assert message is not None and "decoder.layers.mlp.linear_fc1.weight" in message
+    assert "/run/step_00000003/dist" in message and "[4, 352, 64]" in message
+    assert integrity["other_shape_weights_kept"]
+
+
+def _torch_load_calls(path: Path):
+    tree = ast.parse(path.read_text(), filename=str(path))
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                and node.func.attr == "load" and isinstance(node.func.value, ast.Name)
+                and node.func.value.id == "torch"):
+            yield node
+
+
+def test_every_torch_load_in_the_package_is_weights_only():
+    unsafe = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for call in _torch_load_calls(path):
+            flags = {k.arg: k.value for k in call.keywords}
+            value = flags.get("weights_only")
+            if not (isinstance(value, ast.Constant) and value.value is True):
+                unsafe.append(f"{path.relative_to(PACKAGE.parent)}:{call.lineno}")
+    assert not unsafe, f"torch.load without weights_only=True: {unsafe}"
+
+
+def test_loads_read_only_megatrons_common_pt_with_torch_load_and_that_is_weights_only(
+        integrity, tmp_path):
+    # Our own files are JSON. Each tensor record is loaded weights-only; megatron reads
+    # common.pt with torch's default...
+    calls = integrity["torch_loads"]
+    assert ("megatron.core.dist_checkpointing.strategies.common", "common.pt", None) in calls
+    assert any(call[2] is True for call in calls)
+    # ...and torch's DCP planner unpickles non-tensor records (megatron's per-layer
+    # `_extra_state` objects) with weights_only=False: checkpoints are trusted input,
+    # which docs/checkpoints.md says.
+    unsafe = {call for call in calls if call[2] is not True and call[1] != "common.pt"}
+    assert unsafe == {("torch.distributed.checkpoint.default_planner", "BytesIO", False)}
+    # ...which this torch resolves to weights_only=True: a pickled callable is refused.
+    path = tmp_path / "payload.pt"
+    path.write_bytes(pickle.dumps(print))
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        torch.load(path)
+
+
+def test_keep_last_below_one_is_refused_with_the_setting():
+    with pytest.raises(ConfigError, match="checkpoint.keep_last=0"):
+        TrainingCheckpointer("/nonexistent", CheckpointConfig(keep_last=0))
+
+
+def test_latest_naming_an_incomplete_directory_is_an_error(tmp_path):
+    (tmp_path / "step_00000005").mkdir()
+    (tmp_path / "latest").write_text("step_00000005\n")
+    with pytest.raises(CheckpointError, match="latest: names 'step_00000005'"):
+        TrainingCheckpointer(tmp_path, CheckpointConfig()).latest_step()
+    (tmp_path / "latest").unlink()
+    assert TrainingCheckpointer(tmp_path, CheckpointConfig()).latest_step() is None
