@@ -15,6 +15,7 @@ Either way one layer's tensors are in memory at a time, and no process group is 
 """
 
 import dataclasses
+import hashlib
 import io
 import json
 import os
@@ -43,6 +44,9 @@ EXTRA_STATE_MODULES = ("self_attention.core_attention", "self_attention.linear_q
 METADATA_JSON = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
                  "common_backend": "torch", "common_backend_version": 1}
 KNOWN_PREFIXES = ("module.", "model.", "")
+# Written by this project next to the checkpoint files: torch DCP has no checksums, so
+# without it a flipped byte inside a tensor goes unnoticed. Loaders ignore the file.
+CHECKSUMS = "tpo_checksums.json"
 
 
 @contextmanager
@@ -58,17 +62,54 @@ def checkpoint_name(local_name: str) -> str:
     return TE_NAME_FOR_LOCAL.get(local_name, local_name)
 
 
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles torch DCP's ``.metadata`` (a pickle, so code could hide in it) allowing
+    only the checkpoint metadata classes, ``torch.Size`` and dtypes. megatron-core's
+    ``MCoreMetadata``/``MCoreSavePlan`` subclasses read as torch's own classes, so neither
+    megatron nor its version is needed to read a NeMo checkpoint."""
+
+    def find_class(self, module: str, name: str):
+        from torch.distributed.checkpoint.metadata import Metadata
+        from torch.distributed.checkpoint.planner import SavePlan
+
+        if module == "megatron.core.dist_checkpointing.strategies.torch":
+            stand_in = {"MCoreMetadata": Metadata, "MCoreSavePlan": SavePlan}.get(name)
+            if stand_in is not None:
+                return stand_in
+        if module.startswith("torch.distributed.checkpoint.") or \
+                (module, name) in (("torch", "Size"), ("torch.serialization", "_get_layout"),
+                                   ("collections", "OrderedDict")):
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not checkpoint metadata")
+
+
 def read_dcp_metadata(weights_dir: Path):
     """torch DCP's ``Metadata`` of ``weights_dir``, with a named error when unreadable."""
-    from torch.distributed.checkpoint import FileSystemReader
-
     path = Path(weights_dir) / ".metadata"
     if not path.is_file():
         raise ConfigError(f"{path}: missing; {weights_dir} is not a torch_dist checkpoint")
     try:
-        return FileSystemReader(str(weights_dir)).read_metadata()
+        with open(path, "rb") as handle:
+            return _MetadataUnpickler(handle).load()
     except Exception as error:  # pickle raises many types on a damaged file
         raise ConfigError(f"{path}: unreadable checkpoint metadata ({error})") from error
+
+
+def _reader(weights_dir: Path, metadata):
+    """torch's ``FileSystemReader`` that uses the metadata read (safely) above."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class CheckedMetadataReader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return CheckedMetadataReader(str(weights_dir))
 
 
 def _chunk_loader(offsets_of: Dict[str, Tuple[int, ...]]):
@@ -114,6 +155,37 @@ class DistWeightsReader:
                               f"any of the prefixes {KNOWN_PREFIXES}; not a Llama checkpoint")
         self.stacked = self.prefix + "decoder.layers." + checkpoint_name(LAYER_WEIGHTS[0]) \
             in self.tensors
+        self.check_files()
+
+    def check_files(self) -> None:
+        """Every data file ``.metadata`` names exists and is long enough for its items:
+        a missing or truncated file is named, with a tensor it holds, before any work."""
+        sizes: Dict[str, int] = {}
+        for index, info in self.metadata.storage_data.items():
+            path = self.weights_dir / info.relative_path
+            if info.relative_path not in sizes:
+                if not path.is_file():
+                    raise ConfigError(f"{path}: missing; it holds {index.fqn}")
+                sizes[info.relative_path] = path.stat().st_size
+            if info.offset + info.length > sizes[info.relative_path]:
+                raise ConfigError(f"{path}: truncated to {sizes[info.relative_path]} bytes; "
+                                  f"{index.fqn} needs bytes up to {info.offset + info.length}")
+        self._verify_checksums()
+
+    def _verify_checksums(self) -> None:
+        path = self.weights_dir / CHECKSUMS
+        if not path.is_file():
+            return  # checkpoints written by NeMo or megatron carry none
+        try:
+            expected = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"{path}: corrupt checksum list ({error})") from error
+        for name, digest in expected.items():
+            if _sha256(self.weights_dir / name) != digest:
+                held = sorted({i.fqn for i, info in self.metadata.storage_data.items()
+                               if info.relative_path == name})
+                raise ConfigError(f"{self.weights_dir / name}: checksum differs from {CHECKSUMS} "
+                                  f"(altered or damaged); it holds {', '.join(held[:3]) or name}")
 
     def _key(self, name: str) -> str:
         key = self.prefix + name
@@ -124,12 +196,11 @@ class DistWeightsReader:
     def _load(self, requests: Dict[str, Tuple[Tuple[int, ...], Tuple[int, ...], object]]):
         """``{key: (offsets, sizes, dtype)}`` -> ``{key: tensor}`` read from the files."""
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint import FileSystemReader
 
         buffers = {key: torch.empty(sizes, dtype=dtype) for key, (_, sizes, dtype) in requests.items()}
         try:
             with _without_process_group_warning():
-                dcp.load(buffers, storage_reader=FileSystemReader(str(self.weights_dir)),
+                dcp.load(buffers, storage_reader=_reader(self.weights_dir, self.metadata),
                          planner=_chunk_loader({k: r[0] for k, r in requests.items()}),
                          no_dist=True)
         except Exception as error:  # torch wraps reader errors in CheckpointException
@@ -202,7 +273,7 @@ class DistWeightsWriter:
         self.weights_dir = Path(weights_dir)
         self.prefix, self.num_layers = prefix, num_layers
         self.weights_dir.mkdir(parents=True, exist_ok=True)
-        for stale in ("metadata.json", ".metadata", "common.pt"):
+        for stale in ("metadata.json", ".metadata", "common.pt", CHECKSUMS):
             (self.weights_dir / stale).unlink(missing_ok=True)
         self.part = 0
         self.state_dict_metadata, self.storage_data = {}, {}
@@ -278,6 +349,9 @@ class DistWeightsWriter:
         buffer = io.BytesIO()
         torch.save(common if common is not None else {"content_metadata": {}}, buffer)
         _atomic_write_bytes(self.weights_dir / "common.pt", buffer.getvalue())
+        files = [f"__{part}_0.distcp" for part in range(self.part)] + [".metadata", "common.pt"]
+        checksums = {name: _sha256(self.weights_dir / name) for name in files}
+        _atomic_write_bytes(self.weights_dir / CHECKSUMS, json.dumps(checksums, indent=1).encode())
         _atomic_write_bytes(self.weights_dir / "metadata.json",
                             json.dumps(METADATA_JSON).encode())
 
@@ -289,6 +363,14 @@ class DistWeightsWriter:
             if covered != md.size.numel():
                 raise ConfigError(f"{self.weights_dir}: {key} has {covered} of "
                                   f"{md.size.numel()} elements written; the write is incomplete")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:

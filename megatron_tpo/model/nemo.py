@@ -316,6 +316,7 @@ def hf_to_dist(hf_dir: Path, out_dir: Path, progress: bool = True) -> Conversion
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     model = model_config_from_hf(read_hf_config_dict(hf_dir), str(hf_dir / "config.json"),
                                  name=hf_dir.name)
+    check_model_for_layout(model)
     _prepare_output(out_dir, "metadata.json")
     return write_dist_checkpoint(HFCheckpointReader(hf_dir), model, out_dir, "", progress,
                                  "hf -> dist", str(hf_dir))
