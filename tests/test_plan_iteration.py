@@ -91,10 +91,11 @@ def test_checkpoint_and_weight_sync_by_hand():
         N_8B * 14 / (2 * 2e9))
     # Model-parallel group inside a node: only NVLink, 16 GB into each TP1 engine GPU.
     assert plan.layout.tp * plan.layout.pp <= 8
-    assert weight_sync_seconds(workload.model, plan, cluster, engine, colocated=True) == \
-        pytest.approx(N_8B * 2 / 450e9)
-    separate = N_8B * 2 / (plan.layout.tp * plan.layout.pp) / 50e9 + N_8B * 2 / 450e9
-    assert weight_sync_seconds(workload.model, plan, cluster, engine, colocated=False) == \
+    buckets = N_8B * 2 / 1e9 * assume.weight_sync_seconds_per_gb
+    assert weight_sync_seconds(workload.model, plan, cluster, engine, True, assume) == \
+        pytest.approx(N_8B * 2 / 450e9 + buckets)
+    separate = N_8B * 2 / (plan.layout.tp * plan.layout.pp) / 50e9 + N_8B * 2 / 450e9 + buckets
+    assert weight_sync_seconds(workload.model, plan, cluster, engine, False, assume) == \
         pytest.approx(separate)
 
 

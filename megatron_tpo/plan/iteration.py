@@ -92,6 +92,10 @@ class IterationAssumptions:
     judge_template_tokens: float = 300.0
     # A parallel file system's write bandwidth per node, GB/s (weights + optimizer state).
     checkpoint_gb_per_s_per_node: float = 2.0
+    # Per GB of bf16 weights streamed into the engines: building the bucket (gathering
+    # TP shards, un-fusing QKV and gate/up, HF names) and the engine's load_weights call.
+    # A guess until a run measures timing/weight_sync; the transfer alone is far shorter.
+    weight_sync_seconds_per_gb: float = 0.05
     # One sleep + wake of one colocated vLLM engine (free and re-map its memory, restore
     # CUDA graphs); the weights themselves come with the weight sync.
     engine_switch_seconds: float = 10.0
@@ -197,15 +201,18 @@ def trainer_seconds(workload: Workload, plan: TrainingPlan,
 
 
 def weight_sync_seconds(policy: ModelConfig, plan: TrainingPlan, trainer: Cluster,
-                        engine: EnginePlan, colocated: bool) -> float:
+                        engine: EnginePlan, colocated: bool,
+                        assume: IterationAssumptions) -> float:
     """Colocated: every node gathers the full model into its engines over NVLink, the
     part held by other nodes' pipeline stages over the network. Separate: each of the
     trainer's TP x PP distinct shards leaves through one GPU's network port (NCCL's
     pipelined broadcast makes the number of receiving replicas nearly free), then the
-    engine's TP shards fill within the node over NVLink."""
+    engine's TP shards fill within the node over NVLink. Both pay the per-GB bucket
+    overhead of ``IterationAssumptions.weight_sync_seconds_per_gb``."""
     weight_bytes = total_parameters(policy) * 2
     gpu = trainer.gpu
-    in_node = weight_bytes / engine.tp / gpu.nvlink_bytes_per_s
+    in_node = (weight_bytes / engine.tp / gpu.nvlink_bytes_per_s
+               + weight_bytes / 1e9 * assume.weight_sync_seconds_per_gb)
     layout = plan.layout
     if colocated:
         model_parallel = layout.tp * layout.pp * layout.cp

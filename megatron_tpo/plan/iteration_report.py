@@ -67,8 +67,8 @@ def format_iteration(comparison: PoolComparison, request: IterationRequest) -> s
                      "weights, gradients and optimizer state")
     best = comparison.recommended
     others = [o for o in options if o is not best]
-    margin = (f", {others[0].stages.total / best.stages.total - 1:.0%} faster than "
-              f"{others[0].mode}" if others else "")
+    margin = (f"; {others[0].mode} would take {others[0].stages.total / best.stages.total - 1:.0%}"
+              " longer" if others else "")
     lines.append(f"Recommended: {best.mode}: {best.stages.total / 60:.1f} min per "
                  f"iteration{margin}.")
     return "\n".join(lines)

@@ -44,7 +44,8 @@ def estimate_iteration(mode: str, workload: Workload, plan: TrainingPlan, engine
         judge=judge_seconds(request, engines, judge_engine, assume),
         reference_logprobs=reference,
         train=train,
-        weight_sync=weight_sync_seconds(policy, plan, workload.cluster, policy_engine, colocated),
+        weight_sync=weight_sync_seconds(policy, plan, workload.cluster, policy_engine, colocated,
+                                        assume),
         checkpoint=checkpoint_seconds(policy, workload.cluster, assume),
         engine_switches=2 * assume.engine_switch_seconds if colocated else 0.0,
     )
