@@ -205,3 +205,16 @@ def test_run_config_without_its_groups_is_refused(capsys, tmp_path):
     (run_dir / "metrics.jsonl").write_text("")
     assert main(["--check", str(run_dir)]) == 2
     assert "no top-level parallel, run" in capsys.readouterr().err
+
+
+def test_world_size_from_the_ranks_and_batch_from_pairs_per_step(capsys, tmp_path):
+    """The loop's config may lack run.world_size (then the rank_memory rows count the
+    ranks) and may carry run.pairs_per_step (then a step trains twice as many sequences)."""
+    run_dir = write_run(tmp_path / "run")
+    config = (run_dir / "config.yaml").read_text()
+    (run_dir / "config.yaml").write_text(
+        config.replace("  world_size: 16\n", "  pairs_per_step: 625\n"))
+    figures = _check(capsys, run_dir)
+    assert figures["train step"]["note"].startswith("1250 sequences of 2000 tokens")
+    assert main(["--from", str(run_dir / "config.yaml"), "--global-batch", "256"]) == 2
+    assert "--nodes is required" in capsys.readouterr().err

@@ -61,8 +61,8 @@ def _cluster(args: argparse.Namespace, run_config: Optional[RunConfig]) -> Clust
         raise ConfigError(f"--gpus-per-node must be positive, got {args.gpus_per_node}")
     if args.nodes is not None:
         return Cluster(gpu_name, gpu, args.nodes, args.gpus_per_node)
-    if run_config is None:
-        raise ConfigError("--nodes is required (or --from a run's config.yaml)")
+    if run_config is None or run_config.world_size is None:
+        raise ConfigError("--nodes is required (or --from a run's config.yaml with run.world_size)")
     per_node = min(args.gpus_per_node, run_config.world_size)
     if run_config.world_size % per_node:
         raise ConfigError(f"run.world_size={run_config.world_size} is not a whole number of "

@@ -55,10 +55,14 @@ class RunModel:
     layout: TrainingLayout
     request: Optional[IterationRequest]  # None without "iteration" records
     iteration_assumptions: IterationAssumptions
+    lengths_from: str = "measured step tokens"  # where the sequence lengths came from
 
 
 def _global_batch(config: RunConfig, metrics: RunMetrics, layout: TrainingLayout) -> int:
-    """Sequences per step: 2 x pairs / steps of an iteration, else one micro-batch per DP rank."""
+    """Sequences per step: 2 x run.pairs_per_step, else 2 x pairs / steps of an iteration,
+    else one micro-batch per DP rank."""
+    if config.pairs_per_step:
+        return 2 * config.pairs_per_step
     pairs, steps = metrics.iteration_mean("pairs"), metrics.steps_per_iteration()
     if pairs and steps:
         return max(1, round(2 * pairs / steps))
@@ -93,16 +97,26 @@ def run_model(config: RunConfig, metrics: RunMetrics, cluster: Cluster, assumpti
                                   config.micro_batch_sequences, config.recompute,
                                   config.train.fp8.enabled)
     global_batch = _global_batch(config, metrics, layout)
+    mean_len, longest, source = _sequence_lengths(config, metrics, global_batch)
+    workload = Workload(config.model, cluster, max(1, round(mean_len)), global_batch, assumptions)
+    return RunModel(config, workload, replace(workload, seq_len=max(1, math.ceil(longest))),
+                    layout, _iteration_request(config, metrics), iteration_assumptions, source)
+
+
+def _sequence_lengths(config: RunConfig, metrics: RunMetrics, global_batch: int):
+    """(mean, longest, where from): the steps' own token counts, else the iterations'
+    mean prompt + completion, else the config's maxima."""
     step_tokens = [row["sequence_tokens"] for row in metrics.train_steps
                    if row.get("sequence_tokens")]
     if step_tokens:
-        mean_len = sum(step_tokens) / len(step_tokens) / global_batch
-        longest = max(step_tokens) / global_batch
-    else:
-        mean_len = longest = config.max_prompt_tokens + config.max_new_tokens
-    workload = Workload(config.model, cluster, max(1, round(mean_len)), global_batch, assumptions)
-    return RunModel(config, workload, replace(workload, seq_len=max(1, math.ceil(longest))),
-                    layout, _iteration_request(config, metrics), iteration_assumptions)
+        return (sum(step_tokens) / len(step_tokens) / global_batch,
+                max(step_tokens) / global_batch, "measured step tokens")
+    completion = metrics.iteration_mean("mean_completion_tokens")
+    if completion is not None:
+        mean = (metrics.iteration_mean("mean_prompt_tokens") or 0.0) + completion
+        return mean, mean, "iterations' mean prompt + completion"
+    longest = config.max_prompt_tokens + config.max_new_tokens
+    return longest, longest, "config maxima: nothing measured"
 
 
 def colocated_iteration(model: RunModel) -> Optional[IterationEstimate]:
@@ -128,7 +142,7 @@ def _trainer_figures(model: RunModel, metrics: RunMetrics) -> List[Figure]:
     peak = metrics.peak_memory_bytes()
     return [
         Figure("train step", "s", metrics.step_seconds(), step,
-               f"{workload.global_batch} sequences of {workload.seq_len} tokens (measured means)"),
+               f"{workload.global_batch} sequences of {workload.seq_len} tokens ({model.lengths_from})"),
         Figure("train tokens/s", "tokens/s",
                sorted(measured_rate)[len(measured_rate) // 2] if measured_rate else None,
                tokens / step),

@@ -12,7 +12,7 @@ the engines (tpo-run has validated the whole config when it wrote the file).
 
 import json
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
@@ -40,7 +40,7 @@ class RunConfig:
     model: ModelConfig
     parallel: ParallelConfig
     train: DPOTrainingConfig
-    world_size: int
+    world_size: Optional[int]      # run.world_size; read_run_dir falls back on the ranks
     hardware: str                  # a GPU-table name, or "cpu"
     samples_per_prompt: int        # rollout.sampling.n (K)
     max_new_tokens: int            # rollout.sampling.max_new_tokens
@@ -49,6 +49,7 @@ class RunConfig:
     judge_kind: str
     pairwise_max_pairs: Optional[int]
     pairwise_verdict_tokens: int   # judge.pairwise.sampling.max_new_tokens
+    pairs_per_step: Optional[int] = None  # run.pairs_per_step, if the loop records it
 
     @property
     def micro_batch_sequences(self) -> int:
@@ -77,13 +78,11 @@ def read_run_config(path: Union[str, Path]) -> RunConfig:
     def get(*keys, default=None):
         return _lookup(plain, keys, default)
 
-    if get("run", "world_size") is None:
-        raise ConfigError(f"{path}: run.world_size is missing")
     return RunConfig(
         model=_typed(ModelConfig, plain["model"], f"{path}: model"),
         parallel=_typed(ParallelConfig, plain["parallel"], f"{path}: parallel"),
         train=_typed(DPOTrainingConfig, plain.get("train") or {}, f"{path}: train"),
-        world_size=int(get("run", "world_size")),
+        world_size=get("run", "world_size"),
         hardware=str(get("run", "hardware", default="cpu")),
         samples_per_prompt=int(get("rollout", "sampling", "n", default=8)),
         max_new_tokens=int(get("rollout", "sampling", "max_new_tokens", default=2048)),
@@ -93,6 +92,7 @@ def read_run_config(path: Union[str, Path]) -> RunConfig:
         pairwise_max_pairs=get("judge", "pairwise", "max_pairs_per_prompt"),
         pairwise_verdict_tokens=int(get("judge", "pairwise", "sampling", "max_new_tokens",
                                         default=1024)),
+        pairs_per_step=get("run", "pairs_per_step"),
     )
 
 
@@ -165,4 +165,13 @@ def read_run_dir(run_dir: Union[str, Path]):
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ConfigError(f"run directory not found: {run_dir}")
-    return read_run_config(run_dir / CONFIG_FILE), read_run_metrics(run_dir / METRICS_FILE)
+    config = read_run_config(run_dir / CONFIG_FILE)
+    metrics = read_run_metrics(run_dir / METRICS_FILE)
+    if config.world_size is None:
+        # Every rank writes one rank_memory row per iteration: their ranks are the world.
+        ranks = {row.get("rank") for row in metrics.rank_memory}
+        if not ranks:
+            raise ConfigError(f"{run_dir / CONFIG_FILE}: run.world_size is missing and "
+                              f"{METRICS_FILE} has no rank_memory rows to count ranks from")
+        config = replace(config, world_size=len(ranks))
+    return config, metrics
