@@ -1,9 +1,9 @@
 """Training checkpoints reshard, resume exactly, and refuse damaged or foreign files.
 
-Three spawns of gloo processes: one changes layout three times in the same processes
-(TP1/PP1/DP4 -> TP2/PP2 -> TP1/PP2/VPP2/DP2 -> TP1/PP1/DP4), one pair of spawns is the
-uninterrupted and the resumed DPO run, and one single process damages copies of its
-checkpoints in every way the loader must notice.
+Four spawns of gloo processes: four processes change layout three times in one process
+group (TP1/PP1/DP4 -> TP2/PP2 -> TP1/PP2/VPP2/DP2 -> TP1/PP1/DP4); two pairs of
+processes at TP1/PP2/VPP2 are the uninterrupted and the resumed DPO run; and one
+process damages copies of its checkpoints in every way the loader must notice.
 """
 
 import ast
@@ -214,8 +214,8 @@ def _resume_worker(rank, world_size, model, root, pairs, reference, resume):
 def test_a_dpo_run_resumed_from_step_2_equals_the_uninterrupted_run_bitwise(tmp_path):
     model = tiny_model_config()
     pairs = _random_pairs(model.vocab_size)
-    whole = spawn_local(_resume_worker, 4, model, tmp_path, pairs, None, False)
-    resumed = spawn_local(_resume_worker, 4, model, tmp_path, pairs, whole[0]["reference"],
+    whole = spawn_local(_resume_worker, 2, model, tmp_path, pairs, None, False)
+    resumed = spawn_local(_resume_worker, 2, model, tmp_path, pairs, whole[0]["reference"],
                           True)
     for uninterrupted, again in zip(whole, resumed):
         assert again["loaded"] == {"iteration": 0, "step_in_iteration": 2, "step": 2}
