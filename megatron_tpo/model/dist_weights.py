@@ -395,7 +395,9 @@ def load_into_model(gpt_model, weights_dir: Path, prefix: str = "module.") -> No
     sharded = {key: value for key, value in sharded.items() if "_extra_state" not in key}
     loaded = dist_checkpointing.load(sharded, str(weights_dir),
                                      strict=StrictHandling.ASSUME_OK_UNEXPECTED)
-    state = {key[len(prefix):]: value for key, value in loaded.items()}
+    # `loaded` also holds common.pt's entries (not under the prefix, not tensors).
+    state = {key[len(prefix):]: value for key, value in loaded.items()
+             if key.startswith(prefix) and key in sharded}
     missing, unexpected = gpt_model.load_state_dict(state, strict=False)
     missing = [name for name in missing if "_extra_state" not in name]
     if missing or unexpected:
