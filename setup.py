@@ -32,6 +32,8 @@ setup(
     },
     entry_points={
         "console_scripts": [
+            "tpo-run=megatron_tpo.cli.run:main",
+            "tpo-tiny=megatron_tpo.cli.tiny:main",
             "tpo-convert=megatron_tpo.cli.convert:main",
             "tpo-plan=megatron_tpo.cli.plan:main",
             "tpo-tiny-train=megatron_tpo.cli.tiny_train:main",

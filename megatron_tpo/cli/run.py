@@ -2,6 +2,7 @@
 
     tpo-run experiment=tiny_cpu                      # local: spawns TP*PP*DP gloo processes
     tpo-run experiment=tiny_cpu thought=direct       # the direct-response baseline
+    tpo-run --dry-run experiment=llama3_70b          # check the whole config, start nothing
     srun tpo-run experiment=llama3_70b run.dir=/ckpt/tpo70b   # one rank per task
 
 Arguments are Hydra overrides of configs/tpo.yaml: pick a file of a group (model=,
@@ -29,15 +30,29 @@ def compose_config(overrides: List[str]):
     from omegaconf.errors import OmegaConfBaseException
 
     from megatron_tpo.config.loading import CONFIG_DIR
-    from megatron_tpo.config.tpo import register_with_hydra
+    from megatron_tpo.config.tpo import TPOConfig, register_with_hydra
 
     register_with_hydra()
     try:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
             composed = compose(config_name="tpo", overrides=list(overrides))
-        return OmegaConf.to_object(composed)
+        # Merged into the schema once more: a key appended with "+" is refused here too.
+        plain = OmegaConf.to_container(composed, resolve=True)
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TPOConfig), plain))
     except (HydraException, OmegaConfBaseException) as error:
-        raise ConfigError(" ".join(str(error).split())) from error
+        raise ConfigError(_composition_message(error)) from error
+
+
+def _composition_message(error: Exception) -> str:
+    """Hydra's message, with the reason it keeps in ``__cause__`` and without its advice to
+    append unknown keys with ``+`` (the typed schema would refuse them anyway)."""
+    message = " ".join(str(error).split())
+    if error.__cause__ is not None:
+        message += f": {' '.join(str(error.__cause__).split())}"
+    if "Could not override" in message:
+        key = message.split("'")[1]
+        message = f"{key}: no such setting (see configs/ or tpo-run --help)"
+    return message
 
 
 def run_rank(rank: int, world_size: int, config) -> Optional[dict]:
@@ -70,6 +85,8 @@ def main(argv=None) -> int:
     if any(arg in ("-h", "--help") for arg in argv):
         print(__doc__)
         return 0
+    dry_run = "--dry-run" in argv
+    argv = [arg for arg in argv if arg != "--dry-run"]
     from megatron_tpo.parallel import detect_distributed_env
 
     environment = detect_distributed_env()
@@ -81,6 +98,9 @@ def main(argv=None) -> int:
     except ConfigError as error:
         print(f"{USAGE}\ntpo-run: error: {error}", file=sys.stderr)
         return 2
+    if dry_run:
+        print(describe(config, world_size))
+        return 0
     if environment.launcher == "single" and world_size > 1:
         from megatron_tpo.parallel.local_launch import spawn_local
 
@@ -92,6 +112,17 @@ def main(argv=None) -> int:
     if summary is not None and environment.rank == 0:
         print_result(config, summary)
     return 0
+
+
+def describe(config, world_size: int) -> str:
+    parallel = config.parallel
+    return (f"tpo-run: config valid for {world_size} rank(s): model {config.model.name} at "
+            f"TP={parallel.tensor_model_parallel_size} PP={parallel.pipeline_model_parallel_size}"
+            f" VPP={parallel.virtual_pipeline_model_parallel_size or 1} "
+            f"DP={parallel.data_parallel_size(world_size)}; {config.run.iterations} iterations "
+            f"of {config.prompts.prompts_per_iteration} prompts x {config.rollout.sampling.n} "
+            f"samples, thought={config.thought.name}, judge={config.judge.kind}, "
+            f"engine={config.rollout.engine}; run directory {config.run.dir}")
 
 
 def print_result(config, summary: dict) -> None:

@@ -1,0 +1,56 @@
+"""tpo-run's config: composed with Hydra, refused whole and by name before any work."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tpo_fixtures import tiny_run_overrides  # noqa: E402
+
+from megatron_tpo.cli.run import compose_config, main  # noqa: E402
+from megatron_tpo.data.chat import apply_thought_chat_template  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def overrides(tmp_path_factory):
+    return tiny_run_overrides(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.mark.parametrize("bad, named", [
+    (["model.bogus=1"], "model.bogus: no such setting"),
+    (["+model.bogus=1"], "Key 'bogus' not in 'ModelConfig'"),
+    (["train.lr=abc"], "train.lr"),
+    (["train.lr=-1"], "train.lr=-1.0"),
+    (["thought=nothere"], "Could not find 'thought/nothere'"),
+    (["parallel=tp2_pp2", "model.num_query_groups=1"],
+     "parallel.tensor_model_parallel_size=2 does not divide model.num_query_groups=1"),
+    (["prompts.path=/nonexistent/prompts.jsonl"], "prompts.path=/nonexistent/prompts.jsonl: file"),
+    (["model.num_layers=4"], "model.num_layers=4, but run.policy="),
+    (["run.pairs_per_step=3", "train.micro_batch_pairs=2"], "run.pairs_per_step=3"),
+    (["rollout.sampling.max_new_tokens=250"], "rollout.sampling.max_new_tokens=250"),
+])
+def test_a_bad_override_stops_before_any_work_and_names_the_key(overrides, bad, named, capsys,
+                                                                 tmp_path):
+    run_dir = tmp_path / "never_created"
+    assert main(["--dry-run", *overrides, f"run.dir={run_dir}", *bad]) == 2
+    error = capsys.readouterr().err
+    assert "tpo-run: error:" in error and named in error, error
+    assert main([*overrides, f"run.dir={run_dir}", *bad]) == 2
+    assert not run_dir.exists()
+
+
+def test_the_baseline_differs_from_tpo_in_the_thought_prompt_only(overrides):
+    tpo = compose_config(overrides + ["thought=generic"])
+    baseline = compose_config(overrides + ["thought=direct"])
+    tpo_fields, baseline_fields = tpo.digest_fields(), baseline.digest_fields()
+    assert [k for k in tpo_fields if tpo_fields[k] != baseline_fields[k]] == ["thought"]
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tpo.run.policy)
+    asked = apply_thought_chat_template(tokenizer, "cat dog", tpo.thought)
+    direct = apply_thought_chat_template(tokenizer, "cat dog", baseline.thought)
+    assert direct == ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\ncat dog"
+                      "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert "Here is my thought process:" in asked and asked.endswith(
+        "User query: cat dog<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
