@@ -1,0 +1,22 @@
+#!/bin/bash
+# TPO of Llama-3-70B-Instruct on 4 nodes of 8 H100s: the policy at TP=8, PP=4, judged by a
+# 70B pairwise LLM judge (configs/experiment/llama3_70b.yaml). Set the paths:
+#   sbatch -p PARTITION -A ACCOUNT slurm/tpo_70b.sh run.policy=/models/Meta-Llama-3-70B-Instruct \
+#       judge.pairwise.model=/models/judge-70b prompts.path=/data/prompts.jsonl \
+#       evaluation.path=/data/heldout.jsonl
+# A larger allocation keeps the layout and adds data parallelism (--nodes=8: DP=2).
+#SBATCH --job-name=tpo-70b
+#SBATCH --nodes=4
+#SBATCH --ntasks-per-node=8
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=12
+#SBATCH --time=48:00:00
+#SBATCH --exclusive
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#SBATCH --signal=USR1@600
+#SBATCH --output=%x-%j.out
+set -euo pipefail
+cd "${SLURM_SUBMIT_DIR:-.}"
+source slurm/common.sh
+tpo_launch experiment=llama3_70b "run.dir=${RUN_DIR:-runs/tpo-70b-${SLURM_JOB_ID}}" "$@"
