@@ -222,7 +222,7 @@ def test_pair_micro_batches_put_chosen_then_rejected_and_mask_only_completions()
     assert second.loss_mask.tolist() == [[1, 0, 0, 0], [1, 1, 1, 1]]
     assert first.reference_logprobs.tolist() == [-0.5, -0.25]
     assert second.reference_logprobs.tolist() == [-1.5, -2.5]
-    with pytest.raises(ConfigError, match="training.micro_batch_pairs=2"):
+    with pytest.raises(ConfigError, match="train.micro_batch_pairs=2"):
         pair_micro_batches(pairs[:1], 2)
     with pytest.raises(ConfigError, match="max_position_embeddings=3"):
         pair_micro_batches(pairs, 1, max_seq_length=3)
@@ -234,15 +234,15 @@ def _fp8(**settings) -> DPOTrainingConfig:
 
 
 @pytest.mark.parametrize("training, model_overrides, tp, named", [
-    (_fp8(recipe="fancy"), {}, 1, "training.fp8.recipe='fancy'"),
-    (_fp8(format="e5m2"), {}, 1, "training.fp8.format='e5m2'"),
-    (_fp8(amax_compute_algo="mean"), {}, 1, "training.fp8.amax_compute_algo"),
+    (_fp8(recipe="fancy"), {}, 1, "train.fp8.recipe='fancy'"),
+    (_fp8(format="e5m2"), {}, 1, "train.fp8.format='e5m2'"),
+    (_fp8(amax_compute_algo="mean"), {}, 1, "train.fp8.amax_compute_algo"),
     (_fp8(), {"hidden_size": 72, "ffn_hidden_size": 192}, 1, "model.hidden_size = 72"),
     (_fp8(), {}, 2, "model.ffn_hidden_size / parallel.tensor_model_parallel_size=2 = 88"),
     (_fp8(recipe="mxfp8"), {"hidden_size": 80, "ffn_hidden_size": 192}, 1,
      "model.hidden_size = 80 is not a multiple of 32"),
     (DPOTrainingConfig(micro_batch_pairs=1, pad_to_multiple_of=2, fp8=FP8Config(enabled=True)),
-     {}, 1, "training.pad_to_multiple_of=2: tokens per micro-batch are only guaranteed to be "
+     {}, 1, "train.pad_to_multiple_of=2: tokens per micro-batch are only guaranteed to be "
             "a multiple of 4"),
     (DPOTrainingConfig(micro_batch_pairs=1, pad_to_multiple_of=8,
                        fp8=FP8Config(enabled=True, recipe="mxfp8")),

@@ -104,7 +104,7 @@ def pair_micro_batches(pairs: Sequence[TokenizedPair], pairs_per_micro_batch: in
         raise ValueError("no preference pairs to batch")
     if len(pairs) % pairs_per_micro_batch:
         raise ConfigError(f"{len(pairs)} pairs do not split into micro-batches of "
-                          f"training.micro_batch_pairs={pairs_per_micro_batch}")
+                          f"train.micro_batch_pairs={pairs_per_micro_batch}")
     for index, pair in enumerate(pairs):
         _check_pair(index, pair)
     seq_length = padded_length(pairs, pad_to_multiple_of)

@@ -39,7 +39,7 @@ def _check_gemm_widths(recipe: str, model: ModelConfig, parallel: ParallelConfig
     }
     for name, width in widths.items():
         if width % multiple:
-            raise ConfigError(f"training.fp8.enabled=true: {name} = {width} is not a multiple of "
+            raise ConfigError(f"train.fp8.enabled=true: {name} = {width} is not a multiple of "
                               f"{multiple}, which Transformer Engine's FP8 GEMMs need "
                               f"(recipe {recipe!r})")
 
@@ -52,38 +52,38 @@ def _check_tokens_per_micro_batch(training: DPOTrainingConfig, parallel: Paralle
     pad = training.pad_to_multiple_of
     split = tp if parallel.sequence_parallel else 1
     if pad % split:
-        raise ConfigError(f"training.pad_to_multiple_of={pad} is not a multiple of "
+        raise ConfigError(f"train.pad_to_multiple_of={pad} is not a multiple of "
                           f"parallel.tensor_model_parallel_size={tp}: sequence parallelism "
                           "splits every sequence evenly over the TP ranks")
     guaranteed = 2 * training.micro_batch_pairs * pad // split
     if guaranteed % multiple:
         raise ConfigError(
-            f"training.fp8.enabled=true with training.micro_batch_pairs="
-            f"{training.micro_batch_pairs} and training.pad_to_multiple_of={pad}"
+            f"train.fp8.enabled=true with train.micro_batch_pairs="
+            f"{training.micro_batch_pairs} and train.pad_to_multiple_of={pad}"
             + (f" (sequence parallel over {tp} ranks)" if split > 1 else "")
             + f": tokens per micro-batch are only guaranteed to be a multiple of {guaranteed}; "
             f"Transformer Engine's FP8 GEMMs need a multiple of {multiple} "
-            f"(recipe {training.fp8.recipe!r}); raise training.pad_to_multiple_of")
+            f"(recipe {training.fp8.recipe!r}); raise train.pad_to_multiple_of")
 
 
 def _check_environment(recipe: str) -> None:
     if not transformer_engine_available():
-        raise ConfigError("training.fp8.enabled=true needs Transformer Engine "
+        raise ConfigError("train.fp8.enabled=true needs Transformer Engine "
                           "(pip install transformer-engine[pytorch]), which does not import here")
     if not torch.cuda.is_available():
-        raise ConfigError("training.fp8.enabled=true needs a CUDA GPU: FP8 GEMMs have no CPU "
+        raise ConfigError("train.fp8.enabled=true needs a CUDA GPU: FP8 GEMMs have no CPU "
                           "implementation")
     capability = torch.cuda.get_device_capability()
     needed = _MXFP8_COMPUTE_CAPABILITY if recipe == "mxfp8" else _FP8_COMPUTE_CAPABILITY
     if capability < needed:
-        raise ConfigError(f"training.fp8.recipe={recipe!r} needs compute capability "
+        raise ConfigError(f"train.fp8.recipe={recipe!r} needs compute capability "
                           f"{needed[0]}.{needed[1]} or newer; this GPU has "
                           f"{capability[0]}.{capability[1]}")
 
 
 def check_fp8_settings(training: DPOTrainingConfig, model: ModelConfig,
                        parallel: ParallelConfig, check_environment: bool = True) -> None:
-    """Raise ``ConfigError`` naming the setting when ``training.fp8`` cannot work."""
+    """Raise ``ConfigError`` naming the setting when ``train.fp8`` cannot work."""
     if not training.fp8.enabled:
         return
     training.fp8.validate()
@@ -102,6 +102,6 @@ def transformer_config_fields(fp8: FP8Config) -> Dict[str, object]:
 
 def fp8_transformer_overrides(training: DPOTrainingConfig, model: ModelConfig,
                               parallel: ParallelConfig) -> Dict[str, object]:
-    """Checked ``TransformerConfig`` fields for ``training.fp8``; {} when FP8 is off."""
+    """Checked ``TransformerConfig`` fields for ``train.fp8``; {} when FP8 is off."""
     check_fp8_settings(training, model, parallel)
     return transformer_config_fields(training.fp8) if training.fp8.enabled else {}
