@@ -13,6 +13,7 @@ from megatron_tpo.config.loading import load_group_config
 
 LOSS_TYPES = ("sigmoid", "ipo")
 RECOMPUTE_GRANULARITIES = (None, "selective", "full")
+RECOMPUTE_METHODS = (None, "uniform", "block")
 LR_DECAY_STYLES = ("cosine", "linear", "constant")
 # Names as megatron-core 0.16's TransformerConfig spells them. Its "custom" recipe needs
 # a quantizer factory import path and is not offered here.
@@ -71,7 +72,14 @@ class DPOTrainingConfig:
     # pipeline's fixed activation shape fits all of them (and FP8 GEMMs stay aligned).
     pad_to_multiple_of: int = 16
     pad_token_id: int = 0
+    # Activation recomputation: "selective" reruns core attention in backward, "full"
+    # reruns whole layers. With "full", recompute_method "uniform" splits each pipeline
+    # stage's layers into units of recompute_num_layers (only unit inputs are kept) and
+    # "block" reruns the first recompute_num_layers layers of each stage and keeps the
+    # rest; unset, they mean uniform units of one layer.
     recompute_granularity: Optional[str] = None
+    recompute_method: Optional[str] = None
+    recompute_num_layers: Optional[int] = None
     fp8: FP8Config = field(default_factory=FP8Config)
 
     def validate(self) -> None:
@@ -103,7 +111,22 @@ class DPOTrainingConfig:
         if self.recompute_granularity not in RECOMPUTE_GRANULARITIES:
             raise ConfigError(f"training.recompute_granularity={self.recompute_granularity!r}: "
                               f"must be one of {RECOMPUTE_GRANULARITIES}")
+        self._validate_recompute_units()
         self.fp8.validate()
+
+    def _validate_recompute_units(self) -> None:
+        if self.recompute_method not in RECOMPUTE_METHODS:
+            raise ConfigError(f"train.recompute_method={self.recompute_method!r}: must be one "
+                              f"of {RECOMPUTE_METHODS}")
+        if self.recompute_num_layers is not None and self.recompute_num_layers < 1:
+            raise ConfigError(
+                f"train.recompute_num_layers={self.recompute_num_layers}: must be >= 1")
+        chosen = {name: getattr(self, name) for name in ("recompute_method", "recompute_num_layers")
+                  if getattr(self, name) is not None}
+        if chosen and self.recompute_granularity != "full":
+            settings = ", ".join(f"train.{name}={value!r}" for name, value in chosen.items())
+            raise ConfigError(f"{settings}: apply to recompute_granularity='full' only, not "
+                              f"{self.recompute_granularity!r}")
 
 
 def load_training_config(name_or_path: Union[str, Path] = "dpo", **overrides) -> DPOTrainingConfig:

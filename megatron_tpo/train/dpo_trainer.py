@@ -23,6 +23,7 @@ from megatron_tpo.train.lr_schedule import warmup_decay_scheduler
 from megatron_tpo.train.megatron_setup import OptimizerSettings, wrap_for_training
 from megatron_tpo.train.pipeline_step import train_step
 from megatron_tpo.train.policy_logprobs import return_hidden_states_from_output_layer
+from megatron_tpo.train.recompute import recompute_transformer_fields
 from megatron_tpo.train.reference_logprobs import reference_pair_logprobs, with_reference_logprobs
 
 
@@ -54,7 +55,8 @@ class DPOTrainer:
                        else torch.device("cpu"))
         params_dtype = torch.bfloat16 if on_gpu else torch.float32
         config = llama_transformer_config(
-            model, parallel, params_dtype, recompute_granularity=training.recompute_granularity,
+            model, parallel, params_dtype,
+            **recompute_transformer_fields(training, model, parallel),
             **fp8_transformer_overrides(training, model, parallel))
         self.chunks = build_llama_chunks(model, parallel, params_dtype=params_dtype, config=config)
         for chunk in self.chunks:
