@@ -348,8 +348,27 @@ def _integrity_worker(rank, world_size, model, root, pairs):
     report["other_shape_weights_kept"] = _same(weights, _weights(wider))
     checkpointer.save(4, trainer.ddp_chunks, trainer.optimizer, trainer.scheduler, {})
     report["after_next_save"] = sorted(path.name for path in (root / "run").iterdir())
-    torch.distributed.destroy_process_group()
-    return report
+    with open(root / "report.pkl", "wb") as handle:  # this process will not return
+        pickle.dump(report, handle)
+    _save_killed_by_sigkill(checkpointer, trainer, 5)
+
+
+def _save_killed_by_sigkill(checkpointer, trainer, step):
+    """kill -9 of this process once step ``step``'s shards are on disk."""
+    import os
+    import signal
+
+    import psutil
+
+    from megatron_tpo.checkpoint import manifest
+
+    def kill_nine(directory):
+        for child in psutil.Process().children(recursive=True):  # megatron's writer queue
+            child.kill()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    manifest.file_records = kill_nine
+    checkpointer.save(step, trainer.ddp_chunks, trainer.optimizer, trainer.scheduler, {})
 
 
 def _start_other_shape(model):
@@ -361,9 +380,17 @@ def _start_other_shape(model):
 
 @pytest.fixture(scope="module")
 def integrity(tmp_path_factory):
+    from torch.multiprocessing import ProcessExitedException
+
     model = tiny_model_config()
     root = tmp_path_factory.mktemp("integrity")
-    return spawn_local(_integrity_worker, 1, model, root, _random_pairs(model.vocab_size))[0]
+    with pytest.raises(ProcessExitedException) as killed:
+        spawn_local(_integrity_worker, 1, model, root, _random_pairs(model.vocab_size))
+    with open(root / "report.pkl", "rb") as handle:
+        report = pickle.load(handle)
+    report["kill_signal"] = killed.value.signal_name
+    report["root"] = root / "run"
+    return report
 
 
 def test_an_empty_root_loads_nothing_and_keep_last_prunes_older_checkpoints(integrity):
@@ -380,6 +407,17 @@ def test_a_save_killed_part_way_leaves_latest_at_the_previous_checkpoint_which_l
     assert integrity["weights_restored"]
     # The next save clears the dead partial directory and prunes to keep_last.
     assert integrity["after_next_save"] == ["latest", "step_00000003", "step_00000004"]
+
+
+def test_a_save_killed_with_sigkill_leaves_the_previous_checkpoint_complete(integrity):
+    from megatron_tpo.checkpoint.manifest import read_manifest, verify_files
+
+    assert integrity["kill_signal"] == "SIGKILL"
+    checkpointer = TrainingCheckpointer(integrity["root"], CheckpointConfig())
+    assert checkpointer.latest_step() == 4
+    assert any((integrity["root"] / ".step_00000005.partial" / "dist").glob("*.distcp"))
+    directory = checkpointer.step_dir(4)
+    verify_files(directory, read_manifest(directory))  # every file still matches
 
 
 @pytest.mark.parametrize("case", sorted(CORRUPTIONS))
