@@ -260,6 +260,7 @@ class TrainingCheckpointer:
     def _load(self, step: int, chunks: List, optimizer) -> Dict[str, Any]:
         from megatron.core import dist_checkpointing
         from megatron.core.dist_checkpointing.core import CheckpointingException
+        from torch.distributed.checkpoint.api import CheckpointException
 
         state = self._verified_state(step)
         metadata = state["sharding_metadata"]
@@ -270,7 +271,8 @@ class TrainingCheckpointer:
         dist_dir = self.step_dir(step) / "dist"
         try:
             loaded = dist_checkpointing.load(wanted, str(dist_dir))
-        except CheckpointingException as error:
+        except (CheckpointingException, CheckpointException) as error:
+            # e.g. optimizer state saved by the ordinary optimizer, loaded by the distributed one
             raise CheckpointError(f"{dist_dir}: {error}") from error
         sharded_state.apply_loaded_state(chunks, optimizer, loaded)
         return state
