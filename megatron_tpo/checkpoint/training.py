@@ -148,6 +148,26 @@ class TrainingCheckpointer:
             get_default_save_sharded_strategy(),
             parallel_state.get_data_parallel_group(with_context_parallel=True))
 
+    @staticmethod
+    def _load_strategy(dist_dir: Path):
+        from megatron.core import parallel_state
+        from megatron.core.dist_checkpointing.serialization import (
+            get_default_load_sharded_strategy,
+        )
+        from megatron.core.dist_checkpointing.strategies.fully_parallel import (
+            FullyParallelLoadStrategyWrapper,
+        )
+
+        strategy = get_default_load_sharded_strategy(str(dist_dir))
+        if not torch.cuda.is_available():
+            # The exchange below moves tensors with .cuda(), which the CPU adapter
+            # cannot redirect: on CPU every replica reads its own slices.
+            return strategy
+        # Each data-parallel replica reads a share and broadcasts it to the others,
+        # instead of every replica reading the whole model from the file system.
+        return FullyParallelLoadStrategyWrapper(
+            strategy, parallel_state.get_data_parallel_group(with_context_parallel=True))
+
     def _publish(self, partial: Path, step: int) -> None:
         final = self.step_dir(step)
         replaced = self.root / f".{final.name}.replaced"
@@ -270,7 +290,8 @@ class TrainingCheckpointer:
             wanted = sharded_state.with_optimizer(wanted, optimizer, metadata, is_loading=True)
         dist_dir = self.step_dir(step) / "dist"
         try:
-            loaded = dist_checkpointing.load(wanted, str(dist_dir))
+            loaded = dist_checkpointing.load(wanted, str(dist_dir),
+                                             sharded_strategy=self._load_strategy(dist_dir))
         except (CheckpointingException, CheckpointException) as error:
             # e.g. optimizer state saved by the ordinary optimizer, loaded by the distributed one
             raise CheckpointError(f"{dist_dir}: {error}") from error
