@@ -7,7 +7,6 @@ process damages copies of its checkpoints in every way the loader must notice.
 """
 
 import ast
-import json
 import pickle
 import random
 import shutil
