@@ -30,6 +30,9 @@ from megatron_tpo.model.conversion import (
 from megatron_tpo.model.dist_weights import DistWeightsReader, DistWeightsWriter
 from megatron_tpo.model.hf_checkpoint import HFCheckpointReader
 from megatron_tpo.model.hf_config import hf_config_from_model, model_config_from_hf, read_hf_config_dict
+from megatron_tpo.model.nemo1_rank_files import (
+    RankFilesSource, find_rank_files, padded_vocab_rows,
+)
 from megatron_tpo.model.nemo_config import (
     TOKENIZER_DIR, llama_config_from_io_json, model_config_from_nemo1, model_config_from_nemo2,
     nemo2_io_json, nemo2_model_yaml, read_yaml,
@@ -166,23 +169,28 @@ def open_nemo2(nemo_dir: Path) -> NemoCheckpoint:
 
 def open_nemo1(nemo_file: Path, work_dir: Path) -> NemoCheckpoint:
     """Unpack a NeMo 1 ``.nemo`` tarball (plain tar, or gzip) into ``work_dir`` and open
-    its ``model_weights/`` dist checkpoint (keys prefixed ``model.``)."""
+    its ``model_weights/`` dist checkpoint (keys prefixed ``model.``) or, in older files,
+    its per-rank ``model_weights.ckpt`` state dicts (``nemo1_rank_files``)."""
     nemo_file = Path(nemo_file)
     try:
         with tarfile.open(nemo_file, "r:*") as archive:
             archive.extractall(work_dir, filter="data")  # refuses links and paths outside
     except (tarfile.TarError, OSError) as error:
         raise ConfigError(f"{nemo_file}: not a readable .nemo tarball ({error})") from error
-    config_path = work_dir / "model_config.yaml"
-    config = read_yaml(config_path)
+    config = read_yaml(work_dir / "model_config.yaml")
+    source = f"{nemo_file}:model_config.yaml"
     weights = work_dir / "model_weights"
-    if not weights.is_dir():
-        legacy = sorted(p.relative_to(work_dir) for p in work_dir.rglob("model_weights.ckpt"))
-        raise ConfigError(f"{nemo_file}: no model_weights/ dist checkpoint"
-                          + (f"; per-rank torch files {legacy[:2]} are not read" if legacy else ""))
-    return _open_dist(weights, lambda rows: model_config_from_nemo1(config, f"{nemo_file}:"
-                                                                    "model_config.yaml", rows),
-                      str(nemo_file), None)
+    if weights.is_dir():
+        return _open_dist(weights, lambda rows: model_config_from_nemo1(config, source, rows),
+                          str(nemo_file), None)
+    rank_files = find_rank_files(work_dir)
+    if not rank_files:
+        raise ConfigError(f"{nemo_file}: neither a model_weights/ dist checkpoint nor "
+                          "per-rank model_weights.ckpt files")
+    model = model_config_from_nemo1(config, source, padded_vocab_rows(rank_files))
+    tensors = RankFilesSource(rank_files, model)
+    dtype = _dtype_name(tensors.get(layout.HF_FINAL_NORM).dtype)
+    return NemoCheckpoint(model, tensors, None, dtype, str(nemo_file))
 
 
 def open_nemo(path: Path, work_dir: Path) -> NemoCheckpoint:
