@@ -44,13 +44,14 @@ def machine(tmp_path):
         # A successful apt-get puts the four programs where the script looks for them.
         install = "".join(f"printf '#!/bin/sh\\n' > {installed}/{name}; "
                           f"chmod +x {installed}/{name}; " for name in SLURM_PROGRAMS)
-        _stub(stubs, "apt-get", install + "exit 0" if apt_succeeds else "echo 'E: no network'; exit 100")
+        failure = "echo 'E: no network'; exit 100"
+        _stub(stubs, "apt-get", install + "exit 0" if apt_succeeds else failure)
         environment = {"PATH": str(stubs), "SLURM_SBIN_DIR": str(installed),
                        "MAKE_STATUS": str(make_status)}
         if ci is not None:
             environment["CI"] = ci
-        result = subprocess.run([shutil.which("bash"), str(repository / ".ci" / "run")], env=environment,
-                                capture_output=True, text=True, timeout=60)
+        result = subprocess.run([shutil.which("bash"), str(repository / ".ci" / "run")],
+                                env=environment, capture_output=True, text=True, timeout=60)
         log = tmp_path / "make.log"
         made = log.read_text().split("\n")[:-1] if log.exists() else []
         if log.exists():
