@@ -9,11 +9,15 @@ import torch
 FINISH_REASONS = ("stop", "length")
 
 
-def tensor_checksum(tensor: torch.Tensor) -> Tuple[float, float]:
+def tensor_checksum(tensor: torch.Tensor, chunk: int = 1 << 22) -> Tuple[float, float]:
     """``(sum, sum of squares)`` in float64: cheap, and changed by any corruption that
-    matters."""
-    values = tensor.detach().double()
-    return float(values.sum()), float((values * values).sum())
+    matters. Converted a slice at a time, so a large tensor needs no float64 copy."""
+    flat = tensor.detach().reshape(-1)
+    total = torch.zeros(2, dtype=torch.float64, device=flat.device)
+    for start in range(0, flat.numel(), chunk):
+        values = flat[start:start + chunk].double()
+        total += torch.stack([values.sum(), (values * values).sum()])
+    return float(total[0]), float(total[1])
 
 
 @dataclass

@@ -1,0 +1,114 @@
+"""After a weight sync, does the engine compute what the trainer computes?
+
+A few fixed probe sequences are scored by both: the trainer through a forward-only pass
+of megatron's pipeline schedule and the fused log-prob kernel (the numbers DPO trains
+on), the engine through ``RolloutEngine.score``. When they differ by more than a
+tolerance, the per-tensor checksums of what was sent and what the engine holds name
+the first tensor that differs.
+"""
+
+import contextlib
+import math
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from megatron_tpo.train.dpo_batch import PairMicroBatch
+from megatron_tpo.train.pipeline_step import position_ids, unwrapped
+
+
+def probe_token_ids(vocab_size: int, count: int, length: int, seed: int = 0) -> List[List[int]]:
+    """The same ``count`` random sequences of ``length`` tokens on every rank."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab_size, (count, length), generator=generator).tolist()
+
+
+@contextlib.contextmanager
+def _hidden_states_from_output_layers(gpt_chunks: Sequence):
+    """Output layers hand back hidden states for the fused kernel while inside; chunks
+    the trainer already set up that way stay as they are."""
+    from megatron_tpo.train.policy_logprobs import return_hidden_states_from_output_layer
+
+    patched = [c for c in gpt_chunks
+               if c.post_process and "forward" not in vars(c.output_layer)]
+    for chunk in patched:
+        return_hidden_states_from_output_layer(chunk)
+    try:
+        yield
+    finally:
+        for chunk in patched:
+            del chunk.output_layer.forward
+
+
+def _probe_forward_step(vocab_size: int):
+    from megatron_tpo.train.policy_logprobs import token_logprobs
+
+    def forward_step(data_iterator, model):
+        batch = next(data_iterator)
+        output = model(batch.input_ids, position_ids(batch.input_ids), None)
+
+        def collect(hidden_states):
+            values = token_logprobs(unwrapped(model), hidden_states, batch, vocab_size)
+            return hidden_states.new_zeros(()), {"logprobs": values}
+
+        return output, collect
+
+    return forward_step
+
+
+def _probe_micro_batch(sequence: Sequence[int], device) -> PairMicroBatch:
+    tokens = torch.tensor([list(sequence)], dtype=torch.long, device=device)
+    return PairMicroBatch(input_ids=tokens[:, :-1], targets=tokens[:, 1:],
+                          loss_mask=torch.ones_like(tokens[:, 1:]), reference_logprobs=None)
+
+
+def trainer_token_logprobs(chunks: Sequence, token_ids: Sequence[Sequence[int]],
+                           vocab_size: int) -> torch.Tensor:
+    """[sequences, length - 1] float64 per-token log-probs under this rank's model replica,
+    on every rank (a collective over the pipeline; sequences of one length)."""
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    gpt_chunks = [unwrapped(c) for c in chunks]
+    device = next(gpt_chunks[0].parameters()).device
+    # One sequence per micro-batch: the interleaved schedule wants several of them.
+    batches = [_probe_micro_batch(sequence, device) for sequence in token_ids]
+    iterators = [iter(batches) for _ in chunks]
+    with torch.no_grad(), _hidden_states_from_output_layers(gpt_chunks):
+        per_micro_batch = get_forward_backward_func()(
+            forward_step_func=_probe_forward_step(vocab_size),
+            data_iterator=iterators if len(chunks) > 1 else iterators[0],
+            model=list(chunks) if len(chunks) > 1 else chunks[0],
+            num_microbatches=len(batches), seq_length=batches[0].seq_length,
+            micro_batch_size=1, forward_only=True)
+    values = torch.zeros(len(batches), batches[0].seq_length, dtype=torch.float64, device=device)
+    if parallel_state.is_pipeline_last_stage():
+        values = torch.cat([m["logprobs"] for m in per_micro_batch]).double()
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        torch.distributed.broadcast(
+            values, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+            group=parallel_state.get_pipeline_model_parallel_group())
+    return values.cpu()
+
+
+def max_abs_difference(engine_values: Sequence[Sequence[float]], trainer_values: torch.Tensor
+                       ) -> float:
+    engine = torch.tensor(engine_values, dtype=torch.float64)
+    if engine.shape != trainer_values.shape:
+        raise ValueError(f"engine scored {tuple(engine.shape)} log-probs, the trainer "
+                         f"{tuple(trainer_values.shape)}")
+    return float((engine - trainer_values).abs().max())
+
+
+def _differs(sent: Tuple[float, float], held: Tuple[float, float], rtol: float = 1e-6) -> bool:
+    scale = math.sqrt(abs(sent[1])) + abs(sent[0])
+    return abs(sent[0] - held[0]) > rtol * scale or abs(sent[1] - held[1]) > rtol * abs(sent[1])
+
+
+def first_differing_tensor(order: Sequence[str], sent: Dict[str, Tuple[float, float]],
+                           held: Dict[str, Tuple[float, float]]) -> Optional[str]:
+    """The first name (in stream order) whose checksum the engine does not hold, or None."""
+    for name in order:
+        if name not in held or _differs(sent[name], held[name]):
+            return name
+    return None

@@ -1,0 +1,192 @@
+"""push_weights: after a DPO step at TP=2/PP=2, every rank's HF engine computes what
+megatron computes, the parity check passes, a corrupted tensor is caught and named, and
+the measured peak memory of the stream stays near two buckets.
+
+One spawn of four gloo processes serves every multi-process assertion.
+"""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from llama_fixtures import save_random_hf_llama, tiny_model_config
+from megatron_tpo.config import ConfigError, DPOTrainingConfig, ParallelConfig
+from megatron_tpo.model.conversion import hf_to_mcore
+from megatron_tpo.parallel.local_launch import spawn_local
+from megatron_tpo.rollout.hf_engine import HFRolloutEngine
+from megatron_tpo.rollout.weight_sync import WeightSyncConfig
+from megatron_tpo.train.dpo_batch import TokenizedPair
+
+sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "data"))
+from tiny_hf import tiny_tokenizer  # noqa: E402
+
+TRAINING = DPOTrainingConfig(beta=0.5, lr=5e-3, warmup_steps=0, train_steps=4,
+                             micro_batch_pairs=1, pad_to_multiple_of=8, clip_grad=0.0)
+# The largest tensor of the tiny model is a 1001 x 64 float32 vocab table (256 KB), a
+# layer is 184 KB: six buckets, three per pipeline stage.
+BUCKET_BYTES = 300_000
+CORRUPTED = "model.layers.2.mlp.up_proj.weight"
+
+
+class CorruptingEngine(HFRolloutEngine):
+    """Loads one tensor wrong, as a broken transport or loader would."""
+
+    def update_weights(self, stream):
+        super().update_weights((name, tensor + 0.05 if name == CORRUPTED else tensor)
+                               for name, tensor in stream)
+
+
+def _megatron_logits(chunks, tokens, vocab_size):
+    """Full-vocab logits of ``tokens`` on the last pipeline stage (None elsewhere)."""
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_tpo.train.pipeline_step import position_ids, unwrapped
+
+    def forward_step(data_iterator, model):
+        ids = next(data_iterator)
+        output = model(ids, position_ids(ids), None)
+
+        def collect(hidden):  # the trainer's output layer hands back hidden states
+            shard = hidden @ unwrapped(model).output_layer.weight.t()
+            shards = [torch.empty_like(shard) for _ in range(
+                parallel_state.get_tensor_model_parallel_world_size())]
+            torch.distributed.all_gather(shards, shard,
+                                         group=parallel_state.get_tensor_model_parallel_group())
+            return hidden.new_zeros(()), {"logits": torch.cat(shards, dim=-1)[..., :vocab_size]}
+
+        return output, collect
+
+    with torch.no_grad():
+        out = get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter([tokens]), model=chunks[0],
+            num_microbatches=1, seq_length=tokens.shape[1], micro_batch_size=tokens.shape[0],
+            forward_only=True)
+    return out[0]["logits"] if parallel_state.is_pipeline_last_stage() else None
+
+
+def _engine_logits(engine, tokens):
+    with torch.no_grad():
+        return engine.model(tokens).logits
+
+
+def _sync_worker(rank, world_size, model, shard_root, hf_dir, pairs, tokens):
+    from transformers import LlamaForCausalLM
+
+    from megatron_tpo.parallel import init_megatron, shutdown_megatron
+    from megatron_tpo.rollout.memory import peak_extra_bytes
+    from megatron_tpo.rollout.weight_stream import cached_plan
+    from megatron_tpo.rollout.weight_sync import WeightSyncError, push_weights
+    from megatron_tpo.train.dpo_trainer import DPOTrainer
+
+    parallel = ParallelConfig(tensor_model_parallel_size=2, pipeline_model_parallel_size=2)
+    init_megatron(parallel, model)
+    trainer = DPOTrainer(model, parallel, TRAINING, shard_root)
+    trainer.step(trainer.with_reference_logprobs(pairs))
+
+    def engine(kind=HFRolloutEngine):  # each rank's own replica, still at the old weights
+        return kind(LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32),
+                    tiny_tokenizer())
+
+    replica = engine()
+    report = {"before": _engine_logits(replica, tokens)}
+    checked = WeightSyncConfig(bucket_bytes=BUCKET_BYTES, parity_tolerance=1e-4)
+    report["metrics"] = push_weights(replica, trainer.ddp_chunks, model, checked)
+    report["after"] = _engine_logits(replica, tokens)
+    report["megatron"] = _megatron_logits(trainer.chunks, tokens, model.vocab_size)
+    unchecked = WeightSyncConfig(bucket_bytes=BUCKET_BYTES, check_parity=False)
+    report["unchecked"], report["peak_bytes"] = peak_extra_bytes(
+        lambda: push_weights(replica, trainer.ddp_chunks, model, unchecked), torch.device("cpu"))
+    plan = cached_plan(trainer.chunks, model, BUCKET_BYTES)
+    report["plan"] = dict(buckets=len(plan.buckets), sources=plan.sources,
+                          largest_bucket=plan.largest_bucket_bytes,
+                          largest_tensor=plan.largest_tensor_bytes)
+    try:
+        push_weights(engine(CorruptingEngine if rank == 1 else HFRolloutEngine),
+                     trainer.ddp_chunks, model, checked)
+    except WeightSyncError as error:
+        report["corrupted"] = str(error)
+    shutdown_megatron()
+    return report
+
+
+@pytest.fixture(scope="module")
+def reports(tmp_path_factory):
+    model = tiny_model_config()
+    hf_dir = save_random_hf_llama(model, tmp_path_factory.mktemp("sync") / "hf")
+    shard_root = hf_to_mcore(hf_dir, tmp_path_factory.mktemp("tp2_pp2"), 2, 2,
+                             make_vocab_size_divisible_by=model.make_vocab_size_divisible_by,
+                             progress=False).destination
+    generator = torch.Generator().manual_seed(7)
+    pairs = [TokenizedPair(prompt=torch.randint(0, model.vocab_size, (4,), generator=generator
+                                                ).tolist(),
+                           chosen=torch.randint(0, model.vocab_size, (6,), generator=generator
+                                                ).tolist(),
+                           rejected=torch.randint(0, model.vocab_size, (5,), generator=generator
+                                                  ).tolist()) for _ in range(2)]
+    tokens = torch.randint(0, model.vocab_size, (2, 12), generator=generator)
+    return spawn_local(_sync_worker, 4, model, shard_root, hf_dir, pairs, tokens)
+
+
+def test_every_ranks_engine_computes_the_megatron_logits_after_a_dpo_step(reports):
+    last_stage = [r["megatron"] for r in reports if r["megatron"] is not None]
+    assert len(last_stage) == 2
+    megatron = last_stage[0]
+    torch.testing.assert_close(last_stage[1], megatron, rtol=0, atol=0)
+    # The step moved the weights: the engines' old logits are visibly off.
+    assert (reports[0]["before"] - megatron).abs().max() > 1e-3
+    for report in reports:
+        assert torch.equal(report["after"], reports[0]["after"])  # identical on every rank
+        assert (report["after"] - megatron).abs().max() < 1e-4
+
+
+def test_parity_check_passes_and_versions_go_up_by_one_per_sync(reports):
+    for report in reports:
+        metrics = report["metrics"]
+        assert metrics["version"] == 1 and report["unchecked"]["version"] == 2
+        assert 0 <= metrics["max_abs_logprob_diff"] < 1e-4
+        assert report["unchecked"]["max_abs_logprob_diff"] != report["unchecked"][
+            "max_abs_logprob_diff"]  # nan: not checked
+        # Every HF tensor once: 4 layers of the tiny model plus embedding, norm and head.
+        model = tiny_model_config()
+        per_layer = (2 * model.hidden_size * model.hidden_size           # q, o
+                     + 2 * model.hidden_size * model.hidden_size // 2    # k, v (2 of 4 heads)
+                     + 3 * model.hidden_size * model.ffn_hidden_size + 2 * model.hidden_size)
+        expected = 4 * (model.num_layers * per_layer + (2 * model.vocab_size + 1)
+                        * model.hidden_size)
+        assert metrics["bytes"] == expected
+        assert metrics["seconds"] > 0
+
+
+def test_a_corrupted_tensor_stops_the_sync_on_every_rank_and_is_named(reports):
+    for report in reports:
+        message = report["corrupted"]
+        assert f"first tensor whose checksum differs between what was sent and what the " \
+               f"engine holds: {CORRUPTED} (rank 1)" in message
+        assert "weight_sync.parity_tolerance=0.0001" in message
+
+
+def test_measured_peak_memory_of_a_sync_is_two_buckets_plus_one_tensors_conversion(reports):
+    plan = reports[0]["plan"]
+    assert plan["buckets"] == 6 and plan["sources"] == [0, 2]   # TP rank 0 of each stage
+    bucket, tensor = plan["largest_bucket"], plan["largest_tensor"]
+    assert bucket <= BUCKET_BYTES
+    for rank, report in enumerate(reports):
+        peak = report["peak_bytes"]
+        assert peak >= bucket, (rank, peak)   # the measurement sees the buffers
+        if rank in plan["sources"]:
+            # Two buckets, plus one tensor's gathered shards, concatenation and trimmed copy.
+            assert peak <= 2 * bucket + 3 * tensor, (rank, peak, bucket, tensor)
+        else:
+            assert peak <= 2 * bucket, (rank, peak, bucket)
+
+
+def test_weight_sync_settings_are_checked():
+    with pytest.raises(ConfigError, match="weight_sync.bucket_bytes=0"):
+        WeightSyncConfig(bucket_bytes=0).validate()
+    with pytest.raises(ConfigError, match="weight_sync.probe_length=1"):
+        WeightSyncConfig(probe_length=1).validate()
+    with pytest.raises(ConfigError, match="weight_sync.parity_tolerance=0"):
+        WeightSyncConfig(parity_tolerance=0).validate()
