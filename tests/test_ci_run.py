@@ -5,7 +5,6 @@ The script runs against stand-ins on PATH: ``id`` (root), ``apt-get`` (fails, or
 "installs" the Slurm programs) and ``make`` (records that the suite ran).
 """
 
-import os
 import shutil
 import subprocess
 from pathlib import Path
