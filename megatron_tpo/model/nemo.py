@@ -97,10 +97,12 @@ class NemoTensorSource:
                           "another model shape?")
 
     def get(self, name: str, expected_shape=None) -> torch.Tensor:
-        if name == layout.HF_EMBEDDING:
-            return layout.merge_vocab([self.reader.read(layout.EMBEDDING)], self.model.vocab_size)
-        if name == layout.HF_OUTPUT_LAYER:
-            return layout.merge_vocab([self.reader.read(layout.OUTPUT_LAYER)], self.model.vocab_size)
+        if name in (layout.HF_EMBEDDING, layout.HF_OUTPUT_LAYER):
+            rows = self.reader.read(layout.EMBEDDING if name == layout.HF_EMBEDDING
+                                    else layout.OUTPUT_LAYER)
+            # Slicing, not merge_vocab's concatenation: one vocab-sized copy fewer.
+            return rows if rows.shape[0] == self.model.vocab_size \
+                else rows[: self.model.vocab_size].clone()
         if name == layout.HF_FINAL_NORM:
             return self.reader.read(layout.FINAL_NORM)
         layer = int(name.split(".")[2])
