@@ -1,0 +1,182 @@
+"""The vLLM engine (GPU only): a thin layer over vLLM's offline ``LLM``.
+
+Written against vLLM 0.33's public API as ``notes/vllm.md`` records it; vLLM cannot be
+installed on the CPU machines this was written on, so it ran here only against the
+stand-in module of the tests (``tests/fixtures/vllm_standin.py``), never on a GPU.
+
+Colocated with megatron in one ``srun``: every rank builds ``LLM`` with
+``distributed_executor_backend="external_launcher"`` after megatron initialised
+torch.distributed, so vLLM reuses that world and each block of ``tensor_parallel_size``
+consecutive ranks is one engine. Every rank of a block must get the same prompts,
+sampling and seeds (the TPO loop gives every rank the same prompts). The engine starts
+from ``load_format="dummy"`` (random weights): it refuses to generate until the first
+weight sync. Lifecycle, as the note's RL users do it:
+
+    sleep(level)                       before training
+    wake_up(tags=["weights"])          a sync: weights resident, no KV cache yet
+    model.load_weights(stream)         full HF-named tensors; vLLM fuses and shards them
+    wake_up(tags=["kv_cache"])         wake()
+    reset_prefix_cache()               cached KV was computed by the old weights
+
+Everything that is not a vLLM call (stop handling, decoding, seeds) lives in
+``completions.py``, shared with the HF engine and tested there.
+"""
+
+from typing import Dict, Iterable, List, Sequence, Tuple
+
+import torch
+
+from megatron_tpo.rollout.completions import eos_token_ids, finish_completion
+from megatron_tpo.rollout.config import VLLMConfig
+from megatron_tpo.rollout.engine import (
+    GenerationOutput, RolloutEngine, SamplingParams, tensor_checksum,
+)
+
+AWAKE, ASLEEP, WEIGHTS_ONLY = "awake", "asleep", "weights only"
+
+
+def request_seeds(seed, prompts: int, n: int) -> List:
+    """One seed per sample: sample ``k`` of prompt ``i`` gets ``seed + i * n + k``, so
+    samples differ, and each depends on its seed only, not on batching (None: vLLM's
+    engine seed, identical on every rank of a TP group)."""
+    return [None if seed is None else seed + index for index in range(prompts * n)]
+
+
+class VLLMRolloutEngine(RolloutEngine):
+    def __init__(self, llm, tokenizer, config: VLLMConfig):
+        self.llm, self.tokenizer, self.config = llm, tokenizer, config
+        self.state = AWAKE
+        self.loaded = False            # dummy weights until the first sync
+        self.prefix_cache_stale = False
+        self.received: Dict[str, Tuple[float, float]] = {}
+        self.eos_token_ids = eos_token_ids(tokenizer)
+
+    @classmethod
+    def build(cls, model_path: str, tokenizer, config: VLLMConfig, seed: int = 0
+              ) -> "VLLMRolloutEngine":
+        from vllm import LLM
+
+        config.validate()
+        llm = LLM(model=model_path, tensor_parallel_size=config.tensor_parallel_size,
+                  seed=seed, gpu_memory_utilization=config.gpu_memory_utilization,
+                  enforce_eager=config.enforce_eager, dtype=config.dtype,
+                  distributed_executor_backend="external_launcher", enable_sleep_mode=True,
+                  load_format="dummy", max_model_len=config.max_model_len,
+                  enable_prefix_caching=config.enable_prefix_caching)
+        return cls(llm, tokenizer, config)
+
+    # -- memory ---------------------------------------------------------------------
+    def sleep(self) -> None:
+        if self.state == ASLEEP:
+            return
+        self.llm.sleep(level=self.config.sleep_level)
+        if self.config.sleep_level == 2:
+            self.loaded = False   # level 2 discards the weights: garbage until reloaded
+        self.state = ASLEEP
+
+    def wake(self) -> None:
+        if self.state != AWAKE:
+            if self.config.sleep_level == 0:
+                self.llm.wake_up(tags=["scheduling"])
+            else:
+                if self.state == ASLEEP:
+                    self.llm.wake_up(tags=["weights"])
+                self.llm.wake_up(tags=["kv_cache"])
+            self.state = AWAKE
+        if self.prefix_cache_stale:
+            self.llm.reset_prefix_cache()
+            self.prefix_cache_stale = False
+
+    # -- weights --------------------------------------------------------------------
+    def _worker_model(self):
+        runner = self.llm.llm_engine.model_executor.driver_worker.worker.model_runner
+        return runner.get_model()
+
+    def _recorded(self, stream: Iterable[Tuple[str, torch.Tensor]]):
+        for name, tensor in stream:
+            self.received[name] = tensor_checksum(tensor)
+            yield name, tensor
+
+    def update_weights(self, stream: Iterable[Tuple[str, torch.Tensor]]) -> None:
+        """Load full HF-named tensors into this rank's worker (vLLM narrows them to its
+        TP shard); only the weights are woken, so the KV cache never coexists with two
+        copies of them."""
+        if self.state == ASLEEP and self.config.sleep_level > 0:
+            self.llm.wake_up(tags=["weights"])
+            self.state = WEIGHTS_ONLY
+        self.received = {}
+        self._worker_model().load_weights(self._recorded(stream))
+        self.loaded = True
+        self.prefix_cache_stale = True
+        if self.state == AWAKE:
+            self.wake()   # resets the prefix cache
+
+    def weight_checksums(self, names: Sequence[str]) -> Dict[str, Tuple[float, float]]:
+        # vLLM holds fused, TP-sharded, vocab-padded tensors; these are the checksums of
+        # what this rank's loader was handed, so a failed check tells a transport fault
+        # (named) from a loader or kernel fault (nothing named).
+        return {name: self.received[name] for name in names if name in self.received}
+
+    # -- generation -----------------------------------------------------------------
+    def _check_ready(self, what: str) -> None:
+        if self.state != AWAKE:
+            raise RuntimeError(f"VLLMRolloutEngine.{what} called while asleep; call wake() first")
+        if not self.loaded:
+            raise RuntimeError(f"VLLMRolloutEngine.{what} before any weight sync: the engine "
+                               "holds dummy (or, after sleep level 2, discarded) weights")
+
+    def _vllm_sampling(self, sampling: SamplingParams, seed):
+        import vllm
+
+        return vllm.SamplingParams(
+            n=1, temperature=sampling.temperature, top_p=sampling.top_p,
+            max_tokens=sampling.max_new_tokens, seed=seed, stop=list(sampling.stop) or None,
+            stop_token_ids=list(sampling.stop_token_ids) or None,
+            logprobs=0 if sampling.logprobs else None, skip_special_tokens=True)
+
+    def generate(self, prompts: Sequence[str], sampling: SamplingParams) -> List[GenerationOutput]:
+        self._check_ready("generate")
+        sampling.validate()
+        prompt_ids = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        seeds = request_seeds(sampling.seed, len(prompts), sampling.n)
+        requests = [{"prompt_token_ids": ids} for ids in prompt_ids for _ in range(sampling.n)]
+        outputs = self.llm.generate(requests, [self._vllm_sampling(sampling, s) for s in seeds],
+                                    use_tqdm=False)
+        stop_ids = self.eos_token_ids + list(sampling.stop_token_ids)
+        samples = [self._sample(o.outputs[0], stop_ids, sampling) for o in outputs]
+        results = []
+        for index, (prompt, ids) in enumerate(zip(prompts, prompt_ids)):
+            mine = samples[index * sampling.n:(index + 1) * sampling.n]
+            results.append(GenerationOutput(
+                prompt=prompt, texts=[s[0].text for s in mine],
+                num_tokens=[len(s[0].token_ids) for s in mine], prompt_token_ids=list(ids),
+                token_ids=[s[0].token_ids for s in mine],
+                finish_reasons=[s[0].finish_reason for s in mine],
+                logprobs=[s[1] for s in mine] if sampling.logprobs else None))
+        return results
+
+    def _sample(self, completion, stop_ids: List[int], sampling: SamplingParams):
+        """vLLM's completion cut by the shared rule (vLLM keeps stop tokens in its ids and
+        the token that completed a stop string), with the kept tokens' log-probs."""
+        finished = finish_completion(completion.token_ids, self.tokenizer, stop_ids,
+                                     sampling.stop)
+        if completion.finish_reason == "stop":
+            finished.finish_reason = "stop"   # e.g. EOS that vLLM left out of the ids
+        logprobs = None
+        if sampling.logprobs:
+            logprobs = [float(step[token].logprob) for token, step in
+                        zip(finished.token_ids, completion.logprobs)]
+        return finished, logprobs
+
+    def score(self, token_ids: Sequence[Sequence[int]]) -> List[List[float]]:
+        import vllm
+
+        self._check_ready("score")
+        # prompt_logprobs=0: each prompt token's own log-prob (raw, as the trainer's).
+        scoring = vllm.SamplingParams(n=1, temperature=0.0, max_tokens=1, prompt_logprobs=0,
+                                      detokenize=False)
+        outputs = self.llm.generate([{"prompt_token_ids": list(ids)} for ids in token_ids],
+                                    scoring, use_tqdm=False)
+        return [[float(step[token].logprob) for token, step in
+                 zip(list(ids)[1:], output.prompt_logprobs[1:])]
+                for ids, output in zip(token_ids, outputs)]

@@ -1,0 +1,134 @@
+"""The vLLM engine against a stand-in ``vllm`` module with vLLM 0.33's signatures (vLLM
+cannot be installed here): the calls it makes, their order and their arguments."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_tpo.rollout import RolloutConfig, SamplingParams, VLLMConfig, build_rollout_engine
+from megatron_tpo.rollout.engine import tensor_checksum
+
+sys.path.insert(0, str(Path(__file__).parent / "fixtures"))
+sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "data"))
+import vllm_standin  # noqa: E402
+from tiny_hf import tiny_tokenizer  # noqa: E402
+
+
+@pytest.fixture
+def vllm(monkeypatch):
+    monkeypatch.setitem(sys.modules, "vllm", vllm_standin)
+    vllm_standin.CALLS.clear()
+    monkeypatch.setattr(vllm_standin.LLM, "script", {})
+    return vllm_standin
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+def _engine(tokenizer, **settings):
+    config = RolloutConfig(engine="vllm", sampling=SamplingParams(seed=3),
+                           vllm=VLLMConfig(**settings))
+    return build_rollout_engine(config, "/models/policy", tokenizer)
+
+
+def _ids(tokenizer, text):
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _weights():
+    return [("model.embed_tokens.weight", torch.arange(6.0).reshape(3, 2)),
+            ("lm_head.weight", torch.ones(3, 2))]
+
+
+def test_build_starts_a_colocated_sleepable_engine_with_dummy_weights(vllm, tokenizer):
+    _engine(tokenizer, tensor_parallel_size=2, gpu_memory_utilization=0.35, max_model_len=4096)
+    assert vllm.CALLS == [("LLM", dict(
+        model="/models/policy", tensor_parallel_size=2, seed=3, gpu_memory_utilization=0.35,
+        enforce_eager=False, dtype="bfloat16", distributed_executor_backend="external_launcher",
+        enable_sleep_mode=True, load_format="dummy", max_model_len=4096,
+        enable_prefix_caching=True))]
+
+
+def test_a_sync_wakes_weights_then_loads_then_kv_cache_then_resets_the_prefix_cache(
+        vllm, tokenizer):
+    engine = _engine(tokenizer)
+    with pytest.raises(RuntimeError, match="before any weight sync"):
+        engine.generate(["the cat"], SamplingParams(n=1))
+    engine.sleep()
+    engine.update_weights(iter(_weights()))
+    engine.wake()
+    names = ["model.embed_tokens.weight", "lm_head.weight"]
+    assert vllm.CALLS[1:] == [("sleep", 1), ("wake_up", ["weights"]), ("load_weights", names),
+                              ("wake_up", ["kv_cache"]), ("reset_prefix_cache",)]
+    assert engine.weight_checksums(names + ["model.norm.weight"]) == {
+        name: tensor_checksum(tensor) for name, tensor in _weights()}
+
+    del vllm.CALLS[:]
+    engine.update_weights(iter(_weights()))   # awake: load, then the cache goes at once
+    assert vllm.CALLS == [("load_weights", names), ("reset_prefix_cache",)]
+
+
+def test_sleep_level_two_discards_weights_until_the_next_sync(vllm, tokenizer):
+    engine = _engine(tokenizer, sleep_level=2)
+    engine.update_weights(iter(_weights()))
+    engine.sleep()
+    engine.wake()
+    with pytest.raises(RuntimeError, match="discarded"):
+        engine.score([[1, 2, 3]])
+    assert ("sleep", 2) in vllm.CALLS
+
+
+def test_sleep_level_zero_only_pauses_scheduling(vllm, tokenizer):
+    engine = _engine(tokenizer, sleep_level=0)
+    engine.sleep()
+    engine.update_weights(iter(_weights()))
+    engine.wake()
+    assert [c[0] if c[0] != "wake_up" else c for c in vllm.CALLS[1:]] == [
+        "sleep", "load_weights", ("wake_up", ["scheduling"]), "reset_prefix_cache"]
+
+
+def test_generate_sends_token_prompts_one_seed_per_sample_and_cuts_like_the_hf_engine(
+        vllm, tokenizer):
+    engine = _engine(tokenizer)
+    engine.update_weights(iter(_weights()))
+    cat, dog = _ids(tokenizer, "the cat"), _ids(tokenizer, "my dog")
+    eos, z = tokenizer.eos_token_id, _ids(tokenizer, "z")[0]
+    # vLLM keeps EOS and the token that completed a stop string in its ids.
+    vllm.LLM.script = {tuple(cat): _ids(tokenizer, "a b") + [eos],
+                       tuple(dog): _ids(tokenizer, "sun moon is here")}
+    sampling = SamplingParams(n=2, temperature=0.7, top_p=0.9, max_new_tokens=4, seed=10,
+                              stop=["here"], stop_token_ids=[z], logprobs=True)
+    outputs = engine.generate(["the cat", "my dog"], sampling)
+
+    _, requests, params = vllm.CALLS[-1]
+    assert requests == [{"prompt_token_ids": cat}] * 2 + [{"prompt_token_ids": dog}] * 2
+    assert [p.seed for p in params] == [10, 11, 12, 13]
+    assert {(p.n, p.temperature, p.top_p, p.max_tokens, tuple(p.stop), tuple(p.stop_token_ids),
+             p.logprobs, p.skip_special_tokens) for p in params} == {
+        (1, 0.7, 0.9, 4, ("here",), (z,), 0, True)}
+    first, second = outputs
+    assert first.prompt_token_ids == cat and second.prompt_token_ids == dog
+    assert first.token_ids == [_ids(tokenizer, "a b")] * 2
+    assert first.texts == ["a b"] * 2 and first.finish_reasons == ["stop"] * 2
+    assert second.token_ids == [_ids(tokenizer, "sun moon is")] * 2
+    assert second.texts == ["sun moon is"] * 2 and second.num_tokens == [3, 3]
+    assert second.finish_reasons == ["stop"] * 2
+    assert first.logprobs == [[vllm.token_logprob(t) for t in _ids(tokenizer, "a b")]] * 2
+
+    vllm.LLM.script = {tuple(cat): _ids(tokenizer, "a b c d e")}
+    cut = engine.generate(["the cat"], SamplingParams(n=1, max_new_tokens=3, seed=None))[0]
+    assert cut.token_ids == [_ids(tokenizer, "a b c")] and cut.finish_reasons == ["length"]
+    assert cut.logprobs is None and vllm.CALLS[-1][2][0].seed is None
+
+
+def test_score_reads_prompt_logprobs_of_the_given_tokens(vllm, tokenizer):
+    engine = _engine(tokenizer)
+    engine.update_weights(iter(_weights()))
+    scores = engine.score([[5, 9, 11, 2], [7, 3]])
+    assert scores == [[vllm.token_logprob(t) for t in (9, 11, 2)], [vllm.token_logprob(3)]]
+    params = vllm.CALLS[-1][2][0]
+    assert (params.prompt_logprobs, params.max_tokens, params.temperature) == (0, 1, 0.0)
