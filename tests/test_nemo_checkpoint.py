@@ -299,3 +299,27 @@ def test_cli_converts_through_nemo_and_prints_summaries(tmp_path, capsys):
     assert convert_main(["nemo-to-hf", "--nemo", str(tmp_path / "missing"), "--out",
                          str(tmp_path / "x")]) == 2
     assert "tpo-convert: error:" in capsys.readouterr().err
+
+
+def test_reading_nemo_holds_at_most_one_layer_of_source_tensors(tmp_path, monkeypatch):
+    import weakref
+
+    from megatron_tpo.model.dist_weights import LAYER_WEIGHTS, DistWeightsReader
+
+    model = tiny_model_config(num_layers=8)
+    hf_to_nemo(save_random_hf_llama(model, tmp_path / "hf"), tmp_path / "nemo", progress=False)
+    alive, peak = set(), [0]
+    original_load = DistWeightsReader._load
+
+    def tracked_load(self, requests):
+        loaded = original_load(self, requests)
+        for key, tensor in loaded.items():
+            token = (key, len(alive), id(tensor))
+            alive.add(token)
+            weakref.finalize(tensor, alive.discard, token)
+        peak[0] = max(peak[0], len(alive))
+        return loaded
+
+    monkeypatch.setattr(DistWeightsReader, "_load", tracked_load)
+    nemo_to_mcore(tmp_path / "nemo", tmp_path / "mcore", 2, 2, progress=False)
+    assert 0 < peak[0] <= len(LAYER_WEIGHTS), f"{peak[0]} checkpoint tensors alive at once"
