@@ -172,7 +172,9 @@ def test_json_output_and_emit(capsys, tmp_path):
     header = (tmp_path / "sbatch_header.sh").read_text()
     for line in ("#SBATCH --nodes=1", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8"):
         assert line in header
-    assert "micro_batch_size: 1" in (tmp_path / "trainer.yaml").read_text()
+    trainer = (tmp_path / "trainer.yaml").read_text()
+    assert f"micro_batch_size: {best['micro_batch_size']}" in trainer
+    assert f"micro_batch_pairs: {best['micro_batch_size'] // 2}" in trainer
 
 
 def test_text_report_shows_breakdown_and_rejections(capsys):

@@ -54,32 +54,38 @@ def test_parameter_counts_of_70b_at_tp4_pp4_vpp5_by_hand():
     assert last_stage > first_stage
 
 
-def test_context_parallel_layout_is_not_runnable_and_cp1_is_the_fix():
+def test_nvidias_70b_layout_is_not_runnable_and_three_moves_fix_it():
+    """TP4 PP4 VPP5 CP2 MBS1 fits megatron-core, but the DPO trainer refuses CP2 and an
+    odd micro-batch (a micro-batch holds whole pairs). CP1 with MBS2 alone does not fit;
+    one more PP stage makes it."""
     workload = _workload("llama3_70b", nodes=8)
     assessment = assess_layout(workload, parse_layout("tp=4,pp=4,vpp=5,cp=2,mbs=1", 64))
-    assert [category for category, _ in assessment.problems] == ["not runnable by the DPO trainer"]
-    assert "context_parallel_size=2" in assessment.problems[0][1]
+    (category, reason), = assessment.problems
+    assert category == "not runnable by the DPO trainer"
+    assert "context_parallel_size=2" in reason and "MBS1" in reason
     # The estimate is still made for exactly this layout.
     assert assessment.plan.memory == training_memory(workload, assessment.layout)
     assert assessment.plan.time == step_time(workload, assessment.layout)
     assert assessment.total_parameters == 70_553_706_496
+    assert evaluate(workload, TrainingLayout(4, 4, 5, 1, 4, 2, "none", False)).category == \
+        "out of memory"
     best = assessment.fixes[0]
-    assert best.changes == ("CP 2 -> 1", "DP 2 -> 4")
-    assert best.plan.layout == TrainingLayout(4, 4, 5, 1, 4, 1, "none", False)
+    assert best.changes == ("PP 4 -> 8", "CP 2 -> 1", "MBS 1 -> 2")
+    assert best.plan.layout == TrainingLayout(4, 8, 5, 1, 2, 2, "none", False)
     assert best.plan.memory.total <= workload.cluster.gpu.memory_bytes
 
 
 def test_out_of_memory_layout_gets_the_one_change_that_fits():
-    """70B on two nodes at TP8 PP2: 7.9 GiB short; full recomputation is the one-knob fix
-    (more PP would need 16 stages x TP8 = 128 GPUs)."""
+    """70B on two nodes at TP8 PP2, one pair per micro-batch: 18.46 GiB short; full
+    recomputation is the one-knob fix (more PP would need 16 stages x TP8 = 128 GPUs)."""
     workload = _workload("llama3_70b", nodes=2)
-    layout = parse_layout("tp=8,pp=2,mbs=1", world_size=16)
+    layout = parse_layout("tp=8,pp=2,mbs=2", world_size=16)
     assessment = assess_layout(workload, layout)
     (category, reason), = assessment.problems
     assert category == "out of memory"
     shortfall = (assessment.plan.memory.total - 79.6 * GIB) / GIB
     assert f"out of memory by {shortfall:.2f} GiB" in reason
-    assert shortfall == pytest.approx(7.90, abs=0.01)
+    assert shortfall == pytest.approx(18.46, abs=0.01)
     for fix in assessment.fixes:
         assert len(fix.changes) == 1
         assert evaluate(workload, fix.plan.layout) == fix.plan  # it does fit
@@ -92,6 +98,8 @@ def test_every_problem_is_listed_not_only_the_first():
     categories = [category for category, _ in assess_layout(workload, layout).problems]
     assert categories == ["selective = none under flash attention", "global batch not divisible",
                           "out of memory", "not runnable by the DPO trainer"]
+    reason = assess_layout(workload, layout).problems[-1][1]
+    assert "CP2" in reason and "MBS3" in reason
 
 
 def test_layout_that_does_not_split_the_model_has_no_estimate():
@@ -126,14 +134,14 @@ def test_cli_layout_text_and_json(capsys):
     assert code == 0
     for text in ("Parameters: 70.55 B in the model, 4.542 B on each rank of PP stage 3",
                  "Verdict: cannot run (1 problem)", "not runnable by the DPO trainer: CP2",
-                 "Memory per GPU (PP stage 0", "Step time", "CP 2 -> 1 + DP 2 -> 4"):
+                 "Memory per GPU (PP stage 0", "Step time", "PP 4 -> 8 + CP 2 -> 1 + MBS 1 -> 2"):
         assert text in out
     code, out, _ = _run(capsys, *base, "--json")
     report = json.loads(out)
     assert report["runs"] is False
     assert report["parameters"]["total"] == 70_553_706_496
     assert report["estimate"]["parameters"]["most_loaded_rank"] == 4_541_718_528
-    assert report["fixes"][0]["changes"] == ["CP 2 -> 1", "DP 2 -> 4"]
+    assert report["fixes"][0]["changes"] == ["PP 4 -> 8", "CP 2 -> 1", "MBS 1 -> 2"]
     assert report["fixes"][0]["context_parallel_size"] == 1
 
 

@@ -11,13 +11,14 @@ from megatron_tpo.plan.hardware import find_gpu
 from megatron_tpo.plan.runnable import trainer_refusal
 from megatron_tpo.plan.training_search import search_training
 from megatron_tpo.plan.workload import Cluster, TrainingLayout, Workload
+from megatron_tpo.train.dpo_batch import TokenizedPair, pair_micro_batches
 from megatron_tpo.train.dpo_trainer import _check_layout
 
 
 @pytest.mark.parametrize("tp, pp, vpp, cp", [(1, 1, 1, 1), (2, 2, 1, 1), (4, 4, 5, 1),
                                              (1, 1, 1, 2), (4, 4, 5, 2), (8, 1, 1, 4)])
 def test_planner_refuses_exactly_what_the_dpo_trainer_refuses(tp, pp, vpp, cp):
-    layout = TrainingLayout(tp, pp, vpp, cp, dp=1, micro_batch=1, recompute="none", fp8=False)
+    layout = TrainingLayout(tp, pp, vpp, cp, dp=1, micro_batch=2, recompute="none", fp8=False)
     try:
         _check_layout(layout.parallel_config())
         trainer_says = None
@@ -28,6 +29,20 @@ def test_planner_refuses_exactly_what_the_dpo_trainer_refuses(tp, pp, vpp, cp):
     if refusal:
         assert f"parallel.context_parallel_size={cp}" in refusal
         assert f"parallel.context_parallel_size={cp}" in trainer_says
+
+
+def test_odd_micro_batches_are_refused_because_a_micro_batch_holds_whole_pairs():
+    pairs = [TokenizedPair(prompt=[1, 2], chosen=[3, 4, 5], rejected=[6]) for _ in range(3)]
+    for pairs_per_micro_batch in (1, 3):
+        batches = pair_micro_batches(pairs, pairs_per_micro_batch)
+        assert {batch.input_ids.shape[0] for batch in batches} == {2 * pairs_per_micro_batch}
+    odd = TrainingLayout(2, 1, 1, 1, dp=4, micro_batch=3, recompute="none", fp8=False)
+    assert "MBS3" in trainer_refusal(odd) and "CP" not in trainer_refusal(odd)
+    assert trainer_refusal(TrainingLayout(2, 1, 1, 1, 4, 2, "none", False)) is None
+
+
+def runs(layout):
+    return layout.cp == 1 and layout.micro_batch % 2 == 0
 
 
 def _workload(model, nodes, seq_len=8192, global_batch=128):
@@ -42,10 +57,11 @@ def test_search_ranks_runnable_layouts_and_keeps_the_faster_cp_ones_apart():
     everything = search_training(workload, runnable_only=False)
     runnable = search_training(workload)
     assert everything.plans[0].layout.cp > 1
-    assert all(plan.layout.cp == 1 for plan in runnable.plans)
-    assert [plan for plan in everything.plans if plan.layout.cp == 1] == runnable.plans
+    assert all(plan.layout.cp == 1 and plan.layout.micro_batch % 2 == 0
+               for plan in runnable.plans)
+    assert [plan for plan in everything.plans if runs(plan.layout)] == runnable.plans
     assert sorted(plan.layout.label() for plan, _ in runnable.not_runnable) == sorted(
-        plan.layout.label() for plan in everything.plans if plan.layout.cp > 1)
+        plan.layout.label() for plan in everything.plans if not runs(plan.layout))
     assert runnable.not_runnable[0][0] == everything.plans[0]
     assert all("not runnable by the DPO trainer" in reason for _, reason in runnable.not_runnable)
 

@@ -43,6 +43,8 @@ def emit_plan(directory: Path, workload: Workload, plan: TrainingPlan,
         "seq_length": workload.seq_len,
         "global_batch_size": workload.global_batch,
         "micro_batch_size": layout.micro_batch,
+        # DPOTrainingConfig's knob: a micro-batch holds whole pairs (runnable.py).
+        "micro_batch_pairs": layout.micro_batch // 2,
         "recompute_granularity": None if layout.recompute == "none" else layout.recompute,
         "recompute_method": "uniform" if full else None,
         "recompute_num_layers": 1 if full else None,

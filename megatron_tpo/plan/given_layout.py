@@ -21,6 +21,8 @@ from megatron_tpo.plan.workload import RECOMPUTE_CHOICES, TrainingLayout, Worklo
 LAYOUT_KEYS = ("tp", "pp", "vpp", "cp", "dp", "mbs")
 # How many alternatives the report lists.
 MAX_FIXES = 3
+# Fixes are searched up to this many moves away (each level is ~15x the previous one).
+MAX_MOVES = 3
 
 
 def layout_for_world(tp: int, pp: int, vpp: int, cp: int, micro_batch: int, recompute: str,
@@ -197,14 +199,14 @@ def _runs(workload: Workload, layout: TrainingLayout) -> Optional[TrainingPlan]:
 
 def smallest_fixes(workload: Workload, layout: TrainingLayout,
                    limit: int = MAX_FIXES) -> List[Fix]:
-    """Layouts one move away that run, fastest first; two moves away if none does.
+    """Layouts one move away that run, fastest first; two or three moves away if none does.
 
     A move is one step of one knob: the next PP or TP up or down (DP follows), CP to 1,
     another VPP, half or double the micro-batch, another recomputation, FP8 on or off.
     """
     frontier = [layout]
     seen = {layout}
-    for _ in range(2):
+    for _ in range(MAX_MOVES):
         candidates = []
         for start in frontier:
             for new in _neighbours(workload, start):
@@ -214,7 +216,9 @@ def smallest_fixes(workload: Workload, layout: TrainingLayout,
         fits = [(new, plan) for new in candidates
                 for plan in [_runs(workload, new)] if plan is not None]
         if fits:
-            fits.sort(key=lambda item: (len(describe_change(layout, item[0])),
+            # DP follows TP, PP and CP, so it is not a knob of its own.
+            fits.sort(key=lambda item: (sum(not change.startswith("DP ") for change in
+                                            describe_change(layout, item[0])),
                                         item[1].time.total))
             return [Fix(describe_change(layout, new), plan) for new, plan in fits[:limit]]
         frontier = candidates

@@ -2,7 +2,7 @@
 
 from typing import Dict, List
 
-from megatron_tpo.plan.given_layout import LayoutAssessment
+from megatron_tpo.plan.given_layout import MAX_MOVES, LayoutAssessment
 from megatron_tpo.plan.hardware import GIB
 from megatron_tpo.plan.report import MEMORY_LABELS, training_plan_dict
 from megatron_tpo.plan.workload import Workload
@@ -66,5 +66,5 @@ def format_layout_report(workload: Workload, assessment: LayoutAssessment) -> st
         lines += ["", "Smallest changes that make it run (fewest changes, then fastest):"]
         lines += [f"  {' + '.join(fix.changes)}: {fix.plan.memory.total / GIB:.1f} GiB/GPU, "
                   f"{fix.plan.time.total:.2f} s/step, {fix.plan.tokens_per_second:,.0f} tokens/s"
-                  for fix in assessment.fixes] or ["  none within two changes"]
+                  for fix in assessment.fixes] or [f"  none within {MAX_MOVES} changes"]
     return "\n".join(lines)
