@@ -1,8 +1,10 @@
 """push_weights: after a DPO step at TP=2/PP=2, every rank's HF engine computes what
 megatron computes, the parity check passes, a corrupted tensor is caught and named, and
-the measured peak memory of the stream stays near two buckets.
+the measured peak memory of the stream stays near two buckets. At TP=1/PP=2 with two
+virtual stages per rank and two data-parallel replicas, the engines end up equal to HF
+transformers on the checkpoint the trainer loaded.
 
-One spawn of four gloo processes serves every multi-process assertion.
+One spawn of four gloo processes per layout serves every multi-process assertion.
 """
 
 import sys
@@ -181,6 +183,52 @@ def test_measured_peak_memory_of_a_sync_is_two_buckets_plus_one_tensors_conversi
             assert peak <= 2 * bucket + 3 * tensor, (rank, peak, bucket, tensor)
         else:
             assert peak <= 2 * bucket, (rank, peak, bucket)
+
+
+def _virtual_pipeline_worker(rank, world_size, model, shard_root, other_hf_dir, tokens):
+    from transformers import LlamaForCausalLM
+
+    from megatron_tpo.model.llama import build_llama_chunks
+    from megatron_tpo.model.mcore_shards import load_model_shards
+    from megatron_tpo.parallel import init_megatron, shutdown_megatron
+    from megatron_tpo.rollout.weight_stream import cached_plan
+    from megatron_tpo.rollout.weight_sync import push_weights
+
+    parallel = ParallelConfig(tensor_model_parallel_size=1, pipeline_model_parallel_size=2,
+                              virtual_pipeline_model_parallel_size=2)
+    init_megatron(parallel, model)
+    chunks = build_llama_chunks(model, parallel)   # plain chunks, no DDP wrapper
+    for chunk in chunks:
+        load_model_shards(chunk, shard_root)
+    engine = HFRolloutEngine(LlamaForCausalLM.from_pretrained(other_hf_dir, dtype=torch.float32),
+                             tiny_tokenizer())
+    metrics = push_weights(engine, chunks, model,
+                           WeightSyncConfig(bucket_bytes=BUCKET_BYTES, parity_tolerance=1e-4))
+    sources = cached_plan(chunks, model, BUCKET_BYTES).sources
+    shutdown_megatron()
+    return metrics, _engine_logits(engine, tokens), sources
+
+
+def test_virtual_pipeline_and_data_parallel_layouts_stream_the_loaded_checkpoint(tmp_path):
+    from transformers import LlamaForCausalLM
+
+    model = tiny_model_config()
+    hf_dir = save_random_hf_llama(model, tmp_path / "trainer", seed=0)
+    other = save_random_hf_llama(model, tmp_path / "engine", seed=1)
+    shard_root = hf_to_mcore(hf_dir, tmp_path / "tp1_pp2", 1, 2,
+                             make_vocab_size_divisible_by=model.make_vocab_size_divisible_by,
+                             progress=False).destination
+    tokens = torch.randint(0, model.vocab_size, (2, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)(tokens).logits
+        stale = LlamaForCausalLM.from_pretrained(other, dtype=torch.float32)(tokens).logits
+    assert (stale - expected).abs().max() > 1e-2
+    for metrics, logits, sources in spawn_local(_virtual_pipeline_worker, 4, model, shard_root,
+                                                other, tokens):
+        # Ranks 0 and 2 are the first replica's pipeline; the second replica sends nothing.
+        assert sources == [0, 2]
+        assert metrics["version"] == 1 and metrics["max_abs_logprob_diff"] < 1e-4
+        assert (logits - expected).abs().max() < 1e-4
 
 
 def test_weight_sync_settings_are_checked():
