@@ -39,17 +39,17 @@ class FP8Config:
         if not self.enabled:
             return
         if self.format not in FP8_FORMATS:
-            raise ConfigError(f"training.fp8.format={self.format!r}: must be one of {FP8_FORMATS}")
+            raise ConfigError(f"train.fp8.format={self.format!r}: must be one of {FP8_FORMATS}")
         if self.recipe not in FP8_RECIPES:
-            raise ConfigError(f"training.fp8.recipe={self.recipe!r}: must be one of {FP8_RECIPES}")
+            raise ConfigError(f"train.fp8.recipe={self.recipe!r}: must be one of {FP8_RECIPES}")
         if self.amax_compute_algo not in FP8_AMAX_COMPUTE_ALGOS:
-            raise ConfigError(f"training.fp8.amax_compute_algo={self.amax_compute_algo!r}: "
+            raise ConfigError(f"train.fp8.amax_compute_algo={self.amax_compute_algo!r}: "
                               f"must be one of {FP8_AMAX_COMPUTE_ALGOS}")
         if self.amax_history_len < 1:
             raise ConfigError(
-                f"training.fp8.amax_history_len={self.amax_history_len}: must be >= 1")
+                f"train.fp8.amax_history_len={self.amax_history_len}: must be >= 1")
         if self.margin < 0:
-            raise ConfigError(f"training.fp8.margin={self.margin}: must be >= 0")
+            raise ConfigError(f"train.fp8.margin={self.margin}: must be >= 0")
 
 
 @dataclass
@@ -85,31 +85,31 @@ class DPOTrainingConfig:
     def validate(self) -> None:
         """Raise ``ConfigError`` naming the first setting that cannot work."""
         if self.loss_type not in LOSS_TYPES:
-            raise ConfigError(f"training.loss_type={self.loss_type!r}: must be one of {LOSS_TYPES}")
+            raise ConfigError(f"train.loss_type={self.loss_type!r}: must be one of {LOSS_TYPES}")
         if self.beta <= 0:
-            raise ConfigError(f"training.beta={self.beta}: must be positive")
+            raise ConfigError(f"train.beta={self.beta}: must be positive")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ConfigError(
-                f"training.label_smoothing={self.label_smoothing}: must be in [0, 0.5)")
+                f"train.label_smoothing={self.label_smoothing}: must be in [0, 0.5)")
         if self.label_smoothing and self.loss_type != "sigmoid":
-            raise ConfigError(f"training.label_smoothing={self.label_smoothing}: applies to "
+            raise ConfigError(f"train.label_smoothing={self.label_smoothing}: applies to "
                               f"loss_type='sigmoid' only, not {self.loss_type!r}")
         if self.lr <= 0 or not 0 <= self.min_lr <= self.lr:
-            raise ConfigError(f"training.lr={self.lr}, training.min_lr={self.min_lr}: "
+            raise ConfigError(f"train.lr={self.lr}, train.min_lr={self.min_lr}: "
                               "need 0 <= min_lr <= lr and lr > 0")
         if self.train_steps < 1 or not 0 <= self.warmup_steps < self.train_steps:
-            raise ConfigError(f"training.warmup_steps={self.warmup_steps}, training.train_steps="
+            raise ConfigError(f"train.warmup_steps={self.warmup_steps}, train.train_steps="
                               f"{self.train_steps}: need 0 <= warmup_steps < train_steps")
         if self.lr_decay_style not in LR_DECAY_STYLES:
-            raise ConfigError(f"training.lr_decay_style={self.lr_decay_style!r}: must be one of "
+            raise ConfigError(f"train.lr_decay_style={self.lr_decay_style!r}: must be one of "
                               f"{LR_DECAY_STYLES}")
         if self.clip_grad < 0:
-            raise ConfigError(f"training.clip_grad={self.clip_grad}: must be >= 0")
+            raise ConfigError(f"train.clip_grad={self.clip_grad}: must be >= 0")
         for name in ("micro_batch_pairs", "pad_to_multiple_of"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"training.{name}={getattr(self, name)}: must be >= 1")
         if self.recompute_granularity not in RECOMPUTE_GRANULARITIES:
-            raise ConfigError(f"training.recompute_granularity={self.recompute_granularity!r}: "
+            raise ConfigError(f"train.recompute_granularity={self.recompute_granularity!r}: "
                               f"must be one of {RECOMPUTE_GRANULARITIES}")
         self._validate_recompute_units()
         self.fp8.validate()
