@@ -16,5 +16,6 @@
 set -euo pipefail
 cd "${SLURM_SUBMIT_DIR:-.}"
 source slurm/common.sh
-EXPERIMENT="${EXPERIMENT:-tiny_cpu}"
-tpo_launch experiment="$EXPERIMENT" "run.dir=${RUN_DIR:-runs/slurm-tiny-${SLURM_JOB_ID}}" "$@"
+# EXPERIMENT= (empty) runs configs/tpo.yaml's defaults with the given overrides alone.
+EXPERIMENT="${EXPERIMENT-tiny_cpu}"
+tpo_launch ${EXPERIMENT:+"experiment=$EXPERIMENT"} "run.dir=${RUN_DIR:-runs/slurm-tiny-${SLURM_JOB_ID}}" "$@"

@@ -1,0 +1,70 @@
+"""`sbatch slurm/tpo_tiny.sh` on a real (local) Slurm, requeued mid-run: it resumes and
+the run directory holds every iteration's stages exactly once."""
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from local_slurm import LocalSlurm, slurm_installed
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tpo_fixtures import tiny_run_overrides  # noqa: E402
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.skipif(not slurm_installed(),
+                                reason="Slurm daemons not installed (.ci/run installs them)")
+
+
+@pytest.fixture
+def slurm(tmp_path):
+    cluster = LocalSlurm(tmp_path / "slurm")
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def wait_for(path: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} did not appear in {timeout} s")
+        time.sleep(0.5)
+
+
+def test_requeued_tiny_job_resumes_and_keeps_every_iteration_once(slurm, tmp_path):
+    iterations = 2
+    overrides = [o for o in tiny_run_overrides(tmp_path, iterations) if not o.startswith("run.dir")]
+    run_dir, output = tmp_path / "run", tmp_path / "job.out"
+    submitted = subprocess.run(
+        ["sbatch", "--parsable", "--ntasks=2", f"--output={output}", f"--chdir={REPOSITORY}",
+         f"--export=ALL,VENV={Path(sys.prefix)},EXPERIMENT=,RUN_DIR={run_dir},"
+         "MASTER_ADDR=127.0.0.1,GLOO_SOCKET_IFNAME=lo",
+         str(REPOSITORY / "slurm" / "tpo_tiny.sh"), "parallel=tp2_pp1", *overrides],
+        env=slurm.env, capture_output=True, text=True, check=True)
+    job_id = submitted.stdout.strip().split(";")[0]
+    # Mid-run: iteration 0's pairs are stored, its training has not finished.
+    wait_for(run_dir / "stages" / "iteration_000" / "pairs.manifest.json", timeout=400)
+    subprocess.run(["scontrol", "requeue", job_id], env=slurm.env, check=True)
+    state = slurm.wait_for_job(job_id, timeout=600)
+    log = output.read_text() if output.exists() else ""
+    assert state == "COMPLETED", f"job {job_id} ended {state}:\n{log[-4000:]}"
+    assert "restart 1" in log, log[-4000:]
+    for t in range(iterations):
+        rollouts = pq.read_table(run_dir / "stages" / f"iteration_{t:03d}" / "rollouts.parquet")
+        keys = [(r["prompt_id"], r["sample_index"]) for r in rollouts.to_pylist()]
+        assert len(keys) == len(set(keys)) == 8 * 4
+        manifest = json.loads((run_dir / "stages" / f"iteration_{t:03d}" /
+                               "pairs.manifest.json").read_text())
+        assert manifest["rows"] == len(pq.read_table(
+            run_dir / "stages" / f"iteration_{t:03d}" / "pairs.parquet"))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert len(summary["heldout_score"]) == iterations + 1
+    assert [r["iteration"] for r in summary["iterations"]] == list(range(iterations))
