@@ -17,6 +17,7 @@ from llama_fixtures import save_random_hf_llama, tiny_model_config
 from megatron_tpo.config import ConfigError, DPOTrainingConfig, ParallelConfig
 from megatron_tpo.model.conversion import hf_to_mcore
 from megatron_tpo.parallel.local_launch import spawn_local
+from megatron_tpo.rollout.engine import SamplingParams
 from megatron_tpo.rollout.hf_engine import HFRolloutEngine
 from megatron_tpo.rollout.weight_sync import WeightSyncConfig
 from megatron_tpo.train.dpo_batch import TokenizedPair
@@ -205,8 +206,12 @@ def _virtual_pipeline_worker(rank, world_size, model, shard_root, other_hf_dir, 
     metrics = push_weights(engine, chunks, model,
                            WeightSyncConfig(bucket_bytes=BUCKET_BYTES, parity_tolerance=1e-4))
     sources = cached_plan(chunks, model, BUCKET_BYTES).sources
+    sampled = engine.generate(["the cat", "my dog is"], SEEDED)
     shutdown_megatron()
-    return metrics, _engine_logits(engine, tokens), sources
+    return metrics, _engine_logits(engine, tokens), sources, [o.token_ids for o in sampled]
+
+
+SEEDED = SamplingParams(n=2, temperature=1.0, top_p=1.0, max_new_tokens=8, seed=5)
 
 
 def test_virtual_pipeline_and_data_parallel_layouts_stream_the_loaded_checkpoint(tmp_path):
@@ -223,12 +228,21 @@ def test_virtual_pipeline_and_data_parallel_layouts_stream_the_loaded_checkpoint
         expected = LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)(tokens).logits
         stale = LlamaForCausalLM.from_pretrained(other, dtype=torch.float32)(tokens).logits
     assert (stale - expected).abs().max() > 1e-2
-    for metrics, logits, sources in spawn_local(_virtual_pipeline_worker, 4, model, shard_root,
+
+    def seeded_samples(path):
+        engine = HFRolloutEngine(LlamaForCausalLM.from_pretrained(path, dtype=torch.float32),
+                                 tiny_tokenizer())
+        return [o.token_ids for o in engine.generate(["the cat", "my dog is"], SEEDED)]
+
+    reference_samples = seeded_samples(hf_dir)
+    assert seeded_samples(other) != reference_samples
+    for metrics, logits, sources, samples in spawn_local(_virtual_pipeline_worker, 4, model, shard_root,
                                                 other, tokens):
         # Ranks 0 and 2 are the first replica's pipeline; the second replica sends nothing.
         assert sources == [0, 2]
         assert metrics["version"] == 1 and metrics["max_abs_logprob_diff"] < 1e-4
         assert (logits - expected).abs().max() < 1e-4
+        assert samples == reference_samples   # seeded sampling follows the new weights
 
 
 def test_weight_sync_settings_are_checked():
