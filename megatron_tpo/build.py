@@ -16,7 +16,7 @@ from megatron_tpo.data.prompts import (PromptSetConfig, clean_instructions, load
                                       read_instructions)
 from megatron_tpo.data.storage import IterationStore, config_hash
 from megatron_tpo.loop import TPOParts
-from megatron_tpo.parallel.collectives import barrier, is_rank_zero
+from megatron_tpo.parallel.collectives import barrier, is_rank_zero, world
 from megatron_tpo.parallel.preemption import PreemptionGuard
 from megatron_tpo.report.metrics import RunMetrics
 
@@ -83,7 +83,7 @@ def claim_run_dir(config: TPOConfig, run_dir: Path) -> str:
                               "give this run another run.dir")
     barrier()  # every rank has compared before rank 0 writes
     if is_rank_zero():
-        write_resolved_config(config, run_dir)
+        write_resolved_config(config, run_dir, world()[1])
         path.write_text(json.dumps({"digest": digest, "fields": digest_fields}, indent=1,
                                    default=str))
     return digest

@@ -113,6 +113,8 @@ def run_iteration(parts: TPOParts, t: int, first_step: int = 0) -> None:
     if is_rank_zero():
         plot_iterations({config.thought.name: last_per_iteration(metrics.records("iteration"))},
                         Path(config.run.dir) / "iterations.png")
+    if parts.preemption.requested():  # M_{t+1} is saved: stop here, resume at t + 1
+        raise Preempted(f"preempted after iteration {t}")
 
 
 def stage(parts: TPOParts, t: int, name: str, compute: Callable, on: str = "all") -> list:
@@ -200,7 +202,8 @@ def train_on_pairs(parts: TPOParts, t: int, reference: List[dict], first_step: i
                                seed=derived_seed(config.run.seed, t, "pairs"))
         parts.metrics.log_train_step(t, step, trainer.step(batch),
                                      global_step=t * config.train.train_steps + step)
-        if parts.preemption.requested():
+        # After the last step the iteration's own checkpoint follows at once.
+        if step + 1 < config.train.train_steps and parts.preemption.requested():
             save_checkpoint(parts, t, step_in_iteration=step + 1)
             raise Preempted(f"preempted in iteration {t} after DPO step {step + 1}")
         crash_point(t, "train", step)

@@ -157,9 +157,12 @@ def register_with_hydra() -> None:
     ConfigStore.instance().store(name="tpo_schema", node=TPOConfig)
 
 
-def write_resolved_config(config: TPOConfig, run_dir: Path) -> None:
-    from omegaconf import OmegaConf
+def write_resolved_config(config: TPOConfig, run_dir: Path, world_size: int) -> None:
+    """The config as run, plus the world size it ran with (``tpo-plan --check`` reads it)."""
+    import yaml
 
+    resolved = json.loads(json.dumps(asdict(config), default=str))
+    resolved["run"]["world_size"] = world_size
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(config)))
-    (run_dir / "config.json").write_text(json.dumps(asdict(config), indent=2, default=str))
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+    (run_dir / "config.json").write_text(json.dumps(resolved, indent=2))
