@@ -17,7 +17,7 @@ $(VENV)/.installed: setup.py
 setup: $(VENV)/.installed
 
 tiny: $(VENV)/.installed
-	$(VENV)/bin/tpo-tiny-train
+	$(VENV)/bin/tpo-tiny
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests

@@ -75,3 +75,15 @@ def summary_table(summaries: Dict[str, dict]) -> str:
                       f"{wins[t]:.3f}" if t < len(wins) else ""]
         lines.append(f"| M_{t} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def timing_shares(iteration_records: List[dict]) -> Dict[str, float]:
+    """Each stage's share of the run's staged wall time (``timing/*``, all iterations)."""
+    totals: Dict[str, float] = {}
+    for record in iteration_records:
+        for key, value in record.items():
+            if key.startswith("timing/"):
+                totals[key[len("timing/"):]] = totals.get(key[len("timing/"):], 0.0) + value
+    whole = sum(totals.values()) or 1.0
+    return {stage: seconds / whole for stage, seconds in sorted(totals.items(),
+                                                               key=lambda item: -item[1])}
