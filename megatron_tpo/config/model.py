@@ -31,6 +31,8 @@ class ModelConfig:
     # Megatron pads the embedding table to a multiple of this times TP so every
     # vocab shard has the same size; conversion strips the padding again.
     make_vocab_size_divisible_by: int = 128
+    # One matrix for the input embedding and the output layer (Llama 3.2 1B/3B, SmolLM2);
+    # megatron's share_embeddings_and_output_weights, stored once on the HF side.
     tie_word_embeddings: bool = False
 
     @property
@@ -55,8 +57,6 @@ class ModelConfig:
                 f"model.num_attention_heads={self.num_attention_heads} is not divisible by "
                 f"model.num_query_groups={self.num_query_groups}"
             )
-        if self.tie_word_embeddings:
-            raise ConfigError("model.tie_word_embeddings=true: the Llama-3 family has untied embeddings")
         for name in ("num_layers", "hidden_size", "ffn_hidden_size", "vocab_size",
                      "make_vocab_size_divisible_by"):
             if getattr(self, name) <= 0:

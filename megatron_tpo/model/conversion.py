@@ -139,10 +139,15 @@ def write_mcore_shards(reader, model, out_dir: Path, tp: int, pp: int, raw_confi
         convert_layer(layer)
         steps.update()
     norm = reader.get(layout.HF_FINAL_NORM, (model.hidden_size,))
-    output = reader.get(layout.HF_OUTPUT_LAYER, (model.vocab_size, model.hidden_size))
-    for tp_rank, shard in enumerate(layout.shard_vocab(output, info.padded_vocab_size, tp)):
-        save({layout.FINAL_NORM: norm, layout.OUTPUT_LAYER: shard},
-             shards.final_file(out_dir, tp_rank, info), tp_rank)
+    if model.tie_word_embeddings:
+        # The output layer is the embedding: stored once, in the embedding files.
+        for tp_rank in range(tp):
+            save({layout.FINAL_NORM: norm}, shards.final_file(out_dir, tp_rank, info), tp_rank)
+    else:
+        output = reader.get(layout.HF_OUTPUT_LAYER, (model.vocab_size, model.hidden_size))
+        for tp_rank, shard in enumerate(layout.shard_vocab(output, info.padded_vocab_size, tp)):
+            save({layout.FINAL_NORM: norm, layout.OUTPUT_LAYER: shard},
+                 shards.final_file(out_dir, tp_rank, info), tp_rank)
     steps.update()
     steps.close()
     shards.write_manifest(out_dir, info)
@@ -173,6 +178,8 @@ def _hf_tensors_in_order(root: Path, info: shards.ShardedCheckpointInfo):
             yield layout.hf_layer_prefix(layer) + name, tensor
     finals = [shards.load_shard_file(shards.final_file(root, r, info)) for r in range(tp)]
     yield layout.HF_FINAL_NORM, finals[0][layout.FINAL_NORM]
+    if model.tie_word_embeddings:
+        return
     yield layout.HF_OUTPUT_LAYER, layout.merge_vocab([f[layout.OUTPUT_LAYER] for f in finals],
                                                      model.vocab_size)
 

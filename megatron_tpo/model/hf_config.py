@@ -50,8 +50,7 @@ def model_config_from_hf(raw: Dict[str, Any], source: str = "config.json",
     missing = [key for key in _REQUIRED_KEYS if key not in raw]
     if missing:
         raise ConfigError(f"{source}: missing {', '.join(missing)}")
-    for key, expected in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False),
-                          ("tie_word_embeddings", False)):
+    for key, expected in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
         if raw.get(key, expected) != expected:
             raise ConfigError(f"{source}: {key}={raw[key]!r} is not supported (expected {expected!r})")
     heads = raw["num_attention_heads"]
@@ -73,6 +72,8 @@ def model_config_from_hf(raw: Dict[str, Any], source: str = "config.json",
         rope_scaling=scaling,
         norm_epsilon=raw.get("rms_norm_eps", 1e-5),
         init_method_std=raw.get("initializer_range", 0.02),
+        # LlamaConfig's default: a config.json without the key is untied.
+        tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
     )
     try:
         config.validate()
@@ -104,7 +105,7 @@ def hf_config_from_model(model: ModelConfig, base: Optional[Dict[str, Any]] = No
         rms_norm_eps=model.norm_epsilon,
         initializer_range=model.init_method_std,
         hidden_act="silu",
-        tie_word_embeddings=False,
+        tie_word_embeddings=model.tie_word_embeddings,
         attention_bias=False,
         mlp_bias=False,
         rope_theta=model.rope_theta,

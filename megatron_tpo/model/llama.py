@@ -2,7 +2,11 @@
 
 Llama-3 in megatron terms: RMSNorm, SwiGLU (gated linear unit with SiLU), RoPE without
 interleaving (HF's rotate-half convention, so converted weights need no permutation),
-grouped-query attention, no biases, untied input and output embeddings.
+grouped-query attention, no biases. Input and output embeddings are untied (Llama 3,
+3.1) or tied (Llama 3.2 1B/3B, SmolLM2): tied uses megatron's
+``share_embeddings_and_output_weights``, under which at PP > 1 the last stage holds a
+copy that megatron keeps equal to the first stage's through its embedding group (one
+all-reduce at build time, the gradients summed in ``finalize_model_grads``).
 """
 
 import functools
@@ -185,7 +189,7 @@ def build_llama(
         max_sequence_length=model.max_position_embeddings,
         pre_process=pre_process,
         post_process=post_process,
-        share_embeddings_and_output_weights=False,
+        share_embeddings_and_output_weights=model.tie_word_embeddings,
         position_embedding_type="rope",
         rotary_base=int(model.rope_theta),
         rope_scaling=False,  # applied below with all four llama3 parameters

@@ -71,7 +71,9 @@ def hf_model_shapes(model: ModelConfig) -> List[Tuple[str, Tuple[int, ...]]]:
     for layer in range(model.num_layers):
         shapes += [(hf_layer_prefix(layer) + name, shape)
                    for name, shape in hf_layer_shapes(model).items()]
-    return shapes + [(HF_FINAL_NORM, (model.hidden_size,)), (HF_OUTPUT_LAYER, vocab)]
+    shapes.append((HF_FINAL_NORM, (model.hidden_size,)))
+    # Tied: the embedding is the output layer, and HF stores it once.
+    return shapes if model.tie_word_embeddings else shapes + [(HF_OUTPUT_LAYER, vocab)]
 
 
 def _chunks(tensor: Tensor, parts: int, dim: int) -> List[Tensor]:
@@ -177,8 +179,10 @@ def merge_model(by_tp_rank: List[Dict[str, Tensor]], model: ModelConfig) -> Dict
     merged = {
         HF_EMBEDDING: merge_vocab([r[EMBEDDING] for r in by_tp_rank], model.vocab_size),
         HF_FINAL_NORM: by_tp_rank[0][FINAL_NORM],
-        HF_OUTPUT_LAYER: merge_vocab([r[OUTPUT_LAYER] for r in by_tp_rank], model.vocab_size),
     }
+    if not model.tie_word_embeddings:
+        merged[HF_OUTPUT_LAYER] = merge_vocab([r[OUTPUT_LAYER] for r in by_tp_rank],
+                                              model.vocab_size)
     for layer in range(model.num_layers):
         prefix = mcore_layer_prefix(layer)
         per_rank = [{n[len(prefix):]: t for n, t in r.items() if n.startswith(prefix)}

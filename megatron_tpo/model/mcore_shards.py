@@ -24,7 +24,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from megatron_tpo.config import ConfigError, ModelConfig, RopeScalingConfig
-from megatron_tpo.model.llama_layout import TE_NAME_FOR_LOCAL, mcore_layer_prefix
+from megatron_tpo.model.llama_layout import (
+    EMBEDDING, OUTPUT_LAYER, TE_NAME_FOR_LOCAL, mcore_layer_prefix,
+)
 
 MANIFEST = "mcore_config.json"
 FORMAT = "megatron_tpo.mcore_shards/1"
@@ -149,13 +151,17 @@ def load_model_shards(gpt_model, root: Path) -> None:
         state.update(load_shard_file(embedding_file(root, tp_rank)))
     if gpt_model.post_process:
         state.update(load_shard_file(final_file(root, tp_rank, info)))
+    expected = gpt_model.state_dict()
+    if info.model.tie_word_embeddings and OUTPUT_LAYER in expected:
+        # Tied at PP > 1: the last stage keeps its own copy of the embedding, which is
+        # stored once, in the embedding file.
+        state[OUTPUT_LAYER] = load_shard_file(embedding_file(root, tp_rank))[EMBEDDING]
     for local, layer in enumerate(_global_layer_numbers(gpt_model)):
         tensors = load_shard_file(layer_file(root, tp_rank, info.stage_of_layer(layer), layer))
         global_prefix, local_prefix = mcore_layer_prefix(layer), mcore_layer_prefix(local)
         for name, tensor in tensors.items():
             state[local_prefix + name[len(global_prefix):]] = tensor
 
-    expected = gpt_model.state_dict()
     for local_name, te_name in TE_NAME_FOR_LOCAL.items():
         for name in [n for n in state if n.endswith(local_name)]:
             renamed = name[: -len(local_name)] + te_name

@@ -151,6 +151,27 @@ def _check_megatron_version() -> None:
         )
 
 
+class _TensorCudaIsCpu(torch.overrides.TorchFunctionMode):
+    """``tensor.cuda()`` returns the tensor itself: a method, so the torch proxy above
+    cannot catch it."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.cuda:
+            return args[0]
+        return func(*args, **(kwargs or {}))
+
+
+def _tied_embedding_setup_on_cpu(setup):
+    """megatron's ``setup_embeddings_and_output_layer`` moves the tied embedding copy to
+    CUDA (``weight.data.cuda()``) before all-reducing it over the embedding group."""
+
+    def setup_on_cpu(self):
+        with _TensorCudaIsCpu():
+            return setup(self)
+
+    return setup_on_cpu
+
+
 _installed = False
 
 
@@ -184,5 +205,10 @@ def install_cpu_adapter() -> bool:
 
     clip_grads.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_on_cpu
     optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_on_cpu
+
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+
+    LanguageModule.setup_embeddings_and_output_layer = _tied_embedding_setup_on_cpu(
+        LanguageModule.setup_embeddings_and_output_layer)
     _installed = True
     return True

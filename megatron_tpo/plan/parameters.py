@@ -58,14 +58,16 @@ def chunk_parameters(model: ModelConfig, tp: int, pp: int, vpp: int, pp_rank: in
     if pp_rank == pp - 1 and vp_stage == vpp - 1:
         params.append(ParamTensor("decoder.final_layernorm.weight", model.hidden_size,
                                   norms_in_fp32))
-        params.append(ParamTensor("output_layer.weight", vocab_shard * model.hidden_size))
+        if not (model.tie_word_embeddings and pp == 1):
+            # Tied at PP > 1, the last stage still holds a copy of the embedding.
+            params.append(ParamTensor("output_layer.weight", vocab_shard * model.hidden_size))
     return params
 
 
 def total_parameters(model: ModelConfig) -> int:
     """Unsharded parameter count (unpadded vocabulary), e.g. 8.03e9 for Llama-3 8B."""
     per_layer = sum(p.numel for p in layer_parameters(model, 1, "layer"))
-    embeddings = 2 * model.vocab_size * model.hidden_size
+    embeddings = (1 if model.tie_word_embeddings else 2) * model.vocab_size * model.hidden_size
     return model.num_layers * per_layer + embeddings + model.hidden_size
 
 

@@ -190,6 +190,10 @@ def build_plan(gpt_chunks: Sequence, model: ModelConfig, bucket_bytes: int) -> W
             dtypes.add(dtype)
     if len(dtypes) != 1:
         raise ValueError(f"weight stream: the model's weights mix dtypes {sorted(map(str, dtypes))}")
+    if model.tie_word_embeddings:
+        # The last stage's output layer is a copy of the embedding (kept equal by megatron's
+        # embedding group); the HF model holds the one tensor, sent from the first stage.
+        holders.pop(layout.OUTPUT_LAYER, None)
     planned = []
     for name in sorted(holders, key=lambda n: (_hf_order_key(n), n)):
         ranks = tuple(rank for _, rank in sorted(holders[name]))

@@ -51,7 +51,10 @@ def true_vocab_weight_shard(gpt_model, vocab_size: int):
     """
     from megatron.core import parallel_state
 
-    weight = gpt_model.output_layer.weight
+    # Tied embeddings: the output layer has no weight of its own at PP=1 and a copy of
+    # the embedding at PP > 1; megatron names either one this way.
+    weight = gpt_model.shared_embedding_or_output_weight() if (
+        gpt_model.share_embeddings_and_output_weights) else gpt_model.output_layer.weight
     rows_per_rank = weight.shape[0]
     vocab_start = parallel_state.get_tensor_model_parallel_rank() * rows_per_rank
     true_rows = min(rows_per_rank, vocab_size - vocab_start)
