@@ -105,7 +105,7 @@ def run_iteration(parts: TPOParts, t: int, first_step: int = 0) -> None:
         train_on_pairs(parts, t, reference, first_step)
     with metrics.timer("timing/checkpoint"):
         save_checkpoint(parts, t + 1, step_in_iteration=0)
-    parts.engine.wake()
+    # push_weights wakes the engine: weights first, then its KV cache (never both copies).
     with metrics.timer("timing/weight_sync"):
         sync = push_weights(parts.engine, parts.trainer.ddp_chunks, config.model,
                             config.weight_sync)
