@@ -1,0 +1,163 @@
+"""Everything the tiny TPO run needs before its loop starts, built locally in one call.
+
+    assets = prepare_tiny_assets(Path("runs/tiny/assets"), TinyTaskConfig(seed=0))
+    assets.policy_thought, assets.policy_direct   # HF model dirs (M_0 of TPO, of the baseline)
+    assets.train_prompts, assets.heldout_prompts  # JSONL, field "instruction"
+    assets.answers                                # JSONL, "instruction" and "answer", both sets
+
+The directory holds a manifest of the config it was built from; a second call with the
+same config reuses it without training, a different config rebuilds it.
+"""
+
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, List, Sequence
+
+from megatron_tpo.config import ConfigError, load_model_config
+from megatron_tpo.data.thought_templates import GENERIC
+from megatron_tpo.tiny.task import (SumProblem, direct_demonstration, split_problems,
+                                    thought_demonstration)
+from megatron_tpo.tiny.tokenizer import train_tokenizer
+from megatron_tpo.tiny.warm_start import (STYLES, SFTConfig, new_policy, save_policy,
+                                          sft_examples, supervised_warm_start)
+
+MANIFEST = "manifest.json"
+# Bump when the files written change meaning, so old asset directories are rebuilt.
+ASSETS_VERSION = 1
+
+
+@dataclass
+class TinyTaskConfig:
+    seed: int = 0
+    num_terms: int = 4
+    term_digits: int = 2
+    sft_size: int = 4000
+    train_size: int = 256
+    heldout_size: int = 100
+    tokenizer_vocab_size: int = 512
+    model: str = "tiny_tpo"
+    sft: SFTConfig = field(default_factory=SFTConfig)
+
+    def validate(self) -> None:
+        if not 2 <= self.num_terms <= 6:
+            raise ConfigError(f"tiny.num_terms={self.num_terms}: must be in [2, 6]")
+        if not 1 <= self.term_digits <= 4:
+            raise ConfigError(f"tiny.term_digits={self.term_digits}: must be in [1, 4]")
+        for name in ("sft_size", "train_size", "heldout_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"tiny.{name}={getattr(self, name)}: must be >= 1")
+        if self.tokenizer_vocab_size < 300:
+            raise ConfigError(f"tiny.tokenizer_vocab_size={self.tokenizer_vocab_size}: must be "
+                              ">= 300 (256 byte symbols, the special tokens, some merges)")
+        self.sft.validate()
+
+
+@dataclass(frozen=True)
+class TinyAssets:
+    root: Path
+    tokenizer: Path
+    policy_thought: Path
+    policy_direct: Path
+    train_prompts: Path
+    heldout_prompts: Path
+    answers: Path
+    manifest: Dict
+
+
+def _paths(root: Path, manifest: Dict) -> TinyAssets:
+    return TinyAssets(root=root, tokenizer=root / "tokenizer",
+                      policy_thought=root / "policy_thought", policy_direct=root / "policy_direct",
+                      train_prompts=root / "train_prompts.jsonl",
+                      heldout_prompts=root / "heldout_prompts.jsonl",
+                      answers=root / "answers.jsonl", manifest=manifest)
+
+
+def _wanted_manifest(config: TinyTaskConfig) -> Dict:
+    return {"version": ASSETS_VERSION, "config": asdict(config)}
+
+
+def _write_jsonl(path: Path, rows: Sequence[Dict]) -> None:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def tokenizer_corpus(problems: Sequence[SumProblem]) -> List[str]:
+    """What the tokenizer learns from: both demonstration styles, the thought prompt, and
+    the chat roles (so "assistant" is a token, not eight letters)."""
+    corpus = [GENERIC.prompt, "system\nuser\nassistant"]
+    for problem in problems:
+        corpus.append(problem.instruction)
+        corpus.append(thought_demonstration(problem, GENERIC))
+        corpus.append(direct_demonstration(problem))
+    return corpus
+
+
+def _train_policy(style: str, problems, tokenizer, config: TinyTaskConfig, out: Path) -> Dict:
+    model_config = load_model_config(config.model, vocab_size=len(tokenizer))
+    model = new_policy(model_config, config.seed)
+    start_wall, start_cpu = time.perf_counter(), time.process_time()
+    losses = supervised_warm_start(model, sft_examples(problems, tokenizer, style), config.sft,
+                                   pad_id=tokenizer.pad_token_id)
+    record = {"first_loss": losses[0], "final_loss": sum(losses[-10:]) / len(losses[-10:]),
+              "wall_seconds": time.perf_counter() - start_wall,
+              "cpu_seconds": time.process_time() - start_cpu}
+    save_policy(model, tokenizer, out / f"policy_{style}")
+    return record
+
+
+def _build(staging: Path, config: TinyTaskConfig) -> Dict:
+    splits = split_problems((config.sft_size, config.train_size, config.heldout_size),
+                            config.num_terms, config.seed, config.term_digits)
+    tokenizer = train_tokenizer(tokenizer_corpus(splits.sft), config.tokenizer_vocab_size)
+    tokenizer.save_pretrained(str(staging / "tokenizer"))
+    _write_jsonl(staging / "train_prompts.jsonl", [{"instruction": p.instruction} for p in splits.train])
+    _write_jsonl(staging / "heldout_prompts.jsonl",
+                 [{"instruction": p.instruction} for p in splits.heldout])
+    _write_jsonl(staging / "answers.jsonl", [{"instruction": p.instruction, "answer": p.answer}
+                                             for p in splits.train + splits.heldout])
+    warm_start = {style: _train_policy(style, splits.sft, tokenizer, config, staging)
+                  for style in STYLES}
+    return {**_wanted_manifest(config), "vocab_size": len(tokenizer), "warm_start": warm_start}
+
+
+def _reusable(root: Path, config: TinyTaskConfig):
+    path = root / MANIFEST
+    if not path.is_file():
+        return None
+    manifest = json.loads(path.read_text())
+    wanted = _wanted_manifest(config)
+    if any(manifest.get(key) != value for key, value in wanted.items()):
+        return None
+    assets = _paths(root, manifest)
+    needed = (assets.tokenizer, assets.policy_thought, assets.policy_direct,
+              assets.train_prompts, assets.heldout_prompts, assets.answers)
+    return assets if all(p.exists() for p in needed) else None
+
+
+def prepare_tiny_assets(out_dir: Path, config: TinyTaskConfig) -> TinyAssets:
+    """Build (or reuse) the tokenizer, both warm-started policies and the prompt files.
+
+    Built in a staging directory and renamed into place, so an interrupted build leaves
+    nothing that looks finished. An existing ``out_dir`` built from another config is
+    replaced; one without a manifest is refused rather than deleted.
+    """
+    config.validate()
+    root = Path(out_dir)
+    reused = _reusable(root, config)
+    if reused is not None:
+        return reused
+    if root.exists() and any(root.iterdir()) and not (root / MANIFEST).is_file():
+        raise ConfigError(f"{root}: exists, is not empty and has no {MANIFEST}; not a tiny "
+                          "assets directory, refusing to overwrite it")
+    staging = root.with_name(root.name + ".staging")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    manifest = _build(staging, config)
+    (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    if root.exists():
+        shutil.rmtree(root)
+    os.replace(staging, root)
+    return _paths(root, manifest)

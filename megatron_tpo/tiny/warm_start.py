@@ -1,0 +1,147 @@
+"""The tiny run's M_0: a tiny Llama taught by a short supervised phase to answer the task.
+
+Two policies share everything but their demonstrations: the THOUGHT policy sees the
+generic thought prompt and answers with running sums, then the response; the DIRECT
+baseline sees the bare instruction and answers at once. Same steps, batch and lr, so a
+gap between them at M_0 is the value of thinking, not of training time.
+
+    examples = sft_examples(problems, tokenizer, style="thought")
+    model = new_policy(model_config, seed)
+    losses = supervised_warm_start(model, examples, SFTConfig(steps=400))
+    save_policy(model, tokenizer, out_dir / "policy_thought")
+"""
+
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Sequence, Tuple
+
+import torch
+from tqdm.auto import tqdm
+
+from megatron_tpo.config import ConfigError, ModelConfig
+from megatron_tpo.data.chat import apply_thought_chat_template
+from megatron_tpo.data.thought_templates import GENERIC, ThoughtTemplate
+from megatron_tpo.tiny.task import SumProblem, direct_demonstration, thought_demonstration
+
+STYLES = ("thought", "direct")
+IGNORE_INDEX = -100
+
+# (prompt token ids, completion token ids ending in EOS)
+Example = Tuple[List[int], List[int]]
+
+
+@dataclass
+class SFTConfig:
+    steps: int = 400
+    batch_size: int = 32
+    lr: float = 3e-3
+    warmup_steps: int = 30
+    weight_decay: float = 0.01
+    seed: int = 0
+
+    def validate(self) -> None:
+        for name in ("steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"sft.{name}={getattr(self, name)}: must be >= 1")
+        if self.lr <= 0:
+            raise ConfigError(f"sft.lr={self.lr}: must be positive")
+        if not 0 <= self.warmup_steps < self.steps:
+            raise ConfigError(f"sft.warmup_steps={self.warmup_steps}: must be in [0, sft.steps)")
+
+
+def policy_prompt(tokenizer, instruction: str, style: str,
+                  template: ThoughtTemplate = GENERIC) -> str:
+    """The chat-formatted generation prompt a policy of ``style`` is trained and sampled on."""
+    if style == "thought":
+        return apply_thought_chat_template(tokenizer, instruction, template)
+    if style == "direct":
+        return tokenizer.apply_chat_template([{"role": "user", "content": instruction}],
+                                             tokenize=False, add_generation_prompt=True)
+    raise ConfigError(f"tiny.style={style!r}: must be one of {', '.join(STYLES)}")
+
+
+def sft_examples(problems: Sequence[SumProblem], tokenizer, style: str,
+                 template: ThoughtTemplate = GENERIC) -> List[Example]:
+    """Prompt and completion tokenized apart, as the engine sees them at generation time."""
+    examples = []
+    for problem in problems:
+        prompt = policy_prompt(tokenizer, problem.instruction, style, template)
+        target = (thought_demonstration(problem, template) if style == "thought"
+                  else direct_demonstration(problem))
+        prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
+        target_ids = tokenizer(target, add_special_tokens=False).input_ids
+        examples.append((prompt_ids, target_ids + [tokenizer.eos_token_id]))
+    return examples
+
+
+def collate(examples: Sequence[Example], pad_id: int) -> dict:
+    """Right-padded batch; labels only on completion tokens (the assistant turn)."""
+    length = max(len(p) + len(c) for p, c in examples)
+    input_ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, (prompt, completion) in enumerate(examples):
+        ids = prompt + completion
+        input_ids[row, :len(ids)] = torch.tensor(ids)
+        labels[row, len(prompt):len(ids)] = torch.tensor(completion)
+        attention_mask[row, :len(ids)] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+def new_policy(model_config: ModelConfig, seed: int):
+    """A freshly initialised ``LlamaForCausalLM`` shaped by ``model_config``."""
+    from transformers import LlamaForCausalLM
+
+    from megatron_tpo.model.hf_config import hf_config_from_model
+
+    model_config.validate()
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(hf_config_from_model(model_config))
+
+
+def _lr_factor(step: int, sft: SFTConfig) -> float:
+    # Linear warm-up, then cosine decay to 10%: a short run ends with small steps.
+    if step < sft.warmup_steps:
+        return (step + 1) / sft.warmup_steps
+    progress = (step - sft.warmup_steps) / max(1, sft.steps - sft.warmup_steps)
+    return 0.1 + 0.45 * (1 + math.cos(math.pi * progress))
+
+
+def supervised_warm_start(model, examples: Sequence[Example], sft: SFTConfig,
+                          pad_id: int, progress: bool = True) -> List[float]:
+    """Train ``model`` in place on batches drawn from ``examples``; returns the step losses."""
+    sft.validate()
+    rng = random.Random(sft.seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=sft.lr, betas=(0.9, 0.98),
+                                  weight_decay=sft.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, sft))
+    model.train()
+    losses = []
+    bar = tqdm(range(sft.steps), desc="warm start", disable=not progress, leave=False)
+    for _ in bar:
+        batch = collate(rng.sample(list(examples), min(sft.batch_size, len(examples))), pad_id)
+        loss = model(**batch).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
+    model.eval()
+    return losses
+
+
+def save_policy(model, tokenizer, path: Path) -> None:
+    """An HF directory the rollout engine and conversion load: weights, tokenizer, and a
+    generation config whose EOS is the end of the assistant turn."""
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.config.eos_token_id = tokenizer.eos_token_id
+    model.config.bos_token_id = tokenizer.bos_token_id
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(str(path))
+    tokenizer.save_pretrained(str(path))
