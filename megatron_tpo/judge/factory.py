@@ -3,6 +3,7 @@
 import json
 from typing import Dict, Optional
 
+from megatron_tpo.data.chat import chat_prompt
 from megatron_tpo.data.prompts import check_jsonl
 from megatron_tpo.judge.base import Judge
 from megatron_tpo.judge.config import JudgeConfig
@@ -36,8 +37,7 @@ def build_judge(config: JudgeConfig, engine: Optional[RolloutEngine] = None,
         if engine is None:
             raise ValueError("judge.kind=pairwise needs a RolloutEngine to generate verdicts")
         format_prompt = (lambda text: text) if judge_tokenizer is None else (
-            lambda text: judge_tokenizer.apply_chat_template(
-                [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True))
+            lambda text: chat_prompt(judge_tokenizer, [{"role": "user", "content": text}]))
         settings = config.pairwise
         return PairwiseJudge(engine, settings.sampling, format_prompt=format_prompt,
                              score_method=settings.score_method,
