@@ -236,6 +236,9 @@ def write_dist_checkpoint(source, model: ModelConfig, weights_dir: Path, prefix:
     """Stacked megatron dist checkpoint from an HF-named ``source``, one layer at a time."""
     started = time.perf_counter()
     check_model_for_layout(model)
+    if model.tie_word_embeddings:
+        raise ConfigError(f"{source_name}: tie_word_embeddings=true; NeMo and dist checkpoints "
+                          "are written for untied models only (use hf-to-mcore)")
     writer = DistWeightsWriter(weights_dir, prefix, model.num_layers)
     steps = tqdm(total=model.num_layers + 2, desc=direction, unit="part", disable=not progress)
     hidden = model.hidden_size
