@@ -7,6 +7,9 @@ are compared with HF's, where the one tensor receives both gradients.
 """
 
 import json
+import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +24,9 @@ from megatron_tpo.model.hf_config import model_config_from_hf
 from megatron_tpo.parallel.local_launch import spawn_local
 from megatron_tpo.plan.parameters import chunk_parameters, total_parameters
 from megatron_tpo.train.dpo_batch import TokenizedPair
+
+sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "data"))
+from tiny_hf import tiny_tokenizer  # noqa: E402
 
 TP, PP = 2, 2
 TRAINING = DPOTrainingConfig(beta=0.3, lr=1e-2, warmup_steps=0, train_steps=4,
@@ -90,11 +96,14 @@ def _pairs(vocab_size: int, count: int = 2, seed: int = 5):
             for _ in range(count)]
 
 
-def _dpo_worker(rank, world_size, model, shard_root, pairs):
+def _dpo_worker(rank, world_size, model, shard_root, pairs, hf_dir):
     from megatron.core import parallel_state
+    from transformers import LlamaForCausalLM
 
     from megatron_tpo.model.mcore_shards import with_global_layer_numbers
     from megatron_tpo.parallel import init_megatron, shutdown_megatron
+    from megatron_tpo.rollout.hf_engine import HFRolloutEngine
+    from megatron_tpo.rollout.weight_sync import WeightSyncConfig, push_weights
     from megatron_tpo.train.dpo_trainer import DPOTrainer
     from megatron_tpo.train.reference_logprobs import with_reference_logprobs
 
@@ -112,6 +121,12 @@ def _dpo_worker(rank, world_size, model, shard_root, pairs):
             chunk, {n: p.main_grad.detach().clone() for n, p in named.items()}))
         report["weights"].update({n: p.detach().clone() for n, p in named.items()
                                   if n in (layout.EMBEDDING, layout.OUTPUT_LAYER)})
+    # Every rank's HF engine (tied, at the old weights) gets the new ones, parity-checked.
+    engine = HFRolloutEngine(LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32),
+                             tiny_tokenizer())
+    report["sync"] = push_weights(engine, trainer.ddp_chunks, model,
+                                  WeightSyncConfig(parity_tolerance=1e-4))
+    report["engine_embedding"] = engine.model.model.embed_tokens.weight.detach().clone()
     shutdown_megatron()
     return report
 
@@ -123,7 +138,8 @@ def dpo_run(tied_checkpoint, tmp_path_factory):
                              make_vocab_size_divisible_by=model.make_vocab_size_divisible_by,
                              progress=False).destination
     pairs = _pairs(model.vocab_size)
-    return model, hf_dir, pairs, spawn_local(_dpo_worker, TP * PP, model, shard_root, pairs)
+    return model, hf_dir, pairs, spawn_local(_dpo_worker, TP * PP, model, shard_root, pairs,
+                                             hf_dir)
 
 
 def _hf_sequence_logprobs(hf_model, prompt, completion):
@@ -200,3 +216,18 @@ def test_one_optimizer_step_leaves_first_and_last_stage_copies_identical(dpo_run
     before = HFCheckpointReader(tied_checkpoint[1]).get(layout.HF_EMBEDDING)
     merged = layout.merge_vocab([first[r] for r in range(TP)], dpo_run[0].vocab_size)
     assert (merged - before).abs().max() > 1e-4
+
+
+def test_weight_stream_sends_the_shared_weight_once_and_every_engine_matches(dpo_run):
+    model, reports = dpo_run[0], dpo_run[3]
+    first = [reports[r]["weights"][layout.EMBEDDING] for r in range(len(reports))
+             if layout.EMBEDDING in reports[r]["weights"]]
+    trained = layout.merge_vocab(first, model.vocab_size)
+    per_layer = sum(math.prod(shape) for shape in layout.hf_layer_shapes(model).values())
+    # float32: the layers, the final norm and the vocab matrix once (no lm_head).
+    expected_bytes = 4 * (model.num_layers * per_layer + model.hidden_size
+                          + model.vocab_size * model.hidden_size)
+    for report in reports:
+        assert report["sync"]["bytes"] == expected_bytes
+        assert report["sync"]["max_abs_logprob_diff"] < 1e-4  # the tied lm_head moved too
+        assert torch.equal(report["engine_embedding"], trained)
