@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Dict
 
+import pytest
+
 from megatron_tpo.parallel.launch import free_local_port
 
 DAEMONS = ("munged", "slurmctld", "slurmd")
@@ -120,3 +122,14 @@ class LocalSlurm:
                     os.kill(int(pid_file.read_text().strip()), 15)
                 except (ProcessLookupError, ValueError):
                     pass
+
+
+@pytest.fixture
+def slurm(tmp_path):
+    """A started local cluster for one test (import this fixture into the test module)."""
+    cluster = LocalSlurm(tmp_path / "slurm")
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()

@@ -7,22 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from local_slurm import LocalSlurm, slurm_installed
+from local_slurm import slurm, slurm_installed  # noqa: F401 (slurm is a fixture)
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.skipif(not slurm_installed(),
                                 reason="Slurm daemons not installed (.ci/run installs them)")
-
-
-@pytest.fixture
-def slurm(tmp_path):
-    cluster = LocalSlurm(tmp_path / "slurm")
-    try:
-        cluster.start()
-        yield cluster
-    finally:
-        cluster.stop()
 
 
 def test_sbatch_tiny_train_runs_tp2_pp2_from_slurm_environment(slurm, tmp_path):

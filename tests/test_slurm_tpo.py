@@ -10,7 +10,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from local_slurm import LocalSlurm, slurm_installed
+from local_slurm import slurm, slurm_installed  # noqa: F401 (slurm is a fixture)
 
 sys.path.insert(0, str(Path(__file__).parent))
 from tpo_fixtures import tiny_run_overrides  # noqa: E402
@@ -19,16 +19,6 @@ REPOSITORY = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.skipif(not slurm_installed(),
                                 reason="Slurm daemons not installed (.ci/run installs them)")
-
-
-@pytest.fixture
-def slurm(tmp_path):
-    cluster = LocalSlurm(tmp_path / "slurm")
-    try:
-        cluster.start()
-        yield cluster
-    finally:
-        cluster.stop()
 
 
 def wait_for(path: Path, timeout: float) -> None:
