@@ -265,3 +265,18 @@ def test_smollm2_answers_a_chat_question_after_conversion(smollm2):
     output = hf_model.generate(**prompt, max_new_tokens=12, do_sample=False)
     answer = tokenizer.decode(output[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
     assert "Paris" in answer, answer
+
+
+def test_smollm2_cpu_experiment_validates_against_the_converted_policy(smollm2):
+    from pathlib import Path
+
+    from megatron_tpo.cli.run import compose_config
+
+    repository = Path(__file__).resolve().parent.parent
+    config = compose_config([
+        "experiment=smollm2_cpu", f"run.policy={smollm2[0] / 'hf'}",
+        f"prompts.path={repository / 'examples/smollm2_cpu/instructions.jsonl'}",
+        f"evaluation.path={repository / 'examples/smollm2_cpu/heldout.jsonl'}"])
+    config.validate(world_size=1)  # the model group agrees with the converted config.json
+    assert config.model.tie_word_embeddings and config.judge.pairwise.model is None
+    assert config.thought.name == "generic"
