@@ -76,7 +76,8 @@ def test_one_iteration_at_tp1_trains_on_the_sampled_tokens_against_m0(tmp_path):
 
 def test_one_iteration_at_tp2_pp2(tmp_path):
     check_iteration_zero(tmp_path, run_loop(
-        tmp_path, ["parallel=tp2_pp2", "run.pairs_per_step=2"], world_size=4))
+        tmp_path, ["parallel=tp2_pp2", "run.pairs_per_step=2", "train.micro_batch_pairs=2"],
+        world_size=4))
 
 
 def final_weights(run_dir: Path) -> dict:

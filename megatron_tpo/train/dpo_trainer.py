@@ -85,8 +85,11 @@ class DPOTrainer:
 
         Call it before the iteration's first step, when the weights are M_t.
         """
-        return reference_pair_logprobs(self.ddp_chunks, self.micro_batches(pairs),
-                                       self.model.vocab_size)
+        # Any number of pairs: the last micro-batch is filled with repeats, then cut off.
+        filler = -len(pairs) % self.training.micro_batch_pairs
+        padded = list(pairs) + [pairs[i % len(pairs)] for i in range(filler)]
+        return reference_pair_logprobs(self.ddp_chunks, self.micro_batches(padded),
+                                       self.model.vocab_size)[:len(pairs)]
 
     def with_reference_logprobs(self, pairs: Sequence[TokenizedPair]) -> List[TokenizedPair]:
         return with_reference_logprobs(pairs, self.reference_logprobs(pairs))
