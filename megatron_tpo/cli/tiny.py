@@ -49,16 +49,28 @@ def run_configs(root: Path, seed: int, assets, overrides: List[str]) -> Dict[str
             for name, extra in runs.items()}
 
 
+def task_config(seed: int, overrides: List[str]):
+    """As many new training instructions as the run's iterations take, and the held-out set
+    its evaluation asks for."""
+    from megatron_tpo.cli.run import compose_config
+    from megatron_tpo.tiny.assets import TinyTaskConfig
+
+    run = compose_config(["experiment=tiny_cpu"] + overrides)
+    return TinyTaskConfig(seed=seed,
+                          train_size=run.run.iterations * run.prompts.prompts_per_iteration,
+                          heldout_size=run.evaluation.num_prompts)
+
+
 def main(argv=None) -> int:
     from megatron_tpo.cli.run import USAGE, run_rank
     from megatron_tpo.parallel.local_launch import spawn_local
-    from megatron_tpo.tiny.assets import TinyTaskConfig, prepare_tiny_assets
+    from megatron_tpo.tiny.assets import prepare_tiny_assets
 
     args = build_parser().parse_args(argv)
     root = Path(args.root)
     started = time.perf_counter()
     print(f"tpo-tiny: task, tokenizer and warm-started M_0 in {root / 'assets'}", flush=True)
-    assets = prepare_tiny_assets(root / "assets", TinyTaskConfig(seed=args.seed))
+    assets = prepare_tiny_assets(root / "assets", task_config(args.seed, args.overrides))
     if args.prepare_only:
         return 0
     try:
