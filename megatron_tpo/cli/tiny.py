@@ -96,7 +96,8 @@ def report(root: Path, summaries: Dict[str, dict], seconds: float) -> None:
 
     write_summary(summaries, root / "summary.json")
     plot = plot_iterations({name: s["iterations"] for name, s in summaries.items()},
-                           root / "tpo_vs_baseline.png")
+                           root / "tpo_vs_baseline.png",
+                           {name: s["heldout_score"] for name, s in summaries.items()})
     print(summary_table(summaries))
     for name, summary in summaries.items():
         shares = ", ".join(f"{stage} {share:.0%}"

@@ -1,7 +1,7 @@
 """The per-iteration PNG: what a person looks at to see whether thinking is paying off."""
 
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 PANELS = (
     ("heldout/score", "held-out judged score (M_t)"),
@@ -13,9 +13,11 @@ PANELS = (
 )
 
 
-def plot_iterations(runs: Dict[str, List[dict]], path: Path) -> Path:
+def plot_iterations(runs: Dict[str, List[dict]], path: Path,
+                    heldout_scores: Optional[Dict[str, List[float]]] = None) -> Path:
     """One panel per figure of PANELS, one line per run (e.g. TPO and the baseline), the
-    iteration records as written to metrics.jsonl."""
+    iteration records as written to metrics.jsonl. ``heldout_scores`` (M_0..M_T per run,
+    from the summary) also shows the model the last iteration produced."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -25,6 +27,8 @@ def plot_iterations(runs: Dict[str, List[dict]], path: Path) -> Path:
     for axis, (key, title) in zip(axes.flat, PANELS):
         for name, records in runs.items():
             points = [(r["iteration"], r[key]) for r in records if r.get(key) is not None]
+            if key == "heldout/score" and heldout_scores is not None:
+                points = list(enumerate(heldout_scores[name]))
             if points:
                 axis.plot(*zip(*points), marker="o", label=name)
         axis.set_title(title)
