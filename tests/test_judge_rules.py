@@ -70,6 +70,8 @@ def test_build_pairwise_judge_with_chat_template():
             pass
 
     class Tokenizer:
+        chat_template = "<chat>{{ content }}</chat>"  # judge prompts refuse a tokenizer without one
+
         def apply_chat_template(self, messages, tokenize, add_generation_prompt):
             return "<chat>" + messages[0]["content"] + "</chat>"
 
