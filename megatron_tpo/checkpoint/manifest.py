@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from megatron_tpo.checkpoint.config import CheckpointError
-from megatron_tpo.data.storage import _atomic_write, _file_sha256
+from megatron_tpo.data.storage import atomic_write, file_sha256
 
 MANIFEST = "manifest.json"
 FORMAT = "megatron_tpo.training_checkpoint/1"
@@ -63,7 +63,7 @@ def file_records(directory: Path) -> Dict[str, Dict[str, Any]]:
     """COLLECTIVE. ``{relative path: {"bytes", "sha256"}}`` of every file under ``directory``."""
     names = broadcast_from_rank_zero(_listed_files(directory))
     mine = {name: {"bytes": (directory / name).stat().st_size,
-                   "sha256": _file_sha256(directory / name)} for name in _my_share(names)}
+                   "sha256": file_sha256(directory / name)} for name in _my_share(names)}
     records: Dict[str, Dict[str, Any]] = {}
     for share in gathered(mine):
         records.update(share)
@@ -72,7 +72,7 @@ def file_records(directory: Path) -> Dict[str, Dict[str, Any]]:
 
 def write_manifest(directory: Path, step: int, files: Dict[str, Dict[str, Any]]) -> None:
     body = {"format": FORMAT, "step": step, "files": files}
-    _atomic_write(directory / MANIFEST, lambda handle: handle.write(
+    atomic_write(directory / MANIFEST, lambda handle: handle.write(
         json.dumps(body, indent=1).encode()))
 
 
@@ -97,7 +97,7 @@ def _problem(directory: Path, name: str, record: Dict[str, Any]) -> Optional[str
     size = path.stat().st_size
     if size != record["bytes"]:
         return f"{path}: {size} bytes, the manifest says {record['bytes']} (truncated or altered)"
-    if _file_sha256(path) != record["sha256"]:
+    if file_sha256(path) != record["sha256"]:
         return f"{path}: sha256 differs from the manifest (altered)"
     return None
 

@@ -30,7 +30,7 @@ from megatron_tpo.checkpoint import manifest as manifests
 from megatron_tpo.checkpoint import sharded_state
 from megatron_tpo.checkpoint.config import CheckpointConfig, CheckpointError
 from megatron_tpo.checkpoint.rng import capture_rng_state, restore_rng_state
-from megatron_tpo.data.storage import _atomic_write
+from megatron_tpo.data.storage import atomic_write
 
 logger = logging.getLogger(__name__)
 LATEST = "latest"
@@ -48,7 +48,7 @@ def _barrier() -> None:
 
 def _write_json(path: Path, body: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, lambda handle: handle.write(json.dumps(body).encode()))
+    atomic_write(path, lambda handle: handle.write(json.dumps(body).encode()))
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -176,7 +176,7 @@ class TrainingCheckpointer:
             os.replace(final, replaced)
         os.replace(partial, final)
         _fsync_directory(self.root)
-        _atomic_write(self.root / LATEST, lambda handle: handle.write(f"{final.name}\n".encode()))
+        atomic_write(self.root / LATEST, lambda handle: handle.write(f"{final.name}\n".encode()))
         shutil.rmtree(replaced, ignore_errors=True)
 
     def _prune(self, saved_step: int) -> None:

@@ -90,7 +90,7 @@ def config_hash(config: Any) -> str:
     return hashlib.sha256(encoded).hexdigest()[:16]
 
 
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -98,7 +98,7 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
     descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(descriptor, "wb") as handle:
@@ -139,14 +139,14 @@ class IterationStore:
         # Rows first: a row source that fails (a bad prompt file) leaves no directory.
         table = pa.Table.from_pylist(list(rows))
         data_path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(data_path, lambda handle: pq.write_table(table, handle))
+        atomic_write(data_path, lambda handle: pq.write_table(table, handle))
         manifest = {
             "iteration": iteration, "stage": stage, "rows": table.num_rows,
             "seed": seed, "config_hash": config_digest,
             "counts": {key: int(value) for key, value in (counts or {}).items()},
-            "sha256": _file_sha256(data_path),
+            "sha256": file_sha256(data_path),
         }
-        _atomic_write(manifest_path,
+        atomic_write(manifest_path,
                       lambda handle: handle.write(json.dumps(manifest, indent=2).encode()))
         return manifest
 
@@ -165,7 +165,7 @@ class IterationStore:
             return False
         if config_digest is not None and manifest["config_hash"] != config_digest:
             return False
-        return _file_sha256(data_path) == manifest["sha256"]
+        return file_sha256(data_path) == manifest["sha256"]
 
     def read_table(self, iteration: int, stage: str) -> pa.Table:
         if not self.is_finished(iteration, stage):

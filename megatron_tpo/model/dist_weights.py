@@ -15,7 +15,6 @@ Either way one layer's tensors are in memory at a time, and no process group is 
 """
 
 import dataclasses
-import hashlib
 import io
 import json
 import os
@@ -29,6 +28,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from megatron_tpo.config import ConfigError
+from megatron_tpo.data.storage import file_sha256
 from megatron_tpo.model.llama_layout import (
     EMBEDDING, FINAL_NORM, OUTPUT_LAYER, TE_NAME_FOR_LOCAL,
 )
@@ -181,7 +181,7 @@ class DistWeightsReader:
         except json.JSONDecodeError as error:
             raise ConfigError(f"{path}: corrupt checksum list ({error})") from error
         for name, digest in expected.items():
-            if _sha256(self.weights_dir / name) != digest:
+            if file_sha256(self.weights_dir / name) != digest:
                 held = sorted({i.fqn for i, info in self.metadata.storage_data.items()
                                if info.relative_path == name})
                 raise ConfigError(f"{self.weights_dir / name}: checksum differs from {CHECKSUMS} "
@@ -350,7 +350,7 @@ class DistWeightsWriter:
         torch.save(common if common is not None else {"content_metadata": {}}, buffer)
         _atomic_write_bytes(self.weights_dir / "common.pt", buffer.getvalue())
         files = [f"__{part}_0.distcp" for part in range(self.part)] + [".metadata", "common.pt"]
-        checksums = {name: _sha256(self.weights_dir / name) for name in files}
+        checksums = {name: file_sha256(self.weights_dir / name) for name in files}
         _atomic_write_bytes(self.weights_dir / CHECKSUMS, json.dumps(checksums, indent=1).encode())
         _atomic_write_bytes(self.weights_dir / "metadata.json",
                             json.dumps(METADATA_JSON).encode())
@@ -363,14 +363,6 @@ class DistWeightsWriter:
             if covered != md.size.numel():
                 raise ConfigError(f"{self.weights_dir}: {key} has {covered} of "
                                   f"{md.size.numel()} elements written; the write is incomplete")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
