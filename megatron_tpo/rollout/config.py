@@ -1,4 +1,5 @@
-"""Rollout settings (``configs/rollout/<name>.yaml``): the engine, the thought prompt, sampling."""
+"""Rollout settings (``configs/rollout/<name>.yaml``): the engine and sampling (the thought
+prompt is tpo-run's ``thought`` group)."""
 
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,8 +45,6 @@ class VLLMConfig:
 @dataclass
 class RolloutConfig:
     engine: str = "hf"
-    # A built-in thought template ("generic", "specific"), configs/thought/<name>, or a path.
-    thought_template: str = "generic"
     sampling: SamplingParams = field(default_factory=SamplingParams)
     batch_size: int = 8     # prompts per generate call (the HF engine)
     device: str = "cpu"
