@@ -16,6 +16,7 @@ import torch
 
 from megatron_tpo.checkpoint.config import CheckpointError
 from megatron_tpo.data.storage import atomic_write, file_sha256
+from megatron_tpo.parallel.collectives import world
 
 MANIFEST = "manifest.json"
 FORMAT = "megatron_tpo.training_checkpoint/1"
@@ -23,12 +24,6 @@ FORMAT = "megatron_tpo.training_checkpoint/1"
 
 def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def _rank_and_world() -> tuple:
-    if _distributed():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
 
 
 def broadcast_from_rank_zero(value: Any) -> Any:
@@ -55,8 +50,8 @@ def _listed_files(directory: Path) -> List[str]:
 
 
 def _my_share(names: List[str]) -> List[str]:
-    rank, world = _rank_and_world()
-    return names[rank::world]
+    rank, world_size = world()
+    return names[rank::world_size]
 
 
 def file_records(directory: Path) -> Dict[str, Dict[str, Any]]:

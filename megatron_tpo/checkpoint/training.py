@@ -31,19 +31,11 @@ from megatron_tpo.checkpoint import sharded_state
 from megatron_tpo.checkpoint.config import CheckpointConfig, CheckpointError
 from megatron_tpo.checkpoint.rng import capture_rng_state, restore_rng_state
 from megatron_tpo.data.storage import atomic_write
+from megatron_tpo.parallel.collectives import barrier, is_rank_zero, world
 
 logger = logging.getLogger(__name__)
 LATEST = "latest"
 _STEP_DIR = re.compile(r"step_(\d{8})")
-
-
-def _rank() -> int:
-    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
 
 
 def _write_json(path: Path, body: Any) -> None:
@@ -105,32 +97,32 @@ class TrainingCheckpointer:
             is_loading=False)
         dist_checkpointing.save(state, str(partial / "dist"),
                                 sharded_strategy=self._save_strategy())
-        _write_json(partial / "rng" / f"rank_{_rank():05d}.json", capture_rng_state())
+        _write_json(partial / "rng" / f"rank_{world()[0]:05d}.json", capture_rng_state())
         shapes = _gathered_shapes(chunks, metadata)
-        if _rank() == 0:
+        if is_rank_zero():
             _write_json(partial / "state.json", {
                 "step": step, "loop_state": loop_state, "scheduler": scheduler.state_dict(),
                 "layout": _layout(), "sharding_metadata": metadata, "tensors": shapes,
                 "optimizer_saved": "optimizer" in state})
-        _barrier()
+        barrier()
         files = manifests.file_records(partial)
-        if _rank() == 0:
+        if is_rank_zero():
             manifests.write_manifest(partial, step, files)
             self._publish(partial, step)
             self._prune(step)
-        _barrier()
+        barrier()
         return self.step_dir(step)
 
     def _begin(self, step: int) -> Path:
         """An empty ``.step_<n>.partial`` directory; leftovers of killed saves removed."""
         partial = self.root / f".{self.step_dir(step).name}.partial"
-        if _rank() == 0:
+        if is_rank_zero():
             self.root.mkdir(parents=True, exist_ok=True)
             # Saves are collective and one at a time: any partial directory is a dead one.
             for stale in self.root.glob(".step_*.partial"):
                 shutil.rmtree(stale)
             (partial / "dist").mkdir(parents=True)
-        _barrier()
+        barrier()
         return partial
 
     @staticmethod
@@ -249,7 +241,7 @@ class TrainingCheckpointer:
 
     def _latest_step_or_error(self):
         """Rank 0's answer, an error included, so every rank raises or loads together."""
-        if _rank() != 0:
+        if not is_rank_zero():
             return None
         try:
             return self.latest_step()
@@ -260,7 +252,7 @@ class TrainingCheckpointer:
         """COLLECTIVE. ``state.json`` of a directory whose files all match its manifest."""
         directory = self.step_dir(step)
         body = manifests.broadcast_from_rank_zero(
-            self._manifest_or_error(directory) if _rank() == 0 else None)
+            self._manifest_or_error(directory) if is_rank_zero() else None)
         if isinstance(body, CheckpointError):
             raise body
         manifests.verify_files(directory, body)
@@ -312,10 +304,10 @@ class TrainingCheckpointer:
     def _restore_rng(self, step: int, saved_layout: Dict[str, Any]) -> None:
         if saved_layout != _layout():
             # Rank r of another layout plays another role; its generators would mean nothing.
-            if _rank() == 0:
+            if is_rank_zero():
                 logger.warning("checkpoint %s was saved at layout %s, this run is %s: RNG "
                                "states are not restored", self.step_dir(step), saved_layout,
                                _layout())
             return
-        path = self.step_dir(step) / "rng" / f"rank_{_rank():05d}.json"
+        path = self.step_dir(step) / "rng" / f"rank_{world()[0]:05d}.json"
         restore_rng_state(json.loads(path.read_text()))
