@@ -2,6 +2,7 @@
 work among the ranks' engine replicas, and agreeing on seeds without talking."""
 
 import hashlib
+from dataclasses import replace
 from typing import List, Sequence
 
 import torch
@@ -44,7 +45,7 @@ def generate_on_all_ranks(engine: RolloutEngine, prompts: Sequence[str],
     replica, replicas = rank // engine_tensor_parallel_size, world_size // engine_tensor_parallel_size
     mine = list(range(replica, len(prompts), replicas))
     seed = None if sampling.seed is None else sampling.seed + replica
-    outputs = engine.generate([prompts[i] for i in mine], _with_seed(sampling, seed)) if mine else []
+    outputs = engine.generate([prompts[i] for i in mine], replace(sampling, seed=seed)) if mine else []
     if world_size == 1:
         return outputs
     gathered: List[list] = [None] * world_size
@@ -53,9 +54,3 @@ def generate_on_all_ranks(engine: RolloutEngine, prompts: Sequence[str],
     for first_rank in range(0, world_size, engine_tensor_parallel_size):
         ordered.update(dict(gathered[first_rank]))
     return [ordered[i] for i in range(len(prompts))]
-
-
-def _with_seed(sampling: SamplingParams, seed) -> SamplingParams:
-    from dataclasses import replace
-
-    return replace(sampling, seed=seed)
