@@ -243,6 +243,12 @@ class WeightStream:
         self.finished = False
 
     def __iter__(self) -> Iterator[Tuple[str, torch.Tensor]]:
+        for bucket, buffer in self.buckets():
+            yield from bucket.views(buffer)
+
+    def buckets(self) -> Iterator[Tuple[Bucket, torch.Tensor]]:
+        """Each bucket with its flat buffer (``bucket.views(buffer)`` names its tensors),
+        for a consumer that forwards whole buckets rather than tensors."""
         for bucket in self.plan.buckets:
             buffer = torch.empty(bucket.numel, dtype=self.plan.dtype, device=self.device)
             if self.rank == bucket.source:
@@ -250,7 +256,7 @@ class WeightStream:
             else:
                 self._join_gathers(bucket)
             torch.distributed.broadcast(buffer, src=bucket.source)
-            yield from bucket.views(buffer)
+            yield bucket, buffer
             del buffer
         self.finished = True
 
