@@ -27,7 +27,7 @@ def build_tpo(config: TPOConfig) -> TPOParts:
     from transformers import AutoTokenizer
 
     from megatron_tpo.checkpoint import TrainingCheckpointer
-    from megatron_tpo.rollout.factory import build_rollout_engine
+    from megatron_tpo.rollout.factory import build_policy_engine, trainer_ranks_per_engine
     from megatron_tpo.train.dpo_trainer import DPOTrainer
 
     run_dir = Path(config.run.dir)
@@ -35,7 +35,7 @@ def build_tpo(config: TPOConfig) -> TPOParts:
     tokenizer = AutoTokenizer.from_pretrained(config.run.policy)
     prompts = training_prompts(config, tokenizer)
     heldout = heldout_prompts(config)
-    engine = build_rollout_engine(config.rollout, config.run.policy, tokenizer)
+    engine = build_policy_engine(config.rollout, config.run.policy, tokenizer)
     judge = build_rank_zero_judge(config, engine, tokenizer) if is_rank_zero() else None
     trainer = DPOTrainer(config.model, config.parallel, config.train,
                          shard_root=str(initial_weights(config, run_dir)))
@@ -47,8 +47,7 @@ def build_tpo(config: TPOConfig) -> TPOParts:
         metrics=RunMetrics(run_dir, enabled=is_rank_zero(), tensorboard=config.run.tensorboard,
                            wandb_project=config.run.wandb_project, config=asdict(config)),
         preemption=PreemptionGuard(), prompts=prompts, heldout=heldout,
-        engine_tensor_parallel_size=(config.rollout.vllm.tensor_parallel_size
-                                     if config.rollout.engine == "vllm" else 1))
+        engine_tensor_parallel_size=trainer_ranks_per_engine(config.rollout, world()[1]))
 
 
 def build_rank_zero_judge(config: TPOConfig, policy_engine, tokenizer):

@@ -1,5 +1,5 @@
-"""Rollout settings (``configs/rollout/<name>.yaml``): the engine and sampling (the thought
-prompt is tpo-run's ``thought`` group)."""
+"""Rollout settings (``configs/rollout/<name>.yaml``): the engine, where it runs, and
+sampling (the thought prompt is tpo-run's ``thought`` group)."""
 
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,6 +11,8 @@ from megatron_tpo.rollout.engine import SamplingParams
 
 ENGINES = ("hf", "vllm")
 VLLM_SLEEP_LEVELS = (0, 1, 2)
+PLACEMENTS = ("colocated", "separate")
+BRIDGE_BACKENDS = ("auto", "gloo", "nccl")
 
 
 @dataclass
@@ -43,20 +45,67 @@ class VLLMConfig:
 
 
 @dataclass
+class BridgeConfig:
+    """``placement=separate``: how trainer rank 0 and the ``tpo-engine`` pool meet
+    (``rollout/bridge.py``). Both sides must be given the same values."""
+
+    # Trainer rank 0 serves the rendezvous store here (its host, as the engines reach it).
+    address: str = "127.0.0.1"
+    port: int = 29700
+    # Processes of the tpo-engine world: replicas of vllm.tensor_parallel_size ranks (hf: 1).
+    engine_ranks: int = 1
+    # How weight buckets travel: nccl (GPUs on both sides) or gloo; auto picks nccl where
+    # the trainer has CUDA. Requests and replies always go over gloo.
+    backend: str = "auto"
+    # How long either side waits for the other to join, and any one collective.
+    timeout_seconds: float = 600.0
+    # How long trainer rank 0 waits for the pool to finish one request (a whole rollout).
+    request_timeout_seconds: float = 4 * 3600.0
+
+    def validate(self, ranks_per_engine: int) -> None:
+        if not self.address:
+            raise ConfigError("rollout.bridge.address='': must name trainer rank 0's host")
+        if not 0 < self.port < 65536:
+            raise ConfigError(f"rollout.bridge.port={self.port}: must be in 1..65535")
+        if self.engine_ranks < 1 or self.engine_ranks % ranks_per_engine:
+            raise ConfigError(f"rollout.bridge.engine_ranks={self.engine_ranks}: must be a "
+                              f"positive multiple of the ranks per engine ({ranks_per_engine}, "
+                              "rollout.vllm.tensor_parallel_size for vllm)")
+        if self.backend not in BRIDGE_BACKENDS:
+            raise ConfigError(f"rollout.bridge.backend={self.backend!r}: must be one of "
+                              f"{BRIDGE_BACKENDS}")
+        for key in ("timeout_seconds", "request_timeout_seconds"):
+            if not getattr(self, key) > 0:
+                raise ConfigError(f"rollout.bridge.{key}={getattr(self, key)}: must be positive")
+
+
+@dataclass
 class RolloutConfig:
     engine: str = "hf"
+    # colocated: every trainer rank holds an engine replica in its own process;
+    # separate: the engines are a tpo-engine pool on their own devices (rollout.bridge).
+    placement: str = "colocated"
     sampling: SamplingParams = field(default_factory=SamplingParams)
     batch_size: int = 8     # prompts per generate call (the HF engine)
     device: str = "cpu"
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
+    bridge: BridgeConfig = field(default_factory=BridgeConfig)
+
+    @property
+    def ranks_per_engine(self) -> int:
+        return self.vllm.tensor_parallel_size if self.engine == "vllm" else 1
 
     def validate(self) -> None:
         if self.engine not in ENGINES:
             raise ConfigError(f"rollout.engine={self.engine!r}: must be one of {ENGINES}")
+        if self.placement not in PLACEMENTS:
+            raise ConfigError(f"rollout.placement={self.placement!r}: must be one of "
+                              f"{PLACEMENTS}")
         if self.batch_size < 1:
             raise ConfigError(f"rollout.batch_size={self.batch_size}: must be >= 1")
         self.sampling.validate()
         self.vllm.validate()
+        self.bridge.validate(self.ranks_per_engine)
 
 
 def load_rollout_config(name_or_path: Union[str, Path] = "paper", **overrides) -> RolloutConfig:

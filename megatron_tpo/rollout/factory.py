@@ -1,11 +1,13 @@
-"""``build_rollout_engine``: the one place that turns a ``RolloutConfig`` into an engine."""
+"""``build_rollout_engine``: the one place that turns a ``RolloutConfig`` into an engine;
+``build_policy_engine``: what a trainer rank holds, that engine or a proxy of a pool."""
 
 from megatron_tpo.rollout.config import RolloutConfig
 from megatron_tpo.rollout.engine import RolloutEngine
 
 
 def build_rollout_engine(config: RolloutConfig, model_path: str, tokenizer=None) -> RolloutEngine:
-    """The configured engine over the HF checkpoint at ``model_path``.
+    """The configured engine over the HF checkpoint at ``model_path``, in this process
+    (``rollout.placement`` is not looked at: ``tpo-engine`` builds its engines here too).
 
     ``hf``: transformers in float32, loaded on the CPU and moved to ``config.device``.
     ``vllm``: one engine per block of ``config.vllm.tensor_parallel_size`` ranks of the
@@ -29,3 +31,22 @@ def build_rollout_engine(config: RolloutConfig, model_path: str, tokenizer=None)
 
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     return HFRolloutEngine(model, tokenizer, device=config.device, batch_size=config.batch_size)
+
+
+def build_policy_engine(config: RolloutConfig, model_path: str, tokenizer=None) -> RolloutEngine:
+    """Every trainer rank's policy engine: its own replica (``placement=colocated``), or a
+    proxy of the ``tpo-engine`` pool (``separate``: trainer rank 0 waits for the pool)."""
+    if config.placement == "separate":
+        from megatron_tpo.rollout.engine_pool import EnginePoolProxy
+
+        config.validate()
+        return EnginePoolProxy.connect(config.bridge)
+    return build_rollout_engine(config, model_path, tokenizer)
+
+
+def trainer_ranks_per_engine(config: RolloutConfig, world_size: int) -> int:
+    """How many consecutive trainer ranks share one engine in ``generate_on_all_ranks``
+    (and so get the same prompts): a vLLM replica's TP block when colocated; the whole
+    trainer world when separate, since rank 0 hands all prompts to the pool, which
+    spreads them over its own replicas."""
+    return world_size if config.placement == "separate" else config.ranks_per_engine

@@ -62,7 +62,8 @@ def _synchronize() -> None:
 
 
 def _stream_into(engine: RolloutEngine, stream: WeightStream) -> None:
-    engine.update_weights(iter(stream))
+    # The stream itself (iterable of named tensors): a pool proxy forwards its buckets.
+    engine.update_weights(stream)
     if not stream.finished:
         # Every rank must run every collective of the stream, or the others hang.
         raise WeightSyncError(f"{type(engine).__name__}.update_weights stopped before the end "

@@ -1,0 +1,172 @@
+"""``EnginePoolProxy``: every trainer rank's ``RolloutEngine`` when the engines are a
+separate ``tpo-engine`` pool (``rollout.placement=separate``).
+
+Trainer rank 0 holds the bridge (``rollout/bridge.py``) and asks the pool; the other
+trainer ranks take part only in their own world's collectives, so the loop, the weight
+sync and its parity check run unchanged on every rank:
+
+    update_weights(stream)   rank 0 forwards every bucket of the ``WeightStream`` to every
+                             engine rank; the others iterate the stream (its gathers and
+                             broadcasts need them)
+    generate / score         rank 0 asks the pool (which spreads the work over its
+                             replicas); the answer is broadcast to every trainer rank
+    weight_checksums         what every engine rank holds; a tensor on which the pool's
+                             ranks disagree is left out, so the parity check names it
+    set_weight_version       recorded here and in every engine
+    sleep / wake             nothing: the engines have devices of their own
+
+Every rank must call each method together (as the loop does), with the same arguments.
+An engine error reaches every trainer rank as ``BridgeError``. Replies carry each
+engine's weight version, checked against the trainer's, so a pool restarted behind
+the trainer's back (engines at version 0) is refused rather than sampled from.
+"""
+
+import atexit
+import logging
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from megatron_tpo.parallel.collectives import world
+from megatron_tpo.rollout.bridge import (
+    Bridge, BridgeError, broadcast_object, gather_objects, open_trainer_side, ring,
+    wait_until_done,
+)
+from megatron_tpo.rollout.config import BridgeConfig
+from megatron_tpo.rollout.engine import GenerationOutput, RolloutEngine, SamplingParams
+from megatron_tpo.rollout.engine_server import EngineFailure
+
+logger = logging.getLogger(__name__)
+
+
+class EnginePoolProxy(RolloutEngine):
+    def __init__(self, bridge: Optional[Bridge], config: BridgeConfig):
+        self.bridge, self.config = bridge, config   # the bridge on trainer rank 0 only
+        self.sequence = 0
+        if bridge is not None:
+            atexit.register(self.shutdown)   # the pool ends with the trainer
+
+    @classmethod
+    def connect(cls, config: BridgeConfig) -> "EnginePoolProxy":
+        """Call on every trainer rank; rank 0 waits (``config.timeout_seconds``) for the pool."""
+        opened = []
+        cls._answer_everywhere(lambda: opened.append(open_trainer_side(config)))
+        return cls(opened[0] if opened else None, config)
+
+    # -- talking to the pool (trainer rank 0) ---------------------------------------
+    def _ask(self, kind: str, payload=None, send=None) -> List:
+        """Every engine rank's answer to one request; ``send()`` runs after the request
+        went out (the weight buckets follow an update_weights request)."""
+        bridge = self.bridge
+        self.sequence += 1
+        ring(bridge, self.sequence, kind)
+        broadcast_object(bridge, (kind, payload))
+        if send is not None:
+            send()
+        wait_until_done(bridge, self.sequence, kind, self.config.request_timeout_seconds)
+        replies = gather_objects(bridge)
+        failures = [value.message for _, value in replies if isinstance(value, EngineFailure)]
+        if failures:
+            raise BridgeError(f"the engine pool at {bridge.where} failed: " + "; ".join(failures))
+        return replies
+
+    def _tell(self, kind: str, payload=None, send=None) -> None:
+        def ask() -> None:
+            self._ask(kind, payload, send)
+
+        self._answer_everywhere(ask)
+
+    @staticmethod
+    def _answer_everywhere(compute):
+        """``compute()`` on trainer rank 0, its result (or its error) on every rank, so
+        no rank waits in a collective that rank 0 left with an error."""
+        rank, world_size = world()
+        result = None
+        if rank == 0:
+            try:
+                result = (compute(), None)
+            except RuntimeError as error:   # BridgeError, and gloo/NCCL failures
+                named = isinstance(error, BridgeError)
+                result = (None, str(error) if named else f"{type(error).__name__}: {error}")
+        if world_size > 1:
+            box = [result]
+            torch.distributed.broadcast_object_list(box, src=0)
+            result = box[0]
+        value, error = result
+        if error is not None:
+            raise BridgeError(error if rank == 0 else f"(from trainer rank 0) {error}")
+        return value
+
+    def _check_versions(self, replies: List) -> None:
+        stale = {rank: version for rank, (version, _) in enumerate(replies)
+                 if version != self.weight_version}
+        if stale:
+            raise BridgeError(f"engine ranks {sorted(stale)} of the pool at {self.bridge.where} "
+                              f"hold weight versions {sorted(set(stale.values()))}, the trainer "
+                              f"pushed v{self.weight_version} (was the pool restarted?)")
+
+    def _in_order(self, replies: List, count: int) -> List:
+        ordered = {}
+        for _, share in replies:
+            ordered.update(dict(share or []))
+        return [ordered[index] for index in range(count)]
+
+    # -- RolloutEngine --------------------------------------------------------------
+    def update_weights(self, stream) -> None:
+        """``stream`` is a ``WeightStream``: whole buckets are forwarded, not tensors."""
+        def forward_buckets():
+            for bucket, buffer in stream.buckets():
+                layout = [(name, view.storage_offset() - buffer.storage_offset(),
+                           tuple(view.shape)) for name, view in bucket.views(buffer)]
+                self._send_bucket(buffer, layout)
+            broadcast_object(self.bridge, None)   # the end of the stream
+
+        if self.bridge is None:
+            for _ in stream.buckets():   # this rank's part in the stream's collectives
+                pass
+        self._tell("update_weights", send=forward_buckets)
+
+    def _send_bucket(self, buffer: torch.Tensor, layout: List[Tuple[str, int, tuple]]) -> None:
+        broadcast_object(self.bridge, (buffer.numel(), buffer.dtype, layout))
+        self.bridge.data.broadcast(buffer.to(self.bridge.data_device), 0).wait()
+
+    def set_weight_version(self, version: int) -> None:
+        super().set_weight_version(version)
+        self._tell("set_weight_version", version)
+
+    def generate(self, prompts: Sequence[str], sampling: SamplingParams) -> List[GenerationOutput]:
+        sampling.validate()
+
+        def ask():
+            replies = self._ask("generate", (list(prompts), sampling))
+            self._check_versions(replies)
+            return self._in_order(replies, len(prompts))
+
+        return self._answer_everywhere(ask)
+
+    def score(self, token_ids: Sequence[Sequence[int]]) -> List[List[float]]:
+        def ask():
+            replies = self._ask("score", [list(ids) for ids in token_ids])
+            self._check_versions(replies)
+            return self._in_order(replies, len(token_ids))
+
+        return self._answer_everywhere(ask)
+
+    def weight_checksums(self, names: Sequence[str]) -> Dict[str, Tuple[float, float]]:
+        def ask():
+            held = [value for _, value in self._ask("weight_checksums", list(names))]
+            return {name: held[0][name] for name in names
+                    if all(name in h and h[name] == held[0][name] for h in held)}
+
+        return self._answer_everywhere(ask)
+
+    def shutdown(self) -> None:
+        """Stop the pool (trainer rank 0; the other ranks hold no bridge). Once only."""
+        if self.bridge is None:
+            return
+        atexit.unregister(self.shutdown)
+        try:
+            self._ask("shutdown")
+        except (BridgeError, RuntimeError) as error:   # the pool is gone already
+            logger.warning("engine pool shutdown at %s: %s", self.bridge.where, error)
+        self.bridge = None

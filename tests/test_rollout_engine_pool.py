@@ -1,0 +1,227 @@
+"""rollout.placement=separate on localhost: a trainer world (TP=2, gloo) after one DPO step
+and a tpo-engine pool of two HF engine processes, meeting over the bridge.
+
+After ``push_weights`` through the pool proxy the pool's engines score the probes as
+megatron does; seeded generation equals that of colocated HF engines holding the same
+weights; a tensor corrupted on the bridge is named by the parity check; the pool exits
+cleanly when the trainer asks it to; and a missing side fails within its timeout,
+naming the address and port it waited on.
+
+One spawn of the trainer world and one pool serve every multi-process assertion.
+"""
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from llama_fixtures import save_random_hf_llama, tiny_model_config
+from megatron_tpo.config import ConfigError, DPOTrainingConfig, ParallelConfig
+from megatron_tpo.model.conversion import hf_to_mcore
+from megatron_tpo.parallel.launch import free_local_port
+from megatron_tpo.parallel.local_launch import spawn_local
+from megatron_tpo.rollout.bridge import BridgeError, open_engine_side
+from megatron_tpo.rollout.config import BridgeConfig, RolloutConfig, VLLMConfig
+from megatron_tpo.rollout.engine import SamplingParams
+from megatron_tpo.rollout.engine_pool import EnginePoolProxy
+from megatron_tpo.train.dpo_batch import TokenizedPair
+
+sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "data"))
+from tiny_hf import tiny_tokenizer  # noqa: E402
+
+TRAINING = DPOTrainingConfig(beta=0.5, lr=5e-3, warmup_steps=0, train_steps=4,
+                             micro_batch_pairs=1, pad_to_multiple_of=8, clip_grad=0.0)
+BUCKET_BYTES = 300_000   # several buckets for the tiny model (see test_rollout_weight_sync)
+CORRUPTED = "model.layers.2.mlp.up_proj.weight"
+PROMPTS = ["the cat", "my dog is", "a b c", "the sun is", "here is my"]
+SEEDED = SamplingParams(n=2, temperature=1.0, top_p=1.0, max_new_tokens=8, seed=5)
+
+
+class WireCorruptingPool(EnginePoolProxy):
+    """Sends one tensor wrong over the bridge once ``corrupt`` is set."""
+
+    corrupt = False
+
+    def _send_bucket(self, buffer, layout):
+        for name, offset, shape in layout:
+            if self.corrupt and name == CORRUPTED:
+                buffer = buffer.clone()
+                buffer[offset:offset + torch.Size(shape).numel()] += 0.05
+        super()._send_bucket(buffer, layout)
+
+
+def _trainer_worker(rank, world_size, model, shard_root, hf_dir, pairs, bridge, probes):
+    from transformers import LlamaForCausalLM
+
+    from megatron_tpo.parallel import init_megatron, shutdown_megatron
+    from megatron_tpo.parallel.collectives import generate_on_all_ranks
+    from megatron_tpo.rollout.factory import trainer_ranks_per_engine
+    from megatron_tpo.rollout.hf_engine import HFRolloutEngine
+    from megatron_tpo.rollout.parity import trainer_token_logprobs
+    from megatron_tpo.rollout.weight_sync import WeightSyncConfig, WeightSyncError, push_weights
+    from megatron_tpo.train.dpo_trainer import DPOTrainer
+
+    parallel = ParallelConfig(tensor_model_parallel_size=2, pipeline_model_parallel_size=1)
+    init_megatron(parallel, model)
+    trainer = DPOTrainer(model, parallel, TRAINING, shard_root)
+    trainer.step(trainer.with_reference_logprobs(pairs))
+    checked = WeightSyncConfig(bucket_bytes=BUCKET_BYTES, parity_tolerance=1e-4)
+
+    pool = WireCorruptingPool.connect(bridge)
+    report = {"metrics": push_weights(pool, trainer.ddp_chunks, model, checked),
+              "pool_scores": pool.score(probes),
+              "megatron_scores": trainer_token_logprobs(trainer.ddp_chunks, probes,
+                                                        model.vocab_size)}
+    separate = RolloutConfig(placement="separate", bridge=bridge)
+    report["separate"] = generate_on_all_ranks(pool, PROMPTS, SEEDED,
+                                               trainer_ranks_per_engine(separate, world_size))
+    # Colocated: this rank's own HF engine, given the same weights the same way.
+    colocated = HFRolloutEngine(LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32),
+                                tiny_tokenizer())
+    report["m0_scores"] = colocated.score(probes)
+    push_weights(colocated, trainer.ddp_chunks, model, checked)
+    report["colocated"] = generate_on_all_ranks(
+        colocated, PROMPTS, SEEDED, trainer_ranks_per_engine(RolloutConfig(), world_size))
+    report["colocated_scores"] = colocated.score(probes)
+
+    pool.corrupt = True
+    try:
+        push_weights(pool, trainer.ddp_chunks, model, checked)
+    except WeightSyncError as error:
+        report["corrupted"] = str(error)
+    report["version"] = pool.weight_version
+    pool.shutdown()
+    shutdown_megatron()
+    return report
+
+
+def _start_pool(policy: Path, bridge: BridgeConfig, log_dir: Path):
+    """``tpo-engine`` as torchrun would start it: one process per engine rank."""
+    overrides = [f"run.policy={policy}", "rollout=tiny", "rollout.placement=separate",
+                 f"rollout.bridge.port={bridge.port}",
+                 f"rollout.bridge.engine_ranks={bridge.engine_ranks}",
+                 f"rollout.bridge.timeout_seconds={bridge.timeout_seconds}"]
+    master_port = free_local_port()
+    processes = []
+    for rank in range(bridge.engine_ranks):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(bridge.engine_ranks),
+                   LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(bridge.engine_ranks),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(master_port),
+                   GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
+        log = open(log_dir / f"engine_{rank}.log", "w")
+        processes.append((subprocess.Popen(
+            [sys.executable, "-m", "megatron_tpo.cli.engine", *overrides],
+            env=env, stdout=log, stderr=subprocess.STDOUT), log))
+    return processes
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    model = tiny_model_config()
+    root = tmp_path_factory.mktemp("pool")
+    hf_dir = save_random_hf_llama(model, root / "hf")
+    tiny_tokenizer().save_pretrained(hf_dir)   # tpo-engine loads the checkpoint's tokenizer
+    shard_root = hf_to_mcore(hf_dir, root / "tp2", 2, 1,
+                             make_vocab_size_divisible_by=model.make_vocab_size_divisible_by,
+                             progress=False).destination
+    generator = torch.Generator().manual_seed(7)
+
+    def tokens(count):
+        return torch.randint(0, model.vocab_size, (count,), generator=generator).tolist()
+
+    pairs = [TokenizedPair(prompt=tokens(4), chosen=tokens(6), rejected=tokens(5))
+             for _ in range(2)]
+    probes = [tokens(12) for _ in range(3)]
+    bridge = BridgeConfig(port=free_local_port(), engine_ranks=2, timeout_seconds=60.0)
+    pool = _start_pool(hf_dir, bridge, root)
+    try:
+        reports = spawn_local(_trainer_worker, 2, model, shard_root, hf_dir, pairs, bridge,
+                              probes)
+        exit_codes = [process.wait(timeout=60) for process, _ in pool]
+    finally:
+        for process, log in pool:
+            if process.poll() is None:
+                process.kill()
+            log.close()
+    logs = [(root / f"engine_{rank}.log").read_text() for rank in range(len(pool))]
+    return reports, exit_codes, logs
+
+
+def test_the_pool_scores_the_probes_as_megatron_does_after_a_dpo_step(run):
+    reports, _, _ = run
+    for report in reports:
+        assert report["metrics"]["version"] == 1
+        assert 0 <= report["metrics"]["max_abs_logprob_diff"] < 1e-4
+        pool = torch.tensor(report["pool_scores"], dtype=torch.float64)
+        assert pool.shape == (3, 11)   # both replicas scored some of the three probes
+        assert (pool - report["megatron_scores"]).abs().max() < 1e-4
+        colocated = torch.tensor(report["colocated_scores"], dtype=torch.float64)
+        assert (pool - colocated).abs().max() < 1e-4
+        # The DPO step moved the weights: M_0's log-probs are visibly off.
+        assert (torch.tensor(report["m0_scores"]) - pool).abs().max() > 1e-3
+    assert reports[0]["pool_scores"] == reports[1]["pool_scores"]
+
+
+def test_seeded_generation_from_the_pool_equals_colocated_engines(run):
+    reports, _, _ = run
+    for report in reports:
+        separate = [output.token_ids for output in report["separate"]]
+        colocated = [output.token_ids for output in report["colocated"]]
+        assert len(separate) == len(PROMPTS) and all(len(ids) == 2 for ids in separate)
+        assert separate == colocated
+        assert [o.prompt for o in report["separate"]] == PROMPTS
+        # Replicas draw with their own seeds: the two samples of a prompt differ somewhere.
+        assert any(ids[0] != ids[1] for ids in separate)
+
+
+def test_a_tensor_corrupted_on_the_bridge_is_named_by_the_parity_check(run):
+    reports, _, _ = run
+    for report in reports:
+        assert ("first tensor whose checksum differs between what was sent and what the "
+                f"engine holds: {CORRUPTED} (rank 0)") in report["corrupted"]
+        assert report["version"] == 2
+
+
+def test_the_pool_stops_when_the_trainer_asks(run):
+    _, exit_codes, logs = run
+    assert exit_codes == [0, 0], logs
+
+
+def test_a_missing_pool_fails_within_the_timeout_naming_address_and_port():
+    port = free_local_port()
+    started = time.monotonic()
+    with pytest.raises(BridgeError, match=f"no engine pool at 127.0.0.1:{port}: 0 of "
+                                          "rollout.bridge.engine_ranks=2 tpo-engine ranks"):
+        EnginePoolProxy.connect(BridgeConfig(port=port, engine_ranks=2, timeout_seconds=1.0))
+    assert time.monotonic() - started < 5
+
+
+def test_an_engine_without_a_trainer_fails_within_the_timeout_naming_address_and_port():
+    port = free_local_port()
+    started = time.monotonic()
+    with pytest.raises(BridgeError, match=f"engine rank 0: no trainer at 127.0.0.1:{port}"):
+        open_engine_side(BridgeConfig(port=port, timeout_seconds=1.0), 0)
+    assert time.monotonic() - started < 10
+
+
+def test_separate_placement_settings_are_checked():
+    from megatron_tpo.cli.engine import check_settings
+
+    with pytest.raises(ConfigError, match="rollout.placement='apart'"):
+        RolloutConfig(placement="apart").validate()
+    with pytest.raises(ConfigError, match="rollout.bridge.engine_ranks=3: must be a positive "
+                                          r"multiple of the ranks per engine \(2"):
+        RolloutConfig(engine="vllm", placement="separate", vllm=VLLMConfig(tensor_parallel_size=2),
+                      bridge=BridgeConfig(engine_ranks=3)).validate()
+    with pytest.raises(ConfigError, match="rollout.bridge.backend='mpi'"):
+        RolloutConfig(bridge=BridgeConfig(backend="mpi")).validate()
+    with pytest.raises(ConfigError, match="rollout.bridge.timeout_seconds=0"):
+        RolloutConfig(bridge=BridgeConfig(timeout_seconds=0)).validate()
+    with pytest.raises(ConfigError, match="tpo-engine serves only placement=separate"):
+        check_settings(RolloutConfig(), 1)
+    with pytest.raises(ConfigError, match="engine_ranks=2, but tpo-engine was started with 4"):
+        check_settings(RolloutConfig(placement="separate", bridge=BridgeConfig(engine_ranks=2)), 4)
