@@ -11,7 +11,9 @@
 
 A save writes everything under ``.step_<n>.partial``, hashes it into the manifest, renames
 the directory to ``step_<n>`` and only then rewrites ``latest`` (each rename atomic and
-fsynced), so a kill at any moment leaves ``latest`` naming a complete checkpoint. Loads
+fsynced), so a kill at any moment leaves ``latest`` naming a complete checkpoint (a step
+saved again moves its old directory to ``.step_<n>.replaced`` first, which the next load
+or save puts back if the kill came before the new one was in place). Loads
 check every file against the manifest and every tensor shape against the model before
 they touch the model or the optimizer.
 """
@@ -32,6 +34,7 @@ from megatron_tpo.checkpoint.config import CheckpointConfig, CheckpointError
 from megatron_tpo.checkpoint.rng import capture_rng_state, restore_rng_state
 from megatron_tpo.data.storage import atomic_write
 from megatron_tpo.parallel.collectives import barrier, is_rank_zero, world
+from megatron_tpo.parallel.preemption import crash_point
 
 logger = logging.getLogger(__name__)
 LATEST = "latest"
@@ -118,6 +121,7 @@ class TrainingCheckpointer:
         partial = self.root / f".{self.step_dir(step).name}.partial"
         if is_rank_zero():
             self.root.mkdir(parents=True, exist_ok=True)
+            self._restore_set_aside()
             # Saves are collective and one at a time: any partial directory is a dead one.
             for stale in self.root.glob(".step_*.partial"):
                 shutil.rmtree(stale)
@@ -160,16 +164,41 @@ class TrainingCheckpointer:
         return FullyParallelLoadStrategyWrapper(
             strategy, parallel_state.get_data_parallel_group(with_context_parallel=True))
 
+    def _set_aside(self, step: int) -> Path:
+        return self.root / f".{self.step_dir(step).name}.replaced"
+
     def _publish(self, partial: Path, step: int) -> None:
+        """Rename ``partial`` to ``step_<n>``, then point ``latest`` at it.
+
+        A step saved again (after a resume from an earlier one) first moves the old
+        directory aside, since a rename cannot replace a non-empty directory. Until the
+        new one is in place ``latest`` may name a missing directory; ``_restore_set_aside``
+        puts the old one back before any load or save, so every moment leaves a loadable
+        checkpoint. Unique directory names per save would avoid the window too, but every
+        reader, the pruning and the loop find a step's directory by its number.
+        """
         final = self.step_dir(step)
-        replaced = self.root / f".{final.name}.replaced"
-        if final.exists():  # a step saved again after a resume from an earlier one
-            shutil.rmtree(replaced, ignore_errors=True)
-            os.replace(final, replaced)
+        aside = self._set_aside(step)
+        if final.exists():
+            os.replace(final, aside)
+            _fsync_directory(self.root)
+            crash_point(step, "checkpoint_set_aside")
         os.replace(partial, final)
         _fsync_directory(self.root)
+        crash_point(step, "checkpoint_renamed")
         atomic_write(self.root / LATEST, lambda handle: handle.write(f"{final.name}\n".encode()))
-        shutil.rmtree(replaced, ignore_errors=True)
+        crash_point(step, "checkpoint_latest")
+        shutil.rmtree(aside, ignore_errors=True)
+
+    def _restore_set_aside(self) -> None:
+        """Finish a re-save that was killed in ``_publish`` (rank 0, or one process)."""
+        for aside in self.root.glob(".step_*.replaced"):
+            final = self.root / aside.name[1:-len(".replaced")]
+            if final.exists():  # the new copy is in place: the old one is stale
+                shutil.rmtree(aside)
+            else:  # killed between the two renames: the old copy is the checkpoint
+                os.replace(aside, final)
+                _fsync_directory(self.root)
 
     def _prune(self, saved_step: int) -> None:
         """Keep ``keep_last`` complete checkpoints up to ``saved_step``; later ones are left."""
@@ -191,7 +220,10 @@ class TrainingCheckpointer:
         """The step ``latest`` names; without ``latest``, the newest complete directory.
 
         Files are verified against the manifest by the loads, which read them anyway.
+        Call it on rank 0 (or in one process): it may finish a re-save killed part way.
         """
+        if self.root.is_dir():
+            self._restore_set_aside()
         pointer = self.root / LATEST
         if pointer.is_file():
             name = pointer.read_text().strip()
