@@ -1,14 +1,15 @@
 """``build_tpo``: everything one rank needs for the loop, built once, checked before work.
 
 Call it on every rank after ``init_megatron``. Rank 0 converts M_0 from the HF layout
-for the trainer's tensor-parallel size (once per run directory) while the others wait.
+for the trainer's tensor-parallel size (once per run directory) while the others wait,
+unless ``run.initial_checkpoint`` names a dist checkpoint, which every rank reads directly.
 """
 
 import json
 import shutil
 from dataclasses import asdict
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 from megatron_tpo.config.errors import ConfigError
 from megatron_tpo.config.tpo import TPOConfig, write_resolved_config
@@ -27,6 +28,7 @@ def build_tpo(config: TPOConfig) -> TPOParts:
     from transformers import AutoTokenizer
 
     from megatron_tpo.checkpoint import TrainingCheckpointer
+    from megatron_tpo.checkpoint.initial import load_initial_checkpoint
     from megatron_tpo.rollout.factory import build_policy_engine, trainer_ranks_per_engine
     from megatron_tpo.train.dpo_trainer import DPOTrainer
 
@@ -38,7 +40,10 @@ def build_tpo(config: TPOConfig) -> TPOParts:
     engine = build_policy_engine(config.rollout, config.run.policy, tokenizer)
     judge = build_rank_zero_judge(config, engine, tokenizer) if is_rank_zero() else None
     trainer = DPOTrainer(config.model, config.parallel, config.train,
-                         shard_root=str(initial_weights(config, run_dir)))
+                         shard_root=initial_weights(config, run_dir))
+    if config.run.initial_checkpoint:
+        load_initial_checkpoint(trainer.ddp_chunks, trainer.optimizer,
+                                config.run.initial_checkpoint)
     return TPOParts(
         config=config, digest=digest, tokenizer=tokenizer, engine=engine, judge=judge,
         trainer=trainer,
@@ -119,11 +124,14 @@ def heldout_prompts(config: TPOConfig) -> List[str]:
     return instructions[:settings.num_prompts]
 
 
-def initial_weights(config: TPOConfig, run_dir: Path) -> Path:
-    """M_0 in the trainer's per-rank layout, converted once by rank 0."""
+def initial_weights(config: TPOConfig, run_dir: Path) -> Optional[str]:
+    """M_0 in the trainer's per-rank layout, converted once by rank 0; None when
+    ``run.initial_checkpoint`` provides M_0 (loaded into the built trainer instead)."""
     from megatron_tpo.model.conversion import hf_to_mcore
     from megatron_tpo.model.mcore_shards import MANIFEST
 
+    if config.run.initial_checkpoint:
+        return None
     tp = config.parallel.tensor_model_parallel_size
     pp = config.parallel.pipeline_model_parallel_size
     destination = run_dir / "initial_weights" / f"tp{tp}_pp{pp}"
@@ -133,4 +141,4 @@ def initial_weights(config: TPOConfig, run_dir: Path) -> Path:
                     make_vocab_size_divisible_by=config.model.make_vocab_size_divisible_by,
                     progress=False)
     barrier()
-    return destination
+    return str(destination)

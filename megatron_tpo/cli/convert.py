@@ -6,7 +6,8 @@
     tpo-convert nemo-to-hf --nemo DIR|FILE.nemo --out DIR [--max-shard-size 5GB]
     tpo-convert nemo-to-mcore --nemo DIR|FILE.nemo --out DIR --tp N --pp M
     tpo-convert mcore-to-nemo --mcore DIR --out DIR
-    tpo-convert hf-to-dist --hf DIR --out DIR          (megatron dist checkpoint, any TP/PP)
+    tpo-convert hf-to-dist --hf DIR --out DIR          (megatron dist checkpoint, any TP/PP;
+                                                        tpo-run run.initial_checkpoint=DIR)
     tpo-convert gguf-to-hf --gguf FILE --out DIR        (dequantized; needs the gguf extra)
     tpo-convert gguf-to-mcore --gguf FILE --out DIR --tp N --pp M
 """

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 from megatron_tpo.checkpoint import CheckpointConfig
+from megatron_tpo.checkpoint.initial import check_initial_checkpoint
 from megatron_tpo.config.errors import ConfigError
 from megatron_tpo.config.model import ModelConfig
 from megatron_tpo.config.parallel import ParallelConfig
@@ -51,6 +52,11 @@ class RunConfig:
     """The run directory: stage outputs, checkpoints, metrics, plots and summary.json."""
     policy: str = ""
     """M_0: a Hugging Face checkpoint directory (weights, config.json, tokenizer)."""
+    initial_checkpoint: Optional[str] = None
+    """M_0's weights for the trainer from a megatron-core dist checkpoint (``tpo-convert
+    hf-to-dist``, or a NeMo 2 directory), loaded at the run's TP/PP instead of converted
+    from ``policy``; ``policy`` still gives config.json, the tokenizer and the rollout
+    engine. Part of the run directory's digest: other weights make other stages."""
     iterations: int = 3
     seed: int = 0
     pairs_per_step: int = 8
@@ -97,6 +103,8 @@ class TPOConfig:
                       self.run):
             group.validate()
         check_policy_matches_model(self.run.policy, self.model)
+        if self.run.initial_checkpoint:
+            check_initial_checkpoint(self.run.initial_checkpoint, self.model)
         self._check_files_exist()
         longest = self.prompts.max_tokens + self.rollout.sampling.max_new_tokens
         if longest > self.model.max_position_embeddings:

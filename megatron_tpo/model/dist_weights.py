@@ -143,7 +143,7 @@ class DistWeightsReader:
     TE or local norm names, under any of the prefixes ``module.``, ``model.`` or none.
     """
 
-    def __init__(self, weights_dir: Path, num_layers: int):
+    def __init__(self, weights_dir: Path, num_layers: int, verify_checksums: bool = True):
         self.weights_dir = Path(weights_dir)
         self.num_layers = num_layers
         self.metadata = read_dcp_metadata(self.weights_dir)
@@ -156,6 +156,8 @@ class DistWeightsReader:
         self.stacked = self.prefix + "decoder.layers." + checkpoint_name(LAYER_WEIGHTS[0]) \
             in self.tensors
         self.check_files()
+        if verify_checksums:  # off where only the metadata is needed and files are large
+            self.verify_checksums()
 
     def check_files(self) -> None:
         """Every data file ``.metadata`` names exists and is long enough for its items:
@@ -170,9 +172,9 @@ class DistWeightsReader:
             if info.offset + info.length > sizes[info.relative_path]:
                 raise ConfigError(f"{path}: truncated to {sizes[info.relative_path]} bytes; "
                                   f"{index.fqn} needs bytes up to {info.offset + info.length}")
-        self._verify_checksums()
 
-    def _verify_checksums(self) -> None:
+    def verify_checksums(self) -> None:
+        """Every file listed in ``tpo_checksums.json`` hashes as listed (reads every byte)."""
         path = self.weights_dir / CHECKSUMS
         if not path.is_file():
             return  # checkpoints written by NeMo or megatron carry none
