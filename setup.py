@@ -38,6 +38,7 @@ setup(
     entry_points={
         "console_scripts": [
             "tpo-run=megatron_tpo.cli.run:main",
+            "tpo-engine=megatron_tpo.cli.engine:main",
             "tpo-tiny=megatron_tpo.cli.tiny:main",
             "tpo-convert=megatron_tpo.cli.convert:main",
             "tpo-plan=megatron_tpo.cli.plan:main",

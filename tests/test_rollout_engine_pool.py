@@ -33,6 +33,10 @@ from megatron_tpo.train.dpo_batch import TokenizedPair
 sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "data"))
 from tiny_hf import tiny_tokenizer  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).parent))
+from test_loop import stage_rows  # noqa: E402
+from tpo_fixtures import tiny_run_overrides  # noqa: E402
+
 TRAINING = DPOTrainingConfig(beta=0.5, lr=5e-3, warmup_steps=0, train_steps=4,
                              micro_batch_pairs=1, pad_to_multiple_of=8, clip_grad=0.0)
 BUCKET_BYTES = 300_000   # several buckets for the tiny model (see test_rollout_weight_sync)
@@ -99,17 +103,13 @@ def _trainer_worker(rank, world_size, model, shard_root, hf_dir, pairs, bridge, 
     return report
 
 
-def _start_pool(policy: Path, bridge: BridgeConfig, log_dir: Path):
+def _start_pool(overrides, engine_ranks: int, log_dir: Path):
     """``tpo-engine`` as torchrun would start it: one process per engine rank."""
-    overrides = [f"run.policy={policy}", "rollout=tiny", "rollout.placement=separate",
-                 f"rollout.bridge.port={bridge.port}",
-                 f"rollout.bridge.engine_ranks={bridge.engine_ranks}",
-                 f"rollout.bridge.timeout_seconds={bridge.timeout_seconds}"]
     master_port = free_local_port()
     processes = []
-    for rank in range(bridge.engine_ranks):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(bridge.engine_ranks),
-                   LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(bridge.engine_ranks),
+    for rank in range(engine_ranks):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(engine_ranks),
+                   LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(engine_ranks),
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(master_port),
                    GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
         log = open(log_dir / f"engine_{rank}.log", "w")
@@ -117,6 +117,19 @@ def _start_pool(policy: Path, bridge: BridgeConfig, log_dir: Path):
             [sys.executable, "-m", "megatron_tpo.cli.engine", *overrides],
             env=env, stdout=log, stderr=subprocess.STDOUT), log))
     return processes
+
+
+def _stop_pool(processes, log_dir: Path):
+    """Exit codes (the pool should be stopping by itself) and the ranks' logs."""
+    try:
+        exit_codes = [process.wait(timeout=60) for process, _ in processes]
+    finally:
+        for process, log in processes:
+            if process.poll() is None:
+                process.kill()
+            log.close()
+    return exit_codes, [(log_dir / f"engine_{rank}.log").read_text()
+                        for rank in range(len(processes))]
 
 
 @pytest.fixture(scope="module")
@@ -137,17 +150,14 @@ def run(tmp_path_factory):
              for _ in range(2)]
     probes = [tokens(12) for _ in range(3)]
     bridge = BridgeConfig(port=free_local_port(), engine_ranks=2, timeout_seconds=60.0)
-    pool = _start_pool(hf_dir, bridge, root)
+    pool = _start_pool([f"run.policy={hf_dir}", "rollout=tiny", "rollout.placement=separate",
+                        f"rollout.bridge.port={bridge.port}", "rollout.bridge.engine_ranks=2",
+                        f"rollout.bridge.timeout_seconds={bridge.timeout_seconds}"], 2, root)
     try:
         reports = spawn_local(_trainer_worker, 2, model, shard_root, hf_dir, pairs, bridge,
                               probes)
-        exit_codes = [process.wait(timeout=60) for process, _ in pool]
     finally:
-        for process, log in pool:
-            if process.poll() is None:
-                process.kill()
-            log.close()
-    logs = [(root / f"engine_{rank}.log").read_text() for rank in range(len(pool))]
+        exit_codes, logs = _stop_pool(pool, root)
     return reports, exit_codes, logs
 
 
@@ -225,3 +235,35 @@ def test_separate_placement_settings_are_checked():
         check_settings(RolloutConfig(), 1)
     with pytest.raises(ConfigError, match="engine_ranks=2, but tpo-engine was started with 4"):
         check_settings(RolloutConfig(placement="separate", bridge=BridgeConfig(engine_ranks=2)), 4)
+
+
+def _one_iteration(root: Path, settings) -> dict:
+    from megatron_tpo.cli.run import compose_config, run_rank
+
+    config = compose_config(tiny_run_overrides(root, iterations=1) + settings)
+    config.validate(1)
+    spawn_local(run_rank, 1, config)
+    return {stage: stage_rows(root / "run", 0, stage)
+            for stage in ("rollouts", "judgments", "pairs", "reference", "heldout")}
+
+
+def test_a_tpo_iteration_with_a_separate_pool_stores_the_rows_of_a_colocated_one(
+        tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")   # both engines compute with one thread
+    colocated_root, separate_root = tmp_path / "colocated", tmp_path / "separate"
+    colocated_root.mkdir()
+    separate_root.mkdir()
+    colocated = _one_iteration(colocated_root, [])
+    separate_settings = ["rollout.placement=separate", f"rollout.bridge.port={free_local_port()}",
+                         "rollout.bridge.engine_ranks=1", "rollout.bridge.timeout_seconds=120"]
+    pool = _start_pool(tiny_run_overrides(separate_root, iterations=1) + separate_settings, 1,
+                       separate_root)
+    try:
+        separate = _one_iteration(separate_root, separate_settings)
+    finally:
+        # tpo-run never calls shutdown itself: the proxy stops the pool when rank 0 exits.
+        exit_codes, logs = _stop_pool(pool, separate_root)
+    assert exit_codes == [0], logs
+    assert colocated["rollouts"] and colocated["reference"]
+    for stage, rows in colocated.items():
+        assert separate[stage] == rows, stage
