@@ -8,7 +8,7 @@ rendezvous on a ``torch.distributed.TCPStore`` that trainer rank 0 serves at
 ``rollout.bridge.address:port``:
 
     trainer rank 0                             every tpo-engine rank
-    open_trainer_side(config)                  open_engine_side(config, rank, device)
+    open_trainer_side(config)                  open_engine_side(config, engine_rank)
       serves the store, waits for the joins      connects to the store, joins
       ProcessGroupGloo ("control")  <------->    requests and replies, pickled in uint8 tensors
       ProcessGroupNCCL ("data", on GPUs) <--->   weight buckets (gloo's group on CPU)
@@ -66,9 +66,8 @@ def _groups(store, rank: int, size: int, backend: str, timeout: timedelta):
     control = dist.ProcessGroupGloo(dist.PrefixStore("control/", store), rank, size, timeout)
     if backend == "gloo":
         return control, control, torch.device("cpu")
-    options = dist.ProcessGroupNCCL.Options()
-    options._timeout = timeout
-    data = dist.ProcessGroupNCCL(dist.PrefixStore("data/", store), rank, size, options)
+    # Bound to this process's current device (megatron's, or tpo-engine's LOCAL_RANK).
+    data = dist.ProcessGroupNCCL(dist.PrefixStore("data/", store), rank, size, timeout)
     return control, data, torch.device("cuda", torch.cuda.current_device())
 
 
