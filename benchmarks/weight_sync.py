@@ -4,17 +4,20 @@ Spawns a TP x PP world of local gloo processes (CPU) with a random Llama-shaped 
 and times ``push_weights`` (parity check off) into an engine that copies every tensor
 into its own preallocated destination, as a real engine's ``update_weights`` does. Every
 rank receives every byte of the model. The baseline is ``dst.copy_(src)`` of the same
-number of bytes, run on every rank at the same time (same cores, same contention).
-The peak extra memory of one sync is measured on every rank (torch profiler).
+number of bytes, run on every rank at the same time (same cores, same contention); the
+stream and the copy alternate, so both see the same background load, and the medians
+are compared. Both transports are timed (``--transport``): the process group's gather +
+broadcast, and shared memory (what ``auto`` picks for CPU ranks of one host). The peak
+extra memory of one sync is measured on every rank (torch profiler; shared-memory slots
+are mapped once per plan, outside the allocator, and printed separately).
 
 The 8B/70B projection assumes every rank of an 8-GPU node receives the full bf16 model
-at the per-rank stream throughput measured here (the receive rate is the bottleneck:
-the sources convert one stage each, in turn). On CPU gloo that rate is far below what
-NCCL over NVLink gives, so the CPU projection is an upper bound on the time; no GPU ran
-this benchmark. The last line is one JSON object.
+at the per-rank stream throughput measured here. On CPU that rate says nothing about
+NCCL over NVLink; no GPU ran this benchmark. The last line is one JSON object.
 
     python benchmarks/weight_sync.py [--tp 2] [--pp 2] [--hidden 512] [--layers 8]
-                                     [--vocab 32000] [--bucket-mb 32] [--repeats 3]
+                                     [--vocab 32000] [--bucket-mb 32] [--repeats 5]
+                                     [--transport shared_memory broadcast]
 """
 
 import argparse
@@ -56,32 +59,40 @@ def _timed(fn) -> float:
     return time.perf_counter() - started
 
 
-def _worker(rank, world_size, model, parallel, bucket_bytes, repeats):
+def _worker(rank, world_size, model, parallel, bucket_bytes, repeats, transports):
     from megatron_tpo.model.llama import build_llama_chunks
     from megatron_tpo.parallel import init_megatron, shutdown_megatron
+    from megatron_tpo.rollout.bucket_transport import cached_transport
     from megatron_tpo.rollout.memory import peak_extra_bytes
     from megatron_tpo.rollout.weight_stream import cached_plan
     from megatron_tpo.rollout.weight_sync import WeightSyncConfig, push_weights
 
     init_megatron(parallel, model)
     chunks = build_llama_chunks(model, parallel)
-    engine, config = CopyingEngine(), WeightSyncConfig(bucket_bytes=bucket_bytes,
-                                                        check_parity=False)
-    push_weights(engine, chunks, model, config)   # warm-up: the plan, the destinations
-    stream = [_timed(lambda: push_weights(engine, chunks, model, config))
-              for _ in range(repeats)]
     plan = cached_plan(chunks, model, bucket_bytes)
     source = torch.empty(plan.total_bytes // 4)
     target = torch.empty_like(source)
     target.copy_(source)
-    copy = [_timed(lambda: target.copy_(source)) for _ in range(repeats)]
-    del source, target
-    _, peak = peak_extra_bytes(lambda: push_weights(engine, chunks, model, config),
-                               torch.device("cpu"))
+    report = dict(bytes=plan.total_bytes, buckets=len(plan.buckets),
+                  largest_bucket=plan.largest_bucket_bytes,
+                  largest_tensor=plan.largest_tensor_bytes, transports={})
+    for transport in transports:
+        engine = CopyingEngine()
+        config = WeightSyncConfig(bucket_bytes=bucket_bytes, check_parity=False,
+                                  transport=transport)
+        push_weights(engine, chunks, model, config)   # warm-up: the plan, the destinations
+        stream, copy = [], []
+        for _ in range(repeats):
+            stream.append(_timed(lambda: push_weights(engine, chunks, model, config)))
+            copy.append(_timed(lambda: target.copy_(source)))
+        _, peak = peak_extra_bytes(lambda: push_weights(engine, chunks, model, config),
+                                   torch.device("cpu"))
+        picked = type(cached_transport(transport, plan, torch.device("cpu"))).__name__
+        report["transports"][transport] = dict(stream=statistics.median(stream),
+                                               copy=statistics.median(copy), peak=peak,
+                                               kind=picked)
     shutdown_megatron()
-    return dict(stream=statistics.median(stream), copy=statistics.median(copy), peak=peak,
-                bytes=plan.total_bytes, buckets=len(plan.buckets),
-                largest_bucket=plan.largest_bucket_bytes, largest_tensor=plan.largest_tensor_bytes)
+    return report
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,7 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--bucket-mb", type=float, default=32.0)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--transport", nargs="+", default=["shared_memory", "broadcast"],
+                        choices=["auto", "shared_memory", "broadcast"],
+                        help="transports to time; the first is the headline ratio")
     return parser
 
 
@@ -104,28 +118,43 @@ def main(argv=None) -> int:
     parallel = ParallelConfig(tensor_model_parallel_size=args.tp,
                               pipeline_model_parallel_size=args.pp)
     reports = spawn_local(_worker, args.tp * args.pp, model, parallel,
-                          int(args.bucket_mb * 2**20), args.repeats)
-    stream = max(r["stream"] for r in reports)
-    copy = max(r["copy"] for r in reports)
-    total = reports[0]["bytes"]
-    per_rank = total / stream
-    print(f"model {total / 2**20:.1f} MiB fp32 in {reports[0]['buckets']} buckets of <= "
-          f"{reports[0]['largest_bucket'] / 2**20:.1f} MiB (largest tensor "
-          f"{reports[0]['largest_tensor'] / 2**20:.1f} MiB), TP{args.tp} x PP{args.pp} gloo")
-    print(f"stream+broadcast into every rank: {stream:.3f} s, {per_rank / 1e9:.3f} GB/s per rank")
-    print(f"plain copy of the same bytes:     {copy:.3f} s, {total / copy / 1e9:.3f} GB/s")
-    peaks = ", ".join(f"{r['peak'] / 2**20:.1f}" for r in reports)
-    print(f"peak extra memory per rank: {peaks} MiB")
-    projected = {name: nbytes / per_rank for name, nbytes in PROJECTED_BYTES.items()}
+                          int(args.bucket_mb * 2**20), args.repeats, args.transport)
+    first = reports[0]
+    total = first["bytes"]
+    print(f"model {total / 2**20:.1f} MiB fp32 in {first['buckets']} buckets of <= "
+          f"{first['largest_bucket'] / 2**20:.1f} MiB (largest tensor "
+          f"{first['largest_tensor'] / 2**20:.1f} MiB), TP{args.tp} x PP{args.pp}, "
+          f"{args.tp * args.pp} CPU processes")
+    results = {}
+    for transport in args.transport:
+        stream = max(r["transports"][transport]["stream"] for r in reports)
+        copy = max(r["transports"][transport]["copy"] for r in reports)
+        per_rank = total / stream
+        peaks = [r["transports"][transport]["peak"] for r in reports]
+        kind = first["transports"][transport]["kind"]
+        print(f"{transport} ({kind}): stream into every rank {stream:.3f} s, "
+              f"{per_rank / 1e9:.3f} GB/s per rank; plain copy {copy:.3f} s, "
+              f"{total / copy / 1e9:.3f} GB/s; ratio {copy / stream:.3f}")
+        print(f"  peak extra allocator memory per rank: "
+              f"{', '.join(f'{p / 2**20:.1f}' for p in peaks)} MiB"
+              + (f"; plus two shared slots of {first['largest_bucket'] / 2**20:.1f} MiB per "
+                 "host" if kind == "SharedMemoryTransport" else ""))
+        results[transport] = dict(ratio=copy / stream, stream_s=stream, copy_s=copy,
+                                  stream_gb_per_s_per_rank=per_rank / 1e9, kind=kind,
+                                  peak_extra_bytes=peaks)
+    headline = results[args.transport[0]]
+    projected = {name: nbytes / (headline["stream_gb_per_s_per_rank"] * 1e9)
+                 for name, nbytes in PROJECTED_BYTES.items()}
     for name, seconds in projected.items():
-        print(f"projected {name} sync on an 8-GPU node at this per-rank rate: {seconds:.1f} s")
+        print(f"projected {name} sync on an 8-GPU node at the {args.transport[0]} per-rank "
+              f"rate: {seconds:.1f} s")
     print(json.dumps({
-        "ratio": copy / stream, "stream_gb_per_s_per_rank": per_rank / 1e9,
-        "memcpy_gb_per_s": total / copy / 1e9, "bytes": total, "tp": args.tp, "pp": args.pp,
-        "bucket_bytes": int(args.bucket_mb * 2**20), "peak_extra_bytes": [r["peak"] for r in reports],
+        "ratio": headline["ratio"], "transport": args.transport[0], "transports": results,
+        "bytes": total, "tp": args.tp, "pp": args.pp,
+        "bucket_bytes": int(args.bucket_mb * 2**20),
         "projected_seconds_8gpu_node": projected,
         "assumption": "every rank receives the full bf16 model at the measured per-rank "
-                      "stream rate (CPU gloo here; no GPU ran this)"}))
+                      "stream rate (CPU here; no GPU ran this)"}))
     return 0
 
 

@@ -11,7 +11,7 @@ projection ``linear_fc1`` is ``[gate; up]`` *per rank*: rank r holds its slice o
 gate followed by its slice of up, not a slice of the TP=1 tensor.
 """
 
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -109,31 +109,58 @@ def shard_layer(hf: Dict[str, Tensor], model: ModelConfig, tp: int) -> List[Dict
     return shards
 
 
-def _merge_qkv(shards: List[Tensor], model: ModelConfig) -> Dict[str, Tensor]:
+def _present(shards: List[Optional[Tensor]]) -> List[Tuple[int, Tensor]]:
+    """``(TP rank, shard)`` of the shards given: a ``*_into`` merge may be handed only some
+    of them (``None`` for the others), when each rank writes its own part of the output."""
+    return [(rank, shard) for rank, shard in enumerate(shards) if shard is not None]
+
+
+def _merge_qkv_into(shards: List[Tensor], model: ModelConfig, out: Dict[str, Tensor]) -> None:
     groups, head_dim = model.num_query_groups, model.head_dim
     heads_per_group = model.num_attention_heads // groups
     hidden = model.hidden_size
-    qkv = torch.cat(shards, dim=0).reshape(groups, (heads_per_group + 2) * head_dim, hidden)
-    q, k, v = torch.split(qkv, [heads_per_group * head_dim, head_dim, head_dim], dim=1)
-    return {"self_attn.q_proj.weight": q.reshape(-1, hidden).contiguous(),
-            "self_attn.k_proj.weight": k.reshape(-1, hidden).contiguous(),
-            "self_attn.v_proj.weight": v.reshape(-1, hidden).contiguous()}
+    q = out["self_attn.q_proj.weight"].view(groups, heads_per_group * head_dim, hidden)
+    k = out["self_attn.k_proj.weight"].view(groups, head_dim, hidden)
+    v = out["self_attn.v_proj.weight"].view(groups, head_dim, hidden)
+    per_shard = groups // len(shards)
+    for rank, shard in _present(shards):
+        rows = slice(rank * per_shard, (rank + 1) * per_shard)
+        shard_q, shard_k, shard_v = torch.split(
+            shard.reshape(per_shard, (heads_per_group + 2) * head_dim, hidden),
+            [heads_per_group * head_dim, head_dim, head_dim], dim=1)
+        q[rows].copy_(shard_q)
+        k[rows].copy_(shard_k)
+        v[rows].copy_(shard_v)
 
 
-def _merge_fc1(shards: List[Tensor], model: ModelConfig) -> Dict[str, Tensor]:
-    gate_up = [torch.chunk(shard, 2, dim=0) for shard in shards]
-    return {"mlp.gate_proj.weight": torch.cat([gate for gate, _ in gate_up], dim=0),
-            "mlp.up_proj.weight": torch.cat([up for _, up in gate_up], dim=0)}
+def _merge_fc1_into(shards: List[Tensor], model: ModelConfig, out: Dict[str, Tensor]) -> None:
+    gate, up = out["mlp.gate_proj.weight"], out["mlp.up_proj.weight"]
+    rows = gate.shape[0] // len(shards)
+    for rank, shard in _present(shards):
+        shard_gate, shard_up = torch.chunk(shard, 2, dim=0)
+        gate[rank * rows:(rank + 1) * rows].copy_(shard_gate)
+        up[rank * rows:(rank + 1) * rows].copy_(shard_up)
 
 
-# Megatron name of a layer tensor -> how its TP shards become HF tensors.
+def _merge_columns_into(shards: List[Tensor], out: Tensor) -> None:
+    columns = out.shape[1] // len(shards)
+    for rank, shard in _present(shards):
+        out[:, rank * columns:(rank + 1) * columns].copy_(shard)
+
+
+# Megatron name of a layer tensor -> the HF tensors its TP shards make, and how they are
+# written into them (each shard's rows or columns straight into place, no concatenation).
 _LAYER_MERGES = {
-    "self_attention.linear_qkv.weight": _merge_qkv,
-    "self_attention.linear_proj.weight": lambda shards, model: {
-        "self_attn.o_proj.weight": torch.cat(shards, dim=1)},
-    "mlp.linear_fc1.weight": _merge_fc1,
-    "mlp.linear_fc2.weight": lambda shards, model: {
-        "mlp.down_proj.weight": torch.cat(shards, dim=1)},
+    "self_attention.linear_qkv.weight": (
+        ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
+        _merge_qkv_into),
+    "self_attention.linear_proj.weight": (
+        ("self_attn.o_proj.weight",),
+        lambda shards, model, out: _merge_columns_into(shards, out["self_attn.o_proj.weight"])),
+    "mlp.linear_fc1.weight": (("mlp.gate_proj.weight", "mlp.up_proj.weight"), _merge_fc1_into),
+    "mlp.linear_fc2.weight": (
+        ("mlp.down_proj.weight",),
+        lambda shards, model, out: _merge_columns_into(shards, out["mlp.down_proj.weight"])),
 }
 
 
@@ -143,13 +170,27 @@ def is_tensor_parallel(mcore_name: str) -> bool:
     return mcore_name in _LAYER_MERGES or mcore_name in (EMBEDDING, OUTPUT_LAYER)
 
 
+def merge_layer_tensor_into(mcore_name: str, shards: List[Tensor], model: ModelConfig,
+                            out: Dict[str, Tensor]) -> None:
+    """``merge_layer_tensor``, written into ``out`` (HF names without the layer prefix ->
+    tensors of ``hf_layer_shapes``, e.g. views of a transfer buffer); ``None`` shards are
+    left for their own ranks to write."""
+    if mcore_name in REPLICATED_LAYER_WEIGHTS:
+        out[REPLICATED_LAYER_WEIGHTS[mcore_name]].copy_(shards[0])
+    else:
+        _LAYER_MERGES[mcore_name][1](shards, model, out)
+
+
 def merge_layer_tensor(mcore_name: str, shards: List[Tensor], model: ModelConfig
                        ) -> Dict[str, Tensor]:
     """One megatron tensor of a layer, one shard per TP rank (a single copy for the
     replicated norms) -> the HF tensors it holds (names without the layer prefix)."""
     if mcore_name in REPLICATED_LAYER_WEIGHTS:
         return {REPLICATED_LAYER_WEIGHTS[mcore_name]: shards[0]}
-    return _LAYER_MERGES[mcore_name](shards, model)
+    shapes = hf_layer_shapes(model)
+    out = {name: shards[0].new_empty(shapes[name]) for name in _LAYER_MERGES[mcore_name][0]}
+    merge_layer_tensor_into(mcore_name, shards, model, out)
+    return out
 
 
 def merge_layer(shards: List[Dict[str, Tensor]], model: ModelConfig) -> Dict[str, Tensor]:
@@ -168,9 +209,22 @@ def shard_vocab(weight: Tensor, padded_vocab_size: int, tp: int) -> List[Tensor]
     return _chunks(weight, tp, 0)
 
 
+def merge_vocab_into(shards: List[Tensor], out: Tensor) -> None:
+    """Write the TP vocab shards into ``out`` (``vocab_size`` rows), dropping megatron's
+    padding rows (the last shards' tail); ``None`` shards are left for their own ranks."""
+    for rank, shard in _present(shards):
+        rows = shard.shape[0]
+        start = rank * rows
+        stop = min(start + rows, out.shape[0])
+        if stop > start:
+            out[start:stop].copy_(shard[:stop - start])
+
+
 def merge_vocab(shards: List[Tensor], vocab_size: int) -> Tensor:
     """Join the TP vocab shards and drop megatron's padding rows."""
-    return torch.cat(shards, dim=0)[:vocab_size].contiguous()
+    out = shards[0].new_empty((vocab_size,) + tuple(shards[0].shape[1:]))
+    merge_vocab_into(shards, out)
+    return out
 
 
 def merge_model(by_tp_rank: List[Dict[str, Tensor]], model: ModelConfig) -> Dict[str, Tensor]:

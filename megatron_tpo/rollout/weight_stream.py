@@ -1,21 +1,23 @@
 """The live megatron weights of every rank as one stream of HF-named full tensors.
 
-Every rank of the trainer world calls ``WeightStream(plan, chunks, model)`` and iterates
-it in the same order; it yields every HF tensor of the model on every rank, so each
-rank's own engine (an HF replica on CPU, a vLLM TP worker on GPU) loads from it:
+Every rank of the trainer world calls ``WeightStream(plan, chunks, model, transport)`` and
+iterates it in the same order; it yields every HF tensor of the model on every rank, so
+each rank's own engine (an HF replica on CPU, a vLLM TP worker on GPU) loads from it:
 
     for each bucket of the plan (consecutive tensors of one pipeline stage):
-        the stage's TP ranks gather each tensor's shards on TP rank 0 (the bucket's source),
-        which converts them to HF tensors (llama_layout's merges: QKV split per query
-        group, gate/up split, vocab padding cut) and packs them into one flat buffer;
-        the buffer is broadcast from the source to the world (gloo on CPU, NCCL on GPU);
-        every rank yields views of it, ``(hf_name, tensor)``.
+        the stage's TP shards of each tensor are written straight into their HF places
+        in one flat buffer (llama_layout's merges: QKV split per query group, gate/up
+        split, vocab padding cut), on the bucket's source (TP rank 0) after a gather
+        over TP, or by each TP rank itself into shared memory (``bucket_transport``);
+        the buffer reaches every rank (a broadcast: gloo on CPU, NCCL on GPU; or a
+        barrier, for CPU ranks that share the buffer) and every rank yields views of it,
+        ``(hf_name, tensor)``.
 
-A rank's extra memory is the bucket it receives plus the one its engine may still be
-reading (two buckets), and, on a source, the gathered shards of one tensor with their
-HF copies (up to three times the largest tensor: shards, their concatenation, the copy
-without vocab padding). A tensor larger than a bucket travels alone in a bucket of its
-own size.
+Bucket i + 1 is packed before bucket i is handed to the engines, so a rank holds two
+buckets (with the broadcast: the one its engine reads, the next one arriving; shared
+memory keeps two slots per host instead of per rank) and, on a broadcast's source, the
+gathered shards of one tensor. A tensor larger than a bucket travels alone in a bucket
+of its own size.
 
 The plan (which rank sends which tensor, gathered from whom, in which bucket, at which
 offset) depends only on the two layouts, so it is computed once per set of chunks and
@@ -30,6 +32,7 @@ import torch
 
 from megatron_tpo.config import ModelConfig
 from megatron_tpo.model import llama_layout as layout
+from megatron_tpo.rollout.bucket_transport import ProcessGroupTransport
 from megatron_tpo.rollout.engine import tensor_checksum
 
 _LOCAL_NAME_FOR_TE = {te: local for local, te in layout.TE_NAME_FOR_LOCAL.items()}
@@ -48,6 +51,22 @@ def hf_tensors(mcore_name: str, shards: List[torch.Tensor], model: ModelConfig
     number, inner = _split_layer_name(mcore_name)
     return {layout.hf_layer_prefix(number) + name: tensor
             for name, tensor in layout.merge_layer_tensor(inner, shards, model).items()}
+
+
+def hf_tensors_into(mcore_name: str, shards: List[torch.Tensor], model: ModelConfig,
+                    out: Dict[str, torch.Tensor]) -> None:
+    """``hf_tensors`` written into ``out`` (HF names -> tensors of the HF shapes): each
+    shard goes straight into place, with no intermediate copy."""
+    if mcore_name in (layout.EMBEDDING, layout.OUTPUT_LAYER):
+        hf_name = layout.HF_EMBEDDING if mcore_name == layout.EMBEDDING else layout.HF_OUTPUT_LAYER
+        layout.merge_vocab_into(shards, out[hf_name])
+    elif mcore_name == layout.FINAL_NORM:
+        out[layout.HF_FINAL_NORM].copy_(shards[0])
+    else:
+        number, inner = _split_layer_name(mcore_name)
+        prefix = layout.hf_layer_prefix(number)
+        layout.merge_layer_tensor_into(inner, shards, model, {
+            name[len(prefix):]: tensor for name, tensor in out.items() if name.startswith(prefix)})
 
 
 def _split_layer_name(mcore_name: str) -> Tuple[int, str]:
@@ -94,6 +113,11 @@ class PlannedTensor:
     mcore_name: str
     gather_ranks: Tuple[int, ...]          # global ranks by TP rank; the first is the source
     hf_shapes: List[Tuple[str, Tuple[int, ...]]]
+    shard_shape: Tuple[int, ...]           # of each TP rank's piece (equal on all of them)
+
+    @property
+    def shard_numel(self) -> int:
+        return _numel(self.shard_shape)
 
     @property
     def numel(self) -> int:
@@ -118,7 +142,7 @@ class Bucket:
                 offset += count
 
 
-@dataclass
+@dataclass(eq=False)   # identity: transports are cached per plan
 class WeightStreamPlan:
     buckets: List[Bucket]
     dtype: torch.dtype
@@ -199,7 +223,8 @@ def build_plan(gpt_chunks: Sequence, model: ModelConfig, bucket_bytes: int) -> W
         ranks = tuple(rank for _, rank in sorted(holders[name]))
         if not _is_tensor_parallel(name):
             ranks = ranks[:1]
-        planned.append(PlannedTensor(name, ranks, _hf_shapes(name, shapes[name], len(ranks), model)))
+        planned.append(PlannedTensor(name, ranks, _hf_shapes(name, shapes[name], len(ranks), model),
+                                     shapes[name]))
     dtype = dtypes.pop()
     return WeightStreamPlan(_bucketed(planned, bucket_bytes // _element_size(dtype)), dtype,
                             bucket_bytes)
@@ -232,14 +257,18 @@ class WeightStream:
     """Iterate to get every ``(hf_name, tensor)`` of the model on every rank.
 
     Iterating runs collectives: every rank must iterate the whole stream, in step. The
-    yielded tensors are views of a buffer that is dropped once the next bucket arrives.
+    yielded tensors are views of a buffer that is reused once the next bucket arrives.
+    ``transport`` (``bucket_transport``) moves the buckets; the process group's gathers and
+    broadcasts by default.
     """
 
-    def __init__(self, plan: WeightStreamPlan, gpt_chunks: Sequence, model: ModelConfig):
+    def __init__(self, plan: WeightStreamPlan, gpt_chunks: Sequence, model: ModelConfig,
+                 transport=None):
         self.plan, self.model = plan, model
         self.rank = torch.distributed.get_rank()
-        self.local = local_tensors(gpt_chunks)
+        self.local = {name: tensor for name, (_, _, tensor) in local_tensors(gpt_chunks).items()}
         self.device = next(gpt_chunks[0].parameters()).device
+        self.transport = transport or ProcessGroupTransport(self.device, plan.dtype)
         self.finished = False
 
     def __iter__(self) -> Iterator[Tuple[str, torch.Tensor]]:
@@ -248,36 +277,40 @@ class WeightStream:
 
     def buckets(self) -> Iterator[Tuple[Bucket, torch.Tensor]]:
         """Each bucket with its flat buffer (``bucket.views(buffer)`` names its tensors),
-        for a consumer that forwards whole buckets rather than tensors."""
-        for bucket in self.plan.buckets:
-            buffer = torch.empty(bucket.numel, dtype=self.plan.dtype, device=self.device)
-            if self.rank == bucket.source:
-                self._pack(bucket, buffer)
-            else:
-                self._join_gathers(bucket)
-            torch.distributed.broadcast(buffer, src=bucket.source)
-            yield bucket, buffer
-            del buffer
+        for a consumer that forwards whole buckets rather than tensors.
+
+        The next bucket is packed before this one is handed out, so its source converts
+        while the other ranks' engines load (the transports keep two buffers for it).
+        """
+        buckets = self.plan.buckets
+        buffers = [self._packed(0)] if buckets else []
+        for index, bucket in enumerate(buckets):
+            if index + 1 < len(buckets):
+                buffers.append(self._packed(index + 1))
+            yield bucket, buffers[index]
+            buffers[index] = None
+            if index + 1 < len(buckets):
+                self.transport.publish(buckets[index + 1], buffers[index + 1])
         self.finished = True
 
-    def _gathered(self, planned: PlannedTensor) -> List[torch.Tensor]:
-        local = self.local[planned.mcore_name][2].detach()
-        if len(planned.gather_ranks) == 1:
-            return [local]
-        from megatron.core import parallel_state
-
-        shards = [torch.empty_like(local) for _ in planned.gather_ranks]
-        torch.distributed.gather(local.contiguous(), shards, dst=self.rank,
-                                 group=parallel_state.get_tensor_model_parallel_group())
-        return shards
+    def _packed(self, index: int) -> torch.Tensor:
+        """Bucket ``index`` packed (readable everywhere once published; the first bucket
+        is published here)."""
+        bucket = self.plan.buckets[index]
+        buffer = self.transport.buffer(index, bucket)
+        self._pack(bucket, buffer)
+        if index == 0:
+            self.transport.publish(bucket, buffer)
+        return buffer
 
     def _pack(self, bucket: Bucket, buffer: torch.Tensor) -> None:
         views = dict(bucket.views(buffer))
         for planned in bucket.tensors:
-            # The gathered shards die when hf_tensors returns, before the next tensor's.
-            for name, tensor in hf_tensors(planned.mcore_name, self._gathered(planned),
-                                           self.model).items():
-                views[name].copy_(tensor)
+            # Shards gathered for one tensor die before the next tensor's are gathered.
+            shards = self.transport.shards(planned, self.local.get(planned.mcore_name))
+            if shards is not None:
+                hf_tensors_into(planned.mcore_name, shards, self.model,
+                                {name: views[name] for name, _ in planned.hf_shapes})
 
     def source_checksums(self) -> Dict[str, Tuple[float, float]]:
         """``(sum, sum of squares)`` of every HF tensor this rank is the source of, as the
@@ -287,22 +320,13 @@ class WeightStream:
         not changed since, conversion is deterministic, and a sync that passes its check
         never pays for it.
         """
+        gather = ProcessGroupTransport(self.device, self.plan.dtype)
         checksums: Dict[str, Tuple[float, float]] = {}
         for bucket in self.plan.buckets:
-            if self.rank != bucket.source:
-                self._join_gathers(bucket)
-                continue
             for planned in bucket.tensors:
-                for name, tensor in hf_tensors(planned.mcore_name, self._gathered(planned),
-                                               self.model).items():
-                    checksums[name] = tensor_checksum(tensor.to(self.plan.dtype))
+                shards = gather.shards(planned, self.local.get(planned.mcore_name))
+                if shards is not None:
+                    for name, tensor in hf_tensors(planned.mcore_name, shards,
+                                                   self.model).items():
+                        checksums[name] = tensor_checksum(tensor.to(self.plan.dtype))
         return checksums
-
-    def _join_gathers(self, bucket: Bucket) -> None:
-        from megatron.core import parallel_state
-
-        for planned in bucket.tensors:
-            if self.rank in planned.gather_ranks[1:]:
-                local = self.local[planned.mcore_name][2].detach()
-                torch.distributed.gather(local.contiguous(), None, dst=bucket.source,
-                                         group=parallel_state.get_tensor_model_parallel_group())

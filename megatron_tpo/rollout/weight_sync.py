@@ -17,6 +17,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from megatron_tpo.config import ConfigError, ModelConfig
+from megatron_tpo.rollout.bucket_transport import TRANSPORTS, cached_transport
 from megatron_tpo.rollout.engine import RolloutEngine
 from megatron_tpo.rollout.parity import (
     first_differing_tensor, max_abs_difference, probe_token_ids, trainer_token_logprobs,
@@ -33,6 +34,9 @@ class WeightSyncError(RuntimeError):
 class WeightSyncConfig:
     # Bytes per broadcast; extra memory per rank is about two buckets (see WeightStream).
     bucket_bytes: int = 1 << 30
+    # How buckets reach the ranks (rollout/bucket_transport.py): "broadcast" over the
+    # process group, "shared_memory" for CPU ranks of one host, "auto" picks.
+    transport: str = "auto"
     check_parity: bool = True
     # Largest allowed |engine - trainer| per-token log-prob on the probes. float32 on both
     # sides agrees to ~1e-5; bf16 engines and trainers differ far more on random tokens,
@@ -45,6 +49,9 @@ class WeightSyncConfig:
     def validate(self) -> None:
         if self.bucket_bytes < 1:
             raise ConfigError(f"weight_sync.bucket_bytes={self.bucket_bytes}: must be positive")
+        if self.transport not in TRANSPORTS:
+            raise ConfigError(f"weight_sync.transport={self.transport!r}: must be one of "
+                              f"{TRANSPORTS}")
         if not self.parity_tolerance > 0:
             raise ConfigError(f"weight_sync.parity_tolerance={self.parity_tolerance}: "
                               "must be positive")
@@ -85,7 +92,8 @@ def push_weights(engine: RolloutEngine, chunks: list, model: ModelConfig,
     config.validate()
     gpt_chunks = [unwrapped(c) for c in chunks]
     plan = cached_plan(gpt_chunks, model, config.bucket_bytes)
-    stream = WeightStream(plan, gpt_chunks, model)
+    device = next(gpt_chunks[0].parameters()).device
+    stream = WeightStream(plan, gpt_chunks, model, cached_transport(config.transport, plan, device))
     _synchronize()
     started = time.perf_counter()
     _stream_into(engine, stream)
