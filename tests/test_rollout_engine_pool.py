@@ -228,13 +228,22 @@ def test_separate_placement_settings_are_checked():
         RolloutConfig(engine="vllm", placement="separate", vllm=VLLMConfig(tensor_parallel_size=2),
                       bridge=BridgeConfig(engine_ranks=3)).validate()
     with pytest.raises(ConfigError, match="rollout.bridge.backend='mpi'"):
-        RolloutConfig(bridge=BridgeConfig(backend="mpi")).validate()
+        RolloutConfig(placement="separate", bridge=BridgeConfig(backend="mpi")).validate()
     with pytest.raises(ConfigError, match="rollout.bridge.timeout_seconds=0"):
-        RolloutConfig(bridge=BridgeConfig(timeout_seconds=0)).validate()
+        RolloutConfig(placement="separate", bridge=BridgeConfig(timeout_seconds=0)).validate()
+    # Colocated engines never look at the bridge settings.
+    RolloutConfig(engine="vllm", vllm=VLLMConfig(tensor_parallel_size=8)).validate()
     with pytest.raises(ConfigError, match="tpo-engine serves only placement=separate"):
         check_settings(RolloutConfig(), 1)
     with pytest.raises(ConfigError, match="engine_ranks=2, but tpo-engine was started with 4"):
         check_settings(RolloutConfig(placement="separate", bridge=BridgeConfig(engine_ranks=2)), 4)
+
+
+def test_tpo_engine_refuses_a_colocated_config_with_exit_status_2(capsys):
+    from megatron_tpo.cli.engine import main
+
+    assert main(["rollout=tiny"]) == 2
+    assert "tpo-engine: error: rollout.placement='colocated'" in capsys.readouterr().err
 
 
 def _one_iteration(root: Path, settings) -> dict:

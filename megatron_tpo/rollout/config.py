@@ -105,7 +105,8 @@ class RolloutConfig:
             raise ConfigError(f"rollout.batch_size={self.batch_size}: must be >= 1")
         self.sampling.validate()
         self.vllm.validate()
-        self.bridge.validate(self.ranks_per_engine)
+        if self.placement == "separate":
+            self.bridge.validate(self.ranks_per_engine)
 
 
 def load_rollout_config(name_or_path: Union[str, Path] = "paper", **overrides) -> RolloutConfig:
