@@ -54,3 +54,19 @@ def test_the_baseline_differs_from_tpo_in_the_thought_prompt_only(overrides):
                       "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
     assert "Here is my thought process:" in asked and asked.endswith(
         "User query: cat dog<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
+
+
+def test_a_requeued_run_on_other_nodes_keeps_its_stages_but_other_sampling_does_not(overrides):
+    from megatron_tpo.data.storage import config_hash
+
+    def digest(*changes):
+        return config_hash(compose_config(overrides + list(changes)).digest_fields())
+
+    plain = digest()
+    # How weights and checkpoints move, and where the engines sit, decide no stage output.
+    assert digest("rollout.placement=separate", "rollout.bridge.address=node7",
+                  "rollout.bridge.port=31000", "weight_sync.bucket_bytes=4096",
+                  "weight_sync.transport=broadcast", "checkpoint.keep_last=5",
+                  "run.iterations=9") == plain
+    assert digest("rollout.sampling.temperature=0.5") != plain
+    assert digest("run.initial_checkpoint=/some/dist_checkpoint") != plain

@@ -134,11 +134,17 @@ class TPOConfig:
                 raise ConfigError(f"{key}={path}: file not found")
 
     def digest_fields(self) -> Dict[str, Any]:
-        """What decides the stage outputs: everything but how long the run goes on and where
-        it logs, so a run resumed with more iterations keeps its finished stages."""
+        """What decides the stage outputs: everything but how long the run goes on, where
+        it logs, and how weights and checkpoints move (where the engines sit, the bridge's
+        address, buckets and transports, checkpoints kept), so a run resumed with more
+        iterations, or requeued onto other nodes, keeps its finished stages."""
         plain = asdict(self)
         for key in ("iterations", "tensorboard", "wandb_project", "hardware"):
             plain["run"].pop(key)
+        for key in ("placement", "bridge"):
+            plain["rollout"].pop(key)
+        for key in ("checkpoint", "weight_sync"):
+            plain.pop(key)
         return plain
 
 
