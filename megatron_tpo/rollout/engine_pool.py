@@ -114,6 +114,10 @@ class EnginePoolProxy(RolloutEngine):
     # -- RolloutEngine --------------------------------------------------------------
     def update_weights(self, stream) -> None:
         """``stream`` is a ``WeightStream``: whole buckets are forwarded, not tensors."""
+        if not hasattr(stream, "buckets"):
+            raise TypeError("EnginePoolProxy.update_weights forwards whole buckets: pass the "
+                            f"WeightStream itself (as push_weights does), not {type(stream)}")
+
         def forward_buckets():
             for bucket, buffer in stream.buckets():
                 layout = [(name, view.storage_offset() - buffer.storage_offset(),
@@ -167,6 +171,6 @@ class EnginePoolProxy(RolloutEngine):
         atexit.unregister(self.shutdown)
         try:
             self._ask("shutdown")
-        except (BridgeError, RuntimeError) as error:   # the pool is gone already
+        except RuntimeError as error:   # BridgeError or gloo's: the pool is gone already
             logger.warning("engine pool shutdown at %s: %s", self.bridge.where, error)
         self.bridge = None

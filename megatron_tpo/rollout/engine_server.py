@@ -21,7 +21,7 @@ error goes back to the trainer instead of leaving it waiting.
 
 import logging
 from dataclasses import dataclass, replace
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Iterator, List, Sequence, Tuple
 
 import torch
 
@@ -117,5 +117,5 @@ class EngineServer:
     def _weight_checksums(self, names: Sequence[str]):
         return self.engine.weight_checksums(names)
 
-    def _shutdown(self, payload) -> Optional[str]:
+    def _shutdown(self, payload) -> None:
         return None
