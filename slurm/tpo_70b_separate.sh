@@ -9,8 +9,8 @@
 #       judge.pairwise.model=/models/judge-70b prompts.path=/data/prompts.jsonl \
 #       evaluation.path=/data/heldout.jsonl
 # Never run on GPUs: the separate mode ran only on CPU (gloo, HF engines, localhost).
-# A requeued job lands on other nodes, and rollout.bridge.address is part of the run's
-# settings digest today, so resuming needs the first job's address or a new run.dir.
+# A requeued job gets a new bridge address and port; they are not part of the run's
+# settings digest, so it resumes its run.dir (a requeued job keeps its job id).
 #SBATCH --job-name=tpo-70b-separate
 #SBATCH --nodes=4
 #SBATCH --ntasks-per-node=8
