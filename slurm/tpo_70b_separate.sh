@@ -9,7 +9,7 @@
 #       judge.pairwise.model=/models/judge-70b prompts.path=/data/prompts.jsonl \
 #       evaluation.path=/data/heldout.jsonl
 # Never run on GPUs: the separate mode ran only on CPU (gloo, HF engines, localhost).
-# A requeued job gets a new bridge address and port; they are not part of the run's
+# A requeued job may land on other nodes (another bridge address), which is not in the run's
 # settings digest, so it resumes its run.dir (a requeued job keeps its job id).
 #SBATCH --job-name=tpo-70b-separate
 #SBATCH --nodes=4
