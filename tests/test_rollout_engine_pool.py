@@ -3,8 +3,8 @@ and a tpo-engine pool of two HF engine processes, meeting over the bridge.
 
 After ``push_weights`` through the pool proxy the pool's engines score the probes as
 megatron does; seeded generation equals that of colocated HF engines holding the same
-weights; a tensor corrupted on the bridge is named by the parity check; the pool exits
-cleanly when the trainer asks it to; and a missing side fails within its timeout,
+weights; a tensor corrupted on the bridge is named by the parity check; an engine's error
+reaches every trainer rank; the pool exits cleanly when the trainer asks it to; and a missing side fails within its timeout,
 naming the address and port it waited on.
 
 One spawn of the trainer world and one pool serve every multi-process assertion.
@@ -98,6 +98,10 @@ def _trainer_worker(rank, world_size, model, shard_root, hf_dir, pairs, bridge, 
     except WeightSyncError as error:
         report["corrupted"] = str(error)
     report["version"] = pool.weight_version
+    try:   # the second sequence, replica 1's share, holds a token id outside the vocabulary
+        pool.score([[1, 2, 3], [1, model.vocab_size + 5, 3]])
+    except BridgeError as error:
+        report["engine_error"] = str(error)
     pool.shutdown()
     shutdown_megatron()
     return report
@@ -194,6 +198,15 @@ def test_a_tensor_corrupted_on_the_bridge_is_named_by_the_parity_check(run):
         assert ("first tensor whose checksum differs between what was sent and what the "
                 f"engine holds: {CORRUPTED} (rank 0)") in report["corrupted"]
         assert report["version"] == 2
+
+
+def test_an_engine_error_reaches_every_trainer_rank_and_the_pool_serves_on(run):
+    reports, exit_codes, _ = run
+    for report in reports:
+        assert "the engine pool at 127.0.0.1:" in report["engine_error"]
+        assert "engine rank 1: score: IndexError" in report["engine_error"]
+    assert reports[1]["engine_error"].startswith("(from trainer rank 0)")
+    assert exit_codes == [0, 0]   # both ranks went on to answer the shutdown request
 
 
 def test_the_pool_stops_when_the_trainer_asks(run):
