@@ -3,11 +3,13 @@ and a tpo-engine pool of two HF engine processes, meeting over the bridge.
 
 After ``push_weights`` through the pool proxy the pool's engines score the probes as
 megatron does; seeded generation equals that of colocated HF engines holding the same
-weights; a tensor corrupted on the bridge is named by the parity check; an engine's error
-reaches every trainer rank; the pool exits cleanly when the trainer asks it to; and a missing side fails within its timeout,
-naming the address and port it waited on.
+weights; a tensor corrupted on the bridge is named by the parity check; an engine's
+error reaches every trainer rank; the pool exits cleanly when the trainer asks it to;
+a missing side fails within its timeout, naming the address and port it waited on; and
+one TPO iteration through a pool stores the rows a colocated one stores.
 
-One spawn of the trainer world and one pool serve every multi-process assertion.
+One spawn of the trainer world and one pool serve every multi-process assertion but the
+last.
 """
 
 import os
