@@ -1,8 +1,9 @@
 """``tpo-engine``: the rollout engines of ``rollout.placement=separate``, as their own world.
 
-    srun tpo-engine experiment=llama3_70b rollout.placement=separate \\
+    srun tpo-engine experiment=llama3_70b rollout=paper_separate \\
         rollout.bridge.address=$TRAINER_HOST rollout.bridge.engine_ranks=$SLURM_NTASKS
-    torchrun --nproc-per-node 2 -m megatron_tpo.cli.engine rollout=tiny_separate ...
+    torchrun --nproc-per-node 2 -m megatron_tpo.cli.engine experiment=tiny_cpu \\
+        rollout.placement=separate rollout.bridge.engine_ranks=2
 
 Takes tpo-run's overrides (give both the same ones) and uses the rollout group and
 run.policy. Each rank (torchrun or srun) builds its engine with ``build_rollout_engine``
