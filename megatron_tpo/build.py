@@ -38,7 +38,8 @@ def build_tpo(config: TPOConfig) -> TPOParts:
     prompts = training_prompts(config, tokenizer)
     heldout = heldout_prompts(config)
     engine = build_policy_engine(config.rollout, config.run.policy, tokenizer)
-    judge = build_rank_zero_judge(config, engine, tokenizer) if is_rank_zero() else None
+    ranks_per_engine = trainer_ranks_per_engine(config.rollout, world()[1])
+    judge, judge_engine = build_judge_for_rank(config, engine, tokenizer, ranks_per_engine)
     trainer = DPOTrainer(config.model, config.parallel, config.train,
                          shard_root=initial_weights(config, run_dir))
     if config.run.initial_checkpoint:
@@ -46,29 +47,43 @@ def build_tpo(config: TPOConfig) -> TPOParts:
                                 config.run.initial_checkpoint)
     return TPOParts(
         config=config, digest=digest, tokenizer=tokenizer, engine=engine, judge=judge,
+        judge_engine=judge_engine, judge_on_every_rank=config.judge.kind == "pairwise",
         trainer=trainer,
         checkpointer=TrainingCheckpointer(run_dir / "checkpoints", config.checkpoint),
         store=IterationStore(run_dir / "stages"),
         metrics=RunMetrics(run_dir, enabled=is_rank_zero(), tensorboard=config.run.tensorboard,
                            wandb_project=config.run.wandb_project, config=asdict(config)),
         preemption=PreemptionGuard(), prompts=prompts, heldout=heldout,
-        engine_tensor_parallel_size=trainer_ranks_per_engine(config.rollout, world()[1]))
+        engine_tensor_parallel_size=ranks_per_engine)
 
 
-def build_rank_zero_judge(config: TPOConfig, policy_engine, tokenizer):
-    """The judge lives on rank 0; a pairwise judge generates through its own model's engine,
-    or through the policy's when ``judge.pairwise.model`` is null."""
+def build_judge_for_rank(config: TPOConfig, policy_engine, tokenizer,
+                         policy_ranks_per_engine: int):
+    """``(judge, the judge model's own engine or None)`` on this rank.
+
+    A pairwise judge generates its verdicts through engines, whose ranks (a vLLM tensor-
+    parallel block, the trainer world in front of a separate pool) must all take part:
+    it lives on every rank and spreads its prompts over every rank's replica of the
+    policy's engine, or, with ``judge.pairwise.model``, of that model's own engine (which
+    loads the judge's checkpoint). Every other judge lives on rank 0 (None elsewhere).
+    """
     from transformers import AutoTokenizer
 
     from megatron_tpo.judge.factory import build_judge
+    from megatron_tpo.parallel.collectives import EngineReplicas
     from megatron_tpo.rollout.factory import build_rollout_engine
 
-    judge_model = config.judge.pairwise.model if config.judge.kind == "pairwise" else None
+    if config.judge.kind != "pairwise":
+        return (build_judge(config.judge) if is_rank_zero() else None), None
+    judge_model = config.judge.pairwise.model
     if judge_model is None:
-        return build_judge(config.judge, engine=policy_engine, judge_tokenizer=tokenizer)
+        engine = EngineReplicas(policy_engine, policy_ranks_per_engine)
+        return build_judge(config.judge, engine=engine, judge_tokenizer=tokenizer), None
     judge_tokenizer = AutoTokenizer.from_pretrained(judge_model)
-    engine = build_rollout_engine(config.rollout, judge_model, judge_tokenizer)
-    return build_judge(config.judge, engine=engine, judge_tokenizer=judge_tokenizer)
+    own = build_rollout_engine(config.rollout, judge_model, judge_tokenizer,
+                               serves_checkpoint=True)
+    engine = EngineReplicas(own, config.rollout.ranks_per_engine)
+    return build_judge(config.judge, engine=engine, judge_tokenizer=judge_tokenizer), own
 
 
 def claim_run_dir(config: TPOConfig, run_dir: Path) -> str:

@@ -11,7 +11,8 @@
     score M_T on held-out instructions
 
 Every rank runs this same code (one ``srun`` or ``torchrun``): all ranks are trainer
-ranks and each holds a rollout-engine replica; the judge lives on rank 0. Each stage's
+ranks and each holds a rollout-engine replica; the judge lives on rank 0, except a
+pairwise judge, which generates through the engines and so runs on every rank. Each stage's
 rows land atomically in ``IterationStore``; a restarted run reads finished stages back
 and resumes training from the newest checkpoint, so no sample is lost or duplicated.
 """
@@ -51,7 +52,7 @@ class TPOParts:
     digest: str                     # of the settings that decide stage outputs
     tokenizer: object
     engine: RolloutEngine           # this rank's replica
-    judge: Optional[Judge]          # rank 0 only
+    judge: Optional[Judge]          # rank 0 only, unless judge_on_every_rank
     trainer: object                 # DPOTrainer
     checkpointer: object            # TrainingCheckpointer
     store: IterationStore
@@ -60,6 +61,10 @@ class TPOParts:
     prompts: List[str]              # the whole training instruction set
     heldout: List[str]
     engine_tensor_parallel_size: int = 1   # ranks per engine replica
+    # A judge that generates through engines (pairwise) runs on every rank, spreading
+    # its prompts over the replicas; with a model of its own, that model's engine.
+    judge_on_every_rank: bool = False
+    judge_engine: Optional[RolloutEngine] = None
 
 
 def run_tpo(parts: TPOParts) -> dict:
@@ -95,10 +100,13 @@ def run_iteration(parts: TPOParts, t: int, first_step: int = 0) -> None:
         rollouts = stage(parts, t, "rollouts", lambda: generate_rollouts(parts, instructions, t))
     with metrics.timer("timing/judge"):
         judgments = stage(parts, t, "judgments", lambda: judge_rollouts(
-            rollouts, parts.judge, config.judge.length_control, parts.tokenizer), on="rank0")
+            rollouts, awake_judge(parts), config.judge.length_control, parts.tokenizer),
+            on="all" if parts.judge_on_every_rank else "rank0")
     pairs = stage(parts, t, "pairs", lambda: preference_pairs(
         rollouts, judgments, config.judge.length_control.rho, config.preference), on="rank0")
-    parts.engine.sleep()  # the trainer gets the accelerator memory
+    for engine in (parts.engine, parts.judge_engine):  # the trainer gets the accelerator
+        if engine is not None:
+            engine.sleep()
     with metrics.timer("timing/reference_logprobs"):
         reference = stage(parts, t, "reference", lambda: reference_logprobs(parts.trainer, pairs))
     with metrics.timer("timing/train"):
@@ -160,13 +168,21 @@ def evaluate_heldout(parts: TPOParts, t: int) -> None:
         outputs = generate_on_all_ranks(parts.engine, chat_prompts(parts, parts.heldout), greedy,
                                         parts.engine_tensor_parallel_size)
         answers, failures = rollout_rows(parts.heldout, outputs, config.thought)
-        if not is_rank_zero():
+        if parts.judge is None:
             return [], {}
         first = answers if t == 0 else parts.store.read(0, "heldout")
-        return score_heldout(answers, first, parts.judge, config.evaluation.failure_score), failures
+        return score_heldout(answers, first, awake_judge(parts),
+                             config.evaluation.failure_score), failures
 
     with parts.metrics.timer("timing/heldout"):
         stage(parts, t, "heldout", answer_and_judge)
+
+
+def awake_judge(parts: TPOParts) -> Judge:
+    """The judge, its own engine woken if training put it to sleep."""
+    if parts.judge_engine is not None:
+        parts.judge_engine.wake()
+    return parts.judge
 
 
 def tokenized_pairs(rows: List[dict]) -> List[TokenizedPair]:

@@ -82,6 +82,20 @@ def test_sleep_level_two_discards_weights_until_the_next_sync(vllm, tokenizer):
     assert ("sleep", 2) in vllm.CALLS
 
 
+def test_a_judge_engine_loads_its_checkpoint_and_never_sleeps_its_weights_away(
+        vllm, tokenizer):
+    config = RolloutConfig(engine="vllm", sampling=SamplingParams(seed=3),
+                           vllm=VLLMConfig(sleep_level=2))
+    engine = build_rollout_engine(config, "/models/judge", tokenizer, serves_checkpoint=True)
+    assert vllm.CALLS[0][1]["load_format"] == "auto"
+    engine.score([[1, 2, 3]])     # its own weights: no sync needed
+    engine.sleep()
+    engine.wake()
+    engine.score([[1, 2, 3]])     # level 1 kept them in host memory
+    assert [c for c in vllm.CALLS if c[0] in ("sleep", "wake_up")] == [
+        ("sleep", 1), ("wake_up", ["weights"]), ("wake_up", ["kv_cache"])]
+
+
 def test_sleep_level_zero_only_pauses_scheduling(vllm, tokenizer):
     engine = _engine(tokenizer, sleep_level=0)
     engine.sleep()

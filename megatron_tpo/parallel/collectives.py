@@ -46,7 +46,7 @@ def generate_on_all_ranks(engine: RolloutEngine, prompts: Sequence[str],
     mine = list(range(replica, len(prompts), replicas))
     seed = None if sampling.seed is None else sampling.seed + replica
     outputs = engine.generate([prompts[i] for i in mine], replace(sampling, seed=seed)) if mine else []
-    if world_size == 1:
+    if replicas == 1:   # one engine spans the world: every rank already holds all outputs
         return outputs
     gathered: List[list] = [None] * world_size
     torch.distributed.all_gather_object(gathered, list(zip(mine, outputs)))
@@ -54,3 +54,21 @@ def generate_on_all_ranks(engine: RolloutEngine, prompts: Sequence[str],
     for first_rank in range(0, world_size, engine_tensor_parallel_size):
         ordered.update(dict(gathered[first_rank]))
     return [ordered[i] for i in range(len(prompts))]
+
+
+class EngineReplicas(RolloutEngine):
+    """Every rank's engine replica seen as one engine, for what generates on every rank
+    (a pairwise judge): ``generate`` spreads the prompts over the replicas and returns
+    all outputs, in order, on every rank; every rank must call it with the same prompts,
+    which keeps the ranks of one vLLM tensor-parallel engine in step."""
+
+    def __init__(self, engine: RolloutEngine, engine_tensor_parallel_size: int):
+        self.engine, self.engine_tensor_parallel_size = engine, engine_tensor_parallel_size
+
+    def generate(self, prompts: Sequence[str], sampling: SamplingParams) -> List[GenerationOutput]:
+        return generate_on_all_ranks(self.engine, prompts, sampling,
+                                     self.engine_tensor_parallel_size)
+
+    def update_weights(self, stream) -> None:
+        raise NotImplementedError("EngineReplicas only generates; push weights into the "
+                                  "engine itself (push_weights)")

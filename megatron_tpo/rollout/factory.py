@@ -5,9 +5,12 @@ from megatron_tpo.rollout.config import RolloutConfig
 from megatron_tpo.rollout.engine import RolloutEngine
 
 
-def build_rollout_engine(config: RolloutConfig, model_path: str, tokenizer=None) -> RolloutEngine:
+def build_rollout_engine(config: RolloutConfig, model_path: str, tokenizer=None,
+                         serves_checkpoint: bool = False) -> RolloutEngine:
     """The configured engine over the HF checkpoint at ``model_path``, in this process
     (``rollout.placement`` is not looked at: ``tpo-engine`` builds its engines here too).
+    A policy's vLLM engine waits for the trainer's weights; one that ``serves_checkpoint``
+    (a judge model) loads ``model_path``'s. The HF engine always loads them.
 
     ``hf``: transformers in float32, loaded on the CPU and moved to ``config.device``.
     ``vllm``: one engine per block of ``config.vllm.tensor_parallel_size`` ranks of the
@@ -23,7 +26,8 @@ def build_rollout_engine(config: RolloutConfig, model_path: str, tokenizer=None)
         from megatron_tpo.rollout.vllm_engine import VLLMRolloutEngine
 
         return VLLMRolloutEngine.build(model_path, tokenizer, config.vllm,
-                                       seed=config.sampling.seed or 0)
+                                       seed=config.sampling.seed or 0,
+                                       serves_checkpoint=serves_checkpoint)
     import torch
     from transformers import AutoModelForCausalLM
 

@@ -43,17 +43,22 @@ def request_seeds(seed, prompts: int, n: int) -> List:
 
 
 class VLLMRolloutEngine(RolloutEngine):
-    def __init__(self, llm, tokenizer, config: VLLMConfig):
+    def __init__(self, llm, tokenizer, config: VLLMConfig, serves_checkpoint: bool = False):
         self.llm, self.tokenizer, self.config = llm, tokenizer, config
         self.state = AWAKE
-        self.loaded = False            # dummy weights until the first sync
+        self.loaded = serves_checkpoint    # else dummy weights until the first sync
+        # An engine that serves its checkpoint (a judge) gets no sync to rewrite weights
+        # that level 2 would discard, so it sleeps at level 1 at most.
+        self.sleep_level = min(config.sleep_level, 1) if serves_checkpoint else config.sleep_level
         self.prefix_cache_stale = False
         self.received: Dict[str, Tuple[float, float]] = {}
         self.eos_token_ids = eos_token_ids(tokenizer)
 
     @classmethod
-    def build(cls, model_path: str, tokenizer, config: VLLMConfig, seed: int = 0
-              ) -> "VLLMRolloutEngine":
+    def build(cls, model_path: str, tokenizer, config: VLLMConfig, seed: int = 0,
+              serves_checkpoint: bool = False) -> "VLLMRolloutEngine":
+        """The policy's engine starts from dummy weights (the trainer pushes its own before
+        the first rollout); with ``serves_checkpoint`` (a judge) it loads ``model_path``'s."""
         from vllm import LLM
 
         config.validate()
@@ -61,22 +66,23 @@ class VLLMRolloutEngine(RolloutEngine):
                   seed=seed, gpu_memory_utilization=config.gpu_memory_utilization,
                   enforce_eager=config.enforce_eager, dtype=config.dtype,
                   distributed_executor_backend="external_launcher", enable_sleep_mode=True,
-                  load_format="dummy", max_model_len=config.max_model_len,
+                  load_format="auto" if serves_checkpoint else "dummy",
+                  max_model_len=config.max_model_len,
                   enable_prefix_caching=config.enable_prefix_caching)
-        return cls(llm, tokenizer, config)
+        return cls(llm, tokenizer, config, serves_checkpoint)
 
     # -- memory ---------------------------------------------------------------------
     def sleep(self) -> None:
         if self.state == ASLEEP:
             return
-        self.llm.sleep(level=self.config.sleep_level)
-        if self.config.sleep_level == 2:
+        self.llm.sleep(level=self.sleep_level)
+        if self.sleep_level == 2:
             self.loaded = False   # level 2 discards the weights: garbage until reloaded
         self.state = ASLEEP
 
     def wake(self) -> None:
         if self.state != AWAKE:
-            if self.config.sleep_level == 0:
+            if self.sleep_level == 0:
                 self.llm.wake_up(tags=["scheduling"])
             else:
                 if self.state == ASLEEP:
@@ -101,7 +107,7 @@ class VLLMRolloutEngine(RolloutEngine):
         """Load full HF-named tensors into this rank's worker (vLLM narrows them to its
         TP shard); only the weights are woken, so the KV cache never coexists with two
         copies of them."""
-        if self.state == ASLEEP and self.config.sleep_level > 0:
+        if self.state == ASLEEP and self.sleep_level > 0:
             self.llm.wake_up(tags=["weights"])
             self.state = WEIGHTS_ONLY
         self.received = {}
