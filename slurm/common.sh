@@ -2,28 +2,86 @@
 # and one srun step in which every task is one rank of the TPO job.
 #   VENV       a virtual environment with megatron-tpo installed (default .venv)
 #   CONTAINER  a container image for srun --container-image (pyxis); used instead of VENV
-tpo_launch() {
+tpo_srun_placement=()
+
+tpo_environment() {
     if [ -z "${CONTAINER:-}" ]; then
         # shellcheck disable=SC1091
         source "${VENV:-.venv}/bin/activate"
     fi
-    echo "job ${SLURM_JOB_ID}: ${SLURM_NTASKS} tasks on ${SLURM_JOB_NODELIST}," \
+}
+
+tpo_launch() {
+    tpo_environment
+    echo "job ${SLURM_JOB_ID}: ${tpo_trainer_tasks:-$SLURM_NTASKS} trainer tasks on ${SLURM_JOB_NODELIST}," \
          "restart ${SLURM_RESTART_COUNT:-0}"
     # Every rank finds its place from SLURM_PROCID/SLURM_NTASKS; the master is the first
     # node, the port derived from the job id (megatron_tpo.parallel.launch).
     export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}"
     # The layout, the files and the policy are checked here, on the batch host, before
     # srun spends accelerator time on a run that cannot start.
-    SLURM_PROCID=0 SLURM_NTASKS="$SLURM_NTASKS" tpo-run --dry-run "$@"
+    SLURM_PROCID=0 SLURM_NTASKS="${tpo_trainer_tasks:-$SLURM_NTASKS}" tpo-run --dry-run "$@"
     local container=()
     if [ -n "${CONTAINER:-}" ]; then
         container=(--container-image="$CONTAINER" --container-mounts="${CONTAINER_MOUNTS:-$PWD:$PWD}")
     fi
     # A failed task ends the whole step (no rank waits forever on a dead peer); the exit
     # code then says which. USR1 (see --signal) reaches every task: they checkpoint, and
-    # rank 0 requeues the job.
-    if ! srun --kill-on-bad-exit=1 "${container[@]}" tpo-run "$@"; then
+    # rank 0 requeues the job. tpo_srun_placement (tpo_launch_separate) narrows the step
+    # to the trainer's share of the allocation.
+    if ! srun --kill-on-bad-exit=1 "${tpo_srun_placement[@]}" "${container[@]}" tpo-run "$@"; then
         echo "job ${SLURM_JOB_ID}: the srun step failed; see the first task's error above" >&2
+        exit 1
+    fi
+}
+
+# The rollout engines apart from the trainer (rollout.placement=separate), as two srun
+# steps of one allocation: a tpo-engine pool of ENGINE_TASKS tasks on the last
+# ENGINE_NODES nodes, and tpo_launch's trainer step on the others; with ENGINE_NODES=0
+# both steps share the nodes (CPU runs on one node). Trainer rank 0, on the first node,
+# serves the bridge; each step gets a port of its own, derived from the job id, so a
+# requeued job (same id) uses the same ports.
+tpo_launch_separate() {
+    tpo_environment
+    local engine_tasks="${ENGINE_TASKS:?set ENGINE_TASKS, the tpo-engine processes}"
+    local engine_nodes="${ENGINE_NODES:-0}"
+    local nodes
+    mapfile -t nodes < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
+    local trainer_nodes=$(( ${#nodes[@]} - engine_nodes ))
+    tpo_trainer_tasks=$(( SLURM_NTASKS - engine_tasks ))
+    if [ "$tpo_trainer_tasks" -lt 1 ] || [ "$trainer_nodes" -lt 1 ]; then
+        echo "job ${SLURM_JOB_ID}: ENGINE_TASKS=$engine_tasks ENGINE_NODES=$engine_nodes leave" \
+             "no room for the trainer in ${SLURM_NTASKS} tasks on ${#nodes[@]} nodes" >&2
+        exit 2
+    fi
+    local settings=("$@" rollout.placement=separate "rollout.bridge.address=${nodes[0]}"
+                    "rollout.bridge.port=$((20000 + (SLURM_JOB_ID + 1) % 20000))"
+                    "rollout.bridge.engine_ranks=$engine_tasks")
+    local engine_placement=(--ntasks="$engine_tasks")
+    tpo_srun_placement=(--ntasks="$tpo_trainer_tasks")
+    if [ "$engine_nodes" -gt 0 ]; then
+        engine_placement+=(--nodes="$engine_nodes" --relative="$trainer_nodes")
+        tpo_srun_placement+=(--nodes="$trainer_nodes" --relative=0)
+    else
+        engine_placement+=(--exact)
+        tpo_srun_placement+=(--exact)
+    fi
+    local container=()
+    if [ -n "${CONTAINER:-}" ]; then
+        container=(--container-image="$CONTAINER" --container-mounts="${CONTAINER_MOUNTS:-$PWD:$PWD}")
+    fi
+    local where="beside the trainer"
+    [ "$engine_nodes" -gt 0 ] && where="on ${engine_nodes} nodes of their own"
+    echo "job ${SLURM_JOB_ID}: engine pool of ${engine_tasks} tasks ${where}," \
+         "bridge at ${nodes[0]}"
+    # The pool builds its engines, then waits (rollout.bridge.timeout_seconds) for trainer
+    # rank 0; it exits when tpo-run asks it to, or when tpo-run's rank 0 goes away.
+    MASTER_PORT=$((20000 + (SLURM_JOB_ID + 2) % 20000)) srun --kill-on-bad-exit=1 \
+        "${engine_placement[@]}" "${container[@]}" tpo-engine "${settings[@]}" &
+    local engine_step=$!
+    tpo_launch "${settings[@]}"
+    if ! wait "$engine_step"; then
+        echo "job ${SLURM_JOB_ID}: tpo-run finished but the engine pool step failed" >&2
         exit 1
     fi
 }

@@ -16,6 +16,7 @@ trainer went away without asking, 2 for a bad setting.
 
 import logging
 import os
+import signal
 import sys
 from datetime import timedelta
 
@@ -84,6 +85,10 @@ def main(argv=None) -> int:
         print(f"{USAGE}\ntpo-engine: error: {error}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    # Slurm's preemption warning (--signal=USR1) reaches every step of the job; it is the
+    # trainer's cue to checkpoint and requeue, and the pool must keep serving until then
+    # (USR1's default action would end it under the trainer's feet).
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     stopped = serve(config, environment)
     import torch
 
