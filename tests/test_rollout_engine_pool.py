@@ -80,6 +80,7 @@ def _trainer_worker(rank, world_size, model, shard_root, hf_dir, pairs, bridge, 
     pool = WireCorruptingPool.connect(bridge)
     report = {"metrics": push_weights(pool, trainer.ddp_chunks, model, checked),
               "pool_scores": pool.score(probes),
+              "each_replica": pool.score_each_replica(probes),
               "megatron_scores": trainer_token_logprobs(trainer.ddp_chunks, probes,
                                                         model.vocab_size)}
     separate = RolloutConfig(placement="separate", bridge=bridge)
@@ -180,6 +181,11 @@ def test_the_pool_scores_the_probes_as_megatron_does_after_a_dpo_step(run):
         # The DPO step moved the weights: M_0's log-probs are visibly off.
         assert (torch.tensor(report["m0_scores"]) - pool).abs().max() > 1e-3
     assert reports[0]["pool_scores"] == reports[1]["pool_scores"]
+    # What the parity check reads: each of the two replicas scored every probe.
+    for report in reports:
+        each = torch.tensor(report["each_replica"], dtype=torch.float64)
+        assert each.shape == (2, 3, 11)
+        assert (each - report["megatron_scores"]).abs().max() < 1e-4
 
 
 def test_seeded_generation_from_the_pool_equals_colocated_engines(run):

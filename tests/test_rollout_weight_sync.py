@@ -43,6 +43,15 @@ class CorruptingEngine(HFRolloutEngine):
                                for name, tensor in stream)
 
 
+class SecondReplicaOff(HFRolloutEngine):
+    """Fronts two replicas, the second scoring 0.5 off (as a pool replica holding a bad
+    tensor would): the parity check must look at every replica, not the first."""
+
+    def score_each_replica(self, token_ids):
+        good = self.score(token_ids)
+        return [good, [[value - 0.5 for value in sequence] for sequence in good]]
+
+
 def _megatron_logits(chunks, tokens, vocab_size):
     """Full-vocab logits of ``tokens`` on the last pipeline stage (None elsewhere)."""
     from megatron.core import parallel_state
@@ -117,6 +126,10 @@ def _sync_worker(rank, world_size, model, shard_root, hf_dir, pairs, tokens, tra
                      trainer.ddp_chunks, model, checked)
     except WeightSyncError as error:
         report["corrupted"] = str(error)
+    try:
+        push_weights(engine(SecondReplicaOff), trainer.ddp_chunks, model, checked)
+    except WeightSyncError as error:
+        report["second_replica"] = str(error)
     shutdown_megatron()
     return report
 
@@ -179,6 +192,8 @@ def test_a_corrupted_tensor_stops_the_sync_on_every_rank_and_is_named(reports):
         assert f"first tensor whose checksum differs between what was sent and what the " \
                f"engine holds: {CORRUPTED} (rank 1)" in message
         assert "weight_sync.parity_tolerance=0.0001" in message
+        # Every replica behind an engine is checked: the second one's offset is caught.
+        assert "probe log-probs differ from the trainer's by 0.5" in report["second_replica"]
 
 
 def test_measured_peak_memory_of_a_sync_is_two_buckets_plus_one_tensors_shards(reports):

@@ -99,6 +99,11 @@ class RolloutEngine(ABC):
         so ``len(ids) - 1`` values per sequence (the post-sync parity check uses it)."""
         raise NotImplementedError(f"{type(self).__name__} cannot score token sequences")
 
+    def score_each_replica(self, token_ids: Sequence[Sequence[int]]) -> List[List[List[float]]]:
+        """``score`` of every sequence by every engine replica behind this one: one here; a
+        separate pool's proxy fronts several, and the parity check must cover each."""
+        return [self.score(token_ids)]
+
     def weight_checksums(self, names: Sequence[str]) -> Dict[str, Tuple[float, float]]:
         """``(sum, sum of squares)`` in float64 of each named weight the engine holds, in
         HF naming; a failed parity check uses them to name the tensor that differs."""

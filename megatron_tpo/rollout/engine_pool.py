@@ -10,6 +10,8 @@ sync and its parity check run unchanged on every rank:
                              broadcasts need them)
     generate / score         rank 0 asks the pool (which spreads the work over its
                              replicas); the answer is broadcast to every trainer rank
+    score_each_replica       every replica scores every sequence (the parity check's probes,
+                             so no replica goes unchecked)
     weight_checksums         what every engine rank holds; a tensor on which the pool's
                              ranks disagree is left out, so the parity check names it
     set_weight_version       recorded here and in every engine
@@ -153,6 +155,14 @@ class EnginePoolProxy(RolloutEngine):
             replies = self._ask("score", [list(ids) for ids in token_ids])
             self._check_versions(replies)
             return self._in_order(replies, len(token_ids))
+
+        return self._answer_everywhere(ask)
+
+    def score_each_replica(self, token_ids: Sequence[Sequence[int]]) -> List[List[List[float]]]:
+        def ask():
+            replies = self._ask("score_everywhere", [list(ids) for ids in token_ids])
+            self._check_versions(replies)
+            return [scores for _, scores in replies if scores is not None]
 
         return self._answer_everywhere(ask)
 

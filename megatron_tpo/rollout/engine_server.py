@@ -12,6 +12,7 @@ group, handled, and answered with one reply per engine rank:
                          deals prompts to colocated replicas: replica ``r`` of ``R`` takes
                          items ``r, r + R, ...``, its seed ``seed + r``; every rank of a
                          replica computes, the first one replies
+    score_everywhere     every sequence on every replica (the parity check's probes)
     weight_checksums     this rank's engine's
     shutdown             reply, then return
 
@@ -113,6 +114,12 @@ class EngineServer:
         mine = replica_share(len(token_ids), self.replica, self.replicas)
         scores = self.engine.score([token_ids[i] for i in mine]) if mine else []
         return list(zip(mine, scores)) if self.replies else None
+
+    def _score_everywhere(self, token_ids: Sequence[Sequence[int]]):
+        """Every replica scores every sequence (the parity probes: few, and each replica
+        must be checked)."""
+        scores = self.engine.score(list(token_ids))
+        return scores if self.replies else None
 
     def _weight_checksums(self, names: Sequence[str]):
         return self.engine.weight_checksums(names)

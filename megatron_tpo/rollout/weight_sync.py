@@ -118,7 +118,8 @@ def check_parity(engine: RolloutEngine, chunks: Sequence, model: ModelConfig,
     probes = probe_token_ids(model.vocab_size, config.num_probe_sequences, config.probe_length,
                              config.probe_seed)
     trainer = trainer_token_logprobs(chunks, probes, model.vocab_size)
-    local = max_abs_difference(engine.score(probes), trainer)
+    local = max(max_abs_difference(scores, trainer)
+                for scores in engine.score_each_replica(probes))
     worst = torch.tensor([local], dtype=torch.float64,
                          device=next(unwrapped(chunks[0]).parameters()).device)
     torch.distributed.all_reduce(worst, op=torch.distributed.ReduceOp.MAX)
