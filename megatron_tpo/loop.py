@@ -197,7 +197,7 @@ def reference_logprobs(trainer, pairs: List[dict]):
     """Sequence log-probs of every pair under M_t (the policy before this iteration's DPO)."""
     if not pairs:
         return [], {"pairs": 0}
-    values = trainer.reference_logprobs(tokenized_pairs(pairs))
+    values = trainer.reference_logprobs_shared(tokenized_pairs(pairs))
     rows = [dict(row, reference_chosen=float(chosen), reference_rejected=float(rejected))
             for row, (chosen, rejected) in zip(pairs, values.tolist())]
     return rows, {"pairs": len(rows)}

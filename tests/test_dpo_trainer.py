@@ -1,7 +1,9 @@
 """The DPO trainer equals an independent HF reference, and learns.
 
 Two layouts of four gloo processes: TP=2/PP=2, and TP=1/PP=2 with two virtual stages
-per rank and two data-parallel replicas (each with its own half of the pairs). One spawn
+per rank and two data-parallel replicas (each with its own half of the pairs; and the
+loop's way, all pairs on every rank and each replica computing half of their reference
+log-probs). One spawn
 per layout serves every multi-process assertion: it computes the reference log-probs,
 trains a few steps, then builds a second trainer from the same weights for one step
 whose gradients are compared with HF transformers.
@@ -71,6 +73,7 @@ def _trainer_worker(rank, world_size, model, shard_root, layout_sizes, all_pairs
 
     learner = DPOTrainer(model, parallel, LEARNING, shard_root)
     report["reference"] = learner.reference_logprobs(pairs)
+    report["shared_reference"] = learner.reference_logprobs_shared(all_pairs)
     stored = with_reference_logprobs(pairs, report["reference"])
     report["learning"] = [learner.step(stored) for _ in range(LEARNING_STEPS)]
 
@@ -145,6 +148,13 @@ def test_reference_logprobs_equal_hf_on_every_rank_and_step_zero_loss_is_log_2(r
     for report in reports:  # every stage stores the pairs, so every rank has them
         torch.testing.assert_close(report["reference"], expected[report["pairs"]],
                                    rtol=1e-5, atol=1e-4)
+        # All pairs on every rank, each data-parallel replica computing half of them:
+        # every rank ends with every pair's values, the same as its own replica's.
+        torch.testing.assert_close(report["shared_reference"], expected, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(report["shared_reference"][report["pairs"]],
+                                   report["reference"], rtol=0, atol=1e-6)
+    assert all(torch.equal(r["shared_reference"], reports[0]["shared_reference"])
+               for r in reports)
     last = _last_stage_reports(reports)
     assert len(last) == 2
     for report in last:

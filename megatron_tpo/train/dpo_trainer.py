@@ -91,6 +91,22 @@ class DPOTrainer:
         return reference_pair_logprobs(self.ddp_chunks, self.micro_batches(padded),
                                        self.model.vocab_size)[:len(pairs)]
 
+    def reference_logprobs_shared(self, pairs: Sequence[TokenizedPair]) -> torch.Tensor:
+        """``reference_logprobs`` of the same ``pairs`` given on every rank (the loop's
+        whole iteration), each data-parallel replica computing only its round-robin share;
+        [pairs, 2] on every rank."""
+        from megatron.core import parallel_state
+
+        replica = parallel_state.get_data_parallel_rank()
+        replicas = parallel_state.get_data_parallel_world_size()
+        mine = list(range(replica, len(pairs), replicas))
+        values = torch.zeros(len(pairs), 2, dtype=torch.float64, device=self.device)
+        if mine:   # a replica's ranks all skip together: they share its pairs
+            values[mine] = self.reference_logprobs([pairs[i] for i in mine]).to(self.device)
+        # Each row comes from one replica and is zero elsewhere: the sum is exact.
+        torch.distributed.all_reduce(values, group=parallel_state.get_data_parallel_group())
+        return values.cpu()
+
     def with_reference_logprobs(self, pairs: Sequence[TokenizedPair]) -> List[TokenizedPair]:
         return with_reference_logprobs(pairs, self.reference_logprobs(pairs))
 
