@@ -29,9 +29,7 @@ import torch
 
 from megatron_tpo.config import ConfigError
 from megatron_tpo.data.storage import file_sha256
-from megatron_tpo.model.llama_layout import (
-    EMBEDDING, FINAL_NORM, OUTPUT_LAYER, TE_NAME_FOR_LOCAL,
-)
+from megatron_tpo.model.llama_layout import EMBEDDING, TE_NAME_FOR_LOCAL
 
 Tensor = torch.Tensor
 LAYER_WEIGHTS = ("self_attention.linear_qkv.weight", "self_attention.linear_proj.weight",
