@@ -18,7 +18,7 @@ the other works. Every constant below is an assumption stated in docs/planner.md
 
 import math
 from dataclasses import asdict, dataclass, replace
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 from megatron_tpo.config import ConfigError, ModelConfig
 from megatron_tpo.plan.parameters import total_parameters

@@ -1,7 +1,7 @@
 """The whole-iteration estimate (colocated against separate pools) as data and text."""
 
 from dataclasses import asdict
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 from megatron_tpo.plan.iteration import IterationAssumptions, IterationEstimate, IterationRequest
 from megatron_tpo.plan.pools import PoolComparison
