@@ -73,6 +73,29 @@ def test_round_trip_is_bit_exact_with_the_embedding_stored_once(tied_checkpoint,
     assert json.loads((tmp_path / "back" / "config.json").read_text())["tie_word_embeddings"]
 
 
+def test_nemo2_stores_the_tied_embedding_once_and_reads_back_bit_exact(tied_checkpoint,
+                                                                        tmp_path):
+    import yaml
+
+    from megatron_tpo.model.dist_weights import DistWeightsReader
+    from megatron_tpo.model.nemo import NEMO2_PREFIX, hf_to_nemo, nemo_to_hf
+
+    model, hf_dir = tied_checkpoint
+    hf_to_nemo(hf_dir, tmp_path / "nemo", progress=False)
+    stored = DistWeightsReader(tmp_path / "nemo" / "weights", model.num_layers).tensors
+    assert NEMO2_PREFIX + layout.EMBEDDING in stored
+    assert NEMO2_PREFIX + layout.OUTPUT_LAYER not in stored
+    config = yaml.safe_load((tmp_path / "nemo" / "context" / "model.yaml").read_text())
+    assert config["config"]["share_embeddings_and_output_weights"] is True
+    nemo_to_hf(tmp_path / "nemo", tmp_path / "back", progress=False)
+    original = {k.split(":")[1]: t for k, t in _tensors(hf_dir).items()}
+    back = {k.split(":")[1]: t for k, t in _tensors(tmp_path / "back").items()}
+    assert back.keys() == original.keys() and layout.HF_OUTPUT_LAYER not in back
+    for name, tensor in original.items():
+        assert torch.equal(back[name], tensor), name
+    assert json.loads((tmp_path / "back" / "config.json").read_text())["tie_word_embeddings"]
+
+
 def test_planner_counts_the_tied_embedding_once():
     # Published parameter counts: Llama 3.2 1B, 3B and SmolLM2-135M.
     assert total_parameters(load_model_config("llama3.2_1b")) == 1_235_814_400

@@ -69,8 +69,18 @@ def test_nemo_size_class_without_scaling_fields_gets_llama31_defaults():
     assert model_config_from_nemo2(config, "model.yaml").rope_scaling == RopeScalingConfig()
 
 
+def test_shared_embeddings_read_as_a_tied_model_and_write_back():
+    config = dict(nemo2_model_yaml(tiny_model_config())["config"],
+                  share_embeddings_and_output_weights=True)
+    tied = model_config_from_nemo2(config, "model.yaml")
+    assert tied.tie_word_embeddings is True
+    assert nemo2_model_yaml(tied)["config"]["share_embeddings_and_output_weights"] is True
+    untied = model_config_from_nemo2(nemo2_model_yaml(tiny_model_config())["config"], "m.yaml")
+    assert untied.tie_word_embeddings is False
+
+
 @pytest.mark.parametrize("key,value", [
-    ("share_embeddings_and_output_weights", True), ("normalization", "LayerNorm"),
+    ("normalization", "LayerNorm"),
     ("add_bias_linear", True), ("kv_channels", 7), ("position_embedding_type", "learned_absolute"),
     ("activation_func", {"_call_": False, "_target_": "torch._C._nn.gelu"}),
 ])

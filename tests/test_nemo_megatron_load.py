@@ -1,5 +1,6 @@
-"""NeMo 2 directories (ours and NeMo's own) and ``hf-to-dist`` checkpoints load through
-megatron-core's ``dist_checkpointing.load`` at TP=2, PP=2 with logits equal to HF's."""
+"""NeMo 2 directories (ours and NeMo's own) and ``hf-to-dist`` checkpoints, of untied and
+tied models, load through megatron-core's ``dist_checkpointing.load`` at TP=2, PP=2 with
+logits equal to HF's."""
 
 from pathlib import Path
 
@@ -72,10 +73,18 @@ def test_nemo_and_dist_checkpoints_load_at_tp2_pp2_with_hf_logits(tmp_path):
     hf_dir = save_random_hf_llama(model, tmp_path / "hf")
     hf_to_nemo(hf_dir, tmp_path / "nemo", progress=False)
     hf_to_dist(hf_dir, tmp_path / "dist", progress=False)
-    cases = [(model, tmp_path / "nemo" / "weights", "module."), (model, tmp_path / "dist", "")]
+    # Tied (Llama 3.2's way): the checkpoints hold the embedding alone, and megatron's last
+    # stage reads its output layer from the embedding's key.
+    tied = tiny_model_config(tie_word_embeddings=True)
+    tied_dir = save_random_hf_llama(tied, tmp_path / "tied_hf", seed=3)
+    hf_to_nemo(tied_dir, tmp_path / "tied_nemo", progress=False)
+    hf_to_dist(tied_dir, tmp_path / "tied_dist", progress=False)
+    cases = [(model, tmp_path / "nemo" / "weights", "module."), (model, tmp_path / "dist", ""),
+             (tied, tmp_path / "tied_nemo" / "weights", "module."),
+             (tied, tmp_path / "tied_dist", "")]
     tokens = torch.randint(0, 320, (MICRO_BATCH * MICRO_BATCHES, SEQ_LEN),
                            generator=torch.Generator().manual_seed(5))
-    expected = [_hf_logits(hf_dir, tokens), _hf_logits(hf_dir, tokens)]
+    expected = [_hf_logits(hf_dir, tokens)] * 2 + [_hf_logits(tied_dir, tokens)] * 2
     if FIXTURE.is_dir():
         # NeMo's own checkpoint; its per-layer norms are ones (see test_nemo_checkpoint),
         # and megatron is built from the HF config, so HF is compared with norms at one.

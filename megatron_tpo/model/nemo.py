@@ -77,7 +77,11 @@ class NemoTensorSource:
     def check_shapes(self) -> None:
         """Compare every tensor's global shape with the config, before anything is written."""
         model, reader = self.model, self.reader
-        for name in (layout.EMBEDDING, layout.OUTPUT_LAYER):
+        # A tied model's checkpoint holds the embedding alone (megatron's last stage maps
+        # its output layer to the embedding's key).
+        vocab_tables = (layout.EMBEDDING,) if model.tie_word_embeddings else (
+            layout.EMBEDDING, layout.OUTPUT_LAYER)
+        for name in vocab_tables:
             rows, hidden = reader.global_shape(name)
             if hidden != model.hidden_size or rows < model.vocab_size:
                 self._shape_error(name, (rows, hidden), f"({model.vocab_size}+, {model.hidden_size})")
@@ -236,9 +240,6 @@ def write_dist_checkpoint(source, model: ModelConfig, weights_dir: Path, prefix:
     """Stacked megatron dist checkpoint from an HF-named ``source``, one layer at a time."""
     started = time.perf_counter()
     check_model_for_layout(model)
-    if model.tie_word_embeddings:
-        raise ConfigError(f"{source_name}: tie_word_embeddings=true; NeMo and dist checkpoints "
-                          "are written for untied models only (use hf-to-mcore)")
     writer = DistWeightsWriter(weights_dir, prefix, model.num_layers)
     steps = tqdm(total=model.num_layers + 2, desc=direction, unit="part", disable=not progress)
     hidden = model.hidden_size
@@ -251,13 +252,15 @@ def write_dist_checkpoint(source, model: ModelConfig, weights_dir: Path, prefix:
         writer.write_layer(layer, layout.shard_layer(hf, model, 1)[0])
         del hf
         steps.update()
-    writer.write_whole({layout.FINAL_NORM: source.get(layout.HF_FINAL_NORM, (hidden,)),
-                        layout.OUTPUT_LAYER: source.get(layout.HF_OUTPUT_LAYER,
-                                                        (model.vocab_size, hidden))})
+    last = {layout.FINAL_NORM: source.get(layout.HF_FINAL_NORM, (hidden,))}
+    if not model.tie_word_embeddings:   # tied: the embedding is the output layer, stored once
+        last[layout.OUTPUT_LAYER] = source.get(layout.HF_OUTPUT_LAYER, (model.vocab_size, hidden))
+    writer.write_whole(last)
     steps.update()
     steps.close()
     writer.finish()
-    tensors = 3 + model.num_layers * len(layout.REPLICATED_LAYER_WEIGHTS) + model.num_layers * 4
+    tensors = (1 + len(last) + model.num_layers * len(layout.REPLICATED_LAYER_WEIGHTS)
+               + model.num_layers * 4)
     return ConversionSummary(direction, source_name, str(weights_dir), tensors,
                              writer.bytes_written, writer.part + 3, time.perf_counter() - started)
 

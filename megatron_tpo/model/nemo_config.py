@@ -49,7 +49,7 @@ def model_config_from_nemo2(config: Dict[str, Any], source: str,
     for key, expected in (("normalization", "RMSNorm"), ("gated_linear_unit", True),
                           ("add_bias_linear", False), ("add_qkv_bias", False),
                           ("position_embedding_type", "rope"), ("rotary_percent", 1.0),
-                          ("activation_func", "silu"), ("share_embeddings_and_output_weights", False),
+                          ("activation_func", "silu"),
                           ("rotary_interleaved", False), ("qk_layernorm", False)):
         _require(config, source, key, expected)
     heads, hidden = config["num_attention_heads"], config["hidden_size"]
@@ -77,6 +77,8 @@ def model_config_from_nemo2(config: Dict[str, Any], source: str,
         norm_epsilon=float(config.get("layernorm_epsilon", 1e-5)),
         init_method_std=float(config.get("init_method_std", 0.02)),
         make_vocab_size_divisible_by=int(config.get("make_vocab_size_divisible_by", 128)),
+        # Llama 3.2 1B/3B: NeMo's checkpoint holds the embedding alone.
+        tie_word_embeddings=bool(config.get("share_embeddings_and_output_weights", False)),
     )
 
 
@@ -156,7 +158,8 @@ def nemo2_config_fields(model: ModelConfig, dtype: str = "float32") -> Dict[str,
         "seq_length": model.max_position_embeddings, "rotary_base": model.rope_theta,
         "vocab_size": model.vocab_size,
         "make_vocab_size_divisible_by": model.make_vocab_size_divisible_by,
-        "share_embeddings_and_output_weights": False, "normalization": "RMSNorm",
+        "share_embeddings_and_output_weights": model.tie_word_embeddings,
+        "normalization": "RMSNorm",
         "gated_linear_unit": True, "add_bias_linear": False, "position_embedding_type": "rope",
         "rotary_percent": 1.0, "bf16": dtype == "bfloat16", "fp16": dtype == "float16",
     }
