@@ -10,7 +10,6 @@ others the planner reads a handful of keys, so the planner imports neither torch
 the engines (tpo-run has validated the whole config when it wrote the file).
 """
 
-import json
 import statistics
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -20,9 +19,9 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from megatron_tpo.config import ConfigError, DPOTrainingConfig, ModelConfig, ParallelConfig
+from megatron_tpo.report.metrics_file import METRICS_FILE, read_metric_records
 
 CONFIG_FILE = "config.yaml"
-METRICS_FILE = "metrics.jsonl"
 STAGES = ("rollout", "judge", "reference_logprobs", "train", "weight_sync", "checkpoint")
 
 
@@ -144,20 +143,9 @@ def read_run_metrics(path: Union[str, Path]) -> RunMetrics:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"run metrics not found: {path}")
-    rows: Dict[str, List[Dict[str, Any]]] = {"train_step": [], "rank_memory": [],
-                                             "iteration": []}
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ConfigError(f"{path}:{number}: not JSON ({error.msg})") from error
-            if not isinstance(record, dict) or "kind" not in record:
-                raise ConfigError(f"{path}:{number}: a metrics line needs a \"kind\"")
-            rows.setdefault(record["kind"], []).append(record)
-    return RunMetrics(rows["train_step"], rows["rank_memory"], rows["iteration"])
+    records = read_metric_records(path)
+    return RunMetrics(*(records.get(kind, []) for kind in ("train_step", "rank_memory",
+                                                              "iteration")))
 
 
 def read_run_dir(run_dir: Union[str, Path]):

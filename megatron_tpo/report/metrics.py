@@ -16,12 +16,13 @@ import torch
 from tqdm.auto import tqdm
 
 from megatron_tpo.parallel.collectives import world
+from megatron_tpo.report.metrics_file import METRICS_FILE, read_metric_records
 
 
 class RunMetrics:
     def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool = True,
                  wandb_project: Optional[str] = None, config: Optional[dict] = None):
-        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path = Path(run_dir) / METRICS_FILE
         self.enabled = enabled
         self.timings: Dict[str, float] = {}
         self._tensorboard = self._wandb = None
@@ -88,10 +89,7 @@ class RunMetrics:
                          "peak_memory_bytes": value}, iteration)
 
     def records(self, kind: str) -> List[dict]:
-        if not self.path.is_file():
-            return []
-        with open(self.path, encoding="utf-8") as handle:
-            return [r for r in map(json.loads, handle) if r["kind"] == kind]
+        return read_metric_records(self.path).get(kind, [])
 
     def close(self) -> None:
         if self._tensorboard is not None:
