@@ -289,3 +289,38 @@ def test_weight_sync_settings_are_checked():
         WeightSyncConfig(probe_length=1).validate()
     with pytest.raises(ConfigError, match="weight_sync.parity_tolerance=0"):
         WeightSyncConfig(parity_tolerance=0).validate()
+
+
+def _transport_worker(rank, world_size, shm_dirs):
+    import megatron_tpo.rollout.bucket_transport as transport
+    from megatron_tpo.rollout.weight_stream import Bucket, PlannedTensor, WeightStreamPlan
+
+    torch.distributed.init_process_group("gloo")
+    plan = WeightStreamPlan([Bucket(0, [PlannedTensor("decoder.final_layernorm.weight", (0,),
+                                                      [("model.norm.weight", (64,))], (64,))])],
+                            torch.float32, 1 << 20)
+    transport.SHARED_MEMORY_DIR = Path(shm_dirs[rank])   # as a container per rank sees it
+    picked = {}
+    for name in ("auto", "shared_memory"):
+        try:
+            picked[name] = type(transport.choose_transport(name, plan, torch.device("cpu"))).__name__
+        except ValueError as error:
+            picked[name] = str(error)
+    left = sorted(path.name for path in Path(shm_dirs[rank]).iterdir())
+    torch.distributed.destroy_process_group()
+    return picked, left
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_shared_memory_is_used_only_where_every_rank_sees_the_same_files(tmp_path, shared):
+    dirs = [tmp_path / "shm"] * 2 if shared else [tmp_path / "shm0", tmp_path / "shm1"]
+    for directory in dirs:
+        directory.mkdir(exist_ok=True)
+    for picked, left in spawn_local(_transport_worker, 2, [str(d) for d in dirs]):
+        assert left == []   # the slots' names are gone once mapped (or refused)
+        if shared:
+            assert picked == {"auto": "SharedMemoryTransport",
+                              "shared_memory": "SharedMemoryTransport"}
+        else:   # one host, but a /dev/shm of its own per rank: never a private file of zeros
+            assert picked["auto"] == "ProcessGroupTransport"
+            assert "the ranks do not share" in picked["shared_memory"]

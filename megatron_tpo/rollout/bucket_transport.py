@@ -65,9 +65,16 @@ class ProcessGroupTransport:
 
 
 class SharedMemoryTransport:
-    def __init__(self, plan):
+    def __init__(self, slots: List[torch.Tensor]):
         self.rank = torch.distributed.get_rank()
-        self.slots = _mapped_slots(2, max(b.numel for b in plan.buckets), plan.dtype)
+        self.slots = slots
+
+    @classmethod
+    def create(cls, plan) -> Optional["SharedMemoryTransport"]:
+        """Two slots of the plan's largest bucket, or None where the ranks do not share a
+        ``/dev/shm`` (a container per rank on one host, say)."""
+        slots = _mapped_slots(2, max(b.numel for b in plan.buckets), plan.dtype)
+        return None if slots is None else cls(slots)
 
     def buffer(self, index: int, bucket) -> torch.Tensor:
         # The slot last held bucket index - 2, which every rank finished reading before it
@@ -85,8 +92,9 @@ class SharedMemoryTransport:
         torch.distributed.barrier()   # every writer has written its part of the slot
 
 
-def _mapped_slots(count: int, numel: int, dtype: torch.dtype) -> List[torch.Tensor]:
-    """``count`` new shared files of ``numel`` elements, mapped on every rank of the world."""
+def _mapped_slots(count: int, numel: int, dtype: torch.dtype) -> Optional[List[torch.Tensor]]:
+    """``count`` new shared files of ``numel`` elements, mapped on every rank of the world;
+    None (on every rank) when some rank cannot see the files rank 0 made."""
     rank = torch.distributed.get_rank()
     names = [f"megatron_tpo_weights_{uuid.uuid4().hex}" if rank == 0 else None]
     torch.distributed.broadcast_object_list(names, src=0)
@@ -95,7 +103,13 @@ def _mapped_slots(count: int, numel: int, dtype: torch.dtype) -> List[torch.Tens
         for path in paths:
             torch.from_file(str(path), shared=True, size=numel, dtype=dtype)
     torch.distributed.barrier()
-    slots = [torch.from_file(str(path), shared=True, size=numel, dtype=dtype) for path in paths]
+    # Mapping a name that is not there would create a private file of zeros: check first.
+    seen = torch.tensor([int(all(path.is_file() for path in paths))], dtype=torch.int32)
+    torch.distributed.all_reduce(seen, op=torch.distributed.ReduceOp.MIN)
+    slots = None
+    if seen.item():
+        slots = [torch.from_file(str(path), shared=True, size=numel, dtype=dtype)
+                 for path in paths]
     torch.distributed.barrier()
     if rank == 0:
         # The mappings outlive the names: nothing is left in /dev/shm, even after a crash.
@@ -129,7 +143,12 @@ def choose_transport(name: str, plan, device: torch.device):
                          f"one host (these are {device.type} ranks on {len(set(hosts))} hosts)")
     if name == "shared_memory" or (name == "auto" and shared_possible
                                    and _shared_memory_room(plan)):
-        return SharedMemoryTransport(plan)
+        shared = SharedMemoryTransport.create(plan)
+        if shared is not None:
+            return shared
+        if name == "shared_memory":
+            raise ValueError(f"weight_sync.transport=shared_memory: the ranks do not share "
+                             f"{SHARED_MEMORY_DIR} (a container per rank?)")
     return ProcessGroupTransport(device, plan.dtype)
 
 
