@@ -116,3 +116,34 @@ def test_resume_after_kill_gives_the_same_pairs_and_weights(tmp_path, crash_at):
     assert before.keys() == after.keys() and before
     for name in before:
         assert torch.equal(before[name], after[name]), name
+
+
+def _stage_worker(rank, world_size, root):
+    import time
+    from datetime import timedelta
+    from types import SimpleNamespace
+
+    from megatron_tpo.data.storage import IterationStore
+    from megatron_tpo.loop import stage
+
+    torch.distributed.init_process_group("gloo", timeout=timedelta(seconds=30))
+    parts = SimpleNamespace(store=IterationStore(Path(root)), digest="digest",
+                            config=SimpleNamespace(run=SimpleNamespace(seed=0)),
+                            metrics=SimpleNamespace(log=lambda *args, **kwargs: None))
+    if rank == 1:
+        time.sleep(3)   # rank 0 computes and writes the stage before this rank looks
+    rows = stage(parts, 0, "pairs", lambda: ([{"prompt_id": 7}], {"pairs": 1}), on="rank0")
+    # The next stage's first collective: every rank must reach it from the same place.
+    total = torch.tensor([rank + 1])
+    torch.distributed.all_reduce(total)
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+    return rows, int(total)
+
+
+def test_a_rank_that_looks_late_does_not_skip_a_stage_its_peers_are_finishing(tmp_path):
+    # Rank 0 writes a rank-0 stage and waits in its closing barrier; a rank that only then
+    # looks at the store must not take the stage for done and run ahead into the next
+    # collective (which pairs its all-reduce with rank 0's barrier).
+    for rows, total in spawn_local(_stage_worker, 2, str(tmp_path / "stages")):
+        assert rows == [{"prompt_id": 7}] and total == 3

@@ -25,6 +25,15 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
+def rank_zero_decides(value):
+    """Rank 0's ``value`` on every rank: one decision for all, whatever each rank saw."""
+    if not torch.distributed.is_initialized():
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def derived_seed(seed: int, iteration: int, purpose: str) -> int:
     """A seed per (run seed, iteration, purpose) that every rank computes alike, so a stage
     redone after a restart draws exactly what it drew before."""
