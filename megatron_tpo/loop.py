@@ -29,7 +29,7 @@ from megatron_tpo.data.storage import IterationStore
 from megatron_tpo.evaluation.heldout import score_heldout
 from megatron_tpo.judge.base import Judge
 from megatron_tpo.parallel.collectives import (barrier, derived_seed, generate_on_all_ranks,
-                                               is_rank_zero, rank_zero_decides)
+                                               broadcast_from_rank_zero, is_rank_zero)
 from megatron_tpo.parallel.preemption import Preempted, PreemptionGuard, crash_point
 from megatron_tpo.preference.from_rollouts import judge_rollouts, preference_pairs, rollout_rows
 from megatron_tpo.report.metrics import RunMetrics
@@ -131,7 +131,7 @@ def stage(parts: TPOParts, t: int, name: str, compute: Callable, on: str = "all"
     store, digest = parts.store, parts.digest
     # Rank 0's view decides for all: a rank that looked only after rank 0 had written the
     # stage would skip the barrier below and run ahead into the next stage's collectives.
-    if not rank_zero_decides(store.is_finished(t, name, digest)):
+    if not broadcast_from_rank_zero(store.is_finished(t, name, digest)):
         rows, counts = compute() if (on == "all" or is_rank_zero()) else ([], {})
         if is_rank_zero():
             store.write(t, name, rows, seed=parts.config.run.seed, config_digest=digest,

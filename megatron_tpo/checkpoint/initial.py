@@ -69,10 +69,9 @@ def load_initial_checkpoint(chunks: List, optimizer, path: str) -> None:
     rank raises its error, so no rank is left waiting in the load. The optimizer was
     built from the weights before the load, so its main (fp32) copies are refreshed.
     """
-    from megatron_tpo.checkpoint.manifest import broadcast_from_rank_zero
     from megatron_tpo.checkpoint.sharded_state import unwrapped_chunks
     from megatron_tpo.model.dist_weights import load_into_model
-    from megatron_tpo.parallel.collectives import is_rank_zero
+    from megatron_tpo.parallel.collectives import broadcast_from_rank_zero, is_rank_zero
 
     models = unwrapped_chunks(chunks)
     num_layers = models[0].config.num_layers

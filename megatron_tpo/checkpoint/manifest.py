@@ -16,7 +16,7 @@ import torch
 
 from megatron_tpo.checkpoint.config import CheckpointError
 from megatron_tpo.data.storage import atomic_write, file_sha256
-from megatron_tpo.parallel.collectives import world
+from megatron_tpo.parallel.collectives import broadcast_from_rank_zero, world
 
 MANIFEST = "manifest.json"
 FORMAT = "megatron_tpo.training_checkpoint/1"
@@ -24,15 +24,6 @@ FORMAT = "megatron_tpo.training_checkpoint/1"
 
 def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def broadcast_from_rank_zero(value: Any) -> Any:
-    """``value`` as rank 0 has it, on every rank (itself without a process group)."""
-    if not _distributed():
-        return value
-    holder = [value]
-    torch.distributed.broadcast_object_list(holder, src=0)
-    return holder[0]
 
 
 def gathered(value: Any) -> List[Any]:

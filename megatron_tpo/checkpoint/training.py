@@ -33,7 +33,8 @@ from megatron_tpo.checkpoint import sharded_state
 from megatron_tpo.checkpoint.config import CheckpointConfig, CheckpointError
 from megatron_tpo.checkpoint.rng import capture_rng_state, restore_rng_state
 from megatron_tpo.data.storage import atomic_write
-from megatron_tpo.parallel.collectives import barrier, is_rank_zero, world
+from megatron_tpo.parallel.collectives import (barrier, broadcast_from_rank_zero, is_rank_zero,
+                                               world)
 from megatron_tpo.parallel.preemption import crash_point
 
 logger = logging.getLogger(__name__)
@@ -244,7 +245,7 @@ class TrainingCheckpointer:
         checkpoint. Raises ``CheckpointError`` before changing anything when a file fails
         the manifest or a tensor's shape differs from the model's.
         """
-        step = manifests.broadcast_from_rank_zero(self._latest_step_or_error())
+        step = broadcast_from_rank_zero(self._latest_step_or_error())
         if isinstance(step, CheckpointError):
             raise step
         if step is None:
@@ -263,7 +264,7 @@ class TrainingCheckpointer:
         Returns the saved loop state with ``"step"``; no checkpoint is a ``CheckpointError``.
         """
         if step is None:
-            step = manifests.broadcast_from_rank_zero(self._latest_step_or_error())
+            step = broadcast_from_rank_zero(self._latest_step_or_error())
             if isinstance(step, CheckpointError):
                 raise step
         if step is None:
@@ -283,7 +284,7 @@ class TrainingCheckpointer:
     def _verified_state(self, step: int) -> Dict[str, Any]:
         """COLLECTIVE. ``state.json`` of a directory whose files all match its manifest."""
         directory = self.step_dir(step)
-        body = manifests.broadcast_from_rank_zero(
+        body = broadcast_from_rank_zero(
             self._manifest_or_error(directory) if is_rank_zero() else None)
         if isinstance(body, CheckpointError):
             raise body

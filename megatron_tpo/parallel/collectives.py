@@ -25,8 +25,9 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
-def rank_zero_decides(value):
-    """Rank 0's ``value`` on every rank: one decision for all, whatever each rank saw."""
+def broadcast_from_rank_zero(value):
+    """Rank 0's ``value`` on every rank (itself without a process group): one decision
+    for all, whatever each rank saw."""
     if not torch.distributed.is_initialized():
         return value
     box = [value]
