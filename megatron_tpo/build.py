@@ -47,7 +47,7 @@ def build_tpo(config: TPOConfig) -> TPOParts:
                                 config.run.initial_checkpoint)
     return TPOParts(
         config=config, digest=digest, tokenizer=tokenizer, engine=engine, judge=judge,
-        judge_engine=judge_engine, judge_on_every_rank=config.judge.kind == "pairwise",
+        judge_engine=judge_engine, judge_on_every_rank=judge_generates(config),
         trainer=trainer,
         checkpointer=TrainingCheckpointer(run_dir / "checkpoints", config.checkpoint),
         store=IterationStore(run_dir / "stages"),
@@ -55,6 +55,11 @@ def build_tpo(config: TPOConfig) -> TPOParts:
                            wandb_project=config.run.wandb_project, config=asdict(config)),
         preemption=PreemptionGuard(), prompts=prompts, heldout=heldout,
         engine_tensor_parallel_size=ranks_per_engine)
+
+
+def judge_generates(config: TPOConfig) -> bool:
+    """Whether the judge generates through engines (pairwise), and so lives on every rank."""
+    return config.judge.kind == "pairwise"
 
 
 def build_judge_for_rank(config: TPOConfig, policy_engine, tokenizer,
@@ -73,7 +78,7 @@ def build_judge_for_rank(config: TPOConfig, policy_engine, tokenizer,
     from megatron_tpo.parallel.collectives import EngineReplicas
     from megatron_tpo.rollout.factory import build_rollout_engine
 
-    if config.judge.kind != "pairwise":
+    if not judge_generates(config):
         return (build_judge(config.judge) if is_rank_zero() else None), None
     judge_model = config.judge.pairwise.model
     if judge_model is None:
