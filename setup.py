@@ -8,8 +8,11 @@ setup(
     packages=find_packages(include=["megatron_tpo", "megatron_tpo.*"])
     + ["megatron_tpo.kernels", "megatron_tpo.configs"],
     # The repository keeps kernels/ and configs/ at the top (see DESIGN.md); they are
-    # installed inside the package because the import name `kernels` is taken on PyPI.
-    package_dir={"megatron_tpo.kernels": "kernels", "megatron_tpo.configs": "configs"},
+    # installed inside the package because the import name `kernels` is taken on PyPI
+    # (Hugging Face's kernel hub, which transformers imports when present). The sources
+    # sit one folder down and kernels/ has no __init__.py, so from the repository root
+    # kernels/ is at most a namespace portion, which loses to the installed package.
+    package_dir={"megatron_tpo.kernels": "kernels/dpo_logprob", "megatron_tpo.configs": "configs"},
     package_data={"megatron_tpo.configs": ["*/*.yaml", "*.yaml"]},
     install_requires=[
         "torch>=2.4",

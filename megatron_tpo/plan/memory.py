@@ -111,7 +111,7 @@ def stage_memory(workload: Workload, layout: TrainingLayout, pp_rank: int,
             # bf16 logits from the output layer plus their fp32 copy for log-softmax.
             logits = tokens * vocab_shard * (2 + 4)
         else:
-            # The fused kernel (kernels/logprob_triton.py) keeps logit tiles on chip; in
+            # The fused kernel (kernels/dpo_logprob/logprob_triton.py) keeps logit tiles on chip; in
             # memory it has 4 fp32 statistics per token and, in backward, fp32 gradients
             # of the hidden states and of the whole output-layer shard.
             logits = tokens * 4 * 4 + tokens * h * 4 + vocab_shard * h * 4
