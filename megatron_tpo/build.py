@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from megatron_tpo.config.errors import ConfigError
-from megatron_tpo.config.tpo import TPOConfig, write_resolved_config
+from megatron_tpo.tpo_config import TPOConfig, write_resolved_config
 from megatron_tpo.data.prompts import (PromptSetConfig, clean_instructions, load_prompts,
                                       read_instructions)
 from megatron_tpo.data.storage import IterationStore, config_hash
@@ -75,7 +75,7 @@ def build_judge_for_rank(config: TPOConfig, policy_engine, tokenizer,
     from transformers import AutoTokenizer
 
     from megatron_tpo.judge.factory import build_judge
-    from megatron_tpo.parallel.collectives import EngineReplicas
+    from megatron_tpo.rollout.replicas import EngineReplicas
     from megatron_tpo.rollout.factory import build_rollout_engine
 
     if not judge_generates(config):

@@ -22,14 +22,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, List, Optional, Tuple
 
-from megatron_tpo.config.tpo import TPOConfig
+from megatron_tpo.tpo_config import TPOConfig
 from megatron_tpo.data.chat import apply_thought_chat_template
 from megatron_tpo.data.prompts import iteration_prompts
 from megatron_tpo.data.storage import IterationStore
 from megatron_tpo.evaluation.heldout import score_heldout
 from megatron_tpo.judge.base import Judge
-from megatron_tpo.parallel.collectives import (barrier, derived_seed, generate_on_all_ranks,
-                                               broadcast_from_rank_zero, is_rank_zero)
+from megatron_tpo.parallel.collectives import (barrier, broadcast_from_rank_zero, derived_seed,
+                                               is_rank_zero)
 from megatron_tpo.parallel.preemption import Preempted, PreemptionGuard, crash_point
 from megatron_tpo.preference.from_rollouts import judge_rollouts, preference_pairs, rollout_rows
 from megatron_tpo.report.metrics import RunMetrics
@@ -37,6 +37,7 @@ from megatron_tpo.report.plots import plot_iterations
 from megatron_tpo.report.summary import (iteration_record, last_per_iteration, run_summary,
                                          write_summary)
 from megatron_tpo.rollout.engine import RolloutEngine, SamplingParams
+from megatron_tpo.rollout.replicas import generate_on_all_ranks
 from megatron_tpo.rollout.weight_sync import push_weights
 from megatron_tpo.train.dpo_batch import TokenizedPair
 from megatron_tpo.train.pair_schedule import pairs_for_step

@@ -242,7 +242,7 @@ def _same(first, second):
 
 
 def _file_hashes(root: Path):
-    from megatron_tpo.data.storage import file_sha256
+    from megatron_tpo.files import file_sha256
 
     return {path.relative_to(root).as_posix(): file_sha256(path)
             for path in sorted(root.rglob("*")) if path.is_file()}

@@ -50,7 +50,7 @@ def _judge(engine):
 def _spread_worker(rank, world_size, ranks_per_engine):
     import torch
 
-    from megatron_tpo.parallel.collectives import EngineReplicas
+    from megatron_tpo.rollout.replicas import EngineReplicas
 
     torch.distributed.init_process_group("gloo")
     engine = ShorterWins()

@@ -64,7 +64,7 @@ def _trainer_worker(rank, world_size, model, shard_root, hf_dir, pairs, bridge, 
     from transformers import LlamaForCausalLM
 
     from megatron_tpo.parallel import init_megatron, shutdown_megatron
-    from megatron_tpo.parallel.collectives import generate_on_all_ranks
+    from megatron_tpo.rollout.replicas import generate_on_all_ranks
     from megatron_tpo.rollout.factory import trainer_ranks_per_engine
     from megatron_tpo.rollout.hf_engine import HFRolloutEngine
     from megatron_tpo.rollout.parity import trainer_token_logprobs

@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from megatron_tpo.checkpoint.config import CheckpointError
-from megatron_tpo.data.storage import atomic_write, file_sha256
+from megatron_tpo.files import atomic_write, file_sha256
 from megatron_tpo.parallel.collectives import broadcast_from_rank_zero, world
 
 MANIFEST = "manifest.json"

@@ -30,7 +30,7 @@ def compose_config(overrides: List[str]):
     from omegaconf.errors import OmegaConfBaseException
 
     from megatron_tpo.config.loading import CONFIG_DIR
-    from megatron_tpo.config.tpo import TPOConfig, register_with_hydra
+    from megatron_tpo.tpo_config import TPOConfig, register_with_hydra
 
     register_with_hydra()
     try:

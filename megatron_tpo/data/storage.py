@@ -9,14 +9,14 @@ so a run killed mid-write redoes that stage and never reads half of it.
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, TypedDict
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from megatron_tpo.files import atomic_write, file_sha256
 
 # In the order a TPO iteration produces them.
 STAGES = ("heldout", "rollouts", "judgments", "pairs", "reference")
@@ -88,34 +88,6 @@ def config_hash(config: Any) -> str:
     plain = asdict(config) if is_dataclass(config) else config
     encoded = json.dumps(plain, sort_keys=True, default=str).encode()
     return hashlib.sha256(encoded).hexdigest()[:16]
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def atomic_write(path: Path, write) -> None:
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
-    # The rename itself lives in the directory; fsync it so it survives a crash.
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
 
 
 class IterationStore:

@@ -28,7 +28,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from megatron_tpo.config import ConfigError
-from megatron_tpo.data.storage import file_sha256
+from megatron_tpo.files import atomic_write, file_sha256
 from megatron_tpo.model.llama_layout import EMBEDDING, TE_NAME_FOR_LOCAL
 
 Tensor = torch.Tensor
@@ -366,9 +366,7 @@ class DistWeightsWriter:
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_bytes(data)
-    os.replace(temporary, path)
+    atomic_write(path, lambda handle: handle.write(data))
 
 
 def load_into_model(gpt_model, weights_dir: Path, prefix: str = "module.") -> None:
