@@ -66,6 +66,9 @@ class RunConfig:
     """Also log to Weights & Biases under this project (needs `wandb` installed)."""
     hardware: str = "cpu"
     """A configs/hardware/gpus.yaml name, recorded for `tpo-plan --check`."""
+    process_group_timeout_minutes: int = 30
+    """How long any collective waits for the slowest rank before the job fails (tpo-run's
+    and tpo-engine's worlds): longer than the longest phase one rank runs alone."""
 
     def validate(self) -> None:
         if not self.policy:
@@ -73,7 +76,7 @@ class RunConfig:
         if not (Path(self.policy) / "config.json").is_file():
             raise ConfigError(f"run.policy={self.policy}: no config.json there; not a Hugging "
                               "Face checkpoint directory")
-        for name in ("iterations", "pairs_per_step"):
+        for name in ("iterations", "pairs_per_step", "process_group_timeout_minutes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"run.{name}={getattr(self, name)}: must be >= 1")
 
@@ -139,7 +142,8 @@ class TPOConfig:
         address, buckets and transports, checkpoints kept), so a run resumed with more
         iterations, or requeued onto other nodes, keeps its finished stages."""
         plain = asdict(self)
-        for key in ("iterations", "tensorboard", "wandb_project", "hardware"):
+        for key in ("iterations", "tensorboard", "wandb_project", "hardware",
+                    "process_group_timeout_minutes"):
             plain["run"].pop(key)
         for key in ("placement", "bridge"):
             plain["rollout"].pop(key)

@@ -18,7 +18,6 @@ import logging
 import os
 import signal
 import sys
-from datetime import timedelta
 
 from megatron_tpo.config.errors import ConfigError
 
@@ -35,23 +34,12 @@ def check_settings(rollout, world_size: int) -> None:
                           f"tpo-engine was started with {world_size} ranks")
 
 
-def start_engine_world(environment) -> None:
-    """This pool's own torch.distributed world (vLLM's external_launcher reuses it and
-    reads RANK/LOCAL_RANK/MASTER_* from the environment, which srun does not set)."""
-    import torch
+def start_engine_world(environment, timeout_minutes: int = 30) -> None:
+    """This pool's own torch.distributed world, started as tpo-run's is (vLLM's
+    external_launcher reuses it and reads RANK/LOCAL_RANK/MASTER_* from the environment)."""
+    from megatron_tpo.parallel.launch import start_distributed
 
-    os.environ.update(RANK=str(environment.rank), LOCAL_RANK=str(environment.local_rank),
-                      WORLD_SIZE=str(environment.world_size),
-                      MASTER_ADDR=environment.master_addr,
-                      MASTER_PORT=str(environment.master_port))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(environment.local_rank % torch.cuda.device_count())
-    if environment.world_size > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group(
-            backend="nccl" if torch.cuda.is_available() else "gloo",
-            init_method=f"tcp://{environment.master_addr}:{environment.master_port}",
-            rank=environment.rank, world_size=environment.world_size,
-            timeout=timedelta(minutes=30))
+    start_distributed(environment, timeout_minutes)
 
 
 def serve(config, environment) -> bool:
@@ -61,7 +49,7 @@ def serve(config, environment) -> bool:
     from megatron_tpo.rollout.engine_server import EngineServer
     from megatron_tpo.rollout.factory import build_rollout_engine
 
-    start_engine_world(environment)
+    start_engine_world(environment, config.run.process_group_timeout_minutes)
     share_cpu_threads(environment.local_world_size)
     rollout = config.rollout
     engine = build_rollout_engine(rollout, config.run.policy)

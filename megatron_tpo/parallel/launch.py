@@ -4,8 +4,15 @@ torchrun exports RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT; ``srun`` ex
 SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID/SLURM_NODELIST and nothing about a master, so
 the first host of the node list becomes the master and the port is derived from the
 job id (every task of a job computes the same one without talking to the others).
+
+``start_distributed`` is the one start-up path of every world (tpo-run's through
+``init_megatron``, tpo-engine's): it exports torchrun's variables, whatever launched the
+process, because vLLM's external_launcher reads ``RANK``/``LOCAL_RANK`` and env://
+``MASTER_ADDR``/``MASTER_PORT`` from ``os.environ``; it binds the device both megatron and
+vLLM use (``cuda:LOCAL_RANK``); and it starts the process group.
 """
 
+import logging
 import os
 import re
 import socket
@@ -16,6 +23,8 @@ from typing import List, Mapping, Optional
 import torch
 
 from megatron_tpo.config import ConfigError, ModelConfig, ParallelConfig
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -98,6 +107,64 @@ def share_cpu_threads(ranks_on_this_machine: int) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, ranks_on_this_machine)))
 
 
+def export_launch_environment(env: DistributedEnv) -> None:
+    """Put this rank's place in ``os.environ`` as torchrun would: vLLM's external_launcher
+    reads RANK and LOCAL_RANK from there (a KeyError under srun otherwise) and, when it
+    starts the world itself, MASTER_ADDR/MASTER_PORT through env://."""
+    os.environ.update(RANK=str(env.rank), LOCAL_RANK=str(env.local_rank),
+                      WORLD_SIZE=str(env.world_size),
+                      LOCAL_WORLD_SIZE=str(env.local_world_size),
+                      MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port))
+
+
+def limit_device_connections() -> None:
+    """CUDA_DEVICE_MAX_CONNECTIONS=1 (unless set): megatron-core's overlap of tensor-parallel
+    communication with compute relies on one hardware queue, which orders the kernels as
+    they were issued. CUDA reads it when its context is created, so it must come first."""
+    if "CUDA_DEVICE_MAX_CONNECTIONS" in os.environ:
+        return
+    os.environ["CUDA_DEVICE_MAX_CONNECTIONS"] = "1"
+    if torch.cuda.is_initialized():
+        logger.warning("CUDA was initialised before CUDA_DEVICE_MAX_CONNECTIONS=1 was set; it "
+                       "takes effect only for a new process: export it in the job script")
+
+
+def bind_device(local_rank: int) -> None:
+    """``cuda:LOCAL_RANK``, the device vLLM's worker takes (it asserts local_rank <
+    device_count), so the trainer and the engine of a rank share one GPU."""
+    count = torch.cuda.device_count()
+    if local_rank >= count:
+        raise ConfigError(
+            f"LOCAL_RANK={local_rank} but this task has {count} visible CUDA device(s): the "
+            "site binds GPUs per task. Each task must see all of its node's GPUs (rank i "
+            "uses cuda:i, as vLLM does): drop --gpus-per-task and --gpu-bind from the job, "
+            "or give each task all the node's GPUs (--gpus-per-node with --gpu-bind=none)")
+    torch.cuda.set_device(local_rank)
+
+
+def start_distributed(env: DistributedEnv, timeout_minutes: int = 30) -> str:
+    """Export the launch variables, bind the device, start the default process group
+    (unless one exists); returns the backend, nccl on CUDA, else gloo."""
+    if timeout_minutes < 1:
+        raise ConfigError(f"run.process_group_timeout_minutes={timeout_minutes}: must be >= 1 "
+                          "(how long a collective may wait for the slowest rank)")
+    export_launch_environment(env)
+    limit_device_connections()
+    backend = "gloo"
+    if torch.cuda.is_available():
+        bind_device(env.local_rank)
+        backend = "nccl"
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(
+            backend=backend,
+            init_method=f"tcp://{env.master_addr}:{env.master_port}",
+            rank=env.rank,
+            world_size=env.world_size,
+            timeout=timedelta(minutes=timeout_minutes),
+        )
+    return backend
+
+
 def init_megatron(
     parallel: ParallelConfig,
     model: Optional[ModelConfig] = None,
@@ -118,24 +185,12 @@ def init_megatron(
 
     from megatron.core import parallel_state, tensor_parallel
 
-    if torch.cuda.is_available():
-        torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
-        backend = "nccl"
-    else:
+    if not torch.cuda.is_available():
         from megatron_tpo.parallel.cpu_adapter import install_cpu_adapter
 
         install_cpu_adapter()
         share_cpu_threads(env.local_world_size)
-        backend = "gloo"
-
-    if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group(
-            backend=backend,
-            init_method=f"tcp://{env.master_addr}:{env.master_port}",
-            rank=env.rank,
-            world_size=env.world_size,
-            timeout=timedelta(minutes=timeout_minutes),
-        )
+    start_distributed(env, timeout_minutes)
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
