@@ -9,6 +9,14 @@ tpo_environment() {
         # shellcheck disable=SC1091
         source "${VENV:-.venv}/bin/activate"
     fi
+    # megatron-core's overlap of TP communication with compute relies on one CUDA queue;
+    # CUDA reads it when its context is created (tpo-run and tpo-engine set it too).
+    export CUDA_DEVICE_MAX_CONNECTIONS="${CUDA_DEVICE_MAX_CONNECTIONS:-1}"
+    # Slurm >= 22.05: srun no longer inherits the job's --cpus-per-task (a task would get
+    # one CPU for its OMP_NUM_THREADS threads) unless SRUN_CPUS_PER_TASK says so.
+    if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then
+        export SRUN_CPUS_PER_TASK="${SRUN_CPUS_PER_TASK:-$SLURM_CPUS_PER_TASK}"
+    fi
 }
 
 tpo_launch() {
