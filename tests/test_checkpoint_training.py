@@ -137,8 +137,6 @@ def _reshard_worker(rank, world_size, model, root, pairs, tokens):
                                                      trainer.scheduler)
     report["back_step2"] = _logits(trainer, tokens)
     report["back_lr"] = trainer.optimizer.param_groups[0]["lr"]
-    parallel_state.destroy_model_parallel()
-    torch.distributed.destroy_process_group()
     return report
 
 
@@ -206,7 +204,6 @@ def _resume_worker(rank, world_size, model, root, pairs, reference, resume):
     for chunk in trainer.chunks:
         params = {name: p.detach().clone() for name, p in chunk.named_parameters()}
         report["weights"].update(with_global_layer_numbers(chunk, params))
-    torch.distributed.destroy_process_group()
     return report
 
 

@@ -55,7 +55,7 @@ def _trainer_worker(rank, world_size, model, shard_root, layout_sizes, all_pairs
     from megatron.core import parallel_state
 
     from megatron_tpo.model.mcore_shards import with_global_layer_numbers
-    from megatron_tpo.parallel import init_megatron, shutdown_megatron
+    from megatron_tpo.parallel import init_megatron
     from megatron_tpo.train.dpo_trainer import DPOTrainer
     from megatron_tpo.train.reference_logprobs import with_reference_logprobs
 
@@ -85,7 +85,6 @@ def _trainer_worker(rank, world_size, model, shard_root, layout_sizes, all_pairs
         # megatron's DDP accumulates into main_grad; clipping is off, so it is the raw grad.
         grads = {name: p.main_grad.detach().clone() for name, p in chunk.named_parameters()}
         report["grads"].update(with_global_layer_numbers(chunk, grads))
-    shutdown_megatron()
     return report
 
 
@@ -305,7 +304,7 @@ def _sequence_parallel_gather_worker(rank, world_size):
     from megatron.core import parallel_state
 
     from megatron_tpo.kernels.logprob import fused_target_logprobs
-    from megatron_tpo.parallel import init_megatron, shutdown_megatron
+    from megatron_tpo.parallel import init_megatron
     from megatron_tpo.train.policy_logprobs import return_hidden_states_from_output_layer
 
     init_megatron(ParallelConfig(tensor_model_parallel_size=world_size))
@@ -332,7 +331,6 @@ def _sequence_parallel_gather_worker(rank, world_size):
     local = hidden[own].clone().requires_grad_()
     gathered, _ = gpt_model.output_layer(local)
     logprob_sum(gathered).backward()
-    shutdown_megatron()
     return everything.grad[own], local.grad
 
 

@@ -183,7 +183,7 @@ def _smollm2_logits(rank, world_size, model, shard_roots, tokens):
 
     from megatron_tpo.model.llama import build_llama_chunks
     from megatron_tpo.model.mcore_shards import load_model_shards
-    from megatron_tpo.parallel import init_megatron, shutdown_megatron
+    from megatron_tpo.parallel import init_megatron
 
     reports = {}
     for tp_pp, shard_root in shard_roots.items():
@@ -212,7 +212,6 @@ def _smollm2_logits(rank, world_size, model, shard_roots, tokens):
         if found and parallel_state.get_data_parallel_rank() == 0:
             reports[tp_pp] = found[0]
         parallel_state.destroy_model_parallel()
-    shutdown_megatron()
     return reports
 
 

@@ -124,7 +124,7 @@ def _dpo_worker(rank, world_size, model, shard_root, pairs, hf_dir):
     from transformers import LlamaForCausalLM
 
     from megatron_tpo.model.mcore_shards import with_global_layer_numbers
-    from megatron_tpo.parallel import init_megatron, shutdown_megatron
+    from megatron_tpo.parallel import init_megatron
     from megatron_tpo.rollout.hf_engine import HFRolloutEngine
     from megatron_tpo.rollout.weight_sync import WeightSyncConfig, push_weights
     from megatron_tpo.train.dpo_trainer import DPOTrainer
@@ -150,7 +150,6 @@ def _dpo_worker(rank, world_size, model, shard_root, pairs, hf_dir):
     report["sync"] = push_weights(engine, trainer.ddp_chunks, model,
                                   WeightSyncConfig(parity_tolerance=1e-4))
     report["engine_embedding"] = engine.model.model.embed_tokens.weight.detach().clone()
-    shutdown_megatron()
     return report
 
 

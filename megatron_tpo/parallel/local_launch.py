@@ -19,17 +19,34 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple,
         GLOO_SOCKET_IFNAME="lo",
     )
     share_cpu_threads(world_size)
-    result = fn(rank, world_size, *args)
+    try:
+        result = fn(rank, world_size, *args)
+    finally:
+        # Every spawned rank ends the same way, whatever its function set up: megatron's
+        # parallel state and the process group go, so no caller repeats the teardown.
+        _tear_down_distributed()
     # A file, not a queue: a large result in a pipe would block the child before join.
     with open(Path(result_dir) / f"{rank}.pkl", "wb") as handle:
         pickle.dump(result, handle)
+
+
+def _tear_down_distributed() -> None:
+    import torch.distributed
+
+    if not torch.distributed.is_initialized():
+        return
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    torch.distributed.destroy_process_group()
 
 
 def spawn_local(fn: Callable, world_size: int, *args: Any) -> List[Any]:
     """Run ``fn(rank, world_size, *args)`` in ``world_size`` processes; return results by rank.
 
     ``fn`` must be importable (a module-level function). A failure in any rank is
-    re-raised here with that rank's traceback.
+    re-raised here with that rank's traceback. Each rank's process group and megatron
+    parallel state are torn down after ``fn``, so ``fn`` need not do it.
     """
     with tempfile.TemporaryDirectory() as result_dir:
         mp.start_processes(_worker, args=(world_size, free_local_port(), fn, args, result_dir),
