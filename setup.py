@@ -36,7 +36,10 @@ setup(
         "test": ["pytest>=8", "pytest-timeout", "gguf", "accelerate"],
         # tpo-convert gguf-to-hf / gguf-to-mcore: transformers dequantizes through these.
         "gguf": ["gguf", "accelerate"],
-        "gpu": ["transformer-engine[pytorch]", "vllm>=0.17"],
+        # The GPU stack is pinned in requirements/gpu.txt (a constraints file). Install it in
+        # the order docs/gpu_setup.md gives: Transformer Engine is left out here because it
+        # compiles against the installed torch and needs --no-build-isolation.
+        "gpu": ["vllm==0.33.0"],
     },
     entry_points={
         "console_scripts": [
@@ -47,6 +50,7 @@ setup(
             "tpo-plan=megatron_tpo.cli.plan:main",
             "tpo-tiny-train=megatron_tpo.cli.tiny_train:main",
             "tpo-check-prompts=megatron_tpo.data.check_prompts:main",
+            "tpo-doctor=megatron_tpo.cli.doctor:main",
         ]
     },
 )
