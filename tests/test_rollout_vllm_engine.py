@@ -16,12 +16,16 @@ import vllm_standin  # noqa: E402
 from tiny_hf import tiny_tokenizer  # noqa: E402
 
 
+GiB = vllm_standin.GiB
+
+
 @pytest.fixture
 def vllm(monkeypatch):
-    monkeypatch.setitem(sys.modules, "vllm", vllm_standin)
-    vllm_standin.CALLS.clear()
-    monkeypatch.setattr(vllm_standin.LLM, "script", {})
-    return vllm_standin
+    """The stand-in on an idle 80 GiB device, in a rank started as tpo-run starts one."""
+    for name, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
+                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29555"}.items():
+        monkeypatch.setenv(name, value)
+    return vllm_standin.install(monkeypatch)
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +54,8 @@ def test_build_starts_a_colocated_sleepable_engine_with_dummy_weights(vllm, toke
         model="/models/policy", tensor_parallel_size=2, seed=3, gpu_memory_utilization=0.35,
         enforce_eager=False, dtype="bfloat16", distributed_executor_backend="external_launcher",
         enable_sleep_mode=True, load_format="dummy", max_model_len=4096,
-        enable_prefix_caching=True))]
+        enable_prefix_caching=True, disable_custom_all_reduce=True))]
+    assert vllm.DEVICE.free_bytes == 80 * GiB - int(0.35 * 80 * GiB)   # the engine holds it
 
 
 def test_a_sync_wakes_weights_then_loads_then_kv_cache_then_resets_the_prefix_cache(
@@ -62,14 +67,23 @@ def test_a_sync_wakes_weights_then_loads_then_kv_cache_then_resets_the_prefix_ca
     engine.update_weights(iter(_weights()))
     engine.wake()
     names = ["model.embed_tokens.weight", "lm_head.weight"]
-    assert vllm.CALLS[1:] == [("sleep", 1), ("wake_up", ["weights"]), ("load_weights", names),
-                              ("wake_up", ["kv_cache"]), ("reset_prefix_cache",)]
+    assert [c[0] if c[0] != "wake_up" else c for c in vllm.CALLS[1:]] == [
+        "sleep", ("wake_up", ["weights"]), "load_weights", "process_weights_after_loading",
+        ("wake_up", ["kv_cache"]), "reset_prefix_cache"]
+    # vLLM's post-processing (re-tying, repacking) on the worker's own model, config, device,
+    # under the worker's vllm config, as NeMo-RL's and verl's refits call it.
+    worker = engine.llm.llm_engine.model_executor.driver_worker.worker
+    _, model, model_config, device, current = vllm.CALLS[4]
+    assert model is worker.model_runner.get_model()
+    assert (model_config, device, current) == (worker.model_config, "cuda:0",
+                                               worker.vllm_config)
     assert engine.weight_checksums(names + ["model.norm.weight"]) == {
         name: tensor_checksum(tensor) for name, tensor in _weights()}
 
     del vllm.CALLS[:]
     engine.update_weights(iter(_weights()))   # awake: load, then the cache goes at once
-    assert vllm.CALLS == [("load_weights", names), ("reset_prefix_cache",)]
+    assert [c[0] for c in vllm.CALLS] == ["load_weights", "process_weights_after_loading",
+                                          "reset_prefix_cache"]
 
 
 def test_sleep_level_two_discards_weights_until_the_next_sync(vllm, tokenizer):
@@ -102,7 +116,8 @@ def test_sleep_level_zero_only_pauses_scheduling(vllm, tokenizer):
     engine.update_weights(iter(_weights()))
     engine.wake()
     assert [c[0] if c[0] != "wake_up" else c for c in vllm.CALLS[1:]] == [
-        "sleep", "load_weights", ("wake_up", ["scheduling"]), "reset_prefix_cache"]
+        "sleep", "load_weights", "process_weights_after_loading", ("wake_up", ["scheduling"]),
+        "reset_prefix_cache"]
 
 
 def test_generate_sends_token_prompts_one_seed_per_sample_and_cuts_like_the_hf_engine(
@@ -146,3 +161,92 @@ def test_score_reads_prompt_logprobs_of_the_given_tokens(vllm, tokenizer):
     assert scores == [[vllm.token_logprob(t) for t in (9, 11, 2)], [vllm.token_logprob(3)]]
     params = vllm.CALLS[-1][2][0]
     assert (params.prompt_logprobs, params.max_tokens, params.temperature) == (0, 1, 0.0)
+
+
+
+# -- what vLLM refuses at start-up, and its one allocator per process ----------------------
+
+def test_external_launcher_without_the_launch_variables_fails_as_vllm_does(
+        vllm, tokenizer, monkeypatch):
+    """Under srun nothing sets RANK/LOCAL_RANK unless our start-up exports them."""
+    monkeypatch.delenv("RANK")
+    with pytest.raises(KeyError, match="RANK"):
+        _engine(tokenizer)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.delenv("LOCAL_RANK")
+    with pytest.raises(KeyError, match="LOCAL_RANK"):
+        _engine(tokenizer)
+
+
+def test_vllm_refuses_to_start_where_the_trainer_left_too_little_free(
+        vllm, tokenizer, monkeypatch):
+    vllm.reset(total_bytes=80 * GiB, free_bytes=30 * GiB)
+    with pytest.raises(ValueError, match=r"Free memory on device \(30.00/80.00 GiB\) on "
+                       r"startup is less than desired GPU memory utilization \(0.5, 40.00"):
+        _engine(tokenizer, gpu_memory_utilization=0.5)
+    _engine(tokenizer, gpu_memory_utilization=0.3)     # 24 GiB of the 30 free
+    assert vllm.DEVICE.free_bytes == 30 * GiB - int(0.3 * 80 * GiB)
+
+
+def test_sleep_gives_the_engines_memory_back_and_each_wake_tag_maps_its_share(
+        vllm, tokenizer):
+    vllm.MODEL_BYTES["/models/policy"] = 16 * GiB
+    engine = _engine(tokenizer, gpu_memory_utilization=0.5)
+    assert vllm.DEVICE.free_bytes == 40 * GiB
+    engine.sleep()
+    assert vllm.DEVICE.free_bytes == 80 * GiB
+    engine.update_weights(iter(_weights()))            # weights only: no KV cache yet
+    assert vllm.DEVICE.free_bytes == 64 * GiB
+    engine.wake()
+    assert vllm.DEVICE.free_bytes == 40 * GiB
+    engine.generate(["the cat"], SamplingParams(n=1, max_new_tokens=2))
+
+
+def test_a_second_sleep_mode_engine_in_one_process_is_refused(vllm, tokenizer):
+    """A judge model's engine beside the policy's in one process: vLLM asserts, since its
+    sleep-mode allocator is one per process (verl#1193)."""
+    _engine(tokenizer, gpu_memory_utilization=0.3)
+    config = RolloutConfig(engine="vllm", vllm=VLLMConfig(gpu_memory_utilization=0.3))
+    with pytest.raises(AssertionError, match="one instance per process"):
+        build_rollout_engine(config, "/models/judge", tokenizer, serves_checkpoint=True)
+
+
+def test_without_that_check_one_engines_sleep_would_unmap_the_others_memory(
+        vllm, tokenizer, monkeypatch):
+    """Why vLLM asserts: sleep() releases every sleep-mode allocation in the process."""
+    monkeypatch.setattr(vllm, "ONE_INSTANCE_CHECK", False)
+    policy = _engine(tokenizer, gpu_memory_utilization=0.3)
+    config = RolloutConfig(engine="vllm", vllm=VLLMConfig(gpu_memory_utilization=0.3))
+    judge = build_rollout_engine(config, "/models/judge", tokenizer, serves_checkpoint=True)
+    judge.score([[1, 2, 3]])
+    policy.sleep()                                     # the trainer's turn...
+    assert vllm.DEVICE.free_bytes == 80 * GiB          # ...took the judge's memory too
+    with pytest.raises(RuntimeError, match="unmapped"):
+        judge.score([[1, 2, 3]])                       # though the judge never slept
+
+
+def test_build_tpo_puts_the_policy_engine_to_sleep_before_the_trainer_is_built(
+        vllm, monkeypatch, tmp_path):
+    """The trainer is built (and takes its memory) while the engine sleeps; the first
+    weight sync wakes it."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from tpo_fixtures import tiny_run_overrides
+
+    import megatron_tpo.build as build
+    import megatron_tpo.train.dpo_trainer as dpo_trainer
+    from megatron_tpo.cli.run import compose_config
+
+    config = compose_config(tiny_run_overrides(tmp_path, 1) + ["rollout.engine=vllm"])
+
+    class TrainerBuilt(Exception):
+        pass
+
+    def trainer(*args, **kwargs):
+        raise TrainerBuilt([c[0] for c in vllm.CALLS], vllm.DEVICE.free_bytes)
+
+    monkeypatch.setattr(dpo_trainer, "DPOTrainer", trainer)
+    monkeypatch.setattr(build, "initial_weights", lambda config, run_dir: None)
+    with pytest.raises(TrainerBuilt) as built:
+        build.build_tpo(config)
+    calls, free = built.value.args
+    assert calls == ["LLM", "sleep"] and free == 80 * GiB

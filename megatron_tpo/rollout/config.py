@@ -31,6 +31,12 @@ class VLLMConfig:
     max_model_len: Optional[int] = None
     enforce_eager: bool = False   # no CUDA graphs: slower, but nothing captured to go stale
     enable_prefix_caching: bool = True
+    # vLLM's custom all-reduce (TP > 1) shares its buffers between the TP ranks through
+    # CUDA IPC, allocated outside the sleep-mode pool: they stay resident while the engine
+    # sleeps and the trainer needs the memory, and the peer addresses are captured in CUDA
+    # graphs. Colocated with a trainer, NCCL's all-reduce is the safe one (verl passes True
+    # to its colocated engines too); an engine pool on GPUs of its own may set false.
+    disable_custom_all_reduce: bool = True
 
     def validate(self) -> None:
         if self.tensor_parallel_size < 1:

@@ -15,6 +15,8 @@ weight sync. Lifecycle, as the note's RL users do it:
     sleep(level)                       before training
     wake_up(tags=["weights"])          a sync: weights resident, no KV cache yet
     model.load_weights(stream)         full HF-named tensors; vLLM fuses and shards them
+    process_weights_after_loading(...) vLLM's post-load pass (re-tying, repacking), as the
+                                       refits of verl, NeMo-RL and vLLM's rlhf_utils run it
     wake_up(tags=["kv_cache"])         wake()
     reset_prefix_cache()               cached KV was computed by the old weights
 
@@ -68,7 +70,8 @@ class VLLMRolloutEngine(RolloutEngine):
                   distributed_executor_backend="external_launcher", enable_sleep_mode=True,
                   load_format="auto" if serves_checkpoint else "dummy",
                   max_model_len=config.max_model_len,
-                  enable_prefix_caching=config.enable_prefix_caching)
+                  enable_prefix_caching=config.enable_prefix_caching,
+                  disable_custom_all_reduce=config.disable_custom_all_reduce)
         return cls(llm, tokenizer, config, serves_checkpoint)
 
     # -- memory ---------------------------------------------------------------------
@@ -94,9 +97,22 @@ class VLLMRolloutEngine(RolloutEngine):
             self.prefix_cache_stale = False
 
     # -- weights --------------------------------------------------------------------
-    def _worker_model(self):
-        runner = self.llm.llm_engine.model_executor.driver_worker.worker.model_runner
-        return runner.get_model()
+    def _worker(self):
+        # external_launcher: one worker, in this process (vLLM's torchrun example).
+        return self.llm.llm_engine.model_executor.driver_worker.worker
+
+    def _load(self, stream: Iterable[Tuple[str, torch.Tensor]]) -> None:
+        """A raw ``load_weights`` into this rank's worker, then vLLM's post-load pass on the
+        same model (``model_loader/utils.py``), under the worker's config as NeMo-RL runs
+        it: what a quantised or repacked layer derives from its weights is redone."""
+        from vllm.config import set_current_vllm_config
+        from vllm.model_executor.model_loader.utils import process_weights_after_loading
+
+        worker = self._worker()
+        model = worker.model_runner.get_model()
+        model.load_weights(self._recorded(stream))
+        with set_current_vllm_config(worker.vllm_config):
+            process_weights_after_loading(model, worker.model_config, worker.device)
 
     def _recorded(self, stream: Iterable[Tuple[str, torch.Tensor]]):
         for name, tensor in stream:
@@ -111,7 +127,7 @@ class VLLMRolloutEngine(RolloutEngine):
             self.llm.wake_up(tags=["weights"])
             self.state = WEIGHTS_ONLY
         self.received = {}
-        self._worker_model().load_weights(self._recorded(stream))
+        self._load(stream)
         self.loaded = True
         self.prefix_cache_stale = True
         if self.state == AWAKE:
