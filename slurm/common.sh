@@ -1,11 +1,31 @@
 # Shared by the sbatch scripts: environment, a layout check before any accelerator time,
 # and one srun step in which every task is one rank of the TPO job.
-#   VENV       a virtual environment with megatron-tpo installed (default .venv)
-#   CONTAINER  a container image for srun --container-image (pyxis); used instead of VENV
+#   VENV             a virtual environment with megatron-tpo installed (default .venv)
+#   CONTAINER        an image for pyxis/enroot (srun --container-image: a registry URI or an
+#                    enroot .sqsh), used instead of VENV; CONTAINER_MOUNTS what the tasks
+#                    see (default $PWD:$PWD)
+#   APPTAINER_IMAGE  an Apptainer/Singularity image (.sif), run as `srun apptainer exec --nv`,
+#                    used instead of VENV; APPTAINER_BINDS what the tasks see (default $PWD)
+# With a container, the batch host's dry run runs in the same image as the tasks.
+# docker/Dockerfile builds one (docs/gpu_setup.md; it has not been built here).
 tpo_srun_placement=()
+tpo_container=()
 
 tpo_environment() {
-    if [ -z "${CONTAINER:-}" ]; then
+    if [ -n "${CONTAINER:-}" ] && [ -n "${APPTAINER_IMAGE:-}" ]; then
+        echo "job ${SLURM_JOB_ID:-}: set CONTAINER (pyxis) or APPTAINER_IMAGE, not both" >&2
+        exit 2
+    fi
+    # Every srun step puts tpo_container between its own options and the command: pyxis
+    # takes options of srun, apptainer wraps the command. Either way the tasks start in
+    # the submit directory, where run.dir and relative paths resolve.
+    if [ -n "${CONTAINER:-}" ]; then
+        tpo_container=(--container-image="$CONTAINER" --container-workdir="$PWD"
+                       --container-mounts="${CONTAINER_MOUNTS:-$PWD:$PWD}")
+    elif [ -n "${APPTAINER_IMAGE:-}" ]; then
+        tpo_container=(apptainer exec --nv --bind "${APPTAINER_BINDS:-$PWD}" --pwd "$PWD"
+                       "$APPTAINER_IMAGE")
+    else
         # shellcheck disable=SC1091
         source "${VENV:-.venv}/bin/activate"
     fi
@@ -19,6 +39,20 @@ tpo_environment() {
     fi
 }
 
+# `tpo_on_batch_host VAR=VALUE ... COMMAND ARGS`: COMMAND with those variables, here on
+# the batch host, in the tasks' image: apptainer runs it in place (no GPU needed); pyxis
+# only runs inside steps, so it is a one-task step that may share the allocation's CPUs
+# (--overlap: it must not wait behind a running engine pool).
+tpo_on_batch_host() {
+    if [ -n "${CONTAINER:-}" ]; then
+        srun --overlap --nodes=1 --ntasks=1 "${tpo_container[@]}" env "$@"
+    elif [ -n "${APPTAINER_IMAGE:-}" ]; then
+        apptainer exec --bind "${APPTAINER_BINDS:-$PWD}" --pwd "$PWD" "$APPTAINER_IMAGE" env "$@"
+    else
+        env "$@"
+    fi
+}
+
 tpo_launch() {
     tpo_environment
     echo "job ${SLURM_JOB_ID}: ${tpo_trainer_tasks:-$SLURM_NTASKS} trainer tasks on ${SLURM_JOB_NODELIST}," \
@@ -28,11 +62,9 @@ tpo_launch() {
     export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}"
     # The layout, the files and the policy are checked here, on the batch host, before
     # srun spends accelerator time on a run that cannot start.
-    SLURM_PROCID=0 SLURM_NTASKS="${tpo_trainer_tasks:-$SLURM_NTASKS}" tpo-run --dry-run "$@"
-    local container=()
-    if [ -n "${CONTAINER:-}" ]; then
-        container=(--container-image="$CONTAINER" --container-mounts="${CONTAINER_MOUNTS:-$PWD:$PWD}")
-    fi
+    tpo_on_batch_host SLURM_PROCID=0 SLURM_NTASKS="${tpo_trainer_tasks:-$SLURM_NTASKS}" \
+        tpo-run --dry-run "$@"
+    local container=("${tpo_container[@]}")
     # A failed task ends the whole step (no rank waits forever on a dead peer); the exit
     # code then says which. USR1 (see --signal) reaches every task: they checkpoint, and
     # rank 0 requeues the job. tpo_srun_placement (tpo_launch_separate) narrows the step
@@ -74,10 +106,7 @@ tpo_launch_separate() {
         engine_placement+=(--exact)
         tpo_srun_placement+=(--exact)
     fi
-    local container=()
-    if [ -n "${CONTAINER:-}" ]; then
-        container=(--container-image="$CONTAINER" --container-mounts="${CONTAINER_MOUNTS:-$PWD:$PWD}")
-    fi
+    local container=("${tpo_container[@]}")
     local where="beside the trainer"
     [ "$engine_nodes" -gt 0 ] && where="on ${engine_nodes} nodes of their own"
     echo "job ${SLURM_JOB_ID}: engine pool of ${engine_tasks} tasks ${where}," \
