@@ -38,6 +38,7 @@ def build_tpo(config: TPOConfig) -> TPOParts:
     prompts = training_prompts(config, tokenizer)
     heldout = heldout_prompts(config)
     engine = build_policy_engine(config.rollout, config.run.policy, tokenizer)
+    engine.sleep()   # the trainer is built on a free device; the first weight sync wakes it
     ranks_per_engine = trainer_ranks_per_engine(config.rollout, world()[1])
     judge, judge_engine = build_judge_for_rank(config, engine, tokenizer, ranks_per_engine)
     trainer = DPOTrainer(config.model, config.parallel, config.train,
@@ -47,7 +48,7 @@ def build_tpo(config: TPOConfig) -> TPOParts:
                                 config.run.initial_checkpoint)
     return TPOParts(
         config=config, digest=digest, tokenizer=tokenizer, engine=engine, judge=judge,
-        judge_engine=judge_engine, judge_on_every_rank=judge_generates(config),
+        judge_engine=judge_engine, judge_on_every_rank=judge_on_every_rank(config),
         trainer=trainer,
         checkpointer=TrainingCheckpointer(run_dir / "checkpoints", config.checkpoint),
         store=IterationStore(run_dir / "stages"),
@@ -62,6 +63,12 @@ def judge_generates(config: TPOConfig) -> bool:
     return config.judge.kind == "pairwise"
 
 
+def judge_on_every_rank(config: TPOConfig) -> bool:
+    """Whether every rank takes part in judging: a pairwise judge generates through every
+    rank's engine, a reward model scores its share of the responses on every rank."""
+    return judge_generates(config) or config.judge.kind == "reward_model"
+
+
 def build_judge_for_rank(config: TPOConfig, policy_engine, tokenizer,
                          policy_ranks_per_engine: int):
     """``(judge, the judge model's own engine or None)`` on this rank.
@@ -70,7 +77,9 @@ def build_judge_for_rank(config: TPOConfig, policy_engine, tokenizer,
     parallel block, the trainer world in front of a separate pool) must all take part:
     it lives on every rank and spreads its prompts over every rank's replica of the
     policy's engine, or, with ``judge.pairwise.model``, of that model's own engine (which
-    loads the judge's checkpoint). Every other judge lives on rank 0 (None elsewhere).
+    loads the judge's checkpoint). A reward model is loaded whole on every rank, which
+    scores its round-robin share of the responses. A rule judge lives on rank 0 (None
+    elsewhere).
     """
     from transformers import AutoTokenizer
 
@@ -78,6 +87,8 @@ def build_judge_for_rank(config: TPOConfig, policy_engine, tokenizer,
     from megatron_tpo.rollout.replicas import EngineReplicas
     from megatron_tpo.rollout.factory import build_rollout_engine
 
+    if config.judge.kind == "reward_model":   # whole on every rank, each scoring its share
+        return build_judge(config.judge), None
     if not judge_generates(config):
         return (build_judge(config.judge) if is_rank_zero() else None), None
     judge_model = config.judge.pairwise.model
