@@ -10,32 +10,63 @@ all-reduce at build time, the gradients summed in ``finalize_model_grads``).
 """
 
 import functools
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from megatron_tpo.config import ConfigError, ModelConfig, ParallelConfig
+from megatron_tpo.parallel.te_probe import transformer_engine_status
+
+# The CUDA extensions behind megatron-core's FusedScaleMaskSoftmax (fusions/fused_softmax.py):
+# apex or Megatron-LM's legacy build provide them; the megatron-core wheel does not.
+FUSED_SOFTMAX_KERNELS = ("scaled_masked_softmax_cuda", "scaled_upper_triang_masked_softmax_cuda",
+                         "scaled_softmax_cuda")
+
+
+def transformer_engine_available() -> bool:
+    """Whether TE's layers can be used; a broken TE install is not (see te_probe)."""
+    return transformer_engine_status()[0]
+
+
+def layer_spec_choice() -> Tuple[str, str]:
+    """``(name, why)`` of the layer spec models are built from: ``"transformer_engine"``
+    or ``"local"`` (megatron-core's own layers), for tpo-doctor and the logs."""
+    usable, reason = transformer_engine_status()
+    if usable:
+        return "transformer_engine", reason
+    return "local", f"{reason}; megatron-core's local layers (no FP8, context or sequence " \
+                    "parallelism)"
+
+
+# Both answer from one cached probe; clearing either re-probes (tests, tpo-doctor).
+transformer_engine_available.cache_clear = transformer_engine_status.cache_clear
+layer_spec_choice.cache_clear = transformer_engine_status.cache_clear
 
 
 @functools.lru_cache(maxsize=1)
-def transformer_engine_available() -> bool:
+def fused_softmax_kernels_available() -> bool:
+    """Whether megatron-core's fused masked softmax has its kernels: with
+    ``masked_softmax_fusion`` on and none of them, the first bf16 attention forward of the
+    local spec fails importing ``scaled_masked_softmax_cuda``."""
+    import importlib
+
     try:
-        import transformer_engine  # noqa: F401
-        from megatron.core.extensions import transformer_engine as _  # noqa: F401
-    except ImportError:
+        for name in FUSED_SOFTMAX_KERNELS:
+            importlib.import_module(name)
+    except Exception:  # noqa: BLE001 - missing, or built for another torch
         return False
     return True
 
 
 def llama_layer_spec(use_transformer_engine: Optional[bool] = None):
     """The one place that chooses Transformer Engine layers or megatron's local ones."""
+    if use_transformer_engine is None:
+        use_transformer_engine = transformer_engine_available()   # before megatron-core
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_local_spec, get_gpt_layer_with_transformer_engine_spec,
     )
 
-    if use_transformer_engine is None:
-        use_transformer_engine = transformer_engine_available()
     if use_transformer_engine:
         return get_gpt_layer_with_transformer_engine_spec()
     return get_gpt_layer_local_spec(normalization="RMSNorm")
@@ -108,9 +139,9 @@ def llama_transformer_config(
 
     ``overrides`` go straight to ``TransformerConfig`` (FP8 recipes, recompute methods).
     """
+    check_buildable(model, parallel)   # probes Transformer Engine before megatron-core
     from megatron.core.transformer import TransformerConfig
 
-    check_buildable(model, parallel)
     on_gpu = torch.cuda.is_available()
     settings = dict(
         num_layers=model.num_layers,
@@ -143,7 +174,7 @@ def llama_transformer_config(
         gradient_accumulation_fusion=False,
         bias_activation_fusion=False,
         bias_dropout_fusion=False,
-        masked_softmax_fusion=on_gpu,
+        masked_softmax_fusion=on_gpu and fused_softmax_kernels_available(),
         apply_rope_fusion=False,
         persist_layer_norm=False,
         # Batched p2p posts send-to-prev before recv-from-prev; gloo matches messages per

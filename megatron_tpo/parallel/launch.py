@@ -183,6 +183,9 @@ def init_megatron(
     else:
         parallel.data_parallel_size(env.world_size)
 
+    from megatron_tpo.parallel.te_probe import transformer_engine_status
+
+    transformer_engine_status()   # a broken TE install is blocked before megatron-core sees it
     from megatron.core import parallel_state, tensor_parallel
 
     if not torch.cuda.is_available():
