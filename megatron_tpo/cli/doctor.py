@@ -348,11 +348,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_intermixed_args(argv)
     checks = run_checks(args)
     failed = any(check.status == FAIL for check in checks)
-    if args.json:
-        print(json.dumps({"host": socket.gethostname(), "ok": not failed,
-                          "checks": [asdict(check) for check in checks]}, indent=2))
-    else:
-        print("\n".join(check.line() for check in checks))
+    rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID"))
+    try:
+        if args.json:
+            print(json.dumps({"host": socket.gethostname(), "rank": rank, "ok": not failed,
+                              "checks": [asdict(check) for check in checks]}, indent=2))
+        else:
+            print("\n".join(check.line() for check in checks))
+    except BrokenPipeError:
+        # `tpo-doctor | head` closed the pipe early; the verdict stands.
+        sys.stdout = open(os.devnull, "w")
     return 1 if failed else 0
 
 
