@@ -11,8 +11,9 @@
     score M_T on held-out instructions
 
 Every rank runs this same code (one ``srun`` or ``torchrun``): all ranks are trainer
-ranks and each holds a rollout-engine replica; the judge lives on rank 0, except a
-pairwise judge, which generates through the engines and so runs on every rank. Each stage's
+ranks and each holds a rollout-engine replica. A pairwise judge generates through the
+engines and a reward model scores its share of the responses, so both run on every rank;
+a rule judge lives on rank 0. Each stage's
 rows land atomically in ``IterationStore``; a restarted run reads finished stages back
 and resumes training from the newest checkpoint, so no sample is lost or duplicated.
 """
@@ -53,7 +54,7 @@ class TPOParts:
     digest: str                     # of the settings that decide stage outputs
     tokenizer: object
     engine: RolloutEngine           # this rank's replica
-    judge: Optional[Judge]          # rank 0 only, unless judge_on_every_rank
+    judge: Optional[Judge]          # rank 0 only (a rule judge), unless judge_on_every_rank
     trainer: object                 # DPOTrainer
     checkpointer: object            # TrainingCheckpointer
     store: IterationStore
@@ -63,7 +64,8 @@ class TPOParts:
     heldout: List[str]
     engine_tensor_parallel_size: int = 1   # ranks per engine replica
     # A judge that generates through engines (pairwise) runs on every rank, spreading
-    # its prompts over the replicas; with a model of its own, that model's engine.
+    # its prompts over the replicas (with a model of its own, that model's engine); a
+    # reward model spreads its responses over the ranks.
     judge_on_every_rank: bool = False
     judge_engine: Optional[RolloutEngine] = None
 

@@ -27,6 +27,14 @@ class RewardModelJudgeConfig:
     device: str = "cpu"
     dtype: str = "float32"
     trust_remote_code: bool = False
+    # Keep the model in host memory and move it to ``device`` only while it judges, so it
+    # does not sit beside the engine and the trainer all run; null: on for cuda devices.
+    offload_between_phases: Optional[bool] = None
+
+    def offloads(self) -> bool:
+        if self.offload_between_phases is None:
+            return self.device.startswith("cuda")
+        return self.offload_between_phases
 
 
 @dataclass

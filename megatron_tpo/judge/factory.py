@@ -30,7 +30,8 @@ def build_judge(config: JudgeConfig, engine: Optional[RolloutEngine] = None,
         return RewardModelJudge.from_pretrained(
             settings.path, batch_size=settings.batch_size, max_length=settings.max_length,
             device=settings.device, dtype=settings.dtype,
-            trust_remote_code=settings.trust_remote_code)
+            trust_remote_code=settings.trust_remote_code,
+            offload_between_phases=settings.offloads())
     if config.kind == "pairwise":
         from megatron_tpo.judge.pairwise import PairwiseJudge
 
