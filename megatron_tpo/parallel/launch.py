@@ -185,6 +185,7 @@ def init_megatron(
 
     from megatron_tpo.parallel.te_probe import transformer_engine_status
 
+    limit_device_connections()    # before anything (TE, megatron-core) may touch CUDA
     transformer_engine_status()   # a broken TE install is blocked before megatron-core sees it
     from megatron.core import parallel_state, tensor_parallel
 
