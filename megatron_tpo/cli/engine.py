@@ -15,7 +15,6 @@ trainer went away without asking, 2 for a bad setting.
 """
 
 import logging
-import os
 import signal
 import sys
 

@@ -136,9 +136,10 @@ def bind_device(local_rank: int) -> None:
     if local_rank >= count:
         raise ConfigError(
             f"LOCAL_RANK={local_rank} but this task has {count} visible CUDA device(s): the "
-            "site binds GPUs per task. Each task must see all of its node's GPUs (rank i "
-            "uses cuda:i, as vLLM does): drop --gpus-per-task and --gpu-bind from the job, "
-            "or give each task all the node's GPUs (--gpus-per-node with --gpu-bind=none)")
+            "site binds GPUs per task. Each task must see all of its node's GPUs (local "
+            "rank i uses cuda:i, as vLLM does): drop --gpus-per-task and --gpu-bind from "
+            "the job, or give each task all the node's GPUs (--gpus-per-node with "
+            "--gpu-bind=none)")
     torch.cuda.set_device(local_rank)
 
 
