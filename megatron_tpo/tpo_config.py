@@ -18,7 +18,7 @@ from megatron_tpo.config.parallel import ParallelConfig
 from megatron_tpo.config.training import DPOTrainingConfig
 from megatron_tpo.data.prompts import PromptSetConfig
 from megatron_tpo.data.thought_templates import ThoughtTemplate
-from megatron_tpo.judge.config import JudgeConfig
+from megatron_tpo.judge.config import JudgeConfig, check_judge_placement
 from megatron_tpo.preference.from_rollouts import PreferenceConfig
 from megatron_tpo.rollout.config import RolloutConfig
 from megatron_tpo.rollout.weight_sync import WeightSyncConfig
@@ -105,6 +105,7 @@ class TPOConfig:
                       self.preference, self.evaluation, self.checkpoint, self.weight_sync,
                       self.run):
             group.validate()
+        check_judge_placement(self.judge, self.rollout)
         check_policy_matches_model(self.run.policy, self.model)
         if self.run.initial_checkpoint:
             check_initial_checkpoint(self.run.initial_checkpoint, self.model)
@@ -147,6 +148,7 @@ class TPOConfig:
             plain["run"].pop(key)
         for key in ("placement", "bridge"):
             plain["rollout"].pop(key)
+            plain["judge"]["pairwise"].pop(key)   # the judge pool's too
         for key in ("checkpoint", "weight_sync"):
             plain.pop(key)
         return plain

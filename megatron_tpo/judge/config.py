@@ -1,11 +1,14 @@
 """Judge settings (``configs/judge/<name>.yaml``): which judge, its options, length control."""
 
-from dataclasses import dataclass, field
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional, Union
 
 from megatron_tpo.config.errors import ConfigError
 from megatron_tpo.config.loading import load_group_config
+from megatron_tpo.rollout.config import PLACEMENTS, BridgeConfig, RolloutConfig, VLLMConfig
 from megatron_tpo.rollout.engine import SamplingParams
 
 KINDS = ("reward_model", "pairwise", "exact_answer", "format")
@@ -48,6 +51,17 @@ class PairwiseJudgeConfig:
     seed: int = 0                            # which pairs, when not all
     sampling: SamplingParams = field(default_factory=lambda: SamplingParams(
         n=1, temperature=0.0, top_p=1.0, max_new_tokens=1024))
+    # Where the judge model's engines run (docs/rollout.md, "Where the judge runs"):
+    # colocated: one more engine in every trainer rank's process (HF engines only: vLLM's
+    # sleep-mode allocator is one per process, so two vLLM engines in one process sleep
+    # and wake each other's memory); separate: a ``tpo-engine --serve judge`` pool of its
+    # own GPUs, reached over ``bridge`` (its own port), which serves generate only.
+    placement: str = "colocated"
+    bridge: BridgeConfig = field(default_factory=lambda: BridgeConfig(port=29710))
+    # The judge engine's own vLLM settings (rollout.engine=vllm picks vLLM). On GPUs of its
+    # own, it may take most of the memory and use vLLM's custom all-reduce: it never sleeps.
+    vllm: VLLMConfig = field(default_factory=lambda: VLLMConfig(
+        gpu_memory_utilization=0.9, disable_custom_all_reduce=False))
 
 
 @dataclass
@@ -98,8 +112,61 @@ class JudgeConfig:
             if self.pairwise.max_pairs_per_prompt is not None and self.pairwise.max_pairs_per_prompt < 1:
                 raise ConfigError("judge.pairwise.max_pairs_per_prompt must be >= 1 or null")
             self.pairwise.sampling.validate()
+            if self.pairwise.placement not in PLACEMENTS:
+                raise ConfigError(f"judge.pairwise.placement={self.pairwise.placement!r}: must "
+                                  f"be one of {PLACEMENTS}")
+            if self.pairwise.placement == "separate" and self.pairwise.model is None:
+                raise ConfigError("judge.pairwise.placement=separate needs judge.pairwise.model: "
+                                  "a policy judging itself generates through its own engines")
         if self.kind == "exact_answer" and not self.exact_answer.answers_path:
             raise ConfigError("judge.exact_answer.answers_path is empty")
+
+
+@contextmanager
+def _named_as_judge_settings():
+    """The rollout group's checks, reused for the judge's engine, naming its settings."""
+    try:
+        yield
+    except ConfigError as error:
+        raise ConfigError(re.sub(r"\brollout\.(vllm|bridge)\.", r"judge.pairwise.\1.",
+                                 str(error))) from None
+
+
+def judge_engine_settings(rollout: RolloutConfig, pairwise: PairwiseJudgeConfig) -> RolloutConfig:
+    """The judge model's engine settings: the policy's engine kind (hf or vllm), device and
+    batch size, with the judge's own placement, vLLM settings and bridge."""
+    settings = replace(rollout, placement=pairwise.placement, vllm=pairwise.vllm,
+                       bridge=pairwise.bridge)
+    with _named_as_judge_settings():
+        settings.validate()
+    return settings
+
+
+def check_judge_placement(judge: JudgeConfig, rollout: RolloutConfig) -> None:
+    """Checks across the judge and rollout groups, before any engine is built.
+
+    A judge model beside a vLLM policy engine is refused: vLLM's sleep-mode allocator
+    (``CuMemAllocator``) is one per process, so the policy engine's ``sleep()`` would unmap
+    the judge's memory too and ``wake_up`` map it back, and the second engine's start-up
+    finds the first's memory taken (``gpu_memory_utilization`` is of the device's total)."""
+    if judge.kind != "pairwise" or judge.pairwise.model is None:
+        return
+    pairwise = judge.pairwise
+    if pairwise.placement == "colocated" and rollout.engine == "vllm":
+        raise ConfigError(
+            f"judge.pairwise.placement='colocated' with judge.pairwise.model={pairwise.model} "
+            "and rollout.engine=vllm would put two sleep-mode vLLM engines in one process (vLLM "
+            "keeps one sleep-mode allocator per process: one engine's sleep unmaps the other's "
+            "memory); serve the judge from a tpo-engine pool of its own GPUs: "
+            "judge.pairwise.placement=separate (tpo-engine --serve judge, slurm/common.sh "
+            "tpo_launch_judge_pool)")
+    judge_engine_settings(rollout, pairwise)
+    if (pairwise.placement == rollout.placement == "separate"
+            and (pairwise.bridge.address, pairwise.bridge.port)
+            == (rollout.bridge.address, rollout.bridge.port)):
+        raise ConfigError(f"judge.pairwise.bridge.port={pairwise.bridge.port} is "
+                          "rollout.bridge.port at the same address: each pool needs a port of "
+                          "its own on trainer rank 0")
 
 
 def load_judge_config(name_or_path: Union[str, Path], **overrides) -> JudgeConfig:
