@@ -57,9 +57,10 @@ def _values_and_grads(fn, hidden, weight, targets, mask, upstream, dtype, with_e
     return logprobs.detach(), entropy.detach(), hidden.grad, weight.grad
 
 
-def _triton(hidden, weight, targets, mask, upstream, with_entropy=True):
+def _triton(hidden, weight, targets, mask, upstream, with_entropy=True, deterministic=True):
     def call(h, w, t, m):
-        return fused_target_logprobs(h, w, t, m, return_entropy=True, impl="triton")
+        return fused_target_logprobs(h, w, t, m, return_entropy=True, impl="triton",
+                                     deterministic=deterministic)
     return _values_and_grads(call, hidden, weight, targets, mask, upstream, hidden.dtype,
                              with_entropy)
 
@@ -70,10 +71,12 @@ def _reference(hidden, weight, targets, mask, upstream, with_entropy=True):
 
 
 @needs_interpreter
+@pytest.mark.parametrize("deterministic", [True, False])
 @pytest.mark.parametrize("tokens,hidden_size,vocab", [(37, 40, 101), (1, 16, 50), (18, 33, 64)])
-def test_interpreted_float32_values_and_gradients(tokens, hidden_size, vocab):
+def test_interpreted_float32_values_and_gradients(tokens, hidden_size, vocab, deterministic):
     inputs = _inputs(tokens, hidden_size, vocab, torch.float32)
-    for actual, expected in zip(_triton(*inputs), _reference(*inputs)):
+    for actual, expected in zip(_triton(*inputs, deterministic=deterministic),
+                                _reference(*inputs)):
         torch.testing.assert_close(actual.double(), expected, atol=2e-5, rtol=2e-5)
 
 
@@ -83,10 +86,11 @@ def test_interpreted_several_tiles_per_program_and_no_entropy_gradient(monkeypat
     # Few programs: each walks several vocab tiles, exercising the online rescaling.
     monkeypatch.setattr(logprob_triton, "TARGET_PROGRAMS", 2)
     inputs = _inputs(21, 24, 150, torch.float32, seed=1)
-    actual = _triton(*inputs, with_entropy=False)
     expected = _reference(*inputs, with_entropy=False)
-    for a, e in zip(actual, expected):
-        torch.testing.assert_close(a.double(), e, atol=2e-5, rtol=2e-5)
+    for deterministic in (True, False):
+        actual = _triton(*inputs, with_entropy=False, deterministic=deterministic)
+        for a, e in zip(actual, expected):
+            torch.testing.assert_close(a.double(), e, atol=2e-5, rtol=2e-5)
 
 
 @needs_interpreter
@@ -161,13 +165,120 @@ def test_bf16_kernels_compile_for_h100(with_entropy):
     compile, and the hot (no entropy gradient) kernels must not spill registers."""
     from megatron_tpo.kernels import logprob_triton
     bf16 = {"hidden_ptr": "*bf16", "weight_ptr": "*bf16", "targets_ptr": "*i64"}
-    for kernel, settings, flag in (
-            (logprob_triton._statistics_kernel, logprob_triton.GPU_FORWARD, "WITH_ENTROPY"),
-            (logprob_triton._gradients_kernel, logprob_triton.GPU_BACKWARD,
-             "WITH_ENTROPY_GRAD")):
+    backward = logprob_triton.GPU_BACKWARD
+    for kernel, settings, weight_side in (
+            (logprob_triton._statistics_kernel, logprob_triton.GPU_FORWARD, None),
+            (logprob_triton._gradients_kernel, backward, None),  # the atomic backward
+            (logprob_triton._owned_gradient_kernel, backward, False),  # deterministic
+            (logprob_triton._owned_gradient_kernel, logprob_triton.GPU_WEIGHT_BACKWARD, True)):
         blocks = {name: value for name, value in settings.items() if name != "num_warps"}
+        flags = dict(WITH_ENTROPY=with_entropy, WITH_ENTROPY_GRAD=with_entropy,
+                     WEIGHT_SIDE=weight_side)
         constexprs = dict(blocks, DOT_PRECISION="tf32", DOT_IN_FP32=False,
-                          **{flag: with_entropy})
+                          **{name: value for name, value in flags.items()
+                             if name in kernel.arg_names})
         usage = _compile_for_h100(kernel, bf16, constexprs, settings["num_warps"])
         if not with_entropy:
-            assert " STACK:0 " in usage, f"{kernel.__name__} spills: {usage}"
+            assert " STACK:0 " in usage, f"{kernel.__name__} {flags} spills: {usage}"
+
+
+# --- determinism: the result must not depend on the order in which programs run ---
+
+class _InterpreterSchedule:
+    """Counts the atomics the interpreted kernels issue and, once ``reverse`` is set, runs
+    every grid's programs in reverse index order.
+
+    The interpreter runs a grid's programs one by one in index order, so float atomics
+    add up in the same order on every run there and look deterministic. A GPU runs
+    programs in whatever order its scheduler picks: reversing the order here is one such
+    schedule, and an order-dependent reduction shows up as differing bits.
+    """
+
+    def __init__(self, monkeypatch):
+        from triton.runtime import interpreter
+        builder = interpreter.interpreter_builder
+        self.atomics, self.reverse = 0, False
+        set_index, issue_atomic = builder.set_grid_idx, builder.create_atomic_rmw
+
+        def scheduled_index(x, y, z):
+            if self.reverse:
+                size_x, size_y, size_z = builder.grid_dim
+                x, y, z = size_x - 1 - x, size_y - 1 - y, size_z - 1 - z
+            set_index(x, y, z)
+
+        def counted_atomic(*args, **kwargs):
+            self.atomics += 1
+            return issue_atomic(*args, **kwargs)
+
+        monkeypatch.setattr(builder, "set_grid_idx", scheduled_index)
+        monkeypatch.setattr(builder, "create_atomic_rmw", counted_atomic)
+
+
+def _gradients(inputs, **kwargs):
+    hidden, weight, targets, mask, upstream = inputs
+
+    def call(h, w, t, m):
+        return fused_target_logprobs(h, w, t, m, return_entropy=True, impl="triton", **kwargs)
+    return _values_and_grads(call, hidden, weight, targets, mask, upstream, hidden.dtype)[2:]
+
+
+# 64 tokens (about 41 unmasked) and 64 vocab rows: >= 3 token blocks and 4 vocab tiles of
+# the interpreter's 16, so three or more partial sums meet in every gradient element
+# and their order can change the rounding.
+ORDER_SHAPE = (64, 16, 64)
+GRADIENTS = ("grad hidden", "grad weight")
+
+
+@needs_interpreter
+@pytest.mark.parametrize("layout", ["slot per tile", "several tiles per slot", "no workspace"])
+def test_interpreted_default_gradients_do_not_depend_on_program_order(monkeypatch, layout):
+    """Gradients of hidden and weight, bit for bit: two runs in index order and one with
+    every grid run in reverse order, for each way the deterministic backward lays out its
+    partial sums. Proves that the default backward issues no atomic and that its bits
+    do not depend on the order in which programs run or finish (the GPU fixes neither,
+    and the interpreter alone would hide atomics' order dependence; the atomic control
+    test below shows this schedule exposes it). It says nothing about whether another
+    Triton version or GPU compiles the same rounding."""
+    from megatron_tpo.kernels import logprob_triton
+    if layout == "several tiles per slot":  # 3 token blocks x 4 vocab tiles: 2 splits of 2
+        monkeypatch.setattr(logprob_triton, "TARGET_PROGRAMS", 8)
+    elif layout == "no workspace":
+        monkeypatch.setattr(logprob_triton, "DETERMINISTIC_WORKSPACE_BYTES", 0)
+    layouts = []  # (splits, tiles_per_split) of the hidden side, then of the weight side
+    choose = logprob_triton._reduction_splits
+    monkeypatch.setattr(logprob_triton, "_reduction_splits",
+                        lambda *args: layouts.append(choose(*args)) or layouts[-1])
+    inputs = _inputs(*ORDER_SHAPE, torch.float32, seed=4)
+    schedule = _InterpreterSchedule(monkeypatch)
+    first, second = _gradients(inputs), _gradients(inputs)
+    splits, tiles = zip(*layouts[:2])
+    assert {"slot per tile": set(tiles) == {1} and min(splits) > 1,
+            "several tiles per slot": min(tiles) > 1 and min(splits) > 1,
+            "no workspace": set(splits) == {1}}[layout], layouts[:2]
+    schedule.reverse = True
+    reversed_order = _gradients(inputs)
+    assert schedule.atomics == 0
+    for a, b, c, name in zip(first, second, reversed_order, GRADIENTS):
+        assert torch.equal(a, b), f"{name} differs between two runs"
+        assert torch.equal(a, c), f"{name} changed with the program order"
+    for actual, expected in zip(first, _reference(*inputs)[2:]):
+        torch.testing.assert_close(actual.double(), expected, atol=2e-5, rtol=2e-5)
+
+
+@needs_interpreter
+def test_interpreted_atomic_gradients_change_with_program_order(monkeypatch):
+    """The control for the test above: the atomic backward (deterministic=False) issues
+    atomics, and reversing the program order changes bits of both of its gradients, so
+    the schedule can expose an order-dependent reduction; both orders still equal the
+    float64 reference to float32 rounding."""
+    inputs = _inputs(*ORDER_SHAPE, torch.float32, seed=4)
+    schedule = _InterpreterSchedule(monkeypatch)
+    in_order = _gradients(inputs, deterministic=False)
+    schedule.reverse = True
+    reversed_order = _gradients(inputs, deterministic=False)
+    assert schedule.atomics > 0
+    expected = _reference(*inputs)[2:]
+    for a, b, wanted, name in zip(in_order, reversed_order, expected, GRADIENTS):
+        assert not torch.equal(a, b), f"{name}: reversing the programs changed no bit"
+        for actual in (a, b):
+            torch.testing.assert_close(actual.double(), wanted, atol=2e-5, rtol=2e-5)

@@ -35,7 +35,7 @@ class _FusedTargetLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, valid, tp_group, vocab_start, return_entropy,
-                implementation):
+                implementation, deterministic):
         ctx.set_materialize_grads(False)
         # Masked tokens are dropped before any work, so they cost nothing.
         rows = valid.nonzero()[:, 0]
@@ -62,6 +62,7 @@ class _FusedTargetLogprobs(torch.autograd.Function):
         ctx.save_for_backward(hidden_rows, weight, local_targets, rows, lse, token_entropy)
         ctx.hidden_shape, ctx.hidden_dtype = hidden.shape, hidden.dtype
         ctx.tp_group, ctx.implementation = tp_group, implementation
+        ctx.deterministic = deterministic
         if return_entropy:
             return logprobs, entropies
         return logprobs
@@ -77,14 +78,15 @@ class _FusedTargetLogprobs(torch.autograd.Function):
             grad_ent = grad_entropies.index_select(0, rows).float()
             mean_logit = lse - token_entropy
         grad_hidden_rows, grad_weight = ctx.implementation.slice_gradients(
-            hidden_rows, weight, local_targets, lse, grad_lp, grad_ent, mean_logit)
+            hidden_rows, weight, local_targets, lse, grad_lp, grad_ent, mean_logit,
+            deterministic=ctx.deterministic)
         if ctx.tp_group is not None:
             # Each shard saw only its vocab slice: the hidden gradient is their sum.
             dist.all_reduce(grad_hidden_rows, op=dist.ReduceOp.SUM, group=ctx.tp_group)
         grad_hidden = grad_hidden_rows.new_zeros(ctx.hidden_shape)
         grad_hidden.index_copy_(0, rows, grad_hidden_rows)
         return (grad_hidden.to(ctx.hidden_dtype), grad_weight.to(weight.dtype),
-                None, None, None, None, None, None)
+                None, None, None, None, None, None, None)
 
 
 def fused_target_logprobs(
@@ -97,6 +99,7 @@ def fused_target_logprobs(
     ignore_index: int = -100,
     return_entropy: bool = False,
     impl: str = "auto",
+    deterministic: bool = True,
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """Log-probability of each target token under softmax(hidden @ weight.T), fused.
 
@@ -111,6 +114,11 @@ def fused_target_logprobs(
         return_entropy: also return each token's entropy of the full distribution.
         impl: "auto" (Triton for CUDA tensors when triton imports, else torch),
             "torch" (chunked, any device), or "triton".
+        deterministic: the same gradient bits on every run (the Triton backward then
+            reduces in a fixed order: one more logit recomputation, and a bounded
+            workspace). False lets the Triton backward add with float32 atomics: faster,
+            but rounding follows the GPU's program schedule. The torch path is
+            deterministic either way.
 
     Returns:
         float32 log-probs [...] (and float32 entropies [...] when ``return_entropy``),
@@ -130,7 +138,8 @@ def fused_target_logprobs(
     implementation = _implementation(impl, hidden)
     outputs = _FusedTargetLogprobs.apply(
         hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1).long(),
-        valid.reshape(-1), tp_group, vocab_start, return_entropy, implementation)
+        valid.reshape(-1), tp_group, vocab_start, return_entropy, implementation,
+        deterministic)
     if return_entropy:
         return tuple(out.view(targets.shape) for out in outputs)
     return outputs.view(targets.shape)

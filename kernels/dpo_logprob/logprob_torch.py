@@ -68,13 +68,15 @@ def slice_gradients(hidden: torch.Tensor, weight: torch.Tensor, local_targets: t
                     grad_entropy: Optional[torch.Tensor] = None,
                     mean_logit: Optional[torch.Tensor] = None,
                     token_chunk: int = TOKEN_CHUNK,
-                    vocab_chunk: int = VOCAB_CHUNK) -> Tuple[torch.Tensor, torch.Tensor]:
+                    vocab_chunk: int = VOCAB_CHUNK,
+                    deterministic: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
     """Float32 gradients of hidden (this shard's partial) and of the weight shard.
 
     With p = softmax(z) over the full vocabulary (``log_sum_exp`` is the combined one):
     d logprob / dz = onehot(target) - p, and d entropy / dz = p * (E[z] - z), where
     E[z] = ``mean_logit`` = lse - entropy; the entropy term is skipped without
-    ``grad_entropy``.
+    ``grad_entropy``. ``deterministic`` is accepted for the common signature: chunks are
+    added in a fixed order with no atomics, so this path gives the same bits every run.
     """
     grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
     grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
