@@ -54,10 +54,12 @@ LAUNCH_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MAS
 
 @pytest.fixture
 def clean_environment(monkeypatch):
-    """os.environ without any launcher's variables (restored after the test)."""
+    """os.environ without any launcher's variables, restored after the test, the ones
+    start-up exports included (setenv first, so monkeypatch records them as unset)."""
     for name in LAUNCH_VARIABLES + ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID",
                                     "SLURM_JOB_NODELIST", "SLURM_TASKS_PER_NODE"):
-        monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
     return monkeypatch
 
 
@@ -219,3 +221,11 @@ def test_tpo_run_ranks_start_with_the_configured_timeout(monkeypatch):
     with pytest.raises(RuntimeError, match="stop after start-up"):
         run_rank(0, 1, config)
     assert seen == {"seed": 5, "timeout_minutes": 90}
+
+
+def test_start_up_leaves_no_launch_variable_behind_for_the_next_test():
+    """The fixture above restores what start_distributed exported (a later in-process test
+    would otherwise look launched by torchrun, with a stale port)."""
+    import os
+
+    assert not {"RANK", "WORLD_SIZE", "LOCAL_RANK"} & set(os.environ)
