@@ -11,7 +11,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from tpo_fixtures import tiny_run_overrides  # noqa: E402
 
 from megatron_tpo.cli import doctor, run  # noqa: E402
-from megatron_tpo.cli.doctor import main, read_pins  # noqa: E402
+from megatron_tpo.cli.doctor import check_nccl, main, read_pins  # noqa: E402
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 
@@ -159,3 +159,12 @@ def test_the_pins_file_pins_the_stack_the_engine_and_megatron_core_need():
     # setup.py's gpu extra names the same vLLM.
     setup = (REPOSITORY / "setup.py").read_text()
     assert f'"vllm=={pins["vllm"]}"' in setup
+
+
+def test_an_nccl_other_than_the_pinned_one_is_reported():
+    assert check_nccl("2.30.7", "2.30.7").line() == (
+        "ok    nccl                      2.30.7 (pinned 2.30.7)")
+    other = check_nccl("2.27.3", "2.30.7")
+    assert other.status == "warn" and other.detail.startswith("2.27.3 loaded, pinned 2.30.7")
+    assert check_nccl("2.27.3", None).status == "ok"
+    assert read_pins(REPOSITORY / "requirements" / "gpu.txt")["nvidia-nccl-cu13"] == "2.30.7"

@@ -119,7 +119,18 @@ def check_python(pins_python: str = "3.12") -> Check:
 
 
 # -- CUDA, NCCL, GPUs -----------------------------------------------------------------
-def check_cuda(strict: bool) -> List[Check]:
+def check_nccl(version: str, pinned: Optional[str]) -> Check:
+    """torch's NCCL against the nvidia-nccl pin: another one (a site's NCCL preloaded, a
+    container's) is not the one torch 2.14 was tested with."""
+    if pinned is None:
+        return Check(OK, "nccl", version)
+    if version == pinned:
+        return Check(OK, "nccl", f"{version} (pinned {pinned})")
+    return Check(WARN, "nccl", f"{version} loaded, pinned {pinned} (LD_PRELOAD or LD_LIBRARY_PATH "
+                               "bringing another libnccl?)")
+
+
+def check_cuda(strict: bool, nccl_pin: Optional[str] = None) -> List[Check]:
     try:
         import torch
     except Exception as error:  # noqa: BLE001 - the report says why, whatever it is
@@ -136,7 +147,7 @@ def check_cuda(strict: bool) -> List[Check]:
                                 "device(s) visible")]
     try:
         nccl = ".".join(str(part) for part in torch.cuda.nccl.version())
-        checks.append(Check(OK, "nccl", nccl))
+        checks.append(check_nccl(nccl, nccl_pin))
     except Exception as error:  # noqa: BLE001
         checks.append(Check(FAIL, "nccl", f"torch.cuda.nccl.version() failed: {_error_text(error)}"))
     return checks + check_gpu_memory(torch)
@@ -295,7 +306,7 @@ def run_checks(args: argparse.Namespace) -> List[Check]:
     else:
         checks.append(Check(OK, "pins", str(args.pins)))
     checks += check_versions(pins, strict)
-    checks += check_cuda(strict)
+    checks += check_cuda(strict, pins.get("nvidia-nccl-cu13"))
     checks.append(check_import("import transformer_engine",
                                ["transformer_engine", "transformer_engine.pytorch"], strict))
     checks.append(check_import("import vllm", ["vllm"], strict))
