@@ -40,7 +40,7 @@ def built(tmp_path_factory):
     return tmp_path, config, prepare_tiny_assets(tmp_path / "assets", config)
 
 
-def test_assets_hold_both_policies_the_tokenizer_and_disjoint_prompt_files(built):
+def test_assets_hold_one_policy_the_tokenizer_and_disjoint_prompt_files(built):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _, _, assets = built
@@ -52,17 +52,22 @@ def test_assets_hold_both_policies_the_tokenizer_and_disjoint_prompt_files(built
     first = train[0]
     assert int(answers[first]) == sum(int(x) for x in first[len("What is "):-1].split(" + "))
     tokenizer = AutoTokenizer.from_pretrained(str(assets.tokenizer))
-    for policy in (assets.policy_thought, assets.policy_direct):
-        model = AutoModelForCausalLM.from_pretrained(str(policy))
-        assert model.config.vocab_size == len(tokenizer) == assets.manifest["vocab_size"]
-        assert model.generation_config.eos_token_id == tokenizer.convert_tokens_to_ids("<|eot_id|>")
-        assert AutoTokenizer.from_pretrained(str(policy)).chat_template == tokenizer.chat_template
-    assert set(assets.manifest["warm_start"]) == {"thought", "direct"}
+    model = AutoModelForCausalLM.from_pretrained(str(assets.policy))
+    assert model.config.vocab_size == len(tokenizer) == assets.manifest["vocab_size"]
+    assert model.generation_config.eos_token_id == tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    assert AutoTokenizer.from_pretrained(str(assets.policy)).chat_template == tokenizer.chat_template
+    # One M_0 for both arms: no second policy directory.
+    assert sorted(p.name for p in assets.root.iterdir() if p.name.startswith("policy")) == ["policy"]
+    data = assets.manifest["warm_start"]["data"]
+    # 64 problems, each once direct and once with a thought; every kind ends correctly.
+    assert data["direct"]["examples"] == 64
+    assert sum(v["examples"] for k, v in data.items() if k != "direct") == 64
+    assert {v["correct_answer_share"] for v in data.values()} == {1.0}
 
 
 def test_a_second_call_with_the_same_config_reuses_the_assets(built):
     tmp_path, config, assets = built
-    weights = assets.policy_thought / "model.safetensors"
+    weights = assets.policy / "model.safetensors"
     stamp = weights.stat().st_mtime_ns
     start = time.perf_counter()
     again = prepare_tiny_assets(tmp_path / "assets", config)
@@ -87,5 +92,9 @@ def test_a_changed_config_rebuilds_and_a_foreign_directory_is_refused(built):
 def test_bad_task_settings_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match="tiny.num_terms=1"):
         prepare_tiny_assets(tmp_path / "a", quick_config(tmp_path, num_terms=1))
+    with pytest.raises(ConfigError, match="tiny.thought_mix.musing=1"):
+        quick_config(tmp_path, thought_mix={"musing": 1}).validate()
+    with pytest.raises(ConfigError, match="must not all be 0"):
+        quick_config(tmp_path, thought_mix={"columns": 0.0}).validate()
     with pytest.raises(ConfigError, match="sft.batch_size=0"):
         quick_config(tmp_path, sft=SFTConfig(batch_size=0)).validate()

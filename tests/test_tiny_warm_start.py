@@ -6,9 +6,10 @@ from megatron_tpo.data.thought_templates import GENERIC
 from megatron_tpo.tiny.assets import tokenizer_corpus
 from megatron_tpo.tiny.task import generate_problems
 from megatron_tpo.tiny.tokenizer import train_tokenizer
+from megatron_tpo.tiny.thoughts import DEFAULT_MIX
 from megatron_tpo.tiny.warm_start import (IGNORE_INDEX, SFTConfig, collate, new_policy,
-                                          policy_prompt, save_policy, sft_examples,
-                                          supervised_warm_start)
+                                          policy_prompt, save_policy, supervised_warm_start,
+                                          warm_start_data)
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +30,11 @@ def small_model_config(tokenizer):
 
 def test_examples_are_the_chat_prompt_then_the_demonstration_and_eos(tokenizer, problems):
     problem = problems[0]
-    for style, prompt_start in (("thought", "Respond to the following"), ("direct", "What is")):
-        prompt_ids, completion_ids = sft_examples([problem], tokenizer, style)[0]
+    direct, thought = warm_start_data([problem], tokenizer, DEFAULT_MIX, seed=0)
+    for item, style, prompt_start in ((thought, "thought", "Respond to the following"),
+                                      (direct, "direct", "What is")):
+        assert item.style == style
+        prompt_ids, completion_ids = item.example
         prompt = tokenizer.decode(prompt_ids)
         assert prompt == policy_prompt(tokenizer, problem.instruction, style)
         assert prompt.startswith("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n"
@@ -53,7 +57,8 @@ def test_collate_puts_labels_on_completion_tokens_only():
 
 
 def test_a_few_sft_steps_lower_the_completion_loss(tokenizer, problems):
-    examples = sft_examples(problems, tokenizer, "thought")
+    examples = [d.example for d in warm_start_data(problems, tokenizer, DEFAULT_MIX, 0)
+                if d.style == "thought"]
     model = new_policy(small_model_config(tokenizer), seed=0)
     held = collate(examples[:16], tokenizer.pad_token_id)
     with torch.no_grad():

@@ -4,20 +4,25 @@
     tpo-tiny --seed 1                 # the same comparison from another seed
     tpo-tiny parallel=tp2_pp2         # any tpo-run override applies to both runs
     tpo-tiny --prepare-only           # only the task, tokenizer and warm-started M_0
+    tpo-tiny tiny.thought_mix.columns=0.5 tiny.sft.steps=300   # the warm start's settings
 
 Nothing is downloaded: a multi-step addition task is generated, a tokenizer trained on
-it with `tokenizers`, and a tiny Llama warm-started by a short supervised phase to write
-thought + response (and, for the baseline, direct responses). Then the TPO loop runs
-(``experiment=tiny_cpu``), and the same loop with ``thought=direct``: same judge, same
-DPO, same budget. Each run's directory holds its stages, checkpoints, metrics and plot;
-``<root>/summary.json`` and ``<root>/tpo_vs_baseline.png`` set the two side by side.
+it with `tokenizers`, and ONE tiny Llama, M_0, warm-started by a short supervised phase
+on direct answers and on the thought format with thoughts of mixed kinds (column sums,
+wrong sums, restatements, unrelated text; every one followed by the correct answer, so
+it is never told which kind helps). Then the TPO loop runs from M_0 with the thought
+prompt (``experiment=tiny_cpu``), and the same loop from the same M_0 with
+``thought=direct``: same judge, same DPO, same budget. Each run's directory holds its
+stages, checkpoints, metrics and plot; ``<root>/summary.json`` and
+``<root>/tpo_vs_baseline.png`` set the two side by side, with the kinds of thought TPO
+samples per iteration (classified from the stored rollouts).
 """
 
 import argparse
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 from megatron_tpo.config.errors import ConfigError
 
@@ -30,35 +35,74 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0,
                         help="seeds the task, the warm start and both TPO runs")
     parser.add_argument("--prepare-only", action="store_true")
-    parser.add_argument("overrides", nargs="*", help="tpo-run overrides for both runs")
+    parser.add_argument("overrides", nargs="*",
+                        help="tpo-run overrides for both runs; tiny.<key>=<value> sets the "
+                             "task and warm start (TinyTaskConfig)")
     return parser
 
 
+def split_overrides(overrides: List[str]) -> Tuple[List[str], List[str]]:
+    """(tiny.* overrides, tpo-run overrides)."""
+    tiny = [o for o in overrides if o.startswith("tiny.")]
+    return tiny, [o for o in overrides if not o.startswith("tiny.")]
+
+
+def apply_tiny_overrides(config, overrides: List[str]):
+    """``tiny.sft.steps=300``, ``tiny.thought_mix.restate=0``: set on the TinyTaskConfig,
+    typed like the value they replace; an unknown key is refused by name."""
+    for override in overrides:
+        key, sep, text = override.partition("=")
+        if not sep:
+            raise ConfigError(f"{override}: a tiny override is tiny.<key>=<value>")
+        *parents, leaf = key.split(".")[1:]
+        target = config
+        for part in parents:
+            if not hasattr(target, part):
+                raise ConfigError(f"{key}: no such setting")
+            target = getattr(target, part)
+        if isinstance(target, dict):
+            if leaf not in target and parents != ["thought_mix"]:
+                raise ConfigError(f"{key}: no such setting")
+            target[leaf] = _typed(key, text, float)
+            continue
+        if not leaf or not hasattr(target, leaf) or isinstance(getattr(target, leaf), dict):
+            raise ConfigError(f"{key}: no such setting")
+        setattr(target, leaf, _typed(key, text, type(getattr(target, leaf))))
+    return config
+
+
+def _typed(key: str, text: str, kind):
+    try:
+        return kind(text)
+    except ValueError:
+        raise ConfigError(f"{key}={text}: must be a {kind.__name__}") from None
+
+
 def run_configs(root: Path, seed: int, assets, overrides: List[str]) -> Dict[str, object]:
-    """The TPO run and its direct-response baseline: one setting apart (and each warm
-    start's own M_0, trained with the same budget)."""
+    """The TPO run and its direct-response baseline: one setting apart, the same M_0."""
     from megatron_tpo.cli.run import compose_config
 
     common = ["experiment=tiny_cpu", f"run.seed={seed}",
               f"model.vocab_size={assets.manifest['vocab_size']}",
               f"prompts.path={assets.train_prompts}", f"evaluation.path={assets.heldout_prompts}",
               f"judge.exact_answer.answers_path={assets.answers}"]
-    runs = {"tpo": ["thought=generic", f"run.policy={assets.policy_thought}"],
-            "baseline": ["thought=direct", f"run.policy={assets.policy_direct}"]}
+    runs = {"tpo": ["thought=generic", f"run.policy={assets.policy}"],
+            "baseline": ["thought=direct", f"run.policy={assets.policy}"]}
     return {name: compose_config(common + extra + [f"run.dir={root / name}"] + overrides)
             for name, extra in runs.items()}
 
 
-def task_config(seed: int, overrides: List[str]):
+def task_config(seed: int, overrides: List[str], tiny_overrides: List[str] = ()):
     """As many new training instructions as the run's iterations take, and the held-out set
-    its evaluation asks for."""
+    its evaluation asks for; ``tiny_overrides`` set the rest."""
     from megatron_tpo.cli.run import compose_config
     from megatron_tpo.tiny.assets import TinyTaskConfig
 
     run = compose_config(["experiment=tiny_cpu"] + overrides)
-    return TinyTaskConfig(seed=seed,
-                          train_size=run.run.iterations * run.prompts.prompts_per_iteration,
-                          heldout_size=run.evaluation.num_prompts)
+    config = TinyTaskConfig(seed=seed,
+                            train_size=run.run.iterations * run.prompts.prompts_per_iteration,
+                            heldout_size=run.evaluation.num_prompts)
+    return apply_tiny_overrides(config, list(tiny_overrides))
 
 
 def main(argv=None) -> int:
@@ -69,12 +113,19 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     root = Path(args.root)
     started = time.perf_counter()
+    tiny_overrides, overrides = split_overrides(args.overrides)
+    try:
+        task = task_config(args.seed, overrides, tiny_overrides)
+        task.validate()
+    except ConfigError as error:
+        print(f"{USAGE}\ntpo-tiny: error: {error}", file=sys.stderr)
+        return 2
     print(f"tpo-tiny: task, tokenizer and warm-started M_0 in {root / 'assets'}", flush=True)
-    assets = prepare_tiny_assets(root / "assets", task_config(args.seed, args.overrides))
+    assets = prepare_tiny_assets(root / "assets", task)
     if args.prepare_only:
         return 0
     try:
-        configs = run_configs(root, args.seed, assets, args.overrides)
+        configs = run_configs(root, args.seed, assets, overrides)
         for config in configs.values():
             config.validate(config.parallel.model_parallel_size)
     except ConfigError as error:
@@ -86,19 +137,26 @@ def main(argv=None) -> int:
               f"iterations in {config.run.dir}", flush=True)
         world_size = config.parallel.model_parallel_size
         summaries[name] = spawn_local(run_rank, world_size, config)[0]
-    report(root, summaries, time.perf_counter() - started)
+    report(root, summaries, {name: c.run.dir for name, c in configs.items()},
+           time.perf_counter() - started, assets.manifest)
     return 0
 
 
-def report(root: Path, summaries: Dict[str, dict], seconds: float) -> None:
-    from megatron_tpo.report.plots import plot_iterations
-    from megatron_tpo.report.summary import summary_table, timing_shares, write_summary
+def report(root: Path, summaries: Dict[str, dict], run_dirs: Dict[str, str], seconds: float,
+           manifest: Dict) -> None:
+    """summary.json: each arm's run summary with its thought kinds and lengths per
+    iteration (from the stored rollouts), the head-to-head win rate, M_0, the warm start."""
+    from megatron_tpo.report.summary import timing_shares, write_summary
+    from megatron_tpo.tiny.report import plot_report, report_table, tiny_report
 
-    write_summary(summaries, root / "summary.json")
-    plot = plot_iterations({name: s["iterations"] for name, s in summaries.items()},
-                           root / "tpo_vs_baseline.png",
-                           {name: s["heldout_score"] for name, s in summaries.items()})
-    print(summary_table(summaries))
+    details = tiny_report({name: Path(path) for name, path in run_dirs.items()})
+    combined = {name: {**summary, **details[name]} for name, summary in summaries.items()}
+    combined.update({"tpo_vs_baseline_win_rate": details["tpo_vs_baseline_win_rate"],
+                     "m0": details["m0"], "warm_start": manifest["warm_start"],
+                     "seconds": seconds})
+    write_summary(combined, root / "summary.json")
+    plot = plot_report(summaries, details, root / "tpo_vs_baseline.png")
+    print(report_table(summaries, details))
     for name, summary in summaries.items():
         shares = ", ".join(f"{stage} {share:.0%}"
                            for stage, share in timing_shares(summary["iterations"]).items())

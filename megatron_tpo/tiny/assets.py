@@ -1,7 +1,7 @@
 """Everything the tiny TPO run needs before its loop starts, built locally in one call.
 
     assets = prepare_tiny_assets(Path("runs/tiny/assets"), TinyTaskConfig(seed=0))
-    assets.policy_thought, assets.policy_direct   # HF model dirs (M_0 of TPO, of the baseline)
+    assets.policy                                 # HF model dir: M_0 of TPO and of the baseline
     assets.train_prompts, assets.heldout_prompts  # JSONL, field "instruction"
     assets.answers                                # JSONL, "instruction" and "answer", both sets
 
@@ -11,6 +11,7 @@ same config reuses it without training, a different config rebuilds it.
 
 import json
 import os
+import random
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -19,15 +20,16 @@ from typing import Dict, List, Sequence
 
 from megatron_tpo.config import ConfigError, load_model_config
 from megatron_tpo.data.thought_templates import GENERIC
-from megatron_tpo.tiny.task import (SumProblem, direct_demonstration, split_problems,
-                                    thought_demonstration)
+from megatron_tpo.tiny.task import (SumProblem, direct_demonstration, response_text,
+                                    split_problems, thought_demonstration)
+from megatron_tpo.tiny.thoughts import DEFAULT_MIX, THOUGHT_KINDS, thought_text, validate_mix
 from megatron_tpo.tiny.tokenizer import train_tokenizer
-from megatron_tpo.tiny.warm_start import (STYLES, SFTConfig, new_policy, save_policy,
-                                          sft_examples, supervised_warm_start)
+from megatron_tpo.tiny.warm_start import (SFTConfig, WarmStartExample, new_policy, save_policy,
+                                          supervised_warm_start, warm_start_data)
 
 MANIFEST = "manifest.json"
 # Bump when the files written change meaning, so old asset directories are rebuilt.
-ASSETS_VERSION = 1
+ASSETS_VERSION = 2  # 2: one M_0 for both arms, thoughts of mixed kinds
 
 
 @dataclass
@@ -40,6 +42,8 @@ class TinyTaskConfig:
     heldout_size: int = 100
     tokenizer_vocab_size: int = 512
     model: str = "tiny_tpo"
+    # The warm start's thought kinds and their weights (tiny/thoughts.py); none is labelled.
+    thought_mix: Dict[str, float] = field(default_factory=lambda: dict(DEFAULT_MIX))
     sft: SFTConfig = field(default_factory=SFTConfig)
 
     def validate(self) -> None:
@@ -53,6 +57,7 @@ class TinyTaskConfig:
         if self.tokenizer_vocab_size < 300:
             raise ConfigError(f"tiny.tokenizer_vocab_size={self.tokenizer_vocab_size}: must be "
                               ">= 300 (256 byte symbols, the special tokens, some merges)")
+        validate_mix(self.thought_mix)
         self.sft.validate()
 
 
@@ -60,8 +65,7 @@ class TinyTaskConfig:
 class TinyAssets:
     root: Path
     tokenizer: Path
-    policy_thought: Path
-    policy_direct: Path
+    policy: Path          # M_0, the same weights for both arms
     train_prompts: Path
     heldout_prompts: Path
     answers: Path
@@ -70,7 +74,7 @@ class TinyAssets:
 
 def _paths(root: Path, manifest: Dict) -> TinyAssets:
     return TinyAssets(root=root, tokenizer=root / "tokenizer",
-                      policy_thought=root / "policy_thought", policy_direct=root / "policy_direct",
+                      policy=root / "policy",
                       train_prompts=root / "train_prompts.jsonl",
                       heldout_prompts=root / "heldout_prompts.jsonl",
                       answers=root / "answers.jsonl", manifest=manifest)
@@ -85,27 +89,30 @@ def _write_jsonl(path: Path, rows: Sequence[Dict]) -> None:
 
 
 def tokenizer_corpus(problems: Sequence[SumProblem]) -> List[str]:
-    """What the tokenizer learns from: both demonstration styles, the thought prompt, and
-    the chat roles (so "assistant" is a token, not eight letters)."""
+    """What the tokenizer learns from: the thought prompt, the chat roles (so "assistant" is
+    a token, not eight letters), and one demonstration of every thought kind per problem."""
+    rng = random.Random(0)
     corpus = [GENERIC.prompt, "system\nuser\nassistant"]
     for problem in problems:
         corpus.append(problem.instruction)
-        corpus.append(thought_demonstration(problem, GENERIC))
         corpus.append(direct_demonstration(problem))
+        corpus.extend(thought_demonstration(problem, GENERIC, thought_text(problem, kind, rng))
+                      for kind in THOUGHT_KINDS)
     return corpus
 
 
-def _train_policy(style: str, problems, tokenizer, config: TinyTaskConfig, out: Path) -> Dict:
-    model_config = load_model_config(config.model, vocab_size=len(tokenizer))
-    model = new_policy(model_config, config.seed)
-    start_wall, start_cpu = time.perf_counter(), time.process_time()
-    losses = supervised_warm_start(model, sft_examples(problems, tokenizer, style), config.sft,
-                                   pad_id=tokenizer.pad_token_id)
-    record = {"first_loss": losses[0], "final_loss": sum(losses[-10:]) / len(losses[-10:]),
-              "wall_seconds": time.perf_counter() - start_wall,
-              "cpu_seconds": time.process_time() - start_cpu}
-    save_policy(model, tokenizer, out / f"policy_{style}")
-    return record
+def warm_start_counts(data: Sequence[WarmStartExample]) -> Dict[str, Dict[str, float]]:
+    """Per prompt style and thought kind: examples, and the share whose response states the
+    correct answer (1.0 for every kind: no kind is marked as better)."""
+    groups: Dict[str, List[WarmStartExample]] = {}
+    for item in data:
+        groups.setdefault(item.kind or "direct", []).append(item)
+    counts = {}
+    for name, items in sorted(groups.items()):
+        correct = sum(item.target.endswith(response_text(SumProblem.from_instruction(
+            item.instruction))) for item in items)
+        counts[name] = {"examples": len(items), "correct_answer_share": correct / len(items)}
+    return counts
 
 
 def _build(staging: Path, config: TinyTaskConfig) -> Dict:
@@ -118,8 +125,16 @@ def _build(staging: Path, config: TinyTaskConfig) -> Dict:
                  [{"instruction": p.instruction} for p in splits.heldout])
     _write_jsonl(staging / "answers.jsonl", [{"instruction": p.instruction, "answer": p.answer}
                                              for p in splits.train + splits.heldout])
-    warm_start = {style: _train_policy(style, splits.sft, tokenizer, config, staging)
-                  for style in STYLES}
+    data = warm_start_data(splits.sft, tokenizer, config.thought_mix, config.seed)
+    model = new_policy(load_model_config(config.model, vocab_size=len(tokenizer)), config.seed)
+    start_wall, start_cpu = time.perf_counter(), time.process_time()
+    losses = supervised_warm_start(model, [item.example for item in data], config.sft,
+                                   pad_id=tokenizer.pad_token_id)
+    warm_start = {"first_loss": losses[0], "final_loss": sum(losses[-10:]) / len(losses[-10:]),
+                  "wall_seconds": time.perf_counter() - start_wall,
+                  "cpu_seconds": time.process_time() - start_cpu,
+                  "data": warm_start_counts(data)}
+    save_policy(model, tokenizer, staging / "policy")
     return {**_wanted_manifest(config), "vocab_size": len(tokenizer), "warm_start": warm_start}
 
 
@@ -132,13 +147,12 @@ def _reusable(root: Path, config: TinyTaskConfig):
     if any(manifest.get(key) != value for key, value in wanted.items()):
         return None
     assets = _paths(root, manifest)
-    needed = (assets.tokenizer, assets.policy_thought, assets.policy_direct,
-              assets.train_prompts, assets.heldout_prompts, assets.answers)
+    needed = (assets.tokenizer, assets.policy, assets.train_prompts, assets.heldout_prompts, assets.answers)
     return assets if all(p.exists() for p in needed) else None
 
 
 def prepare_tiny_assets(out_dir: Path, config: TinyTaskConfig) -> TinyAssets:
-    """Build (or reuse) the tokenizer, both warm-started policies and the prompt files.
+    """Build (or reuse) the tokenizer, the warm-started M_0 and the prompt files.
 
     Built in a staging directory and renamed into place, so an interrupted build leaves
     nothing that looks finished. An existing ``out_dir`` built from another config is

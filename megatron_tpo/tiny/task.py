@@ -16,7 +16,7 @@ Example (four terms)::
 
 import random
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 from megatron_tpo.data.thought_templates import ThoughtTemplate
 
@@ -24,6 +24,13 @@ from megatron_tpo.data.thought_templates import ThoughtTemplate
 @dataclass(frozen=True)
 class SumProblem:
     terms: Tuple[int, ...]
+
+    @classmethod
+    def from_instruction(cls, instruction: str) -> "SumProblem":
+        """The problem ``instruction`` states (the inverse of ``instruction``)."""
+        if not (instruction.startswith("What is ") and instruction.endswith("?")):
+            raise ValueError(f"not a tiny sum instruction: {instruction!r}")
+        return cls(tuple(int(term) for term in instruction[len("What is "):-1].split(" + ")))
 
     @property
     def instruction(self) -> str:
@@ -69,9 +76,11 @@ def direct_demonstration(problem: SumProblem) -> str:
     return response_text(problem)
 
 
-def thought_demonstration(problem: SumProblem, template: ThoughtTemplate) -> str:
-    """Thought then response, in the exact layout ``parse_thought_response`` splits."""
-    thought = "\n".join(problem.column_sums())
+def thought_demonstration(problem: SumProblem, template: ThoughtTemplate,
+                          thought: Optional[str] = None) -> str:
+    """Thought (the column sums unless given) then response, in the exact layout
+    ``parse_thought_response`` splits."""
+    thought = "\n".join(problem.column_sums()) if thought is None else thought
     return (f"{template.thought_marker}\n{thought}\n"
             f"{template.response_marker}\n{response_text(problem)}")
 

@@ -1,21 +1,23 @@
-"""The tiny run's M_0: a tiny Llama taught by a short supervised phase to answer the task.
+"""The tiny run's M_0: one tiny Llama, warm-started for both arms, never told which thought helps.
 
-Two policies share everything but their demonstrations: the THOUGHT policy sees the
-generic thought prompt and answers with running sums, then the response; the DIRECT
-baseline sees the bare instruction and answers at once. Same steps, batch and lr, so a
-gap between them at M_0 is the value of thinking, not of training time.
+As in the paper (one instruction-tuned seed model for TPO and the direct baseline), a
+single policy learns both prompts from the same problems: the bare instruction answered
+at once, and the generic thought prompt answered with a thought of a kind drawn from
+``thought_mix`` (``tiny/thoughts.py``: column sums, wrong sums, a restatement, unrelated
+text) and then the response. Every thought, whatever its kind, is followed by the
+correct answer, so the data teach the format and never which thought is worth writing.
 
-    examples = sft_examples(problems, tokenizer, style="thought")
+    data = warm_start_data(problems, tokenizer, DEFAULT_MIX, seed=0)
     model = new_policy(model_config, seed)
-    losses = supervised_warm_start(model, examples, SFTConfig(steps=400))
-    save_policy(model, tokenizer, out_dir / "policy_thought")
+    losses = supervised_warm_start(model, [d.example for d in data], SFTConfig(steps=800))
+    save_policy(model, tokenizer, out_dir / "policy")
 """
 
 import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Sequence, Tuple
+from typing import List, Mapping, Sequence, Tuple
 
 import torch
 from tqdm.auto import tqdm
@@ -24,6 +26,7 @@ from megatron_tpo.config import ConfigError, ModelConfig
 from megatron_tpo.data.chat import apply_thought_chat_template
 from megatron_tpo.data.thought_templates import GENERIC, ThoughtTemplate
 from megatron_tpo.tiny.task import SumProblem, direct_demonstration, thought_demonstration
+from megatron_tpo.tiny.thoughts import draw_kind, thought_text, validate_mix
 
 STYLES = ("thought", "direct")
 IGNORE_INDEX = -100
@@ -34,7 +37,7 @@ Example = Tuple[List[int], List[int]]
 
 @dataclass
 class SFTConfig:
-    steps: int = 400
+    steps: int = 600
     batch_size: int = 32
     lr: float = 3e-3
     warmup_steps: int = 30
@@ -62,18 +65,43 @@ def policy_prompt(tokenizer, instruction: str, style: str,
     raise ConfigError(f"tiny.style={style!r}: must be one of {', '.join(STYLES)}")
 
 
-def sft_examples(problems: Sequence[SumProblem], tokenizer, style: str,
-                 template: ThoughtTemplate = GENERIC) -> List[Example]:
-    """Prompt and completion tokenized apart, as the engine sees them at generation time."""
-    examples = []
+@dataclass(frozen=True)
+class WarmStartExample:
+    """One supervised example and what it was made of (for tests and the manifest; the
+    model sees only ``example``)."""
+
+    instruction: str
+    style: str          # "thought" or "direct": which prompt
+    kind: str           # the thought's kind, "" for direct
+    target: str         # the completion text before EOS
+    example: Example
+
+
+def _tokenized(tokenizer, prompt: str, target: str) -> Example:
+    # Prompt and completion tokenized apart, as the engine sees them at generation time.
+    prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
+    target_ids = tokenizer(target, add_special_tokens=False).input_ids
+    return prompt_ids, target_ids + [tokenizer.eos_token_id]
+
+
+def warm_start_data(problems: Sequence[SumProblem], tokenizer, mix: Mapping[str, float],
+                    seed: int, template: ThoughtTemplate = GENERIC) -> List[WarmStartExample]:
+    """Per problem, a direct example and a thought example whose thought kind is drawn
+    from ``mix``; both end in the correct answer."""
+    validate_mix(mix)
+    rng = random.Random(f"warm-start-thoughts-{seed}")
+    data = []
     for problem in problems:
-        prompt = policy_prompt(tokenizer, problem.instruction, style, template)
-        target = (thought_demonstration(problem, template) if style == "thought"
-                  else direct_demonstration(problem))
-        prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
-        target_ids = tokenizer(target, add_special_tokens=False).input_ids
-        examples.append((prompt_ids, target_ids + [tokenizer.eos_token_id]))
-    return examples
+        direct = direct_demonstration(problem)
+        data.append(WarmStartExample(
+            problem.instruction, "direct", "", direct,
+            _tokenized(tokenizer, policy_prompt(tokenizer, problem.instruction, "direct"), direct)))
+        kind = draw_kind(mix, rng)
+        target = thought_demonstration(problem, template, thought_text(problem, kind, rng))
+        prompt = policy_prompt(tokenizer, problem.instruction, "thought", template)
+        data.append(WarmStartExample(problem.instruction, "thought", kind, target,
+                                     _tokenized(tokenizer, prompt, target)))
+    return data
 
 
 def collate(examples: Sequence[Example], pad_id: int) -> dict:
