@@ -38,6 +38,7 @@ from megatron_tpo.report.plots import plot_iterations
 from megatron_tpo.report.summary import (iteration_record, last_per_iteration, run_summary,
                                          write_summary)
 from megatron_tpo.rollout.engine import RolloutEngine, SamplingParams
+from megatron_tpo.rollout.parity import text_probes
 from megatron_tpo.rollout.replicas import generate_on_all_ranks
 from megatron_tpo.rollout.weight_sync import push_weights
 from megatron_tpo.train.dpo_batch import TokenizedPair
@@ -90,7 +91,7 @@ def resume(parts: TPOParts) -> Tuple[int, int]:
     state = parts.checkpointer.load_latest(trainer.ddp_chunks, trainer.optimizer,
                                            trainer.scheduler) or {}
     with parts.metrics.timer("timing/weight_sync"):
-        push_weights(parts.engine, trainer.ddp_chunks, parts.config.model, parts.config.weight_sync)
+        sync_weights(parts)
     return state.get("iteration", 0), state.get("step_in_iteration", 0)
 
 
@@ -118,14 +119,23 @@ def run_iteration(parts: TPOParts, t: int, first_step: int = 0) -> None:
         save_checkpoint(parts, t + 1, step_in_iteration=0)
     # push_weights wakes the engine: weights first, then its KV cache (never both copies).
     with metrics.timer("timing/weight_sync"):
-        sync = push_weights(parts.engine, parts.trainer.ddp_chunks, config.model,
-                            config.weight_sync)
+        sync = sync_weights(parts)
     metrics.end_iteration(t, iteration_record(parts.store, t, sync))
     if is_rank_zero():
         plot_iterations({config.thought.name: last_per_iteration(metrics.records("iteration"))},
                         Path(config.run.dir) / "iterations.png")
     if parts.preemption.requested():  # M_{t+1} is saved: stop here, resume at t + 1
         raise Preempted(f"preempted after iteration {t}")
+
+
+def sync_weights(parts: TPOParts) -> dict:
+    """The trainer's weights into the engine, checked on the run's first chat prompts."""
+    settings = parts.config.weight_sync
+    count = settings.num_probe_sequences
+    probes = text_probes(parts.tokenizer, chat_prompts(parts, parts.prompts[:count]), count,
+                         settings.probe_length)
+    return push_weights(parts.engine, parts.trainer.ddp_chunks, parts.config.model, settings,
+                        probes)
 
 
 def stage(parts: TPOParts, t: int, name: str, compute: Callable, on: str = "all") -> list:

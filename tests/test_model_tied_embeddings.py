@@ -147,8 +147,9 @@ def _dpo_worker(rank, world_size, model, shard_root, pairs, hf_dir):
     # Every rank's HF engine (tied, at the old weights) gets the new ones, parity-checked.
     engine = HFRolloutEngine(LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32),
                              tiny_tokenizer())
+    probes = [[1, 3, 46, 4, 32, 62, 33, 34, 63, 2, 3, 47, 4]]   # a tiny-tokenizer chat prompt
     report["sync"] = push_weights(engine, trainer.ddp_chunks, model,
-                                  WeightSyncConfig(parity_tolerance=1e-4))
+                                  WeightSyncConfig(parity_tolerance=1e-4), probes)
     report["engine_embedding"] = engine.model.model.embed_tokens.weight.detach().clone()
     return report
 

@@ -78,7 +78,7 @@ def _trainer_worker(rank, world_size, model, shard_root, hf_dir, pairs, bridge, 
     checked = WeightSyncConfig(bucket_bytes=BUCKET_BYTES, parity_tolerance=1e-4)
 
     pool = WireCorruptingPool.connect(bridge)
-    report = {"metrics": push_weights(pool, trainer.ddp_chunks, model, checked),
+    report = {"metrics": push_weights(pool, trainer.ddp_chunks, model, checked, probes),
               "pool_scores": pool.score(probes),
               "each_replica": pool.score_each_replica(probes),
               "megatron_scores": trainer_token_logprobs(trainer.ddp_chunks, probes,
@@ -90,14 +90,14 @@ def _trainer_worker(rank, world_size, model, shard_root, hf_dir, pairs, bridge, 
     colocated = HFRolloutEngine(LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32),
                                 tiny_tokenizer())
     report["m0_scores"] = colocated.score(probes)
-    push_weights(colocated, trainer.ddp_chunks, model, checked)
+    push_weights(colocated, trainer.ddp_chunks, model, checked, probes)
     report["colocated"] = generate_on_all_ranks(
         colocated, PROMPTS, SEEDED, trainer_ranks_per_engine(RolloutConfig(), world_size))
     report["colocated_scores"] = colocated.score(probes)
 
     pool.corrupt = True
     try:
-        push_weights(pool, trainer.ddp_chunks, model, checked)
+        push_weights(pool, trainer.ddp_chunks, model, checked, probes)
     except WeightSyncError as error:
         report["corrupted"] = str(error)
     report["version"] = pool.weight_version

@@ -33,6 +33,18 @@ TRAINING = DPOTrainingConfig(beta=0.5, lr=5e-3, warmup_steps=0, train_steps=4,
 # layer is 184 KB: six buckets, three per pipeline stage.
 BUCKET_BYTES = 300_000
 CORRUPTED = "model.layers.2.mlp.up_proj.weight"
+# Real text, as the loop probes the run's first chat prompts.
+PROBE_INSTRUCTIONS = ["the cat is my dog", "a b c d e f g h", "my sun is the moon !"]
+
+
+def text_probe_ids():
+    from megatron_tpo.rollout.parity import text_probes
+
+    tokenizer = tiny_tokenizer()
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": instruction}],
+                                           tokenize=False, add_generation_prompt=True)
+             for instruction in PROBE_INSTRUCTIONS]
+    return text_probes(tokenizer, texts, count=3, length=64)
 
 
 class CorruptingEngine(HFRolloutEngine):
@@ -41,6 +53,22 @@ class CorruptingEngine(HFRolloutEngine):
     def update_weights(self, stream):
         super().update_weights((name, tensor + 0.05 if name == CORRUPTED else tensor)
                                for name, tensor in stream)
+
+
+class ScoresRecorded(HFRolloutEngine):
+    """Keeps what it is asked to score."""
+
+    def score(self, token_ids):
+        self.scored = [list(ids) for ids in token_ids]
+        return super().score(token_ids)
+
+
+class SlightlyOff(HFRolloutEngine):
+    """Off by 2e-3 on every log-prob: nothing a bf16 engine would show, but twice what a
+    float32 engine may differ from a float32 trainer."""
+
+    def score(self, token_ids):
+        return [[value - 2e-3 for value in sequence] for sequence in super().score(token_ids)]
 
 
 class SecondReplicaOff(HFRolloutEngine):
@@ -86,7 +114,7 @@ def _engine_logits(engine, tokens):
         return engine.model(tokens).logits
 
 
-def _sync_worker(rank, world_size, model, shard_root, hf_dir, pairs, tokens, transport):
+def _sync_worker(rank, world_size, model, shard_root, hf_dir, pairs, tokens, transport, probes):
     from transformers import LlamaForCausalLM
 
     from megatron_tpo.parallel import init_megatron, shutdown_megatron
@@ -105,17 +133,19 @@ def _sync_worker(rank, world_size, model, shard_root, hf_dir, pairs, tokens, tra
         return kind(LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32),
                     tiny_tokenizer())
 
-    replica = engine()
+    replica = engine(ScoresRecorded)
     report = {"before": _engine_logits(replica, tokens)}
     checked = WeightSyncConfig(bucket_bytes=BUCKET_BYTES, parity_tolerance=1e-4,
                                transport=transport)
-    report["metrics"] = push_weights(replica, trainer.ddp_chunks, model, checked)
+    report["metrics"] = push_weights(replica, trainer.ddp_chunks, model, checked, probes)
+    report["scored"] = replica.scored
     report["after"] = _engine_logits(replica, tokens)
     report["megatron"] = _megatron_logits(trainer.chunks, tokens, model.vocab_size)
     unchecked = WeightSyncConfig(bucket_bytes=BUCKET_BYTES, check_parity=False,
                                  transport=transport)
     report["unchecked"], report["peak_bytes"] = peak_extra_bytes(
-        lambda: push_weights(replica, trainer.ddp_chunks, model, unchecked), torch.device("cpu"))
+        lambda: push_weights(replica, trainer.ddp_chunks, model, unchecked, probes),
+        torch.device("cpu"))
     plan = cached_plan(trainer.chunks, model, BUCKET_BYTES)
     report["plan"] = dict(buckets=len(plan.buckets), sources=plan.sources,
                           largest_bucket=plan.largest_bucket_bytes,
@@ -123,13 +153,22 @@ def _sync_worker(rank, world_size, model, shard_root, hf_dir, pairs, tokens, tra
     report["auto"] = type(cached_transport("auto", plan, torch.device("cpu"))).__name__
     try:
         push_weights(engine(CorruptingEngine if rank == 1 else HFRolloutEngine),
-                     trainer.ddp_chunks, model, checked)
+                     trainer.ddp_chunks, model, checked, probes)
     except WeightSyncError as error:
         report["corrupted"] = str(error)
     try:
-        push_weights(engine(SecondReplicaOff), trainer.ddp_chunks, model, checked)
+        push_weights(engine(SecondReplicaOff), trainer.ddp_chunks, model, checked, probes)
     except WeightSyncError as error:
         report["second_replica"] = str(error)
+    by_dtype = WeightSyncConfig(bucket_bytes=BUCKET_BYTES, transport=transport)
+    try:   # the default tolerance, resolved from the float32 trainer
+        push_weights(engine(SlightlyOff), trainer.ddp_chunks, model, by_dtype, probes)
+    except WeightSyncError as error:
+        report["slightly_off"] = str(error)
+    try:
+        push_weights(engine(), trainer.ddp_chunks, model, by_dtype)
+    except ValueError as error:
+        report["no_probes"] = str(error)
     shutdown_megatron()
     return report
 
@@ -150,7 +189,7 @@ def reports(request, tmp_path_factory):
                                                   ).tolist()) for _ in range(2)]
     tokens = torch.randint(0, model.vocab_size, (2, 12), generator=generator)
     return request.param, spawn_local(_sync_worker, 4, model, shard_root, hf_dir, pairs, tokens,
-                                      request.param)
+                                      request.param, text_probe_ids())
 
 
 def test_every_ranks_engine_computes_the_megatron_logits_after_a_dpo_step(reports):
@@ -171,7 +210,9 @@ def test_parity_check_passes_and_versions_go_up_by_one_per_sync(reports):
     for report in reports:
         metrics = report["metrics"]
         assert metrics["version"] == 1 and report["unchecked"]["version"] == 2
-        assert 0 <= metrics["max_abs_logprob_diff"] < 1e-4
+        assert 0 <= metrics["mean_abs_logprob_diff"] <= metrics["max_abs_logprob_diff"] < 1e-4
+        assert metrics["parity_tolerance"] == 1e-4
+        assert metrics["parity_probe_tokens"] == 3 * 12   # 3 probes of 13 tokens
         assert report["unchecked"]["max_abs_logprob_diff"] != report["unchecked"][
             "max_abs_logprob_diff"]  # nan: not checked
         # Every HF tensor once: 4 layers of the tiny model plus embedding, norm and head.
@@ -194,6 +235,17 @@ def test_a_corrupted_tensor_stops_the_sync_on_every_rank_and_is_named(reports):
         assert "weight_sync.parity_tolerance=0.0001" in message
         # Every replica behind an engine is checked: the second one's offset is caught.
         assert "probe log-probs differ from the trainer's by 0.5" in report["second_replica"]
+
+
+def test_the_probes_are_the_given_text_and_a_small_shift_fails_the_float32_bound(reports):
+    _, reports = reports
+    probes = text_probe_ids()
+    for report in reports:
+        assert report["scored"] == probes   # the given text, not random ids
+        message = report["slightly_off"]
+        assert "probe log-probs differ from the trainer's by 0.002 (mean 0.002)" in message
+        assert "> weight_sync.parity_tolerance_float32=0.001 (float32 trainer)" in message
+        assert "weight_sync.check_parity=true needs probes" in report["no_probes"]
 
 
 def test_measured_peak_memory_of_a_sync_is_two_buckets_plus_one_tensors_shards(reports):
@@ -223,7 +275,8 @@ def test_measured_peak_memory_of_a_sync_is_two_buckets_plus_one_tensors_shards(r
             assert bucket <= peak <= 2 * bucket + tensor, (rank, peak, bucket)
 
 
-def _virtual_pipeline_worker(rank, world_size, model, shard_root, other_hf_dir, tokens):
+def _virtual_pipeline_worker(rank, world_size, model, shard_root, other_hf_dir, tokens,
+                             probes):
     from transformers import LlamaForCausalLM
 
     from megatron_tpo.model.llama import build_llama_chunks
@@ -241,7 +294,8 @@ def _virtual_pipeline_worker(rank, world_size, model, shard_root, other_hf_dir, 
     engine = HFRolloutEngine(LlamaForCausalLM.from_pretrained(other_hf_dir, dtype=torch.float32),
                              tiny_tokenizer())
     metrics = push_weights(engine, chunks, model,
-                           WeightSyncConfig(bucket_bytes=BUCKET_BYTES, parity_tolerance=1e-4))
+                           WeightSyncConfig(bucket_bytes=BUCKET_BYTES, parity_tolerance=1e-4),
+                           probes)
     sources = cached_plan(chunks, model, BUCKET_BYTES).sources
     sampled = engine.generate(["the cat", "my dog is"], SEEDED)
     shutdown_megatron()
@@ -273,8 +327,9 @@ def test_virtual_pipeline_and_data_parallel_layouts_stream_the_loaded_checkpoint
 
     reference_samples = seeded_samples(hf_dir)
     assert seeded_samples(other) != reference_samples
-    for metrics, logits, sources, samples in spawn_local(_virtual_pipeline_worker, 4, model, shard_root,
-                                                other, tokens):
+    for metrics, logits, sources, samples in spawn_local(_virtual_pipeline_worker, 4, model,
+                                                         shard_root, other, tokens,
+                                                         text_probe_ids()):
         # Ranks 0 and 2 are the first replica's pipeline; the second replica sends nothing.
         assert sources == [0, 2]
         assert metrics["version"] == 1 and metrics["max_abs_logprob_diff"] < 1e-4

@@ -56,6 +56,8 @@ def tiny_run_overrides(root: Path, iterations: int = 2) -> List[str]:
         "model.num_layers=2", "model.hidden_size=32", "model.ffn_hidden_size=64",
         "model.num_attention_heads=4", "model.num_query_groups=2", f"model.vocab_size={len(tokenizer)}",
         "model.make_vocab_size_divisible_by=1", "model.max_position_embeddings=256",
+        # As write_policy's config.json has them (HF's defaults): the engine reads those.
+        "model.rope_theta=10000.0", "model.norm_epsilon=1e-6",
         "thought=direct", "judge=format", "judge.format.max_chars=24", "prompts=tiny",
         f"prompts.path={root / 'train.jsonl'}", "prompts.prompts_per_iteration=8",
         f"evaluation.path={root / 'heldout.jsonl'}", "evaluation.num_prompts=4",

@@ -1,10 +1,12 @@
 """After a weight sync, does the engine compute what the trainer computes?
 
-A few fixed probe sequences are scored by both: the trainer through a forward-only pass
-of megatron's pipeline schedule and the fused log-prob kernel (the numbers DPO trains
-on), the engine through ``RolloutEngine.score``. When they differ by more than a
-tolerance, the per-tensor checksums of what was sent and what the engine holds name
-the first tensor that differs.
+A few fixed probe sequences of real text (the run's first chat prompts, tokenized) are
+scored by both: the trainer through a forward-only pass of megatron's pipeline schedule
+and the fused log-prob kernel (the numbers DPO trains on), the engine through
+``RolloutEngine.score``. Real text, because random ids hit tokens no training ever
+touched (Llama-3's reserved ids), whose log-probs say nothing of the model DPO trains.
+When they differ by more than a tolerance, the per-tensor checksums of what was sent
+and what the engine holds name the first tensor that differs.
 """
 
 import contextlib
@@ -17,10 +19,16 @@ from megatron_tpo.train.dpo_batch import PairMicroBatch
 from megatron_tpo.train.pipeline_step import position_ids, unwrapped
 
 
-def probe_token_ids(vocab_size: int, count: int, length: int, seed: int = 0) -> List[List[int]]:
-    """The same ``count`` random sequences of ``length`` tokens on every rank."""
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randint(0, vocab_size, (count, length), generator=generator).tolist()
+def text_probes(tokenizer, texts: Sequence[str], count: int, length: int) -> List[List[int]]:
+    """The token ids of the first ``count`` texts (chat-formatted: the template brings its
+    own special tokens), all cut to the shortest one's length and at most ``length``: the
+    trainer scores probes of one length. The same on every rank for the same texts."""
+    ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts[:count]]
+    if not ids or min(len(sequence) for sequence in ids) < 2:
+        raise ValueError(f"parity probes need at least 2 tokens each (the first is only "
+                         f"context); got lengths {[len(sequence) for sequence in ids]}")
+    common = min(length, *(len(sequence) for sequence in ids))
+    return [list(sequence[:common]) for sequence in ids]
 
 
 @contextlib.contextmanager
@@ -71,7 +79,12 @@ def trainer_token_logprobs(chunks: Sequence, token_ids: Sequence[Sequence[int]],
 
     gpt_chunks = [unwrapped(c) for c in chunks]
     device = next(gpt_chunks[0].parameters()).device
-    # One sequence per micro-batch: the interleaved schedule wants several of them.
+    # One sequence per micro-batch. The interleaved schedule wants a multiple of the
+    # pipeline size of them: the first probes come round again, their repeats dropped.
+    count = len(token_ids)
+    if len(chunks) > 1:
+        stages = parallel_state.get_pipeline_model_parallel_world_size()
+        token_ids = [token_ids[i % count] for i in range(-(-count // stages) * stages)]
     batches = [_probe_micro_batch(sequence, device) for sequence in token_ids]
     iterators = [iter(batches) for _ in chunks]
     with torch.no_grad(), _hidden_states_from_output_layers(gpt_chunks):
@@ -88,16 +101,18 @@ def trainer_token_logprobs(chunks: Sequence, token_ids: Sequence[Sequence[int]],
         torch.distributed.broadcast(
             values, src=parallel_state.get_pipeline_model_parallel_last_rank(),
             group=parallel_state.get_pipeline_model_parallel_group())
-    return values.cpu()
+    return values[:count].cpu()
 
 
-def max_abs_difference(engine_values: Sequence[Sequence[float]], trainer_values: torch.Tensor
-                       ) -> float:
+def abs_differences(engine_values: Sequence[Sequence[float]], trainer_values: torch.Tensor
+                    ) -> Tuple[float, float]:
+    """``(max, mean)`` of |engine - trainer| over every probe token's log-prob."""
     engine = torch.tensor(engine_values, dtype=torch.float64)
     if engine.shape != trainer_values.shape:
         raise ValueError(f"engine scored {tuple(engine.shape)} log-probs, the trainer "
                          f"{tuple(trainer_values.shape)}")
-    return float((engine - trainer_values).abs().max())
+    difference = (engine - trainer_values).abs()
+    return float(difference.max()), float(difference.mean())
 
 
 def _differs(sent: Tuple[float, float], held: Tuple[float, float], rtol: float = 1e-6) -> bool:
