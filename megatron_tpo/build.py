@@ -77,13 +77,16 @@ def build_judge_for_rank(config: TPOConfig, policy_engine, tokenizer,
     parallel block, the trainer world in front of a separate pool) must all take part:
     it lives on every rank and spreads its prompts over every rank's replica of the
     policy's engine, or, with ``judge.pairwise.model``, of that model's own engine (which
-    loads the judge's checkpoint). A reward model is loaded whole on every rank, which
-    scores its round-robin share of the responses. A rule judge lives on rank 0 (None
-    elsewhere).
+    loads the judge's checkpoint), or asks that model's ``tpo-engine --serve judge``
+    pool (``judge.pairwise.placement=separate``). A reward model is loaded whole on every
+    rank, which scores its round-robin share of the responses. A rule judge lives on rank
+    0 (None elsewhere).
     """
     from transformers import AutoTokenizer
 
+    from megatron_tpo.judge.config import judge_engine_settings
     from megatron_tpo.judge.factory import build_judge
+    from megatron_tpo.rollout.engine_pool import EnginePoolProxy
     from megatron_tpo.rollout.replicas import EngineReplicas
     from megatron_tpo.rollout.factory import build_rollout_engine
 
@@ -96,9 +99,17 @@ def build_judge_for_rank(config: TPOConfig, policy_engine, tokenizer,
         engine = EngineReplicas(policy_engine, policy_ranks_per_engine)
         return build_judge(config.judge, engine=engine, judge_tokenizer=tokenizer), None
     judge_tokenizer = AutoTokenizer.from_pretrained(judge_model)
-    own = build_rollout_engine(config.rollout, judge_model, judge_tokenizer,
-                               serves_checkpoint=True)
-    engine = EngineReplicas(own, config.rollout.ranks_per_engine)
+    settings = judge_engine_settings(config.rollout, config.judge.pairwise)
+    if settings.placement == "separate":
+        # The judge model's own tpo-engine pool (--serve judge): rank 0 asks it and every
+        # rank gets every verdict back. Its GPUs are its own: the loop's sleep and wake of
+        # this proxy do nothing, and no weight sync ever reaches it.
+        own = EnginePoolProxy.connect(settings.bridge, "judge.pairwise.bridge")
+        return build_judge(config.judge, engine=own, judge_tokenizer=judge_tokenizer), own
+    # Colocated: one more engine in this process (HF only; check_judge_placement refuses
+    # a second vLLM engine beside the policy's).
+    own = build_rollout_engine(settings, judge_model, judge_tokenizer, serves_checkpoint=True)
+    engine = EngineReplicas(own, settings.ranks_per_engine)
     return build_judge(config.judge, engine=engine, judge_tokenizer=judge_tokenizer), own
 
 

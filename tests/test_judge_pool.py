@@ -3,12 +3,17 @@
 vLLM's sleep-mode allocator is one per process and a second engine's start-up checks free
 memory against the first's, so with rollout.engine=vllm the judge model is refused
 beside the policy's engine and must be a tpo-engine pool of its own (``--serve judge``).
+On CPU, with HF engines and gloo: a two-rank trainer world in front of a judge pool of
+two ``tpo-engine --serve judge`` processes judges exactly as the colocated judge does.
 """
 
+import os
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from megatron_tpo.config import ConfigError
 from megatron_tpo.judge.config import (JudgeConfig, PairwiseJudgeConfig,
@@ -17,6 +22,12 @@ from megatron_tpo.rollout.config import BridgeConfig, RolloutConfig, VLLMConfig
 
 sys.path.insert(0, str(Path(__file__).parent))
 from tpo_fixtures import tiny_run_overrides  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "data"))
+from tiny_hf import tiny_llama_config, tiny_tokenizer  # noqa: E402
+
+PROMPTS = ["which is best", "pick one", "the sun is"]
+RESPONSES = [["the cat", "a dog", "sun", "moon is here"], ["x y", "y"], ["hot", "up", "a b c"]]
 
 
 def _pairwise(**settings) -> JudgeConfig:
@@ -76,3 +87,143 @@ def test_the_judge_pool_settings_are_checked_under_their_own_names():
         check_judge_placement(_pairwise(model="/m/j", placement="separate",
                                         bridge=BridgeConfig(port=29800)), both)
     check_judge_placement(_pairwise(model="/m/j", placement="separate"), both)
+
+
+# -- the judge pool on CPU ------------------------------------------------------------
+
+def write_verdict_judge(directory: Path) -> Path:
+    """A tiny random judge whose greedy first token is ``[[A]]`` or ``[[B]]``, which one
+    depending on the judge prompt: verdicts that parse, and scores that are not all ties.
+
+    Both verdict rows of the output layer point along the mean last hidden state of this
+    test's judge prompts (so they beat every other token, scaled down), and apart along
+    the difference between the first pair's two orders, split at their midpoint (so at
+    least that pair gets the same response in both orders, which a random model, nearly
+    blind to order, would not)."""
+    from transformers import LlamaForCausalLM
+
+    from megatron_tpo.data.chat import chat_prompt
+    from megatron_tpo.judge.pairwise import pairs_to_judge
+    from megatron_tpo.judge.verdict import PAIRWISE_JUDGE_PROMPT, render_judge_prompt
+
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(3)
+    model = LlamaForCausalLM(tiny_llama_config(tokenizer, tie_word_embeddings=False))
+    texts = [chat_prompt(tokenizer, [{"role": "user", "content": render_judge_prompt(
+        PAIRWISE_JUDGE_PROMPT, prompt, group[i], group[j])}])
+        for prompt, group in zip(PROMPTS, RESPONSES)
+        for a, b in pairs_to_judge(len(group), None, None) for i, j in ((a, b), (b, a))]
+    with torch.no_grad():
+        last = torch.stack([model(**tokenizer(text, return_tensors="pt",
+                                              add_special_tokens=False),
+                                  output_hidden_states=True).hidden_states[-1][0, -1]
+                            for text in texts])
+        along = last.mean(0) / last.mean(0).norm()
+        apart = last[0] - last[1]
+        apart -= (apart @ along) * along
+        apart *= 20 / apart.norm()
+        middle = (last[0] + last[1]) / 2
+        # (A - B) . h = 2 (apart . h - threshold along . h): zero at the first pair's middle.
+        threshold = (apart @ middle) / (along @ middle)
+        verdicts = tokenizer.convert_tokens_to_ids(["[[A]]", "[[B]]"])
+        model.lm_head.weight.mul_(0.01)
+        model.lm_head.weight[verdicts[0]] = 40 * along + apart - threshold * along
+        model.lm_head.weight[verdicts[1]] = 40 * along - apart + threshold * along
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def _judge_worker(rank, world_size, overrides):
+    """Every trainer rank builds the pairwise judge as build_tpo does, and judges."""
+    from megatron_tpo.build import build_judge_for_rank
+    from megatron_tpo.cli.run import compose_config
+
+    torch.distributed.init_process_group("gloo")
+    config = compose_config(overrides)
+    config.validate(world_size)
+    judge, own = build_judge_for_rank(config, None, None, 1)
+    judgment = judge.judge(PROMPTS, RESPONSES)
+    report = {"scores": judgment.scores, "counts": dict(judgment.counts),
+              "extras": judgment.extras, "engine": type(own).__name__}
+    if hasattr(own, "shutdown"):
+        own.shutdown()   # trainer rank 0 stops the pool (tpo-run leaves it to atexit)
+    return report
+
+
+def _start_judge_pool(overrides, engine_ranks: int, log_dir: Path):
+    """``tpo-engine --serve judge`` as torchrun would start it, one process per rank."""
+    from megatron_tpo.parallel.launch import free_local_port
+
+    master_port, processes = free_local_port(), []
+    for rank in range(engine_ranks):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(engine_ranks),
+                   LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(engine_ranks),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(master_port),
+                   GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
+        log = open(log_dir / f"judge_{rank}.log", "w")
+        processes.append((subprocess.Popen(
+            [sys.executable, "-m", "megatron_tpo.cli.engine", "--serve", "judge", *overrides],
+            env=env, stdout=log, stderr=subprocess.STDOUT), log))
+    return processes
+
+
+def _stop_judge_pool(processes, log_dir: Path):
+    try:
+        exit_codes = [process.wait(timeout=60) for process, _ in processes]
+    finally:
+        for process, log in processes:
+            if process.poll() is None:
+                process.kill()
+            log.close()
+    return exit_codes, [(log_dir / f"judge_{rank}.log").read_text()
+                        for rank in range(len(processes))]
+
+
+def test_a_judge_pool_judges_exactly_as_the_colocated_judge(tmp_path, monkeypatch):
+    from megatron_tpo.parallel.launch import free_local_port
+    from megatron_tpo.parallel.local_launch import spawn_local
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    judge_dir = write_verdict_judge(tmp_path / "judge")
+    overrides = tiny_run_overrides(tmp_path, 1) + [
+        "judge=pairwise", f"judge.pairwise.model={judge_dir}",
+        "judge.pairwise.sampling.max_new_tokens=1"]
+    colocated = spawn_local(_judge_worker, 2, overrides)
+
+    pool_settings = overrides + [
+        "judge.pairwise.placement=separate", f"judge.pairwise.bridge.port={free_local_port()}",
+        "judge.pairwise.bridge.engine_ranks=2", "judge.pairwise.bridge.timeout_seconds=60"]
+    pool = _start_judge_pool(pool_settings, 2, tmp_path)
+    try:
+        separate = spawn_local(_judge_worker, 2, pool_settings)
+    finally:
+        exit_codes, logs = _stop_judge_pool(pool, tmp_path)
+    assert exit_codes == [0, 0], logs
+
+    assert [r["engine"] for r in colocated] == ["HFRolloutEngine"] * 2
+    assert [r["engine"] for r in separate] == ["EnginePoolProxy"] * 2
+    # (6 + 1 + 3) pairs, both orders; every verdict parses, and they are not all alike.
+    assert colocated[0]["counts"]["verdicts"] == 20
+    assert colocated[0]["counts"].get("unparseable_verdicts", 0) == 0
+    assert any(abs(rate - 0.5) > 0.1 for rates in colocated[0]["extras"]["win_rate"]
+               for rate in rates)
+    for report in colocated[1:] + separate:
+        assert report["scores"] == colocated[0]["scores"]
+        assert report["counts"] == colocated[0]["counts"]
+        assert report["extras"] == colocated[0]["extras"]
+
+
+def test_tpo_engine_serve_judge_refuses_what_it_cannot_serve(capsys, tmp_path):
+    from megatron_tpo.cli.engine import main
+
+    overrides = tiny_run_overrides(tmp_path, 1)
+    assert main(["--serve", "judge", *overrides]) == 2
+    assert "tpo-engine --serve judge serves a pairwise judge's own model only" in \
+        capsys.readouterr().err
+    assert main(["--serve", "judge", *overrides, "judge=pairwise",
+                 f"judge.pairwise.model={tmp_path / 'policy'}"]) == 2
+    assert "judge.pairwise.placement='colocated': tpo-engine --serve judge serves only" in \
+        capsys.readouterr().err
+    assert main(["--serve=critic", *overrides]) == 2
+    assert "--serve 'critic': must be one of ('policy', 'judge')" in capsys.readouterr().err

@@ -18,6 +18,10 @@ The groups are built from torch's process-group classes on a ``PrefixStore``, no
 on the store first (``ring`` / ``wait_for_ring``) because an engine waits for the next
 one while the trainer trains, for hours, longer than any collective may take; the
 request's data then moves over the groups within ``rollout.bridge.timeout_seconds``.
+
+A judge model's pool (``judge.pairwise.placement=separate``, ``tpo-engine --serve judge``)
+meets the trainer the same way on a bridge of its own (``judge.pairwise.bridge``, another
+port); ``settings`` names which group the messages point to.
 """
 
 import pickle
@@ -50,6 +54,7 @@ class Bridge:
     rank: int                  # 0: trainer rank 0; 1 + i: engine rank i
     size: int
     where: str                 # "address:port", for messages
+    settings: str = "rollout.bridge"   # the config group it was opened from, for messages
 
     @property
     def engine_ranks(self) -> int:
@@ -71,7 +76,7 @@ def _groups(store, rank: int, size: int, backend: str, timeout: timedelta):
     return control, data, torch.device("cuda", torch.cuda.current_device())
 
 
-def open_trainer_side(config: BridgeConfig) -> Bridge:
+def open_trainer_side(config: BridgeConfig, settings: str = "rollout.bridge") -> Bridge:
     """On trainer rank 0: serve the store, wait for every engine rank, build the groups."""
     where = f"{config.address}:{config.port}"
     timeout = timedelta(seconds=config.timeout_seconds)
@@ -80,24 +85,29 @@ def open_trainer_side(config: BridgeConfig) -> Bridge:
                               wait_for_workers=False)
     except dist.DistError as error:
         raise BridgeError(f"trainer rank 0 cannot serve the bridge store at {where} "
-                          f"(rollout.bridge.address/port): {error}") from error
+                          f"({settings}.address/port): {error}") from error
     backend = _resolved_backend(config)
     store.set(BACKEND, backend)   # the engines follow the trainer's choice
     deadline = time.monotonic() + config.timeout_seconds
     while (joined := store.add(JOINED, 0)) < config.engine_ranks:
         if time.monotonic() > deadline:
             raise BridgeError(
-                f"no engine pool at {where}: {joined} of rollout.bridge.engine_ranks="
-                f"{config.engine_ranks} tpo-engine ranks joined within rollout.bridge."
-                f"timeout_seconds={config.timeout_seconds:g}; start tpo-engine with the same "
-                "rollout.bridge settings (placement=separate)")
+                f"no engine pool at {where}: {joined} of {settings}.engine_ranks="
+                f"{config.engine_ranks} tpo-engine ranks joined within {settings}."
+                f"timeout_seconds={config.timeout_seconds:g}; start {_server_command(settings)}"
+                f" with the same {settings} settings (placement=separate)")
         time.sleep(0.05)
     size = config.engine_ranks + 1
     control, data, device = _groups(store, 0, size, backend, timeout)
-    return Bridge(store, control, data, device, 0, size, where)
+    return Bridge(store, control, data, device, 0, size, where, settings)
 
 
-def open_engine_side(config: BridgeConfig, engine_rank: int) -> Bridge:
+def _server_command(settings: str) -> str:
+    return "tpo-engine --serve judge" if settings.startswith("judge.") else "tpo-engine"
+
+
+def open_engine_side(config: BridgeConfig, engine_rank: int,
+                     settings: str = "rollout.bridge") -> Bridge:
     """On every engine rank: reach trainer rank 0's store, join, build the groups."""
     where = f"{config.address}:{config.port}"
     timeout = timedelta(seconds=config.timeout_seconds)
@@ -105,13 +115,14 @@ def open_engine_side(config: BridgeConfig, engine_rank: int) -> Bridge:
         store = dist.TCPStore(config.address, config.port, is_master=False, timeout=timeout)
     except dist.DistError as error:
         raise BridgeError(f"engine rank {engine_rank}: no trainer at {where} (the bridge store "
-                          f"that tpo-run's rank 0 serves) within rollout.bridge.timeout_seconds="
+                          f"that tpo-run's rank 0 serves) within {settings}.timeout_seconds="
                           f"{config.timeout_seconds:g}: {error}") from error
     backend = store.get(BACKEND).decode()
     store.add(JOINED, 1)
     control, data, device = _groups(store, 1 + engine_rank, config.engine_ranks + 1, backend,
                                     timeout)
-    return Bridge(store, control, data, device, 1 + engine_rank, config.engine_ranks + 1, where)
+    return Bridge(store, control, data, device, 1 + engine_rank, config.engine_ranks + 1, where,
+                  settings)
 
 
 def ring(bridge: Bridge, sequence: int, kind: str) -> None:
@@ -145,7 +156,7 @@ def wait_until_done(bridge: Bridge, sequence: int, kind: str, timeout_seconds: f
         missing = [rank - 1 for rank, key in enumerate(keys, start=1)
                    if not bridge.store.check([key])]
         raise BridgeError(f"engine ranks {missing} of the pool at {bridge.where} did not finish "
-                          f"{kind!r} within rollout.bridge.request_timeout_seconds="
+                          f"{kind!r} within {bridge.settings}.request_timeout_seconds="
                           f"{timeout_seconds:g}") from error
 
 

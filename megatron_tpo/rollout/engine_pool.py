@@ -1,5 +1,7 @@
 """``EnginePoolProxy``: every trainer rank's ``RolloutEngine`` when the engines are a
-separate ``tpo-engine`` pool (``rollout.placement=separate``).
+separate ``tpo-engine`` pool (``rollout.placement=separate``), and a pairwise judge's when
+its model is served by a pool of its own (``judge.pairwise.placement=separate``: only
+``generate`` is asked of it, on every trainer rank, which all get every verdict back).
 
 Trainer rank 0 holds the bridge (``rollout/bridge.py``) and asks the pool; the other
 trainer ranks take part only in their own world's collectives, so the loop, the weight
@@ -49,10 +51,12 @@ class EnginePoolProxy(RolloutEngine):
             atexit.register(self.shutdown)   # the pool ends with the trainer
 
     @classmethod
-    def connect(cls, config: BridgeConfig) -> "EnginePoolProxy":
-        """Call on every trainer rank; rank 0 waits (``config.timeout_seconds``) for the pool."""
+    def connect(cls, config: BridgeConfig, settings: str = "rollout.bridge") -> "EnginePoolProxy":
+        """Call on every trainer rank; rank 0 waits (``config.timeout_seconds``) for the pool.
+        ``settings`` names the bridge's config group in messages (``judge.pairwise.bridge``
+        for a judge model's pool, which only generates)."""
         opened = []
-        cls._answer_everywhere(lambda: opened.append(open_trainer_side(config)))
+        cls._answer_everywhere(lambda: opened.append(open_trainer_side(config, settings)))
         return cls(opened[0] if opened else None, config)
 
     # -- talking to the pool (trainer rank 0) ---------------------------------------
