@@ -148,3 +148,47 @@ def test_tensor_parallel_two_ranks_equal_one():
     torch.testing.assert_close(torch.cat([ranks[0][3], ranks[1][3]]), single[3],
                                atol=1e-5, rtol=1e-5)
     assert_close(single, reference(*inputs), atol=2e-5)
+
+
+# --- the training setting that picks the backward ---
+
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_training_setting_reaches_the_kernel(monkeypatch, deterministic):
+    """train.logprob_kernel_deterministic, loaded from configs/train/dpo.yaml with an
+    override, is what the DPO forward step hands fused_target_logprobs; the loss
+    still comes out (TP=1 faked in megatron's parallel_state, no process group)."""
+    from types import SimpleNamespace
+
+    from megatron.core import parallel_state
+
+    from megatron_tpo.config import load_training_config
+    from megatron_tpo.train import policy_logprobs
+    from megatron_tpo.train.dpo_batch import TokenizedPair, pair_micro_batches
+    from megatron_tpo.train.dpo_step import dpo_forward_step
+
+    monkeypatch.setattr(parallel_state, "get_tensor_model_parallel_world_size", lambda: 1)
+    monkeypatch.setattr(parallel_state, "get_tensor_model_parallel_rank", lambda: 0)
+    seen = []
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs.get("deterministic", "not passed"))
+        return fused_target_logprobs(*args, **kwargs)
+    monkeypatch.setattr(policy_logprobs, "fused_target_logprobs", recording)
+
+    training = load_training_config("dpo", logprob_kernel_deterministic=deterministic)
+    vocab, hidden_size = 11, 8
+    pair = TokenizedPair([1, 2], [3, 4, 5], [6, 7], reference_chosen=-3.0,
+                         reference_rejected=-2.0)
+    batch = pair_micro_batches([pair], 1)[0]
+
+    class Model(SimpleNamespace):  # what the step reads of a GPTModel, and its call
+        def __call__(self, *inputs):
+            return None
+
+    model = Model(share_embeddings_and_output_weights=False,
+                  output_layer=SimpleNamespace(weight=torch.randn(vocab, hidden_size)))
+    _, loss_func = dpo_forward_step(training, vocab)(iter([batch]), model)
+    hidden = torch.randn(*batch.input_ids.shape, hidden_size)
+    loss, metrics = loss_func(hidden)
+    assert seen == [deterministic]
+    assert torch.isfinite(loss) and "rewards/margin" in metrics

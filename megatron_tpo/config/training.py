@@ -80,6 +80,10 @@ class DPOTrainingConfig:
     recompute_granularity: Optional[str] = None
     recompute_method: Optional[str] = None
     recompute_num_layers: Optional[int] = None
+    # The fused log-prob kernel's Triton backward reduces in a fixed order, so a rerun
+    # (or a resume) gives the same gradient bits; false adds with float32 atomics:
+    # faster, but the rounding follows the GPU's schedule. The CPU path is fixed anyway.
+    logprob_kernel_deterministic: bool = True
     fp8: FP8Config = field(default_factory=FP8Config)
 
     def validate(self) -> None:

@@ -15,7 +15,9 @@ def dpo_forward_step(training: DPOTrainingConfig, vocab_size: int):
         output = model(batch.input_ids, position_ids(batch.input_ids), None)
 
         def loss_func(hidden_states):
-            chosen, rejected = pair_logprobs(unwrapped(model), hidden_states, batch, vocab_size)
+            chosen, rejected = pair_logprobs(
+                unwrapped(model), hidden_states, batch, vocab_size,
+                deterministic=training.logprob_kernel_deterministic)
             reference = batch.reference_logprobs
             result = dpo_loss(chosen, rejected, reference[: batch.num_pairs],
                               reference[batch.num_pairs:], beta=training.beta,

@@ -70,20 +70,26 @@ def true_vocab_weight_shard(gpt_model, vocab_size: int):
 
 
 def token_logprobs(gpt_model, hidden_states: torch.Tensor, batch: PairMicroBatch,
-                   vocab_size: int) -> torch.Tensor:
-    """[2P, L] float32 log-probs of ``batch.targets``, 0 where the loss mask is 0."""
+                   vocab_size: int, deterministic: bool = True) -> torch.Tensor:
+    """[2P, L] float32 log-probs of ``batch.targets``, 0 where the loss mask is 0.
+
+    ``deterministic``: the kernel's gradients have the same bits on every run
+    (``train.logprob_kernel_deterministic``); False lets its GPU backward use atomics.
+    """
     from megatron.core import parallel_state
 
     weight, vocab_start = true_vocab_weight_shard(gpt_model, vocab_size)
     tp_group = (parallel_state.get_tensor_model_parallel_group()
                 if parallel_state.get_tensor_model_parallel_world_size() > 1 else None)
     return fused_target_logprobs(hidden_states, weight, batch.targets, mask=batch.loss_mask,
-                                 tp_group=tp_group, vocab_start=vocab_start)
+                                 tp_group=tp_group, vocab_start=vocab_start,
+                                 deterministic=deterministic)
 
 
 def pair_logprobs(gpt_model, hidden_states: torch.Tensor, batch: PairMicroBatch,
-                  vocab_size: int):
+                  vocab_size: int, deterministic: bool = True):
     """``(chosen, rejected)``: [P] sums of thought+response log-probs of each pair."""
-    sums = sequence_logprobs(token_logprobs(gpt_model, hidden_states, batch, vocab_size),
-                             batch.loss_mask)
+    sums = sequence_logprobs(
+        token_logprobs(gpt_model, hidden_states, batch, vocab_size, deterministic),
+        batch.loss_mask)
     return sums[: batch.num_pairs], sums[batch.num_pairs:]
