@@ -15,7 +15,10 @@ reports VmHWM minus the resident size at that moment: the extra memory the call 
 allocator caching included. GPU: torch.cuda.max_memory_allocated above the memory
 allocated before the call (tensors only, not the caching allocator's reserve).
 The GPU run also reports the matmul floor: 6*T*H*V FLOPs (forward logits, and the two
-backward matmuls) at the bf16 rate measured here for a same-shape torch.matmul.
+backward matmuls) at the bf16 rate measured here for a same-shape torch.matmul, and
+times the fused kernel twice: "fused" is the default deterministic backward,
+"fused_atomic" the float32-atomic one (deterministic=False); the CPU torch path has no
+such choice, so a CPU run shows neither the atomic variant nor that ratio.
 """
 
 import argparse
@@ -42,7 +45,17 @@ def fused_logprobs(hidden, weight, targets):
     return fused_target_logprobs(hidden, weight, targets)
 
 
-VARIANTS = {"naive": naive_logprobs, "fused": fused_logprobs}
+def fused_atomic_logprobs(hidden, weight, targets):
+    return fused_target_logprobs(hidden, weight, targets, deterministic=False)
+
+
+VARIANTS = {"naive": naive_logprobs, "fused": fused_logprobs,
+            "fused_atomic": fused_atomic_logprobs}
+
+
+def variants_for(device):
+    """The atomic backward exists only in Triton (GPU); the CPU torch path has one."""
+    return tuple(VARIANTS) if device == "cuda" else ("naive", "fused")
 
 
 def make_inputs(tokens, hidden, vocab, dtype, device):
@@ -76,13 +89,13 @@ def wall_ms(fn, device):
 
 
 def interleaved_median_ms(shape, device, repeats):
-    """Median fwd+bwd time per variant, alternating variants so load drift hits both."""
+    """Median fwd+bwd time per variant, alternating variants so load drift hits all."""
     hidden, weight, targets = make_inputs(**shape, device=device)
     runs = {variant: (lambda v=variant: forward_backward(v, hidden, weight, targets))
-            for variant in VARIANTS}
+            for variant in variants_for(device)}
     for run in runs.values():
         run()  # warm-up (and Triton compilation)
-    times = {variant: [] for variant in VARIANTS}
+    times = {variant: [] for variant in runs}
     for _ in range(repeats):
         for variant, run in runs.items():
             times[variant].append(wall_ms(run, device))
@@ -167,7 +180,7 @@ def main():
         return
 
     results = {}
-    for variant in VARIANTS:
+    for variant in variants_for(args.device):
         if args.device == "cuda":
             results[variant] = measure_memory(variant, shape, args.device)
             torch.cuda.empty_cache()
@@ -197,6 +210,11 @@ def main():
         summary.update(matmul_tflops=round(tflops, 1), matmul_floor_ms=round(floor_ms, 2),
                        fused_over_floor=round(fused["ms"] / floor_ms, 3),
                        naive_over_floor=round(naive["ms"] / floor_ms, 3))
+        atomic = results["fused_atomic"]
+        # The price of deterministic gradients (the default) against the atomic backward.
+        summary.update(fused_atomic_ms=round(atomic["ms"], 2),
+                       fused_atomic_peak_mb=round(atomic["peak_mb"], 1),
+                       time_ratio_deterministic_over_atomic=round(fused["ms"] / atomic["ms"], 3))
     print(json.dumps(summary))
 
 
