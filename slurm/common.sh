@@ -87,8 +87,9 @@ tpo_launch_separate() {
     local engine_nodes="${ENGINE_NODES:-0}"
     local nodes
     mapfile -t nodes < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
-    local trainer_nodes=$(( ${#nodes[@]} - engine_nodes ))
-    tpo_trainer_tasks=$(( SLURM_NTASKS - engine_tasks ))
+    # A judge pool (tpo_launch_judge_pool) holds the last nodes and tasks already.
+    local trainer_nodes=$(( ${#nodes[@]} - engine_nodes - ${tpo_judge_nodes:-0} ))
+    tpo_trainer_tasks=$(( SLURM_NTASKS - engine_tasks - ${tpo_judge_tasks:-0} ))
     if [ "$tpo_trainer_tasks" -lt 1 ] || [ "$trainer_nodes" -lt 1 ]; then
         echo "job ${SLURM_JOB_ID}: ENGINE_TASKS=$engine_tasks ENGINE_NODES=$engine_nodes leave" \
              "no room for the trainer in ${SLURM_NTASKS} tasks on ${#nodes[@]} nodes" >&2
@@ -119,6 +120,65 @@ tpo_launch_separate() {
     tpo_launch "${settings[@]}"
     if ! wait "$engine_step"; then
         echo "job ${SLURM_JOB_ID}: tpo-run finished but the engine pool step failed" >&2
+        exit 1
+    fi
+}
+
+# A pairwise judge model on GPUs of its own (judge.pairwise.placement=separate,
+# docs/rollout.md "Where the judge runs"): a `tpo-engine --serve judge` step of
+# JUDGE_TASKS tasks on the last JUDGE_NODES nodes of the allocation (JUDGE_NODES=0: beside
+# the others, for CPU runs on one node), then the rest of the job on the nodes before
+# them: tpo_launch_separate when ENGINE_TASKS is set (the policy's pool takes the
+# ENGINE_NODES before the judge's), tpo_launch otherwise. Trainer rank 0 serves the
+# judge's bridge too, on a port of its own (from the job id, like the others).
+tpo_launch_judge_pool() {
+    tpo_environment
+    local judge_tasks="${JUDGE_TASKS:?set JUDGE_TASKS, the tpo-engine processes of the judge pool}"
+    local judge_nodes="${JUDGE_NODES:-0}"
+    local nodes
+    mapfile -t nodes < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
+    local other_nodes=$(( ${#nodes[@]} - judge_nodes ))
+    if [ $(( SLURM_NTASKS - judge_tasks )) -lt 1 ] || [ "$other_nodes" -lt 1 ]; then
+        echo "job ${SLURM_JOB_ID}: JUDGE_TASKS=$judge_tasks JUDGE_NODES=$judge_nodes leave" \
+             "no room for the trainer in ${SLURM_NTASKS} tasks on ${#nodes[@]} nodes" >&2
+        exit 2
+    fi
+    tpo_judge_tasks=$judge_tasks
+    tpo_judge_nodes=$judge_nodes
+    local settings=("$@" judge.pairwise.placement=separate
+                    "judge.pairwise.bridge.address=${nodes[0]}"
+                    "judge.pairwise.bridge.port=$((20000 + (SLURM_JOB_ID + 3) % 20000))"
+                    "judge.pairwise.bridge.engine_ranks=$judge_tasks")
+    local judge_placement=(--ntasks="$judge_tasks")
+    if [ "$judge_nodes" -gt 0 ]; then
+        judge_placement+=(--nodes="$judge_nodes" --relative="$other_nodes")
+    else
+        judge_placement+=(--exact)
+    fi
+    local container=("${tpo_container[@]}")
+    local where="beside the trainer"
+    [ "$judge_nodes" -gt 0 ] && where="on ${judge_nodes} nodes of their own"
+    echo "job ${SLURM_JOB_ID}: judge pool of ${judge_tasks} tasks ${where}," \
+         "bridge at ${nodes[0]}"
+    # It loads judge.pairwise.model, waits for trainer rank 0 (judge.pairwise.bridge.
+    # timeout_seconds) and serves verdicts until tpo-run stops it or goes away.
+    MASTER_PORT=$((20000 + (SLURM_JOB_ID + 4) % 20000)) srun --kill-on-bad-exit=1 \
+        "${judge_placement[@]}" "${container[@]}" tpo-engine --serve judge "${settings[@]}" &
+    local judge_step=$!
+    if [ -n "${ENGINE_TASKS:-}" ]; then
+        tpo_launch_separate "${settings[@]}"
+    else
+        tpo_trainer_tasks=$(( SLURM_NTASKS - judge_tasks ))
+        tpo_srun_placement=(--ntasks="$tpo_trainer_tasks")
+        if [ "$judge_nodes" -gt 0 ]; then
+            tpo_srun_placement+=(--nodes="$other_nodes" --relative=0)
+        else
+            tpo_srun_placement+=(--exact)
+        fi
+        tpo_launch "${settings[@]}"
+    fi
+    if ! wait "$judge_step"; then
+        echo "job ${SLURM_JOB_ID}: tpo-run finished but the judge pool step failed" >&2
         exit 1
     fi
 }

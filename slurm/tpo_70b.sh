@@ -19,4 +19,7 @@
 set -euo pipefail
 cd "${SLURM_SUBMIT_DIR:-.}"
 source slurm/common.sh
-tpo_launch experiment=llama3_70b "run.dir=${RUN_DIR:-runs/tpo-70b-${SLURM_JOB_ID}}" "$@"
+# The 70B judge model is a tpo-engine pool of its own (one TP=8 engine) on the last
+# JUDGE_NODES node(s); the trainer and the policy's colocated engines take the others.
+JUDGE_NODES="${JUDGE_NODES:-1}" JUDGE_TASKS="${JUDGE_TASKS:-8}" tpo_launch_judge_pool \
+    experiment=llama3_70b "run.dir=${RUN_DIR:-runs/tpo-70b-${SLURM_JOB_ID}}" "$@"

@@ -1,9 +1,9 @@
 #!/bin/bash
 # TPO of Llama-3-70B-Instruct with the rollout engines on GPUs of their own
-# (rollout.placement=separate, docs/rollout.md): one allocation of 6 nodes of 8 H100s, the
-# trainer on the first 4 (TP=8, PP=4, as slurm/tpo_70b.sh) and a tpo-engine pool on the
-# last 2 (two vLLM engines at TP=8), as two srun steps (slurm/common.sh,
-# tpo_launch_separate). Trainer rank 0 serves the bridge on the first node; the engines
+# (rollout.placement=separate, docs/rollout.md): one allocation of 7 nodes of 8 H100s, the
+# trainer on the first 4 (TP=8, PP=4, as slurm/tpo_70b.sh), a tpo-engine pool on the
+# next 2 (two vLLM engines at TP=8) and the 70B judge's pool on the last (one engine at
+# TP=8), as three srun steps (slurm/common.sh, tpo_launch_judge_pool). Trainer rank 0 serves the bridge on the first node; the engines
 # connect to it, receive every weight sync over NCCL and do the rollouts. Set the paths as
 # for tpo_70b.sh:
 #   sbatch -p PARTITION -A ACCOUNT slurm/tpo_70b_separate.sh run.policy=/models/Meta-Llama-3-70B-Instruct \
@@ -14,7 +14,7 @@
 # the bridge address is not in the run's settings digest, so it resumes its run.dir on
 # whichever nodes it lands.
 #SBATCH --job-name=tpo-70b-separate
-#SBATCH --nodes=6
+#SBATCH --nodes=7
 #SBATCH --ntasks-per-node=8
 #SBATCH --gpus-per-node=8
 #SBATCH --cpus-per-task=12
@@ -27,6 +27,9 @@
 set -euo pipefail
 cd "${SLURM_SUBMIT_DIR:-.}"
 source slurm/common.sh
-ENGINE_NODES="${ENGINE_NODES:-2}" ENGINE_TASKS="${ENGINE_TASKS:-16}" tpo_launch_separate \
+# Three steps: the judge pool (one TP=8 judge engine) on the last node, the policy's pool
+# on the two before it, the trainer on the first four (tpo_launch_judge_pool).
+JUDGE_NODES="${JUDGE_NODES:-1}" JUDGE_TASKS="${JUDGE_TASKS:-8}" \
+ENGINE_NODES="${ENGINE_NODES:-2}" ENGINE_TASKS="${ENGINE_TASKS:-16}" tpo_launch_judge_pool \
     experiment=llama3_70b rollout=paper_separate \
     "run.dir=${RUN_DIR:-runs/tpo-70b-separate-${SLURM_JOB_ID}}" "$@"

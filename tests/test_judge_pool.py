@@ -43,6 +43,10 @@ def test_a_judge_model_beside_a_vllm_policy_engine_is_refused_naming_the_fix():
     assert "judge.pairwise.placement='colocated'" in message
     assert "two sleep-mode vLLM engines in one process" in message
     assert "judge.pairwise.placement=separate" in message
+    # A policy pool leaves the trainer's processes without an engine, still no judge's.
+    with pytest.raises(ConfigError, match=r"a vLLM judge engine in every trainer rank's "
+                                          r"process.*judge.pairwise.placement=separate"):
+        check_judge_placement(judge, RolloutConfig(engine="vllm", placement="separate"))
 
 
 def test_the_policy_judging_itself_and_hf_engines_may_stay_colocated():

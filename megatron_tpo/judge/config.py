@@ -145,21 +145,29 @@ def judge_engine_settings(rollout: RolloutConfig, pairwise: PairwiseJudgeConfig)
 def check_judge_placement(judge: JudgeConfig, rollout: RolloutConfig) -> None:
     """Checks across the judge and rollout groups, before any engine is built.
 
-    A judge model beside a vLLM policy engine is refused: vLLM's sleep-mode allocator
-    (``CuMemAllocator``) is one per process, so the policy engine's ``sleep()`` would unmap
-    the judge's memory too and ``wake_up`` map it back, and the second engine's start-up
-    finds the first's memory taken (``gpu_memory_utilization`` is of the device's total)."""
+    A vLLM judge engine inside the trainer's processes is refused. Beside the policy's
+    colocated engine: vLLM's sleep-mode allocator (``CuMemAllocator``) is one per process,
+    so either engine's ``sleep()`` unmaps the other's memory too and ``wake_up`` maps it
+    back, and the second engine's start-up finds the first's memory taken (vLLM checks
+    free memory against ``gpu_memory_utilization`` of the device's *total*). Without it
+    (``rollout.placement=separate``), the judge engine would still claim its share of
+    every trainer GPU before megatron is built. A judge pool has GPUs of its own."""
     if judge.kind != "pairwise" or judge.pairwise.model is None:
         return
     pairwise = judge.pairwise
     if pairwise.placement == "colocated" and rollout.engine == "vllm":
+        why = ("would put two sleep-mode vLLM engines in one process, the policy's and the "
+               "judge's (vLLM keeps one sleep-mode allocator per process: one engine's sleep "
+               "unmaps the other's memory, and the second finds the first's memory taken at "
+               "start-up)") if rollout.placement == "colocated" else (
+              "would build a vLLM judge engine in every trainer rank's process, claiming "
+              f"judge.pairwise.vllm.gpu_memory_utilization={pairwise.vllm.gpu_memory_utilization}"
+              " of each trainer GPU before megatron is built")
         raise ConfigError(
             f"judge.pairwise.placement='colocated' with judge.pairwise.model={pairwise.model} "
-            "and rollout.engine=vllm would put two sleep-mode vLLM engines in one process (vLLM "
-            "keeps one sleep-mode allocator per process: one engine's sleep unmaps the other's "
-            "memory); serve the judge from a tpo-engine pool of its own GPUs: "
-            "judge.pairwise.placement=separate (tpo-engine --serve judge, slurm/common.sh "
-            "tpo_launch_judge_pool)")
+            f"and rollout.engine=vllm {why}; serve the judge from a tpo-engine pool of its own "
+            "GPUs: judge.pairwise.placement=separate (tpo-engine --serve judge; slurm/common.sh "
+            "tpo_launch_judge_pool starts it)")
     judge_engine_settings(rollout, pairwise)
     if (pairwise.placement == rollout.placement == "separate"
             and (pairwise.bridge.address, pairwise.bridge.port)
