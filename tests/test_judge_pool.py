@@ -21,6 +21,7 @@ from megatron_tpo.judge.config import (JudgeConfig, PairwiseJudgeConfig,
 from megatron_tpo.rollout.config import BridgeConfig, RolloutConfig, VLLMConfig
 
 sys.path.insert(0, str(Path(__file__).parent))
+from local_slurm import slurm, slurm_installed  # noqa: E402,F401 (slurm is a fixture)
 from tpo_fixtures import tiny_run_overrides  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "data"))
@@ -231,3 +232,53 @@ def test_tpo_engine_serve_judge_refuses_what_it_cannot_serve(capsys, tmp_path):
         capsys.readouterr().err
     assert main(["--serve=critic", *overrides]) == 2
     assert "--serve 'critic': must be one of ('policy', 'judge')" in capsys.readouterr().err
+
+
+# -- on a local Slurm ---------------------------------------------------------------
+
+@pytest.mark.skipif(not slurm_installed(),
+                    reason="Slurm daemons not installed (.ci/run installs them)")
+def test_a_tiny_job_with_a_judge_pool_step_judges_through_it_to_the_end(slurm, tmp_path):
+    """slurm/common.sh tpo_launch_judge_pool: a `tpo-engine --serve judge` step (one HF
+    engine of the tiny judge) beside a one-rank trainer step, in one allocation."""
+    import json
+    from collections import Counter
+
+    import pyarrow.parquet as pq
+
+    repository = Path(__file__).resolve().parents[1]
+    judge_dir = write_verdict_judge(tmp_path / "judge")
+    overrides = [o for o in tiny_run_overrides(tmp_path, 1) if not o.startswith("run.dir")]
+    overrides += ["judge=pairwise", f"judge.pairwise.model={judge_dir}",
+                  "judge.pairwise.sampling.max_new_tokens=1",
+                  "judge.pairwise.max_pairs_per_prompt=2",
+                  "judge.pairwise.bridge.timeout_seconds=120"]
+    script, run_dir, output = tmp_path / "job.sh", tmp_path / "run", tmp_path / "job.out"
+    script.write_text("#!/bin/bash\nset -euo pipefail\nsource slurm/common.sh\n"
+                      'JUDGE_TASKS=1 JUDGE_NODES=0 tpo_launch_judge_pool "run.dir=$RUN_DIR" "$@"\n')
+    submitted = subprocess.run(
+        ["sbatch", "--parsable", "--ntasks=2", "--cpus-per-task=1", f"--output={output}",
+         f"--chdir={repository}",
+         f"--export=ALL,VENV={Path(sys.prefix)},RUN_DIR={run_dir},"
+         "MASTER_ADDR=127.0.0.1,GLOO_SOCKET_IFNAME=lo", str(script), *overrides],
+        env=slurm.env, capture_output=True, text=True, check=True)
+    job_id = submitted.stdout.strip().split(";")[0]
+    state = slurm.wait_for_job(job_id, timeout=600)
+    log = output.read_text() if output.exists() else ""
+    assert state == "COMPLETED", f"job {job_id} ended {state}:\n{log[-4000:]}"
+    assert "judge pool of 1 tasks beside the trainer" in log and "1 trainer tasks" in log, \
+        log[-4000:]
+    stage = run_dir / "stages" / "iteration_000"
+    parsed = Counter(row["prompt_id"] for row in pq.read_table(stage / "rollouts.parquet")
+                     .to_pylist() if row["parse_ok"])
+    judged = Counter(row["prompt_id"]
+                     for row in pq.read_table(stage / "judgments.parquet").to_pylist())
+    assert set(judged) == {p for p, k in parsed.items() if k >= 2}, (judged, parsed)
+    counts = json.loads((stage / "judgments.manifest.json").read_text())["counts"]
+    # Per prompt at most 2 pairs of its parsed samples, each judged in both orders, every
+    # verdict from the pool's judge parsed.
+    pairs = sum(min(2, k * (k - 1) // 2) for k in parsed.values())
+    assert pairs > 0 and counts["verdicts"] == 2 * pairs, (counts, parsed)
+    assert counts.get("unparseable_verdicts", 0) == 0, counts
+    resolved = (run_dir / "config.yaml").read_text()
+    assert f"model: {judge_dir}" in resolved and "placement: separate" in resolved
