@@ -4,6 +4,7 @@
     tpo-tiny --seed 1                 # the same comparison from another seed
     tpo-tiny parallel=tp2_pp2         # any tpo-run override applies to both runs
     tpo-tiny --prepare-only           # only the task, tokenizer and warm-started M_0
+    tpo-tiny --report-only            # summary, table and PNG again from the finished runs
     tpo-tiny tiny.thought_mix.columns=0.5 tiny.sft.steps=300   # the warm start's settings
 
 Nothing is downloaded: a multi-step addition task is generated, a tokenizer trained on
@@ -35,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0,
                         help="seeds the task, the warm start and both TPO runs")
     parser.add_argument("--prepare-only", action="store_true")
+    parser.add_argument("--report-only", action="store_true",
+                        help="rebuild summary.json, the table and the PNG from finished runs")
     parser.add_argument("overrides", nargs="*",
                         help="tpo-run overrides for both runs; tiny.<key>=<value> sets the "
                              "task and warm start (TinyTaskConfig)")
@@ -132,6 +135,15 @@ def main(argv=None) -> int:
         print(f"{USAGE}\ntpo-tiny: error: {error}", file=sys.stderr)
         return 2
     summaries = {}
+    if args.report_only:
+        import json
+
+        summaries = {name: json.loads((Path(c.run.dir) / "summary.json").read_text())
+                     for name, c in configs.items()}
+        report(root, summaries, {name: c.run.dir for name, c in configs.items()},
+               json.loads((root / "summary.json").read_text()).get("seconds", 0.0)
+               if (root / "summary.json").is_file() else 0.0, assets.manifest)
+        return 0
     for name, config in configs.items():
         print(f"tpo-tiny: {name} ({config.thought.name} prompt), {config.run.iterations} "
               f"iterations in {config.run.dir}", flush=True)
@@ -147,7 +159,7 @@ def report(root: Path, summaries: Dict[str, dict], run_dirs: Dict[str, str], sec
     """summary.json: each arm's run summary with its thought kinds and lengths per
     iteration (from the stored rollouts), the head-to-head win rate, M_0, the warm start."""
     from megatron_tpo.report.summary import timing_shares, write_summary
-    from megatron_tpo.tiny.report import plot_report, report_table, tiny_report
+    from megatron_tpo.tiny.report import pair_lines, plot_report, report_table, tiny_report
 
     details = tiny_report({name: Path(path) for name, path in run_dirs.items()})
     combined = {name: {**summary, **details[name]} for name, summary in summaries.items()}
@@ -157,6 +169,7 @@ def report(root: Path, summaries: Dict[str, dict], run_dirs: Dict[str, str], sec
     write_summary(combined, root / "summary.json")
     plot = plot_report(summaries, details, root / "tpo_vs_baseline.png")
     print(report_table(summaries, details))
+    print("\n".join(pair_lines(details)))
     for name, summary in summaries.items():
         shares = ", ".join(f"{stage} {share:.0%}"
                            for stage, share in timing_shares(summary["iterations"]).items())

@@ -39,7 +39,7 @@ def sampled_iteration(store: IterationStore, t: int) -> dict:
     kinds = classify_rows(rollouts)
     score_of = [scores.get((row["prompt_id"], row["sample_index"]), 0.0) for row in rollouts]
     parsed = [row for row in rollouts if row["parse_ok"]]
-    return {
+    record = {
         "kinds": kind_shares(kinds),
         "score_by_kind": {kind: _mean([s for k, s in zip(kinds, score_of) if k == kind])
                           for kind in CLASSIFIED_KINDS},
@@ -48,6 +48,17 @@ def sampled_iteration(store: IterationStore, t: int) -> dict:
         "mean_response_chars": _mean([len(row["response"]) for row in parsed]),
         "mean_output_tokens": _mean([len(row["output_token_ids"]) for row in rollouts]),
     }
+    if store.is_finished(t, "pairs"):
+        # What DPO is pushed towards and away from: the kinds of the chosen and rejected
+        # outputs, picked by the judge from the responses alone.
+        kind_of = {(row["prompt_id"], row["sample_index"]): kind
+                   for row, kind in zip(rollouts, kinds)}
+        pairs = store.read(t, "pairs")
+        for side in ("chosen", "rejected"):
+            record[f"{side}_kinds"] = kind_shares(
+                [kind_of[(pair["prompt_id"], pair[f"{side}_index"])] for pair in pairs])
+        record["pairs"] = len(pairs)
+    return record
 
 
 def heldout_iteration(store: IterationStore, t: int) -> dict:
@@ -122,6 +133,19 @@ SHOWN_KINDS = ("columns", "wrong_sums", "restate", "unrelated", "other", "unpars
 
 def _cell(value: Optional[float], spec: str = ".3f") -> str:
     return "" if value is None else format(value, spec)
+
+
+def pair_lines(report: Mapping) -> List[str]:
+    """Per iteration, the kinds of TPO's chosen and rejected thoughts."""
+    lines = []
+    for t, sampled in enumerate(report["tpo"]["sampled"]):
+        if "chosen_kinds" in sampled:
+            lines.append(f"TPO pairs at t={t} ({sampled['pairs']}), " + " / ".join(SHOWN_KINDS)
+                         + ": chosen " + " / ".join(f"{sampled['chosen_kinds'][k]:.2f}"
+                                                    for k in SHOWN_KINDS)
+                         + ", rejected " + " / ".join(f"{sampled['rejected_kinds'][k]:.2f}"
+                                                      for k in SHOWN_KINDS))
+    return lines
 
 
 def report_table(summaries: Mapping[str, dict], report: Mapping) -> str:
