@@ -1,12 +1,14 @@
 #!/bin/bash
-# TPO of Llama-3-70B-Instruct on 4 nodes of 8 H100s: the policy at TP=8, PP=4, judged by a
-# 70B pairwise LLM judge (configs/experiment/llama3_70b.yaml). Set the paths:
+# TPO of Llama-3-70B-Instruct on 9 nodes of 8 H100s: the policy at TP=8, PP=4, DP=2 with a
+# colocated vLLM engine of TP=8 per 8 GPUs on the first 8 nodes, judged by a 70B pairwise
+# LLM judge on the 9th (configs/experiment/llama3_70b.yaml). DP=2 shards the optimizer so
+# the awake engine fits beside it (tpo-run --dry-run prints each phase). Set the paths:
 #   sbatch -p PARTITION -A ACCOUNT slurm/tpo_70b.sh run.policy=/models/Meta-Llama-3-70B-Instruct \
 #       judge.pairwise.model=/models/judge-70b prompts.path=/data/prompts.jsonl \
 #       evaluation.path=/data/heldout.jsonl
-# A larger allocation keeps the layout and adds data parallelism (--nodes=8: DP=2).
+# A larger allocation keeps the layout and adds data parallelism (--nodes=17: DP=4).
 #SBATCH --job-name=tpo-70b
-#SBATCH --nodes=4
+#SBATCH --nodes=9
 #SBATCH --ntasks-per-node=8
 #SBATCH --gpus-per-node=8
 #SBATCH --cpus-per-task=12

@@ -131,12 +131,22 @@ def test_the_environment_line_shows_the_launcher_variables(monkeypatch, capsys):
     assert re.search(r"warn  environment +CUDA_DEVICE_MAX_CONNECTIONS=8: megatron-core", out)
 
 
-@pytest.mark.skipif(not hasattr(run, "dry_run"),
-                    reason="tpo-run's memory dry run (megatron_tpo.cli.run.dry_run) is not here yet")
 def test_the_tiny_config_dry_run_fits(tmp_path, capsys):
     assert main(tiny_run_overrides(tmp_path)) == 0
     status, detail = report_lines(capsys)["dry run"]
     assert status == "ok" and detail.startswith("fits on 1 rank(s): "), detail
+    assert "not checked (run.hardware=cpu)" in detail, detail
+
+
+def test_a_config_that_does_not_fit_its_gpu_fails_its_dry_run_line(tmp_path, capsys):
+    """The tiny config on an H100 with a vLLM engine claiming 99% of it: vLLM would
+    refuse to start beside the CUDA context, and the dry run names that phase."""
+    overrides = [*tiny_run_overrides(tmp_path), "run.hardware=h100-80gb", "rollout.engine=vllm",
+                 "rollout.vllm.gpu_memory_utilization=0.99"]
+    assert main(overrides) == 1
+    status, detail = report_lines(capsys)["dry run"]
+    assert status == "FAIL" and "does not fit: engine start-up on h100-80gb GPU" in detail, detail
+    assert "smallest fix: rollout.vllm.gpu_memory_utilization=0.96" in detail, detail
 
 
 def test_a_config_that_is_not_valid_fails_its_dry_run_line(tmp_path, capsys):

@@ -283,11 +283,7 @@ def check_dry_run(overrides: List[str], world_size: Optional[int]) -> Check:
         config = run.compose_config(overrides)
         ranks = world_size or default_world_size(config)
         config.validate(ranks)
-        dry_run = getattr(run, "dry_run", None)
-        if dry_run is None:
-            return Check(WARN, "dry run", f"config valid for {ranks} rank(s); memory fit not "
-                         "checked (this tpo-run has no dry_run)")
-        report = dry_run(config, ranks)
+        report = run.dry_run_report(config, ranks)
     except ConfigError as error:
         return Check(FAIL, "dry run", f"does not fit or is not valid: {error}")
     return Check(OK, "dry run", f"fits on {ranks} rank(s): {' | '.join(report.splitlines())}")

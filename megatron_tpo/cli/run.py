@@ -100,7 +100,11 @@ def main(argv=None) -> int:
         print(f"{USAGE}\ntpo-run: error: {error}", file=sys.stderr)
         return 2
     if dry_run:
-        print(describe(config, world_size))
+        try:
+            print(dry_run_report(config, world_size))
+        except ConfigError as error:
+            print(f"tpo-run: error: {error}", file=sys.stderr)
+            return 2
         return 0
     if environment.launcher == "single" and world_size > 1:
         from megatron_tpo.parallel.local_launch import spawn_local
@@ -124,6 +128,20 @@ def describe(config, world_size: int) -> str:
             f"of {config.prompts.prompts_per_iteration} prompts x {config.rollout.sampling.n} "
             f"samples, thought={config.thought.name}, judge={config.judge.kind}, "
             f"engine={config.rollout.engine}; run directory {config.run.dir}")
+
+
+def dry_run_report(config, world_size: int) -> str:
+    """The layout, then each phase's peak memory per GPU on ``run.hardware``; a
+    ConfigError naming the phase, the GPU, the numbers and the smallest fix where one
+    does not fit (tpo-doctor calls this too)."""
+    from megatron_tpo.plan.phase_fit import check_fit
+
+    peaks = check_fit(config, world_size)
+    if not peaks:
+        fit = f"memory per phase: not checked (run.hardware={config.run.hardware})"
+    else:
+        fit = "\n".join(f"  fits: {peak.line()}" for peak in peaks)
+    return f"{describe(config, world_size)}\n{fit}"
 
 
 def print_result(config, summary: dict) -> None:
