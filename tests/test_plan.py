@@ -88,10 +88,11 @@ def test_memory_of_llama3_8b_data_parallel_by_hand():
     # plus the final norm's input and output (4 bytes per hidden unit per token).
     assert memory.activations == 139_392 * 4096 * 32 + 4 * 4096 * 4096
     # The fused log-prob kernel: 4 fp32 statistics per token, then fp32 gradients of the
-    # hidden states (4096 tokens x 4096) and of the output layer (128256 x 4096).
-    assert memory.logits == 4096 * 16 + 4096 * 4096 * 4 + 128256 * 4096 * 4
+    # hidden states (4096 tokens x 4096) and of the output layer (128256 x 4096), and the
+    # deterministic backward's workspace of at most 512 MiB.
+    assert memory.logits == 4096 * 16 + 4096 * 4096 * 4 + 128256 * 4096 * 4 + 512 * 2**20
     assert memory.communication == 0
-    assert memory.total / GIB == pytest.approx(15.0 + 29.9 + 11.2 + 17.1 + 2.0 + 3.0, abs=0.2)
+    assert memory.total / GIB == pytest.approx(15.0 + 29.9 + 11.2 + 17.1 + 2.5 + 3.0, abs=0.2)
 
 
 def test_memory_of_llama3_70b_interleaved_pipeline_by_hand():
@@ -202,3 +203,12 @@ def test_model_and_gpu_table_from_the_users_yaml(capsys, tmp_path):
     code, _, err = _run(capsys, "--model", str(model), "--gpu", "l40s", "--gpu-table", str(table),
                         "--nodes", "1", "--seq-len", "4096", "--global-batch", "64")
     assert code == 2 and "memory_gb" in err
+
+
+def test_the_planner_counts_the_deterministic_backward_workspace_the_kernel_allocates():
+    """The fused log-prob term holds the kernel's split workspace at its bound."""
+    from megatron_tpo.kernels.logprob_triton import DETERMINISTIC_WORKSPACE_BYTES
+    from megatron_tpo.plan.hardware import GIB
+    from megatron_tpo.plan.workload import Assumptions
+
+    assert Assumptions().logprob_workspace_gib * GIB == DETERMINISTIC_WORKSPACE_BYTES

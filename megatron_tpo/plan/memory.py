@@ -113,8 +113,10 @@ def stage_memory(workload: Workload, layout: TrainingLayout, pp_rank: int,
         else:
             # The fused kernel (kernels/dpo_logprob/logprob_triton.py) keeps logit tiles on chip; in
             # memory it has 4 fp32 statistics per token and, in backward, fp32 gradients
-            # of the hidden states and of the whole output-layer shard.
-            logits = tokens * 4 * 4 + tokens * h * 4 + vocab_shard * h * 4
+            # of the hidden states and of the whole output-layer shard, and the
+            # deterministic backward's split workspace.
+            logits = (tokens * 4 * 4 + tokens * h * 4 + vocab_shard * h * 4
+                      + assume.logprob_workspace_gib * GIB)
 
     communication = 0.0
     if tp > 1:  # sequence-parallel all-gather workspace (megatron's global memory buffer)

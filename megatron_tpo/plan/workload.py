@@ -50,6 +50,10 @@ class Assumptions:
     attention: str = "flash"
     # "fused": the tiled DPO log-prob kernel (kernels/); "naive": full fp32 logits.
     logprobs: str = "fused"
+    # The fused kernel's deterministic backward (train.logprob_kernel_deterministic, the
+    # default) sums split partial gradients from a workspace of at most this much, one
+    # gradient at a time (DETERMINISTIC_WORKSPACE_BYTES in kernels/dpo_logprob).
+    logprob_workspace_gib: float = 0.5
     # megatron DDP keeps main gradients in fp32 (grad_reduce_in_fp32) for bf16 training.
     grad_bytes: int = 4
     param_bytes: int = 2
