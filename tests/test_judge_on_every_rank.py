@@ -55,7 +55,6 @@ def _spread_worker(rank, world_size, ranks_per_engine):
     torch.distributed.init_process_group("gloo")
     engine = ShorterWins()
     judgment = _judge(EngineReplicas(engine, ranks_per_engine)).judge(PROMPTS, RESPONSES)
-    torch.distributed.destroy_process_group()
     return judgment.scores, judgment.counts, engine.seen
 
 

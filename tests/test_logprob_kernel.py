@@ -127,15 +127,13 @@ def test_unknown_implementation_is_refused():
 # --- tensor parallelism: two gloo processes, each owning half of the vocabulary ---
 
 def _tp_rank(rank, world_size, inputs):
-    dist.init_process_group("gloo")  # spawn_local exported RANK, WORLD_SIZE and MASTER_*
-    try:
-        hidden, weight, targets, mask, upstream = inputs
-        shard_size = weight.shape[0] // world_size
-        shard = weight[rank * shard_size:(rank + 1) * shard_size]
-        return fused(hidden, shard, targets, mask, upstream, tp_group=dist.group.WORLD,
-                     vocab_start=rank * shard_size)
-    finally:
-        dist.destroy_process_group()
+    # spawn_local exported RANK, WORLD_SIZE and MASTER_*, and tears the group down after.
+    dist.init_process_group("gloo")
+    hidden, weight, targets, mask, upstream = inputs
+    shard_size = weight.shape[0] // world_size
+    shard = weight[rank * shard_size:(rank + 1) * shard_size]
+    return fused(hidden, shard, targets, mask, upstream, tp_group=dist.group.WORLD,
+                 vocab_start=rank * shard_size)
 
 
 def test_tensor_parallel_two_ranks_equal_one():

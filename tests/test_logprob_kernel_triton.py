@@ -105,19 +105,17 @@ def test_interpreted_bfloat16_accumulates_in_float32():
 
 
 def _tp_rank(rank, world_size, inputs):
-    dist.init_process_group("gloo")  # spawn_local exported RANK, WORLD_SIZE and MASTER_*
-    try:
-        hidden, weight, targets, mask, upstream = inputs
-        shard_size = weight.shape[0] // world_size
-        shard = weight[rank * shard_size:(rank + 1) * shard_size]
+    # spawn_local exported RANK, WORLD_SIZE and MASTER_*, and tears the group down after.
+    dist.init_process_group("gloo")
+    hidden, weight, targets, mask, upstream = inputs
+    shard_size = weight.shape[0] // world_size
+    shard = weight[rank * shard_size:(rank + 1) * shard_size]
 
-        def call(h, w, t, m):
-            return fused_target_logprobs(h, w, t, m, tp_group=dist.group.WORLD,
-                                         vocab_start=rank * shard_size, return_entropy=True,
-                                         impl="triton")
-        return _values_and_grads(call, hidden, shard, targets, mask, upstream, hidden.dtype)
-    finally:
-        dist.destroy_process_group()
+    def call(h, w, t, m):
+        return fused_target_logprobs(h, w, t, m, tp_group=dist.group.WORLD,
+                                     vocab_start=rank * shard_size, return_entropy=True,
+                                     impl="triton")
+    return _values_and_grads(call, hidden, shard, targets, mask, upstream, hidden.dtype)
 
 
 @needs_interpreter

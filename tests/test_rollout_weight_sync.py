@@ -361,8 +361,8 @@ def _transport_worker(rank, world_size, shm_dirs):
             picked[name] = type(transport.choose_transport(name, plan, torch.device("cpu"))).__name__
         except ValueError as error:
             picked[name] = str(error)
+    torch.distributed.barrier()   # a shared directory is looked at once every rank is done
     left = sorted(path.name for path in Path(shm_dirs[rank]).iterdir())
-    torch.distributed.destroy_process_group()
     return picked, left
 
 
