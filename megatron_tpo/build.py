@@ -16,7 +16,7 @@ from megatron_tpo.tpo_config import TPOConfig, write_resolved_config
 from megatron_tpo.data.prompts import (PromptSetConfig, clean_instructions, load_prompts,
                                       read_instructions)
 from megatron_tpo.data.storage import IterationStore, config_hash
-from megatron_tpo.loop import TPOParts
+from megatron_tpo.parts import TPOParts
 from megatron_tpo.parallel.collectives import barrier, is_rank_zero, world
 from megatron_tpo.parallel.preemption import PreemptionGuard
 from megatron_tpo.report.metrics import RunMetrics

@@ -19,16 +19,16 @@ and resumes training from the newest checkpoint, so no sample is lost or duplica
 """
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, List, Tuple
 
-from megatron_tpo.tpo_config import TPOConfig
 from megatron_tpo.data.chat import apply_thought_chat_template
 from megatron_tpo.data.prompts import iteration_prompts
 from megatron_tpo.data.storage import IterationStore
 from megatron_tpo.evaluation.heldout import score_heldout
 from megatron_tpo.judge.base import Judge
+from megatron_tpo.parts import TPOParts
 from megatron_tpo.parallel.collectives import (barrier, broadcast_from_rank_zero, derived_seed,
                                                is_rank_zero)
 from megatron_tpo.parallel.preemption import Preempted, PreemptionGuard, crash_point
@@ -37,38 +37,14 @@ from megatron_tpo.report.metrics import RunMetrics
 from megatron_tpo.report.plots import plot_iterations
 from megatron_tpo.report.summary import (iteration_record, last_per_iteration, run_summary,
                                          write_summary)
-from megatron_tpo.rollout.engine import RolloutEngine, SamplingParams
+from megatron_tpo.rollout.engine import SamplingParams
 from megatron_tpo.rollout.parity import text_probes
 from megatron_tpo.rollout.replicas import generate_on_all_ranks
 from megatron_tpo.rollout.weight_sync import push_weights
-from megatron_tpo.train.dpo_batch import TokenizedPair
+from megatron_tpo.train.dpo_batch import tokenized_pairs
 from megatron_tpo.train.pair_schedule import pairs_for_step
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class TPOParts:
-    """What ``megatron_tpo.build.build_tpo`` assembles for one rank."""
-
-    config: TPOConfig
-    digest: str                     # of the settings that decide stage outputs
-    tokenizer: object
-    engine: RolloutEngine           # this rank's replica
-    judge: Optional[Judge]          # rank 0 only (a rule judge), unless judge_on_every_rank
-    trainer: object                 # DPOTrainer
-    checkpointer: object            # TrainingCheckpointer
-    store: IterationStore
-    metrics: RunMetrics
-    preemption: PreemptionGuard
-    prompts: List[str]              # the whole training instruction set
-    heldout: List[str]
-    engine_tensor_parallel_size: int = 1   # ranks per engine replica
-    # A judge that generates through engines (pairwise) runs on every rank, spreading
-    # its prompts over the replicas (with a model of its own, that model's engine); a
-    # reward model spreads its responses over the ranks.
-    judge_on_every_rank: bool = False
-    judge_engine: Optional[RolloutEngine] = None
 
 
 def run_tpo(parts: TPOParts) -> dict:
@@ -198,14 +174,6 @@ def awake_judge(parts: TPOParts) -> Judge:
     if parts.judge_engine is not None:
         parts.judge_engine.wake()
     return parts.judge
-
-
-def tokenized_pairs(rows: List[dict]) -> List[TokenizedPair]:
-    """DPO trains on exactly the token ids the policy sampled, never on re-tokenized text."""
-    return [TokenizedPair(prompt=row["prompt_token_ids"], chosen=row["chosen_token_ids"],
-                          rejected=row["rejected_token_ids"],
-                          reference_chosen=row.get("reference_chosen"),
-                          reference_rejected=row.get("reference_rejected")) for row in rows]
 
 
 def reference_logprobs(trainer, pairs: List[dict]):

@@ -26,6 +26,14 @@ class TokenizedPair:
     reference_rejected: Optional[float] = None
 
 
+def tokenized_pairs(rows: Sequence[dict]) -> List[TokenizedPair]:
+    """DPO trains on exactly the token ids the policy sampled, never on re-tokenized text."""
+    return [TokenizedPair(prompt=row["prompt_token_ids"], chosen=row["chosen_token_ids"],
+                          rejected=row["rejected_token_ids"],
+                          reference_chosen=row.get("reference_chosen"),
+                          reference_rejected=row.get("reference_rejected")) for row in rows]
+
+
 @dataclass
 class PairMicroBatch:
     input_ids: torch.Tensor   # [2P, L]
