@@ -81,7 +81,10 @@ class IterationRequest:
 
 @dataclass(frozen=True)
 class IterationAssumptions:
-    """Efficiencies the iteration estimate rests on; docs/planner.md says why each."""
+    """Efficiencies the iteration estimate rests on; docs/planner.md says why each.
+
+    Scalars side by side, as ``ModelConfig``'s are, but of the estimate, not of a model:
+    nothing here is shared with it."""
 
     # Share of the HBM roofline vLLM's decode reaches (scheduling, sampling, attention
     # kernels and the batch's tail are not in the roofline). Fit it with --calibrate.

@@ -34,6 +34,10 @@ ASSETS_VERSION = 2  # 2: one M_0 for both arms, thoughts of mixed kinds
 
 @dataclass
 class TinyTaskConfig:
+    """The tiny task and its warm start. Only the shape of a settings dataclass is shared
+    with ``ModelConfig``: the policy's own shape is a ``ModelConfig`` loaded by name
+    (``model``, configs/model/tiny_tpo.yaml), never repeated here."""
+
     seed: int = 0
     num_terms: int = 4
     term_digits: int = 2
