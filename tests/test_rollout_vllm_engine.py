@@ -85,6 +85,23 @@ def test_a_sync_wakes_weights_then_loads_then_kv_cache_then_resets_the_prefix_ca
                                           "reset_prefix_cache"]
 
 
+def test_a_sync_from_one_reused_buffer_loads_what_was_sent(vllm, tokenizer):
+    """WeightStream hands out views of buckets it reuses; vLLM's layerwise reload holds
+    them until a layer is complete, so the engine must hand vLLM copies."""
+    engine = _engine(tokenizer)
+    buffer = torch.empty(6)
+
+    def reused():
+        for name, tensor in _weights():
+            view = buffer[:tensor.numel()].view(tensor.shape)
+            view.copy_(tensor)
+            yield name, view
+
+    engine.update_weights(reused())
+    assert engine.weight_checksums(["model.embed_tokens.weight", "lm_head.weight"]) == {
+        name: tensor_checksum(tensor) for name, tensor in _weights()}
+
+
 def test_a_raw_load_into_the_started_model_is_refused_as_the_cpu_build_refuses_it(
         vllm, tokenizer):
     """Why the engine reloads through the worker: after start-up the linear layers hold

