@@ -7,7 +7,6 @@ On CPU, with HF engines and gloo: a two-rank trainer world in front of a judge p
 two ``tpo-engine --serve judge`` processes judges exactly as the colocated judge does.
 """
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +22,7 @@ from megatron_tpo.rollout.config import BridgeConfig, RolloutConfig, VLLMConfig
 sys.path.insert(0, str(Path(__file__).parent))
 from local_slurm import slurm, slurm_installed  # noqa: E402,F401 (slurm is a fixture)
 from tpo_fixtures import tiny_run_overrides  # noqa: E402
+from engine_processes import start_engine_world, stop_engine_world  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "data"))
 from tiny_hf import tiny_llama_config, tiny_tokenizer  # noqa: E402
@@ -156,35 +156,6 @@ def _judge_worker(rank, world_size, overrides):
     return report
 
 
-def _start_judge_pool(overrides, engine_ranks: int, log_dir: Path):
-    """``tpo-engine --serve judge`` as torchrun would start it, one process per rank."""
-    from megatron_tpo.parallel.launch import free_local_port
-
-    master_port, processes = free_local_port(), []
-    for rank in range(engine_ranks):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(engine_ranks),
-                   LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(engine_ranks),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(master_port),
-                   GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
-        log = open(log_dir / f"judge_{rank}.log", "w")
-        processes.append((subprocess.Popen(
-            [sys.executable, "-m", "megatron_tpo.cli.engine", "--serve", "judge", *overrides],
-            env=env, stdout=log, stderr=subprocess.STDOUT), log))
-    return processes
-
-
-def _stop_judge_pool(processes, log_dir: Path):
-    try:
-        exit_codes = [process.wait(timeout=60) for process, _ in processes]
-    finally:
-        for process, log in processes:
-            if process.poll() is None:
-                process.kill()
-            log.close()
-    return exit_codes, [(log_dir / f"judge_{rank}.log").read_text()
-                        for rank in range(len(processes))]
-
-
 def test_a_judge_pool_judges_exactly_as_the_colocated_judge(tmp_path, monkeypatch):
     from megatron_tpo.parallel.launch import free_local_port
     from megatron_tpo.parallel.local_launch import spawn_local
@@ -199,11 +170,11 @@ def test_a_judge_pool_judges_exactly_as_the_colocated_judge(tmp_path, monkeypatc
     pool_settings = overrides + [
         "judge.pairwise.placement=separate", f"judge.pairwise.bridge.port={free_local_port()}",
         "judge.pairwise.bridge.engine_ranks=2", "judge.pairwise.bridge.timeout_seconds=60"]
-    pool = _start_judge_pool(pool_settings, 2, tmp_path)
+    pool = start_engine_world(["--serve", "judge", *pool_settings], 2, tmp_path, "judge")
     try:
         separate = spawn_local(_judge_worker, 2, pool_settings)
     finally:
-        exit_codes, logs = _stop_judge_pool(pool, tmp_path)
+        exit_codes, logs = stop_engine_world(pool, tmp_path, "judge")
     assert exit_codes == [0, 0], logs
 
     assert [r["engine"] for r in colocated] == ["HFRolloutEngine"] * 2

@@ -12,8 +12,6 @@ One spawn of the trainer world and one pool serve every multi-process assertion 
 last.
 """
 
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -38,6 +36,7 @@ from tiny_hf import tiny_tokenizer  # noqa: E402
 sys.path.insert(0, str(Path(__file__).parent))
 from test_loop import stage_rows  # noqa: E402
 from tpo_fixtures import tiny_run_overrides  # noqa: E402
+from engine_processes import start_engine_world, stop_engine_world  # noqa: E402
 
 TRAINING = DPOTrainingConfig(beta=0.5, lr=5e-3, warmup_steps=0, train_steps=4,
                              micro_batch_pairs=1, pad_to_multiple_of=8, clip_grad=0.0)
@@ -110,35 +109,6 @@ def _trainer_worker(rank, world_size, model, shard_root, hf_dir, pairs, bridge, 
     return report
 
 
-def _start_pool(overrides, engine_ranks: int, log_dir: Path):
-    """``tpo-engine`` as torchrun would start it: one process per engine rank."""
-    master_port = free_local_port()
-    processes = []
-    for rank in range(engine_ranks):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(engine_ranks),
-                   LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(engine_ranks),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(master_port),
-                   GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
-        log = open(log_dir / f"engine_{rank}.log", "w")
-        processes.append((subprocess.Popen(
-            [sys.executable, "-m", "megatron_tpo.cli.engine", *overrides],
-            env=env, stdout=log, stderr=subprocess.STDOUT), log))
-    return processes
-
-
-def _stop_pool(processes, log_dir: Path):
-    """Exit codes (the pool should be stopping by itself) and the ranks' logs."""
-    try:
-        exit_codes = [process.wait(timeout=60) for process, _ in processes]
-    finally:
-        for process, log in processes:
-            if process.poll() is None:
-                process.kill()
-            log.close()
-    return exit_codes, [(log_dir / f"engine_{rank}.log").read_text()
-                        for rank in range(len(processes))]
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     model = tiny_model_config()
@@ -157,14 +127,14 @@ def run(tmp_path_factory):
              for _ in range(2)]
     probes = [tokens(12) for _ in range(3)]
     bridge = BridgeConfig(port=free_local_port(), engine_ranks=2, timeout_seconds=60.0)
-    pool = _start_pool([f"run.policy={hf_dir}", "rollout=tiny", "rollout.placement=separate",
+    pool = start_engine_world([f"run.policy={hf_dir}", "rollout=tiny", "rollout.placement=separate",
                         f"rollout.bridge.port={bridge.port}", "rollout.bridge.engine_ranks=2",
                         f"rollout.bridge.timeout_seconds={bridge.timeout_seconds}"], 2, root)
     try:
         reports = spawn_local(_trainer_worker, 2, model, shard_root, hf_dir, pairs, bridge,
                               probes)
     finally:
-        exit_codes, logs = _stop_pool(pool, root)
+        exit_codes, logs = stop_engine_world(pool, root)
     return reports, exit_codes, logs
 
 
@@ -301,13 +271,13 @@ def test_a_tpo_iteration_with_a_separate_pool_stores_the_rows_of_a_colocated_one
     separate_settings = settings + [
         "rollout.placement=separate", f"rollout.bridge.port={free_local_port()}",
         f"rollout.bridge.engine_ranks={engine_ranks}", "rollout.bridge.timeout_seconds=120"]
-    pool = _start_pool(tiny_run_overrides(separate_root, iterations=1) + separate_settings,
+    pool = start_engine_world(tiny_run_overrides(separate_root, iterations=1) + separate_settings,
                        engine_ranks, separate_root)
     try:
         separate = _one_iteration(separate_root, separate_settings, trainer_ranks)
     finally:
         # tpo-run never calls shutdown itself: the proxy stops the pool when rank 0 exits.
-        exit_codes, logs = _stop_pool(pool, separate_root)
+        exit_codes, logs = stop_engine_world(pool, separate_root)
     assert exit_codes == [0] * engine_ranks, logs
     assert colocated["rollouts"] and colocated["reference"]
     for stage, rows in colocated.items():

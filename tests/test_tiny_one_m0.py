@@ -21,6 +21,7 @@ from megatron_tpo.tiny.thoughts import (DEFAULT_MIX, THOUGHT_KINDS, classify_tho
                                         thought_text)
 from megatron_tpo.tiny.tokenizer import train_tokenizer
 from megatron_tpo.tiny.warm_start import policy_prompt, warm_start_data
+from test_tiny_assets import MODEL_YAML
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 
@@ -126,21 +127,9 @@ def test_head_to_head_counts_wins_and_ties_on_the_same_instructions():
     assert head_to_head(first, second) == pytest.approx((1 + 0 + 0.5) / 3)
 
 
-TINY_MODEL = """name: test_tiny
-num_layers: 1
-hidden_size: 32
-ffn_hidden_size: 64
-num_attention_heads: 4
-num_query_groups: 2
-vocab_size: 1
-max_position_embeddings: 256
-make_vocab_size_divisible_by: 1
-"""
-
-
 def short_overrides(tmp_path: Path):
     model = tmp_path / "test_tiny.yaml"
-    model.write_text(TINY_MODEL)
+    model.write_text(MODEL_YAML)
     return [f"tiny.model={model}", "tiny.sft_size=48", "tiny.sft.steps=2",
             "tiny.sft.batch_size=4", "tiny.sft.warmup_steps=1", "tiny.tokenizer_vocab_size=400",
             "model.num_layers=1", "model.hidden_size=32", "model.ffn_hidden_size=64",
