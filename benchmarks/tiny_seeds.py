@@ -9,7 +9,7 @@ a process of its own. Prints, per arm, the mean and spread (sample standard devi
 min and max) of the held-out score of M_0..M_T over the seeds, TPO's share of sampled
 column-sum thoughts, and as its last line one JSON object:
 ``{"seeds", "tpo_final", "baseline_final", "tpo_m0", "baseline_m0", "tpo_scores",
-"baseline_scores", "tpo_vs_baseline_final", "columns_share", "seconds"}``.
+"baseline_scores", "tpo_vs_baseline_final", "columns_share", "m0_thought_use", "seconds"}``.
 """
 
 import argparse
@@ -73,6 +73,8 @@ def aggregate(seeds: Sequence[int], summaries: Sequence[dict]) -> Dict[str, obje
         "baseline_scores": [s["baseline"]["heldout_score"] for s in summaries],
         "tpo_vs_baseline_final": [s["tpo_vs_baseline_win_rate"][-1] for s in summaries],
         "columns_share": columns,
+        # Whether M_0's response reads a thought written for it (tiny/thought_use.py).
+        "m0_thought_use": [summary["m0"].get("thought_use") for summary in summaries],
         "seconds": [s.get("seconds") for s in summaries],
     }
 
@@ -91,6 +93,13 @@ def main(argv=None) -> int:
     print("TPO: share of sampled thoughts that are the true column sums, M_0..M_{T-1}:")
     for t in range(min(len(c) for c in sampled)):
         print(f"  M_{t}: {spread([c[t] for c in sampled])}")
+    uses = [use for use in result["m0_thought_use"] if use]
+    if uses:
+        print(f"M_0 given a thought, share of right answers over {len(uses)} seed(s):")
+        for kind in uses[0]["correct"]:
+            print(f"  after {kind}: {spread([use['correct'][kind] for use in uses])}")
+        print(f"  answer the wrong sums add up to: "
+              f"{spread([use['follows_wrong_sums'] for use in uses])}")
     gains = [a - b for a, b in zip(result["tpo_final"], result["baseline_final"])]
     print(f"final TPO minus baseline: {spread(gains)}; TPO ahead on "
           f"{sum(g > 0 for g in gains)} of {len(gains)} seeds")

@@ -194,3 +194,9 @@ def test_the_multi_seed_benchmark_ends_with_its_json(short_run):
     assert result["tpo_m0"] == [summary["tpo"]["heldout_score"][0]]
     assert len(result["tpo_scores"][0]) == 2 and len(result["columns_share"][0]) == 1
     assert "TPO (thought prompt): held-out score per iteration over 1 seed(s)" in stdout
+    # Whether M_0's response reads a thought written for it, on the run's held-out problems.
+    thought_use = summary["m0"]["thought_use"]
+    assert result["m0_thought_use"] == [thought_use]
+    assert thought_use["problems"] == 4
+    assert set(thought_use["correct"]) == {"columns", "wrong_sums", "restate", "unrelated"}
+    assert "M_0 given a thought, share of right answers over 1 seed(s):" in stdout

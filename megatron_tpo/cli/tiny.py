@@ -142,7 +142,7 @@ def main(argv=None) -> int:
                      for name, c in configs.items()}
         report(root, summaries, {name: c.run.dir for name, c in configs.items()},
                json.loads((root / "summary.json").read_text()).get("seconds", 0.0)
-               if (root / "summary.json").is_file() else 0.0, assets.manifest)
+               if (root / "summary.json").is_file() else 0.0, assets)
         return 0
     for name, config in configs.items():
         print(f"tpo-tiny: {name} ({config.thought.name} prompt), {config.run.iterations} "
@@ -150,26 +150,30 @@ def main(argv=None) -> int:
         world_size = config.parallel.model_parallel_size
         summaries[name] = spawn_local(run_rank, world_size, config)[0]
     report(root, summaries, {name: c.run.dir for name, c in configs.items()},
-           time.perf_counter() - started, assets.manifest)
+           time.perf_counter() - started, assets)
     return 0
 
 
 def report(root: Path, summaries: Dict[str, dict], run_dirs: Dict[str, str], seconds: float,
-           manifest: Dict) -> None:
+           assets) -> None:
     """summary.json: each arm's run summary with its thought kinds and lengths per
-    iteration (from the stored rollouts), the head-to-head win rate, M_0, the warm start."""
+    iteration (from the stored rollouts), the head-to-head win rate, M_0 (what it samples,
+    and whether its response reads a thought written for it), the warm start."""
     from megatron_tpo.report.summary import timing_shares, write_summary
     from megatron_tpo.tiny.report import pair_lines, plot_report, report_table, tiny_report
+    from megatron_tpo.tiny.thought_use import policy_thought_use, thought_use_line
 
     details = tiny_report({name: Path(path) for name, path in run_dirs.items()})
+    thought_use = policy_thought_use(assets.policy, assets.heldout_prompts)
     combined = {name: {**summary, **details[name]} for name, summary in summaries.items()}
     combined.update({"tpo_vs_baseline_win_rate": details["tpo_vs_baseline_win_rate"],
-                     "m0": details["m0"], "warm_start": manifest["warm_start"],
-                     "seconds": seconds})
+                     "m0": {**details["m0"], "thought_use": thought_use},
+                     "warm_start": assets.manifest["warm_start"], "seconds": seconds})
     write_summary(combined, root / "summary.json")
     plot = plot_report(summaries, details, root / "tpo_vs_baseline.png")
     print(report_table(summaries, details))
     print("\n".join(pair_lines(details)))
+    print(thought_use_line(thought_use))
     for name, summary in summaries.items():
         shares = ", ".join(f"{stage} {share:.0%}"
                            for stage, share in timing_shares(summary["iterations"]).items())

@@ -5,7 +5,7 @@ and let ``ExactAnswerJudge`` read the response: an output that does not parse sc
 """
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from megatron_tpo.data.parsing import parse_outputs
 from megatron_tpo.data.thought_templates import GENERIC, ThoughtTemplate
@@ -13,7 +13,6 @@ from megatron_tpo.judge.rules import ExactAnswerJudge
 from megatron_tpo.rollout.engine import RolloutEngine, SamplingParams
 from megatron_tpo.tiny.task import SumProblem
 from megatron_tpo.tiny.warm_start import policy_prompt
-
 
 
 @dataclass(frozen=True)
@@ -24,11 +23,16 @@ class PolicyScore:
 
 
 def answer_judge(problems: Sequence[SumProblem]) -> ExactAnswerJudge:
-    """The judge the tiny run configures: ``configs/judge/exact_answer.yaml``'s pattern."""
+    return judge_of_answers({p.instruction: p.answer for p in problems})
+
+
+def judge_of_answers(answers: Mapping[str, str]) -> ExactAnswerJudge:
+    """The judge the tiny run configures (``configs/judge/exact_answer.yaml``'s pattern),
+    checking the given answer of each instruction."""
     from megatron_tpo.judge import load_judge_config
 
     pattern = load_judge_config("exact_answer").exact_answer.answer_pattern
-    return ExactAnswerJudge({p.instruction: p.answer for p in problems}, pattern)
+    return ExactAnswerJudge(answers, pattern)
 
 
 def score_policy(engine: RolloutEngine, tokenizer, problems: Sequence[SumProblem], style: str,
