@@ -112,14 +112,6 @@ def _checkpoint_tensors(directory):
         yield from load_file(str(shard)).items()
 
 
-def _shut_down(engine):
-    """vLLM's engine teardown, while the world it joined still exists: it destroys its
-    groups and then the whole default process group (megatron's too, when colocated).
-    Left to the interpreter's exit, it runs after the world is gone and raises
-    "Invalid process group specified"."""
-    engine.llm.llm_engine.engine_core.shutdown()
-
-
 def _max_difference(values, reference):
     assert len(values) == len(reference) > 0
     return max(abs(a - b) for a, b in zip(values, reference))
@@ -139,7 +131,7 @@ def _checkpoint_worker(rank, world_size, checkpoint, other, probes):
     engine.update_weights(_checkpoint_tensors(other))
     report["long_after"] = engine.generate([LONG_PROMPT], GREEDY)[0].token_ids[0]
     report["scores_after"] = engine.score(probes)
-    _shut_down(engine)
+    engine.close()   # while the world it joined exists (see VLLMRolloutEngine.close)
     return report
 
 
@@ -225,7 +217,7 @@ def _sync_worker(rank, world_size, model, shard_root, checkpoint, pairs, probes)
     except WeightSyncError as error:
         report["corrupted"] = str(error)
     report["restored"] = push_weights(engine, trainer.ddp_chunks, model, checked, probes)
-    _shut_down(engine)
+    engine.close()   # while the world it joined exists (see VLLMRolloutEngine.close)
     return report
 
 

@@ -300,3 +300,48 @@ def test_build_tpo_puts_the_policy_engine_to_sleep_before_the_trainer_is_built(
         build.build_tpo(config)
     calls, free = built.value.args
     assert calls == ["LLM", "sleep"] and free == 80 * GiB
+
+
+def test_close_tears_vllm_down_once(vllm, tokenizer):
+    engine = _engine(tokenizer)
+    engine.close()
+    engine.close()
+    assert [call for call in vllm.CALLS if call[0] == "shutdown"] == [("shutdown",)]
+
+
+def test_tpo_run_closes_its_engines_before_the_world_is_torn_down(monkeypatch):
+    """vLLM's teardown ends the process group it shares with megatron: run_rank closes
+    every engine in its finally, before shutdown_megatron, even when the loop fails."""
+    import types
+
+    import megatron_tpo.build
+    import megatron_tpo.loop
+    import megatron_tpo.parallel
+    from megatron_tpo.cli.run import run_rank
+
+    order = []
+
+    class Engine:
+        def __init__(self, name):
+            self.name = name
+
+        def close(self):
+            order.append(f"close {self.name}")
+
+    parts = types.SimpleNamespace(engine=Engine("policy"), judge_engine=Engine("judge"),
+                                  metrics=types.SimpleNamespace(close=lambda: None))
+
+    def failing_loop(parts):
+        raise RuntimeError("the loop failed")
+
+    monkeypatch.setattr(megatron_tpo.parallel, "init_megatron", lambda *a, **k: None)
+    monkeypatch.setattr(megatron_tpo.parallel, "shutdown_megatron",
+                        lambda: order.append("shutdown_megatron"))
+    monkeypatch.setattr(megatron_tpo.build, "build_tpo", lambda config: parts)
+    monkeypatch.setattr(megatron_tpo.loop, "run_tpo", failing_loop)
+    config = types.SimpleNamespace(parallel=None, model=None,
+                                   run=types.SimpleNamespace(seed=0,
+                                                             process_group_timeout_minutes=30))
+    with pytest.raises(RuntimeError, match="the loop failed"):
+        run_rank(0, 1, config)
+    assert order == ["close policy", "close judge", "shutdown_megatron"]

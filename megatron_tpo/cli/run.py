@@ -78,6 +78,9 @@ def run_rank(rank: int, world_size: int, config) -> Optional[dict]:
     finally:
         if parts is not None:
             parts.metrics.close()
+            for engine in (parts.engine, parts.judge_engine):
+                if engine is not None:
+                    engine.close()   # while the world it may share still exists
         shutdown_megatron()
 
 

@@ -120,3 +120,7 @@ class RolloutEngine(ABC):
 
     def wake(self) -> None:
         """Undo ``sleep`` before the next ``generate``."""
+
+    def close(self) -> None:
+        """Release the engine while the process group it may share still exists (tpo-run
+        calls it before tearing the world down); a no-op where nothing needs it."""

@@ -101,6 +101,13 @@ class VLLMRolloutEngine(RolloutEngine):
             self.llm.reset_prefix_cache()
             self.prefix_cache_stale = False
 
+    def close(self) -> None:
+        """vLLM's own teardown, now: it destroys vLLM's groups and then the default process
+        group, which a colocated engine shares with megatron. Left to the interpreter's
+        exit it runs after tpo-run has torn that world down, and raises "Invalid process
+        group specified". Idempotent (vLLM detaches its finalizer on the first call)."""
+        self.llm.llm_engine.engine_core.shutdown()
+
     # -- weights --------------------------------------------------------------------
     def _worker(self):
         # external_launcher: one worker, in this process (vLLM's torchrun example).
