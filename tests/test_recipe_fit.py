@@ -134,6 +134,18 @@ def test_the_8b_reward_model_kept_on_the_gpu_all_run_is_refused(monkeypatch, cap
     assert "reward model 15.0" in err, err
 
 
+def test_a_colocated_engine_without_sleep_mode_is_sized_awake_while_the_trainer_runs(
+        monkeypatch, capsys, recipe_files):
+    """rollout.vllm.sleep_mode=false (vLLM's CPU build has no sleep mode) frees nothing for
+    training: the 8B recipe then no longer fits its node."""
+    files, tmp = recipe_files
+    code, _, err = dry_run(monkeypatch, capsys, 8, [*llama3_8b(files, tmp),
+                                                    "rollout.vllm.sleep_mode=false"])
+    assert code == 2, err
+    assert "does not fit: judging on h100-80gb GPU" in err, err   # the worst phase
+    assert "policy engine without sleep mode (its whole claim) 39.8" in err, err
+
+
 def test_the_phase_peaks_add_up_to_the_planner_items():
     """The trainer's share of the DPO phase is the planner's training memory, the engine's
     share of the rollout its whole claim; the two phases differ by exactly those items."""

@@ -150,7 +150,10 @@ def phase_peaks(config, world_size: int) -> List[PhasePeak]:
         awake = (("policy engine (weights + KV cache)", claim),)
         engine_weights = (("policy engine weights", weights + ENGINE_WORKSPACE_GIB * GIB),)
         if colocated_vllm:
-            asleep = (("policy engine asleep", ENGINE_ASLEEP_GIB * GIB),)
+            # Without sleep mode (rollout.vllm.sleep_mode=false) nothing is released: the
+            # trainer runs beside the engine's whole claim.
+            asleep = ((("policy engine asleep", ENGINE_ASLEEP_GIB * GIB),) if vllm.sleep_mode
+                      else (("policy engine without sleep mode (its whole claim)", claim),))
             peaks.append(PhasePeak("engine start-up", where, awake + (reserve,), capacity,
                                    fix or lower_utilization(memory.runtime_reserve), refusal))
         else:
