@@ -8,6 +8,7 @@ loads each killed root and returns the weights.
 
 import os
 import pickle
+import signal
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,10 @@ KILL_POINTS = {"2:checkpoint_set_aside": "old", "2:checkpoint_renamed": "new",
 
 def _resave_killed_worker(rank, world_size, model, root, pairs, crash_at):
     root = Path(root)
+    # A process group of its own, named in a file: the checkpoint writer's helper
+    # processes outlive this SIGKILLed worker, and the fixture ends them by that group.
+    os.setpgid(0, 0)
+    (root / "pgid").write_text(str(os.getpgid(0)))
     trainer = _start(model, (1, 1, None), seed=1234)
     mine = _my_pairs(pairs, trainer.reference_logprobs(pairs))
     checkpointer = TrainingCheckpointer(root / "run", CheckpointConfig(keep_last=2))
@@ -56,6 +61,14 @@ def _load_worker(rank, world_size, model, runs):
     return loaded
 
 
+def _end_process_group(pgid_file: Path) -> None:
+    """SIGKILL what the killed worker left running (its group's orphaned helpers)."""
+    try:
+        os.killpg(int(pgid_file.read_text()), signal.SIGKILL)
+    except ProcessLookupError:
+        pass   # nothing was left
+
+
 @pytest.fixture(scope="module")
 def killed_resaves(tmp_path_factory):
     from torch.multiprocessing import ProcessExitedException
@@ -68,6 +81,7 @@ def killed_resaves(tmp_path_factory):
             spawn_local(_resave_killed_worker, 1, model, root, _random_pairs(model.vocab_size),
                         crash_at)
         assert killed.value.signal_name == "SIGKILL"
+        _end_process_group(root / "pgid")
         roots[crash_at] = root
     listings = {crash_at: sorted(p.name for p in (root / "run").iterdir())
                 for crash_at, root in roots.items()}
