@@ -25,15 +25,13 @@ from typing import Callable, List, Tuple
 
 from megatron_tpo.data.chat import apply_thought_chat_template
 from megatron_tpo.data.prompts import iteration_prompts
-from megatron_tpo.data.storage import IterationStore
 from megatron_tpo.evaluation.heldout import score_heldout
 from megatron_tpo.judge.base import Judge
 from megatron_tpo.parts import TPOParts
 from megatron_tpo.parallel.collectives import (barrier, broadcast_from_rank_zero, derived_seed,
                                                is_rank_zero)
-from megatron_tpo.parallel.preemption import Preempted, PreemptionGuard, crash_point
+from megatron_tpo.parallel.preemption import Preempted, crash_point
 from megatron_tpo.preference.from_rollouts import judge_rollouts, preference_pairs, rollout_rows
-from megatron_tpo.report.metrics import RunMetrics
 from megatron_tpo.report.plots import plot_iterations
 from megatron_tpo.report.summary import (iteration_record, last_per_iteration, run_summary,
                                          write_summary)
