@@ -76,13 +76,17 @@ def direct_demonstration(problem: SumProblem) -> str:
     return response_text(problem)
 
 
+def thought_lead(template: ThoughtTemplate, thought: str) -> str:
+    """A completion up to where its response starts: the thought between the markers."""
+    return f"{template.thought_marker}\n{thought}\n{template.response_marker}\n"
+
+
 def thought_demonstration(problem: SumProblem, template: ThoughtTemplate,
                           thought: Optional[str] = None) -> str:
     """Thought (the column sums unless given) then response, in the exact layout
     ``parse_thought_response`` splits."""
     thought = "\n".join(problem.column_sums()) if thought is None else thought
-    return (f"{template.thought_marker}\n{thought}\n"
-            f"{template.response_marker}\n{response_text(problem)}")
+    return thought_lead(template, thought) + response_text(problem)
 
 
 def generate_problems(count: int, num_terms: int, seed: int,

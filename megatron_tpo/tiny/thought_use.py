@@ -19,7 +19,7 @@ from typing import Dict, Sequence
 from megatron_tpo.data.thought_templates import GENERIC, ThoughtTemplate
 from megatron_tpo.rollout.engine import RolloutEngine, SamplingParams
 from megatron_tpo.tiny.evaluate import answer_judge, judge_of_answers
-from megatron_tpo.tiny.task import SumProblem
+from megatron_tpo.tiny.task import SumProblem, thought_lead
 from megatron_tpo.tiny.thoughts import THOUGHT_KINDS, thought_text
 from megatron_tpo.tiny.warm_start import policy_prompt
 
@@ -43,14 +43,14 @@ def forced_thought_scores(engine: RolloutEngine, tokenizer, problems: Sequence[S
     def share_right(judge, responses) -> float:
         return sum(row[0] for row in judge.judge(instructions, responses).scores) / len(problems)
 
+    judge = answer_judge(problems)
     correct, follows = {}, None
     for kind in THOUGHT_KINDS:
         thoughts = [thought_text(p, kind, rng) for p in problems]
         prompts = [policy_prompt(tokenizer, p.instruction, "thought", template)
-                   + f"{template.thought_marker}\n{thought}\n{template.response_marker}\n"
-                   for p, thought in zip(problems, thoughts)]
+                   + thought_lead(template, thought) for p, thought in zip(problems, thoughts)]
         responses = [[output.texts[0]] for output in engine.generate(prompts, greedy)]
-        correct[kind] = share_right(answer_judge(problems), responses)
+        correct[kind] = share_right(judge, responses)
         if kind == "wrong_sums":
             follows = share_right(judge_of_answers(
                 {i: column_sums_answer(t) for i, t in zip(instructions, thoughts)}), responses)
@@ -68,8 +68,8 @@ def policy_thought_use(policy_dir: Path, heldout_prompts: Path, count: int = 200
     tokenizer = AutoTokenizer.from_pretrained(policy_dir)
     engine = HFRolloutEngine(LlamaForCausalLM.from_pretrained(policy_dir), tokenizer,
                              batch_size=64)
-    problems = [SumProblem.from_instruction(instruction)
-                for instruction in read_instructions(PromptSetConfig(path=str(heldout_prompts)))[:count]]
+    instructions = read_instructions(PromptSetConfig(path=str(heldout_prompts)))[:count]
+    problems = [SumProblem.from_instruction(instruction) for instruction in instructions]
     return forced_thought_scores(engine, tokenizer, problems)
 
 
