@@ -17,7 +17,8 @@ setup(
     install_requires=[
         "torch>=2.4",
         "megatron-core>=0.16,<0.17",
-        "transformers>=4.45",
+        # 4.54 reads packed sequences from position_ids (tiny/warm_start.py packs its batches).
+        "transformers>=4.54",
         "hydra-core>=1.3",
         "omegaconf>=2.3",
         "safetensors>=0.4",

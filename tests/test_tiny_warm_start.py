@@ -7,7 +7,7 @@ from megatron_tpo.tiny.assets import tokenizer_corpus
 from megatron_tpo.tiny.task import generate_problems
 from megatron_tpo.tiny.tokenizer import train_tokenizer
 from megatron_tpo.tiny.thoughts import DEFAULT_MIX
-from megatron_tpo.tiny.warm_start import (IGNORE_INDEX, SFTConfig, collate, new_policy,
+from megatron_tpo.tiny.warm_start import (IGNORE_INDEX, SFTConfig, new_policy, packed_batch,
                                           policy_prompt, save_policy, supervised_warm_start,
                                           warm_start_data)
 
@@ -48,19 +48,53 @@ def test_examples_are_the_chat_prompt_then_the_demonstration_and_eos(tokenizer, 
         policy_prompt(tokenizer, "x", "socratic")
 
 
-def test_collate_puts_labels_on_completion_tokens_only():
-    batch = collate([([1, 2, 3], [4, 5]), ([6], [7, 8, 9])], pad_id=0)
-    assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5], [6, 7, 8, 9, 0]]
+def test_packed_batch_fills_rows_longest_first_and_restarts_positions_per_example():
     i = IGNORE_INDEX
-    assert batch["labels"].tolist() == [[i, i, i, 4, 5], [i, 7, 8, 9, i]]
-    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]
+    batch = packed_batch([([1, 2], [3]), ([4, 5, 6], [7, 8]), ([9], [10])], pad_id=0)
+    # Width 5 (the longest): it fills row 0; the two short ones share row 1.
+    assert batch["input_ids"].tolist() == [[4, 5, 6, 7, 8], [1, 2, 3, 9, 10]]
+    assert batch["labels"].tolist() == [[i, i, i, 7, 8], [i, i, 3, i, 10]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4], [0, 1, 2, 0, 1]]
+    tail = packed_batch([([1, 2, 3], [4]), ([5], [6])], pad_id=0)
+    assert tail["input_ids"].tolist() == [[1, 2, 3, 4], [5, 6, 0, 0]]
+    assert tail["labels"].tolist() == [[i, i, i, 4], [i, 6, i, i]]
+    assert tail["position_ids"].tolist() == [[0, 1, 2, 3], [0, 1, 2, 3]]
+
+
+def test_packed_forward_gives_each_example_its_own_logits_and_loss_in_float64(tokenizer,
+                                                                             problems):
+    """Packing must not let an example see the one before it in its row: each example's
+    logits equal its forward alone, and the loss is the token mean of their NLLs."""
+    examples = [d.example for d in warm_start_data(problems[:12], tokenizer, DEFAULT_MIX, 0)]
+    batch = packed_batch(examples, tokenizer.pad_token_id)
+    assert len(batch["input_ids"]) < len(examples)  # direct examples share rows
+    model = new_policy(small_model_config(tokenizer), seed=0).double().eval()
+    with torch.no_grad():
+        packed_logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                              use_cache=False).logits
+        loss = model(**batch).loss.item()
+        nll, tokens = 0.0, 0
+        for prompt, completion in examples:
+            ids = torch.tensor([prompt + completion])
+            alone = model(ids).logits[0]
+            row, start = next((r, s) for r in range(len(batch["input_ids"]))
+                              for s in range(batch["input_ids"].shape[1] - ids.shape[1] + 1)
+                              if batch["input_ids"][r, s:s + ids.shape[1]].tolist() == ids[0].tolist()
+                              and batch["position_ids"][r, s] == 0)
+            torch.testing.assert_close(packed_logits[row, start:start + ids.shape[1]], alone,
+                                       rtol=0, atol=1e-10)
+            log_probs = torch.log_softmax(alone[len(prompt) - 1:-1], dim=-1)
+            nll -= log_probs.gather(1, torch.tensor(completion)[:, None]).sum().item()
+            tokens += len(completion)
+    # transformers takes the loss in float32.
+    assert loss == pytest.approx(nll / tokens, rel=1e-6)
 
 
 def test_a_few_sft_steps_lower_the_completion_loss(tokenizer, problems):
     examples = [d.example for d in warm_start_data(problems, tokenizer, DEFAULT_MIX, 0)
                 if d.style == "thought"]
     model = new_policy(small_model_config(tokenizer), seed=0)
-    held = collate(examples[:16], tokenizer.pad_token_id)
+    held = packed_batch(examples[:16], tokenizer.pad_token_id)
     with torch.no_grad():
         before = model(**held).loss.item()
     losses = supervised_warm_start(model, examples, SFTConfig(steps=12, batch_size=8, lr=3e-3,

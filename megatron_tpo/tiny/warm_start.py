@@ -104,18 +104,43 @@ def warm_start_data(problems: Sequence[SumProblem], tokenizer, mix: Mapping[str,
     return data
 
 
-def collate(examples: Sequence[Example], pad_id: int) -> dict:
-    """Right-padded batch; labels only on completion tokens (the assistant turn)."""
-    length = max(len(p) + len(c) for p, c in examples)
-    input_ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
+def packed_batch(examples: Sequence[Example], pad_id: int) -> dict:
+    """The examples packed into as few rows as hold them at the longest one's length, for a
+    packed (padding-free) forward: labels only on completion tokens, positions restarting at
+    0 with each example.
+
+    A thought example is over three times as long as a direct one, so a padded batch spends
+    most of its direct rows on padding; packed, a row of one thought example holds three
+    direct ones. Without an attention mask and without a cache, transformers reads the
+    example boundaries from ``position_ids`` and masks each example from the others, so
+    the loss is the padded batch's (tests/test_tiny_warm_start.py checks it in float64).
+    """
+    width = max(len(prompt) + len(completion) for prompt, completion in examples)
+    rows: List[List[Example]] = []
+    room: List[int] = []
+    for example in sorted(examples, key=lambda e: len(e[0]) + len(e[1]), reverse=True):
+        length = len(example[0]) + len(example[1])
+        row = next((r for r, free in enumerate(room) if free >= length), len(rows))
+        if row == len(rows):
+            rows.append([])
+            room.append(width)
+        rows[row].append(example)
+        room[row] -= length
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full_like(input_ids, IGNORE_INDEX)
-    attention_mask = torch.zeros_like(input_ids)
-    for row, (prompt, completion) in enumerate(examples):
-        ids = prompt + completion
-        input_ids[row, :len(ids)] = torch.tensor(ids)
-        labels[row, len(prompt):len(ids)] = torch.tensor(completion)
-        attention_mask[row, :len(ids)] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+    position_ids = torch.zeros_like(input_ids)
+    for r, row in enumerate(rows):
+        start = 0
+        for prompt, completion in row:
+            length = len(prompt) + len(completion)
+            input_ids[r, start:start + length] = torch.tensor(prompt + completion)
+            labels[r, start + len(prompt):start + length] = torch.tensor(completion)
+            # The row's end padding goes on counting from the last example: it comes after
+            # every real token, so causal attention keeps it out of them.
+            position_ids[r, start:] = torch.arange(width - start)
+            start += length
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
+            "use_cache": False}
 
 
 def new_policy(model_config: ModelConfig, seed: int):
@@ -149,7 +174,8 @@ def supervised_warm_start(model, examples: Sequence[Example], sft: SFTConfig,
     losses = []
     bar = tqdm(range(sft.steps), desc="warm start", disable=not progress, leave=False)
     for _ in bar:
-        batch = collate(rng.sample(list(examples), min(sft.batch_size, len(examples))), pad_id)
+        batch = packed_batch(rng.sample(list(examples), min(sft.batch_size, len(examples))),
+                             pad_id)
         loss = model(**batch).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
