@@ -52,7 +52,16 @@ class PreemptionGuard:
         job = os.environ.get("SLURM_JOB_ID")
         if job is None:
             return None
-        subprocess.run(["scontrol", "requeue", job], check=True)
+        asked = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+        if asked.returncode != 0:
+            # Requeued already (an operator's `scontrol requeue`, or preemption with
+            # PreemptMode=REQUEUE, sent the signal): Slurm says the job is pending.
+            if "Job is pending execution" in asked.stderr:
+                logger.warning("job %s is requeued already", job)
+                return job
+            raise RuntimeError(f"scontrol requeue {job} failed ({asked.returncode}): "
+                               f"{asked.stderr.strip()}; the checkpoint is saved, resubmit "
+                               "the job to resume")
         return job
 
 
