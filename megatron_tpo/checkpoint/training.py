@@ -23,6 +23,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -72,6 +73,33 @@ def _gathered_shapes(chunks: List, metadata: Dict[str, Any]) -> Dict[str, Any]:
     return dict(sorted(shapes.items()))
 
 
+def shield_writer_queue_from_slurm_signals() -> None:
+    """Start megatron's checkpoint-writer results queue, if not yet started, with SIGTERM
+    and SIGUSR1 blocked.
+
+    megatron's async file writer keeps its write results in a multiprocessing Manager, a
+    spawned process made at the first save and reused by every later one. Slurm signals
+    every process of a job step (USR1 before the time limit, TERM on preemption or an
+    operator's requeue); the ranks catch those to save once more (parallel/preemption.py),
+    but the Manager would die of either and that save would fail. Spawned while this
+    thread blocks both, the Manager inherits the blocked mask and lives until its rank
+    shuts it down (or SIGKILL); a signal meant for the rank meanwhile stays pending and
+    arrives once the mask is restored.
+    """
+    from multiprocessing import resource_tracker
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    # Spawning starts multiprocessing's resource tracker first if it is not running, and
+    # that start unblocks SIGTERM in this thread: have it running before the mask is set.
+    resource_tracker.ensure_running()
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGUSR1})
+    try:
+        filesystem_async._get_write_results_queue()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 class TrainingCheckpointer:
     """Save and resume one run's training state under ``root`` (a shared file system)."""
 
@@ -94,6 +122,7 @@ class TrainingCheckpointer:
         from megatron.core import dist_checkpointing
 
         json.dumps(loop_state)  # not JSON-able: fail on every rank before any file exists
+        shield_writer_queue_from_slurm_signals()
         partial = self._begin(step)
         metadata = sharded_state.sharding_metadata(optimizer)
         state = sharded_state.with_optimizer(
