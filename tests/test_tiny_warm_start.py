@@ -97,12 +97,16 @@ def test_a_few_sft_steps_lower_the_completion_loss(tokenizer, problems):
     held = packed_batch(examples[:16], tokenizer.pad_token_id)
     with torch.no_grad():
         before = model(**held).loss.item()
+    probed = []  # benchmarks/warm_start_curve.py probes the model here, in training mode
     losses = supervised_warm_start(model, examples, SFTConfig(steps=12, batch_size=8, lr=3e-3,
                                                                warmup_steps=2),
-                                   pad_id=tokenizer.pad_token_id, progress=False)
+                                   pad_id=tokenizer.pad_token_id, progress=False,
+                                   after_step=lambda steps: probed.append((steps, model.training)))
     with torch.no_grad():
         after = model(**held).loss.item()
     assert len(losses) == 12
+    assert probed == [(steps, True) for steps in range(1, 13)]
+    assert not model.training
     # From chance (ln 400 ~ 6) to clearly below it (12 steps gave 5.97 -> 4.87).
     assert before > 5.0 and after < before - 0.7
 

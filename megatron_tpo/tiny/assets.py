@@ -20,8 +20,8 @@ from typing import Dict, List, Sequence
 
 from megatron_tpo.config import ConfigError, load_model_config
 from megatron_tpo.data.thought_templates import GENERIC
-from megatron_tpo.tiny.task import (SumProblem, direct_demonstration, response_text,
-                                    split_problems, thought_demonstration)
+from megatron_tpo.tiny.task import (ProblemSplits, SumProblem, direct_demonstration,
+                                    response_text, split_problems, thought_demonstration)
 from megatron_tpo.tiny.thoughts import DEFAULT_MIX, THOUGHT_KINDS, thought_text, validate_mix
 from megatron_tpo.tiny.tokenizer import train_tokenizer
 from megatron_tpo.tiny.warm_start import (SFTConfig, WarmStartExample, new_policy, save_policy,
@@ -119,18 +119,35 @@ def warm_start_counts(data: Sequence[WarmStartExample]) -> Dict[str, Dict[str, f
     return counts
 
 
-def _build(staging: Path, config: TinyTaskConfig) -> Dict:
+@dataclass
+class WarmStartInputs:
+    """What the warm start starts from: the problem splits, the tokenizer trained on the
+    warm-start problems, the supervised examples, and the untrained M_0."""
+
+    splits: ProblemSplits
+    tokenizer: object
+    data: List[WarmStartExample]
+    model: object
+
+
+def warm_start_inputs(config: TinyTaskConfig) -> WarmStartInputs:
     splits = split_problems((config.sft_size, config.train_size, config.heldout_size),
                             config.num_terms, config.seed, config.term_digits)
     tokenizer = train_tokenizer(tokenizer_corpus(splits.sft), config.tokenizer_vocab_size)
+    data = warm_start_data(splits.sft, tokenizer, config.thought_mix, config.seed)
+    model = new_policy(load_model_config(config.model, vocab_size=len(tokenizer)), config.seed)
+    return WarmStartInputs(splits, tokenizer, data, model)
+
+
+def _build(staging: Path, config: TinyTaskConfig) -> Dict:
+    inputs = warm_start_inputs(config)
+    splits, tokenizer, data, model = inputs.splits, inputs.tokenizer, inputs.data, inputs.model
     tokenizer.save_pretrained(str(staging / "tokenizer"))
     _write_jsonl(staging / "train_prompts.jsonl", [{"instruction": p.instruction} for p in splits.train])
     _write_jsonl(staging / "heldout_prompts.jsonl",
                  [{"instruction": p.instruction} for p in splits.heldout])
     _write_jsonl(staging / "answers.jsonl", [{"instruction": p.instruction, "answer": p.answer}
                                              for p in splits.train + splits.heldout])
-    data = warm_start_data(splits.sft, tokenizer, config.thought_mix, config.seed)
-    model = new_policy(load_model_config(config.model, vocab_size=len(tokenizer)), config.seed)
     start_wall, start_cpu = time.perf_counter(), time.process_time()
     losses = supervised_warm_start(model, [item.example for item in data], config.sft,
                                    pad_id=tokenizer.pad_token_id)

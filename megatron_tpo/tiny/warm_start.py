@@ -17,7 +17,7 @@ import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Mapping, Sequence, Tuple
+from typing import Callable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from tqdm.auto import tqdm
@@ -165,8 +165,11 @@ def _lr_factor(step: int, sft: SFTConfig) -> float:
 
 
 def supervised_warm_start(model, examples: Sequence[Example], sft: SFTConfig,
-                          pad_id: int, progress: bool = True) -> List[float]:
-    """Train ``model`` in place on batches drawn from ``examples``; returns the step losses."""
+                          pad_id: int, progress: bool = True,
+                          after_step: Optional[Callable[[int], None]] = None) -> List[float]:
+    """Train ``model`` in place on batches drawn from ``examples``; returns the step losses.
+    ``after_step(steps_done)`` runs after every step (benchmarks/warm_start_curve.py probes
+    the model there; it must leave the model in training mode)."""
     sft.validate()
     rng = random.Random(sft.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=sft.lr, betas=(0.9, 0.98),
@@ -175,7 +178,7 @@ def supervised_warm_start(model, examples: Sequence[Example], sft: SFTConfig,
     model.train()
     losses = []
     bar = tqdm(range(sft.steps), desc="warm start", disable=not progress, leave=False)
-    for _ in bar:
+    for step in bar:
         batch = packed_batch(rng.sample(list(examples), min(sft.batch_size, len(examples))),
                              pad_id)
         loss = model(**batch).loss
@@ -186,6 +189,8 @@ def supervised_warm_start(model, examples: Sequence[Example], sft: SFTConfig,
         schedule.step()
         losses.append(loss.item())
         bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
+        if after_step is not None:
+            after_step(step + 1)
     model.eval()
     return losses
 
