@@ -16,7 +16,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, NamedTuple, Sequence
 
 from megatron_tpo.config import ConfigError, load_model_config
 from megatron_tpo.data.thought_templates import GENERIC
@@ -119,8 +119,7 @@ def warm_start_counts(data: Sequence[WarmStartExample]) -> Dict[str, Dict[str, f
     return counts
 
 
-@dataclass
-class WarmStartInputs:
+class WarmStartInputs(NamedTuple):
     """What the warm start starts from: the problem splits, the tokenizer trained on the
     warm-start problems, the supervised examples, and the untrained M_0."""
 
@@ -140,8 +139,7 @@ def warm_start_inputs(config: TinyTaskConfig) -> WarmStartInputs:
 
 
 def _build(staging: Path, config: TinyTaskConfig) -> Dict:
-    inputs = warm_start_inputs(config)
-    splits, tokenizer, data, model = inputs.splits, inputs.tokenizer, inputs.data, inputs.model
+    splits, tokenizer, data, model = warm_start_inputs(config)
     tokenizer.save_pretrained(str(staging / "tokenizer"))
     _write_jsonl(staging / "train_prompts.jsonl", [{"instruction": p.instruction} for p in splits.train])
     _write_jsonl(staging / "heldout_prompts.jsonl",
