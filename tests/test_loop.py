@@ -102,12 +102,18 @@ def run_cli(root: Path, iterations: int, crash_at=None, expect: int = 0) -> None
     assert done.returncode == expect, done.stderr[-3000:]
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    """One uninterrupted run, the reference every kill point's resumed run must match."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    run_cli(root, iterations=1)
+    return root
+
+
 @pytest.mark.parametrize("crash_at", ["0:rollouts", "0:judgments", "0:train:0"])
-def test_resume_after_kill_gives_the_same_pairs_and_weights(tmp_path, crash_at):
-    uninterrupted, resumed = tmp_path / "uninterrupted", tmp_path / "resumed"
-    uninterrupted.mkdir()
+def test_resume_after_kill_gives_the_same_pairs_and_weights(tmp_path, uninterrupted, crash_at):
+    resumed = tmp_path / "resumed"
     resumed.mkdir()
-    run_cli(uninterrupted, iterations=1)
     run_cli(resumed, iterations=1, crash_at=crash_at, expect=-9)
     run_cli(resumed, iterations=1)
     for stage in ("rollouts", "judgments", "pairs", "reference", "heldout"):
