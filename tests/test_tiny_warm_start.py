@@ -7,9 +7,9 @@ from megatron_tpo.tiny.assets import tokenizer_corpus
 from megatron_tpo.tiny.task import generate_problems
 from megatron_tpo.tiny.tokenizer import train_tokenizer
 from megatron_tpo.tiny.thoughts import DEFAULT_MIX
-from megatron_tpo.tiny.warm_start import (IGNORE_INDEX, SFTConfig, new_policy, packed_batch,
-                                          policy_prompt, save_policy, supervised_warm_start,
-                                          warm_start_data)
+from megatron_tpo.tiny.warm_start import (IGNORE_INDEX, SFTConfig, _lr_factor, new_policy,
+                                          packed_batch, policy_prompt, save_policy,
+                                          supervised_warm_start, warm_start_data)
 
 
 @pytest.fixture(scope="module")
@@ -124,8 +124,21 @@ def test_saved_policy_reloads_with_the_same_logits_and_eot_as_eos(tokenizer, tmp
     assert loaded.config.vocab_size == len(tokenizer)
 
 
+@pytest.mark.parametrize("floor", [0.1, 0.5, 1.0])
+def test_lr_warms_up_linearly_then_decays_by_cosine_to_the_final_fraction(floor):
+    sft = SFTConfig(steps=110, warmup_steps=10, final_lr_fraction=floor)
+    assert [_lr_factor(s, sft) for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])
+    assert _lr_factor(10, sft) == pytest.approx(1.0)
+    assert _lr_factor(60, sft) == pytest.approx((1 + floor) / 2)   # halfway down the cosine
+    assert _lr_factor(110, sft) == pytest.approx(floor)
+    factors = [_lr_factor(s, sft) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(factors, factors[1:]))
+
+
 def test_bad_sft_settings_name_the_key():
     with pytest.raises(ConfigError, match="sft.steps=0"):
         SFTConfig(steps=0).validate()
     with pytest.raises(ConfigError, match="sft.warmup_steps=50"):
         SFTConfig(steps=50, warmup_steps=50).validate()
+    with pytest.raises(ConfigError, match="sft.final_lr_fraction=0"):
+        SFTConfig(final_lr_fraction=0).validate()

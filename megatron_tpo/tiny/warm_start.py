@@ -44,6 +44,8 @@ class SFTConfig:
     batch_size: int = 32
     lr: float = 3e-3
     warmup_steps: int = 30
+    # Cosine decay after warm-up ends at this fraction of ``lr``; 1.0 holds ``lr``.
+    final_lr_fraction: float = 0.1
     weight_decay: float = 0.01
     seed: int = 0
 
@@ -53,6 +55,8 @@ class SFTConfig:
                 raise ConfigError(f"sft.{name}={getattr(self, name)}: must be >= 1")
         if self.lr <= 0:
             raise ConfigError(f"sft.lr={self.lr}: must be positive")
+        if not 0 < self.final_lr_fraction <= 1:
+            raise ConfigError(f"sft.final_lr_fraction={self.final_lr_fraction}: must be in (0, 1]")
         if not 0 <= self.warmup_steps < self.steps:
             raise ConfigError(f"sft.warmup_steps={self.warmup_steps}: must be in [0, sft.steps)")
 
@@ -158,11 +162,12 @@ def new_policy(model_config: ModelConfig, seed: int):
 
 
 def _lr_factor(step: int, sft: SFTConfig) -> float:
-    # Linear warm-up, then cosine decay to 10%: a short run ends with small steps.
+    # Linear warm-up, then cosine decay to ``final_lr_fraction``.
     if step < sft.warmup_steps:
         return (step + 1) / sft.warmup_steps
     progress = (step - sft.warmup_steps) / max(1, sft.steps - sft.warmup_steps)
-    return 0.1 + 0.45 * (1 + math.cos(math.pi * progress))
+    floor = sft.final_lr_fraction
+    return floor + (1 - floor) / 2 * (1 + math.cos(math.pi * progress))
 
 
 def supervised_warm_start(model, examples: Sequence[Example], sft: SFTConfig,
