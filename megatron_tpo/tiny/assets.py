@@ -41,7 +41,10 @@ class TinyTaskConfig:
     seed: int = 0
     num_terms: int = 4
     term_digits: int = 2
-    sft_size: int = 4000
+    # 16,000 problems are each seen about twice in the warm start's 2,000 steps. 4,000 were
+    # seen eight times each, and M_0's response read its thought far less (seed 1, right
+    # answers after the true column sums: 0.13 against 0.56; README, Measured).
+    sft_size: int = 16000
     train_size: int = 256
     heldout_size: int = 100
     tokenizer_vocab_size: int = 512
