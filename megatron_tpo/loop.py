@@ -91,9 +91,11 @@ def run_iteration(parts: TPOParts, t: int, first_step: int = 0) -> None:
         train_on_pairs(parts, t, reference, first_step)
     with metrics.timer("timing/checkpoint"):
         save_checkpoint(parts, t + 1, step_in_iteration=0)
+    crash_point(t, "checkpoint")
     # push_weights wakes the engine: weights first, then its KV cache (never both copies).
     with metrics.timer("timing/weight_sync"):
         sync = sync_weights(parts)
+    crash_point(t, "weight_sync")
     metrics.end_iteration(t, iteration_record(parts.store, t, sync))
     if is_rank_zero():
         plot_iterations({config.thought.name: last_per_iteration(metrics.records("iteration"))},
@@ -199,11 +201,11 @@ def train_on_pairs(parts: TPOParts, t: int, reference: List[dict], first_step: i
                                seed=derived_seed(config.run.seed, t, "pairs"))
         parts.metrics.log_train_step(t, step, trainer.step(batch),
                                      global_step=t * config.train.train_steps + step)
+        crash_point(t, "train", step)
         # After the last step the iteration's own checkpoint follows at once.
         if step + 1 < config.train.train_steps and parts.preemption.requested():
             save_checkpoint(parts, t, step_in_iteration=step + 1)
             raise Preempted(f"preempted in iteration {t} after DPO step {step + 1}")
-        crash_point(t, "train", step)
 
 
 def save_checkpoint(parts: TPOParts, iteration: int, step_in_iteration: int) -> None:

@@ -1,9 +1,13 @@
 """The TPO loop on a tiny random policy: what it stores, trains on, and how it resumes."""
 
+import contextlib
 import json
+import math
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -42,7 +46,8 @@ def hf_completion_logprob(policy: Path, prompt, completion) -> float:
     return float(picked[len(prompt) - 1:].sum())
 
 
-def check_iteration_zero(root: Path, summary: dict) -> None:
+def check_iteration_zero(root: Path, summary: dict, iterations: int = 1,
+                         train_steps: int = 2) -> None:
     run_dir = root / "run"
     rollouts = {(r["prompt_id"], r["sample_index"]): r for r in stage_rows(run_dir, 0, "rollouts")}
     reference = stage_rows(run_dir, 0, "reference")
@@ -59,19 +64,16 @@ def check_iteration_zero(root: Path, summary: dict) -> None:
             expected = hf_completion_logprob(root / "policy", pair["prompt_token_ids"],
                                              pair[f"{side}_token_ids"])
             assert abs(pair[f"reference_{side}"] - expected) < 1e-3 * max(1, abs(expected))
-    assert len(summary["heldout_score"]) == 2 and summary["heldout_win_rate_vs_m0"][0] == 0.5
+    assert len(summary["heldout_score"]) == iterations + 1
+    assert summary["heldout_win_rate_vs_m0"][0] == 0.5
     records = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
-    steps = [r for r in records if r["kind"] == "train_step"]
-    assert [r["step"] for r in steps] == [0, 1]
+    steps = [r["step"] for r in records if r["kind"] == "train_step" and r["iteration"] == 0]
+    assert steps == list(range(train_steps))
     iteration = next(r for r in records if r["kind"] == "iteration")
     for name in ("rollout", "judge", "reference_logprobs", "train", "weight_sync", "checkpoint"):
         assert iteration[f"timing/{name}"] >= 0
     assert (run_dir / "iterations.png").stat().st_size > 1000
     assert json.loads((run_dir / "summary.json").read_text()) == summary
-
-
-def test_one_iteration_at_tp1_trains_on_the_sampled_tokens_against_m0(tmp_path):
-    check_iteration_zero(tmp_path, run_loop(tmp_path))
 
 
 def test_one_iteration_at_tp2_pp2(tmp_path):
@@ -91,33 +93,144 @@ def final_weights(run_dir: Path) -> dict:
     return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
-def run_cli(root: Path, iterations: int, crash_at=None, expect: int = 0) -> None:
-    """``tpo-run`` in a child process (``-9``: killed by SIGKILL at ``crash_at``)."""
+# The kill-and-resume runs: two iterations of three DPO steps, so that a run can be cut
+# inside an iteration, between a checkpoint and the weight sync, and after the sync, and
+# every iteration's learning rate warms up (one step) and decays again.
+ITERATIONS, TRAIN_STEPS = 2, 3
+
+
+def loop_overrides(root: Path) -> list:
+    ours = {"train.train_steps": TRAIN_STEPS, "train.warmup_steps": 1, "train.min_lr": 1e-4}
+    return [o for o in tiny_run_overrides(root, ITERATIONS) if o.split("=")[0] not in ours
+            ] + [f"{key}={value}" for key, value in ours.items()]
+
+
+def session_processes(session: int) -> list:
+    """``pid (name)`` of every process still in ``session`` (Linux /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:   # ended while we looked
+            continue
+        name, fields = text[text.index("(") + 1:text.rindex(")")], text[text.rindex(")") + 2:].split()
+        if int(fields[3]) == session:   # state, ppid, pgrp, session
+            found.append(f"{stat.parent.name} ({name})")
+    return found
+
+
+def run_cli(root: Path, crash_at=None, expect: int = 0) -> None:
+    """``tpo-run`` in a child process of its own session, killed (SIGKILL, exit -9) or
+    signalled at ``crash_at``. Nothing of it may outlive it: a process left in its session
+    (reparented to init) would also hold its output open."""
     env = dict(os.environ)
     env.pop(CRASH_AT_VARIABLE, None)
     if crash_at:
         env[CRASH_AT_VARIABLE] = crash_at
-    command = [sys.executable, "-m", "megatron_tpo.cli.run", *tiny_run_overrides(root, iterations)]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == expect, done.stderr[-3000:]
+    command = [sys.executable, "-m", "megatron_tpo.cli.run", *loop_overrides(root)]
+    log = root / f"tpo-run.{crash_at or 'whole'}.log".replace(":", "_")
+    with open(log, "w") as output:
+        process = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+        try:
+            code = process.wait(timeout=600)
+        finally:
+            left = wait_until_gone(process.pid)
+            for entry in left:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(entry.split()[0]), signal.SIGKILL)
+    assert code == expect, log.read_text()[-3000:]
+    assert not left, f"tpo-run (crash_at={crash_at}) left processes behind: {left}"
+
+
+def wait_until_gone(session: int, seconds: float = 10.0) -> list:
+    """Processes of ``session`` still there after ``seconds`` (helpers may take a moment
+    to notice their parent died)."""
+    deadline = time.monotonic() + seconds
+    while (left := session_processes(session)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return left
+
+
+def train_steps(run_dir: Path) -> dict:
+    """(iteration, step) -> the last logged record of that DPO step (a redone step logs twice)."""
+    records = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+    return {(r["iteration"], r["step"]): r for r in records if r["kind"] == "train_step"}
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory) -> Path:
-    """One uninterrupted run, the reference every kill point's resumed run must match."""
+    """One uninterrupted run, the reference every interrupted run must match bit for bit."""
     root = tmp_path_factory.mktemp("uninterrupted")
-    run_cli(root, iterations=1)
+    run_cli(root)
     return root
 
 
-@pytest.mark.parametrize("crash_at", ["0:rollouts", "0:judgments", "0:train:0"])
-def test_resume_after_kill_gives_the_same_pairs_and_weights(tmp_path, uninterrupted, crash_at):
+def test_iteration_zero_at_tp1_trains_on_the_sampled_tokens_against_m0(uninterrupted):
+    summary = json.loads((uninterrupted / "run" / "summary.json").read_text())
+    check_iteration_zero(uninterrupted, summary, ITERATIONS, TRAIN_STEPS)
+
+
+def test_every_iteration_restarts_the_lr_schedule_and_scores_against_m0(uninterrupted):
+    run_dir = uninterrupted / "run"
+    steps = train_steps(run_dir)
+    assert sorted(steps) == [(t, s) for t in range(ITERATIONS) for s in range(TRAIN_STEPS)]
+    # One warm-up step to train.lr, then cosine decay to train.min_lr at the last step:
+    # each iteration is a DPO run of its own.
+    expected = [1e-4 + (1e-3 - 1e-4) * 0.5 * (1 + math.cos(math.pi * s / (TRAIN_STEPS - 1)))
+                for s in range(TRAIN_STEPS)]
+    for t in range(ITERATIONS):
+        assert [steps[t, s]["lr"] for s in range(TRAIN_STEPS)] == pytest.approx(expected)
+    # Held-out answers of every M_t are judged against M_0's, not against M_{t-1}'s.
+    first = {row["prompt_id"]: row["score"] for row in stage_rows(run_dir, 0, "heldout")}
+    summary = json.loads((run_dir / "summary.json").read_text())
+    for t in range(ITERATIONS + 1):
+        rows = stage_rows(run_dir, t, "heldout")
+        assert {row["prompt_id"]: row["first_score"] for row in rows} == first
+        outcomes = [1.0 if r["score"] > r["first_score"] else 0.5 if r["score"] == r["first_score"]
+                    else 0.0 for r in rows]
+        assert [r["win_against_first"] for r in rows] == outcomes
+        assert summary["heldout_win_rate_vs_m0"][t] == pytest.approx(sum(outcomes) / len(rows))
+    # Were M_1's scores M_0's, a comparison with M_{t-1} or with itself would pass too.
+    assert [row["score"] for row in stage_rows(run_dir, 1, "heldout")] != list(first.values()), \
+        "the fixture is built so that DPO moves M_1's held-out scores"
+
+
+# Each chain kills (-9) or signals (USR1: Slurm's warning, so a checkpoint is saved and the
+# run stops with exit 0) one run after another in the same run directory, then lets the
+# last run finish. Together they cut at every boundary of the loop: a stored stage (in
+# iteration 0, and in iteration 1 after a resume), a DPO step before any checkpoint, a
+# DPO step whose preemption saves a mid-iteration checkpoint (the run resumed from it
+# starts iteration 0 at step 1 and iteration 1 at step 0 again), an end-of-iteration
+# checkpoint before and after the weight sync (the resumed engine must sample and answer
+# from M_t, not M_0).
+CHAINS = {
+    "stages_then_checkpoint": [("0:rollouts", -9), ("0:checkpoint", -9), ("1:judgments", -9)],
+    "train_then_preempted_then_sync": [("0:train:1", -9), ("0:train:0@USR1", 0),
+                                       ("1:weight_sync", -9)],
+}
+
+
+@pytest.mark.parametrize("chain", CHAINS)
+def test_a_run_cut_at_every_boundary_resumes_to_the_uninterrupted_run(tmp_path, uninterrupted,
+                                                                        chain):
     resumed = tmp_path / "resumed"
     resumed.mkdir()
-    run_cli(resumed, iterations=1, crash_at=crash_at, expect=-9)
-    run_cli(resumed, iterations=1)
-    for stage in ("rollouts", "judgments", "pairs", "reference", "heldout"):
-        assert stage_rows(resumed / "run", 0, stage) == stage_rows(uninterrupted / "run", 0, stage)
+    for crash_at, expect in CHAINS[chain]:
+        run_cli(resumed, crash_at=crash_at, expect=expect)
+    run_cli(resumed)
+    for t in range(ITERATIONS):
+        for stage in ("rollouts", "judgments", "pairs", "reference", "heldout"):
+            assert (stage_rows(resumed / "run", t, stage)
+                    == stage_rows(uninterrupted / "run", t, stage)), (t, stage)
+    assert (stage_rows(resumed / "run", ITERATIONS, "heldout")
+            == stage_rows(uninterrupted / "run", ITERATIONS, "heldout"))
+    # Every DPO step ran exactly as uninterrupted: same lr, same loss, same gradient.
+    ours, theirs = train_steps(resumed / "run"), train_steps(uninterrupted / "run")
+    assert ours.keys() == theirs.keys()
+    for key in theirs:
+        for metric in ("lr", "loss", "grad_norm"):
+            assert ours[key][metric] == theirs[key][metric], (key, metric)
     before, after = final_weights(uninterrupted / "run"), final_weights(resumed / "run")
     assert before.keys() == after.keys() and before
     for name in before:

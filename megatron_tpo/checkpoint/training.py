@@ -34,6 +34,7 @@ from megatron_tpo.checkpoint import sharded_state
 from megatron_tpo.checkpoint.config import CheckpointConfig, CheckpointError
 from megatron_tpo.checkpoint.rng import capture_rng_state, restore_rng_state
 from megatron_tpo.files import atomic_write
+from megatron_tpo.lifetime import die_with_parent
 from megatron_tpo.parallel.collectives import (barrier, broadcast_from_rank_zero, is_rank_zero,
                                                world)
 from megatron_tpo.parallel.preemption import crash_point
@@ -75,7 +76,7 @@ def _gathered_shapes(chunks: List, metadata: Dict[str, Any]) -> Dict[str, Any]:
 
 def shield_writer_queue_from_slurm_signals() -> None:
     """Start megatron's checkpoint-writer results queue, if not yet started, with SIGTERM
-    and SIGUSR1 blocked.
+    and SIGUSR1 blocked, in a helper that dies with this rank.
 
     megatron's async file writer keeps its write results in a multiprocessing Manager, a
     spawned process made at the first save and reused by every later one. Slurm signals
@@ -83,19 +84,29 @@ def shield_writer_queue_from_slurm_signals() -> None:
     operator's requeue); the ranks catch those to save once more (parallel/preemption.py),
     but the Manager would die of either and that save would fail. Spawned while this
     thread blocks both, the Manager inherits the blocked mask and lives until its rank
-    shuts it down (or SIGKILL); a signal meant for the rank meanwhile stays pending and
-    arrives once the mask is restored.
+    shuts it down; a signal meant for the rank meanwhile stays pending and arrives once
+    the mask is restored. Since no signal a rank may survive can end it, it is also tied
+    to the rank's life (``lifetime.die_with_parent``): a rank killed outright takes it
+    along, and with it multiprocessing's resource tracker, which ends when its last
+    client has.
     """
-    from multiprocessing import resource_tracker
+    from multiprocessing import get_context, resource_tracker
+    from multiprocessing.managers import SyncManager
 
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
+    if filesystem_async._results_queue is not None:
+        return
     # Spawning starts multiprocessing's resource tracker first if it is not running, and
     # that start unblocks SIGTERM in this thread: have it running before the mask is set.
     resource_tracker.ensure_running()
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGUSR1})
     try:
-        filesystem_async._get_write_results_queue()
+        # What megatron's _get_write_results_queue makes (a spawned Manager's Queue, which
+        # keeps its Manager alive), started with the initializer megatron cannot pass.
+        manager = SyncManager(ctx=get_context("spawn"))
+        manager.start(initializer=die_with_parent, initargs=(os.getpid(),))
+        filesystem_async._results_queue = manager.Queue()
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 

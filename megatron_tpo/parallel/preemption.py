@@ -19,7 +19,8 @@ logger = logging.getLogger(__name__)
 
 # Fault injection for the resume tests: "<iteration>:<stage>[:<step>]" kills this process
 # with SIGKILL right after that stage was stored (or after that DPO step), as a node
-# failure would. Never set in normal runs.
+# failure would; "<iteration>:<stage>[:<step>]@USR1" sends SIGUSR1 there instead, as
+# Slurm's warning before the time limit would. Never set in normal runs.
 CRASH_AT_VARIABLE = "MEGATRON_TPO_CRASH_AT"
 
 
@@ -66,7 +67,7 @@ class PreemptionGuard:
 
 
 def crash_point(iteration: int, stage: str, step: Optional[int] = None) -> None:
-    wanted = os.environ.get(CRASH_AT_VARIABLE)
+    wanted, _, signal_name = os.environ.get(CRASH_AT_VARIABLE, "").partition("@")
     here = f"{iteration}:{stage}" + ("" if step is None else f":{step}")
     if wanted == here:
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), signal.Signals[f"SIG{signal_name or 'KILL'}"])
