@@ -1,61 +1,134 @@
 """``build_tpo``: everything one rank needs for the loop, built once, checked before work.
 
-Call it on every rank after ``init_megatron``. Rank 0 converts M_0 from the HF layout
-for the trainer's tensor-parallel size (once per run directory) while the others wait,
-unless ``run.initial_checkpoint`` names a dist checkpoint, which every rank reads directly.
+Call it on every rank after ``init_megatron``. The memory holders are built in the order
+the accelerator needs them: the policy engine first (vLLM claims its share of a free
+device at start-up), then, with the engine asleep, the judge and the trainer. Each is
+registered with the run's placement, which from then on moves it phase by phase and
+keeps the ledger (``ledger.jsonl``). Rank 0 converts M_0 from the HF layout for the
+trainer's tensor-parallel size (once per run directory) while the others wait, unless
+``run.initial_checkpoint`` names a dist checkpoint, which every rank reads directly.
+
+``tpo-run --dry-run`` builds through this same code with ``Builders`` of stand-ins that
+do no compute (``dry_run.py``), so its phases and tenants are the run's.
 """
 
 import json
 import shutil
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 from megatron_tpo.config.errors import ConfigError
 from megatron_tpo.tpo_config import TPOConfig, write_resolved_config
 from megatron_tpo.data.prompts import (PromptSetConfig, clean_instructions, load_prompts,
                                       read_instructions)
 from megatron_tpo.data.storage import IterationStore, config_hash
+from megatron_tpo.judge.base import Judge
 from megatron_tpo.parts import TPOParts
 from megatron_tpo.parallel.collectives import barrier, is_rank_zero, world
 from megatron_tpo.parallel.preemption import PreemptionGuard
+from megatron_tpo.placement import MemoryLedger, Placement
+from megatron_tpo.placement import policy
+from megatron_tpo.placement.ledger import ASLEEP, AWAKE, RELEASED, RESIDENT
+from megatron_tpo.plan import tenants
 from megatron_tpo.report.metrics import RunMetrics
 
 DIGEST_FILE = "config_digest.json"
+LEDGER_FILE = "ledger.jsonl"
 
 
-def build_tpo(config: TPOConfig) -> TPOParts:
+@dataclass(frozen=True)
+class Builders:
+    """How ``build_tpo`` makes the parts that compute or hold accelerator memory."""
+
+    policy_engine: Callable      # (config, tokenizer) -> RolloutEngine
+    judge: Callable              # (config, policy engine, tokenizer, ranks per engine) -> Judge
+    trainer: Callable            # (config, run directory) -> DPOTrainer
+    checkpointer: Callable       # (config, run directory) -> TrainingCheckpointer
+    weights: Callable            # (config, trainer) -> WeightPush
+    ranks_per_engine: Callable   # (config, world size) -> ranks that share one engine replica
+    metrics: Callable            # (config, run directory) -> RunMetrics
+
+
+def build_tpo(config: TPOConfig, builders: Optional[Builders] = None,
+              world_size: Optional[int] = None, trace: Optional[Path] = None) -> TPOParts:
+    """This rank's parts. ``world_size``: the job's (default this process group's), which
+    sizes the ledger; ``trace``: where rank 0 keeps the ledger (default the run's
+    ``ledger.jsonl``)."""
     from transformers import AutoTokenizer
 
-    from megatron_tpo.checkpoint import TrainingCheckpointer
-    from megatron_tpo.checkpoint.initial import load_initial_checkpoint
-    from megatron_tpo.rollout.factory import build_policy_engine, trainer_ranks_per_engine
-    from megatron_tpo.train.dpo_trainer import DPOTrainer
-
+    builders = builders or REAL_BUILDERS
     run_dir = Path(config.run.dir)
+    world_size = world_size or world()[1]
     digest = claim_run_dir(config, run_dir)
     tokenizer = AutoTokenizer.from_pretrained(config.run.policy)
     prompts = training_prompts(config, tokenizer)
     heldout = heldout_prompts(config)
-    engine = build_policy_engine(config.rollout, config.run.policy, tokenizer)
-    engine.sleep()   # the trainer is built on a free device; the first weight sync wakes it
-    ranks_per_engine = trainer_ranks_per_engine(config.rollout, world()[1])
-    judge, judge_engine = build_judge_for_rank(config, engine, tokenizer, ranks_per_engine)
-    trainer = DPOTrainer(config.model, config.parallel, config.train,
-                         shard_root=initial_weights(config, run_dir))
-    if config.run.initial_checkpoint:
-        load_initial_checkpoint(trainer.ddp_chunks, trainer.optimizer,
-                                config.run.initial_checkpoint)
+    metrics = builders.metrics(config, run_dir)
+    placement = run_placement(config, world_size, trace or run_dir / LEDGER_FILE, metrics)
+    for name in (tenants.RESERVE, tenants.POLICY_POOL, tenants.JUDGE_POOL):
+        placement.add(name, policy.FIXED, RESIDENT)
+    placement.add(tenants.RECEIVED_BUCKETS, policy.SYNC, RELEASED)
+    with placement.phase(policy.ENGINE_START_UP):
+        engine = builders.policy_engine(config, tokenizer)
+        placement.add(tenants.POLICY_ENGINE, policy.POLICY_ENGINE, AWAKE, engine)
+    ranks_per_engine = builders.ranks_per_engine(config, world_size)
+    with placement.phase(policy.CONSTRUCTION):   # beside the sleeping engine
+        judge = builders.judge(config, engine, tokenizer, ranks_per_engine)
+        placement.add(*judge_tenant(config), handle=judge)
+        trainer = builders.trainer(config, run_dir)
+        for name in tenants.TRAINER_STATE:
+            placement.add(name, policy.FIXED, RESIDENT)
+        for name in tenants.TRAINING_TRANSIENTS:
+            placement.add(name, policy.TRAINING, RELEASED)
+        placement.add(tenants.SENT_BUCKETS, policy.SYNC, RELEASED)
     return TPOParts(
         config=config, digest=digest, tokenizer=tokenizer, engine=engine, judge=judge,
-        judge_engine=judge_engine, judge_on_every_rank=judge_on_every_rank(config),
-        trainer=trainer,
-        checkpointer=TrainingCheckpointer(run_dir / "checkpoints", config.checkpoint),
-        store=IterationStore(run_dir / "stages"),
-        metrics=RunMetrics(run_dir, enabled=is_rank_zero(), tensorboard=config.run.tensorboard,
-                           wandb_project=config.run.wandb_project, config=asdict(config)),
+        trainer=trainer, checkpointer=builders.checkpointer(config, run_dir),
+        weights=builders.weights(config, trainer), placement=placement,
+        store=IterationStore(run_dir / "stages"), metrics=metrics,
         preemption=PreemptionGuard(), prompts=prompts, heldout=heldout,
         engine_tensor_parallel_size=ranks_per_engine)
+
+
+def run_placement(config: TPOConfig, world_size: int, trace: Path,
+                  metrics: RunMetrics) -> Placement:
+    """The run's ledger, sized by the planner for every kind of GPU of the job (rank 0
+    keeps its trace), and the placement that moves the tenants; on a GPU, each phase's
+    prediction for this rank's GPU goes to the metrics beside what the device holds."""
+    import torch
+
+    ledger = MemoryLedger(tenants.run_tenants(config, world_size), tenants.gpu_capacity(config),
+                          trace=trace if is_rank_zero() else None)
+    judge_uses_policy_engine = config.judge.kind == "pairwise" and config.judge.pairwise.model is None
+    return Placement(ledger, judge_uses_policy_engine,
+                     gpu=tenants.trainer_gpu(config, own_pipeline_stage(config)),
+                     timer=metrics.timer,
+                     measure=metrics.log_device_memory if torch.cuda.is_available() else None)
+
+
+def own_pipeline_stage(config: TPOConfig) -> int:
+    """This rank's pipeline stage as the ledger names GPUs (middle stages as the first)."""
+    import torch
+
+    if not torch.distributed.is_initialized():   # one process (the dry run): no megatron
+        return 0
+    from megatron.core import parallel_state
+
+    stage = parallel_state.get_pipeline_model_parallel_rank()
+    return stage if stage in tenants.trainer_stages(config) else 0
+
+
+def judge_tenant(config: TPOConfig):
+    """``(ledger name, placement kind, state as built)`` of the judge's own memory holder:
+    a reward model (built in host memory when it offloads), a colocated judge engine
+    (built on its device); a judge without one is only closed at the end."""
+    judge = config.judge
+    if judge.kind == "reward_model":
+        return tenants.REWARD_MODEL, policy.JUDGE, ASLEEP if judge.reward_model.offloads() else AWAKE
+    if judge.kind == "pairwise" and judge.pairwise.model and judge.pairwise.placement == "colocated":
+        return tenants.JUDGE_ENGINE, policy.JUDGE, AWAKE
+    return "judge", policy.FIXED, RESIDENT
 
 
 def judge_generates(config: TPOConfig) -> bool:
@@ -63,24 +136,18 @@ def judge_generates(config: TPOConfig) -> bool:
     return config.judge.kind == "pairwise"
 
 
-def judge_on_every_rank(config: TPOConfig) -> bool:
-    """Whether every rank takes part in judging: a pairwise judge generates through every
-    rank's engine, a reward model scores its share of the responses on every rank."""
-    return judge_generates(config) or config.judge.kind == "reward_model"
-
-
 def build_judge_for_rank(config: TPOConfig, policy_engine, tokenizer,
-                         policy_ranks_per_engine: int):
-    """``(judge, the judge model's own engine or None)`` on this rank.
+                         policy_ranks_per_engine: int) -> Judge:
+    """The judge on this rank.
 
     A pairwise judge generates its verdicts through engines, whose ranks (a vLLM tensor-
     parallel block, the trainer world in front of a separate pool) must all take part:
-    it lives on every rank and spreads its prompts over every rank's replica of the
-    policy's engine, or, with ``judge.pairwise.model``, of that model's own engine (which
-    loads the judge's checkpoint), or asks that model's ``tpo-engine --serve judge``
-    pool (``judge.pairwise.placement=separate``). A reward model is loaded whole on every
-    rank, which scores its round-robin share of the responses. A rule judge lives on rank
-    0 (None elsewhere).
+    it spreads its prompts over every rank's replica of the policy's engine, or, with
+    ``judge.pairwise.model``, of that model's own engine (which loads the judge's
+    checkpoint, and which the judge sleeps, wakes and closes), or asks that model's
+    ``tpo-engine --serve judge`` pool (``judge.pairwise.placement=separate``). A reward
+    model is loaded whole on every rank, which scores its round-robin share of the
+    responses. A rule judge is built on every rank and judges on rank 0.
     """
     from transformers import AutoTokenizer
 
@@ -90,36 +157,96 @@ def build_judge_for_rank(config: TPOConfig, policy_engine, tokenizer,
     from megatron_tpo.rollout.replicas import EngineReplicas
     from megatron_tpo.rollout.factory import build_rollout_engine
 
-    if config.judge.kind == "reward_model":   # whole on every rank, each scoring its share
-        return build_judge(config.judge), None
     if not judge_generates(config):
-        return (build_judge(config.judge) if is_rank_zero() else None), None
+        return build_judge(config.judge)
     judge_model = config.judge.pairwise.model
     if judge_model is None:
         engine = EngineReplicas(policy_engine, policy_ranks_per_engine)
-        return build_judge(config.judge, engine=engine, judge_tokenizer=tokenizer), None
+        return build_judge(config.judge, engine=engine, judge_tokenizer=tokenizer)
     judge_tokenizer = AutoTokenizer.from_pretrained(judge_model)
     settings = judge_engine_settings(config.rollout, config.judge.pairwise)
     if settings.placement == "separate":
         # The judge model's own tpo-engine pool (--serve judge): rank 0 asks it and every
-        # rank gets every verdict back. Its GPUs are its own: the loop's sleep and wake of
-        # this proxy do nothing, and no weight sync ever reaches it.
+        # rank gets every verdict back. Its GPUs are its own: no weight sync reaches it.
         own = EnginePoolProxy.connect(settings.bridge, "judge.pairwise.bridge")
-        return build_judge(config.judge, engine=own, judge_tokenizer=judge_tokenizer), own
+        return build_judge(config.judge, engine=own, judge_tokenizer=judge_tokenizer,
+                           own_engine=own)
     # Colocated: one more engine in this process (HF only; check_judge_placement refuses
     # a second vLLM engine beside the policy's).
     own = build_rollout_engine(settings, judge_model, judge_tokenizer, serves_checkpoint=True)
     engine = EngineReplicas(own, settings.ranks_per_engine)
-    return build_judge(config.judge, engine=engine, judge_tokenizer=judge_tokenizer), own
+    return build_judge(config.judge, engine=engine, judge_tokenizer=judge_tokenizer,
+                       own_engine=own)
+
+
+def _build_trainer(config: TPOConfig, run_dir: Path):
+    from megatron_tpo.checkpoint.initial import load_initial_checkpoint
+    from megatron_tpo.train.dpo_trainer import DPOTrainer
+
+    trainer = DPOTrainer(config.model, config.parallel, config.train,
+                         shard_root=initial_weights(config, run_dir))
+    if config.run.initial_checkpoint:
+        load_initial_checkpoint(trainer.ddp_chunks, trainer.optimizer,
+                                config.run.initial_checkpoint)
+    return trainer
+
+
+def _build_policy_engine(config: TPOConfig, tokenizer):
+    from megatron_tpo.rollout.factory import build_policy_engine
+
+    return build_policy_engine(config.rollout, config.run.policy, tokenizer)
+
+
+def _build_checkpointer(config: TPOConfig, run_dir: Path):
+    from megatron_tpo.checkpoint import TrainingCheckpointer
+
+    return TrainingCheckpointer(run_dir / "checkpoints", config.checkpoint)
+
+
+def _build_weight_push(config: TPOConfig, trainer):
+    from megatron_tpo.rollout.weight_sync import WeightPush
+
+    return WeightPush(trainer.ddp_chunks, config.model, config.weight_sync)
+
+
+def _ranks_per_engine(config: TPOConfig, world_size: int) -> int:
+    from megatron_tpo.rollout.factory import trainer_ranks_per_engine
+
+    return trainer_ranks_per_engine(config.rollout, world_size)
+
+
+def _build_metrics(config: TPOConfig, run_dir: Path) -> RunMetrics:
+    return RunMetrics(run_dir, enabled=is_rank_zero(), tensorboard=config.run.tensorboard,
+                      wandb_project=config.run.wandb_project, config=asdict(config))
+
+
+REAL_BUILDERS = Builders(policy_engine=_build_policy_engine, judge=build_judge_for_rank,
+                         trainer=_build_trainer, checkpointer=_build_checkpointer,
+                         weights=_build_weight_push, ranks_per_engine=_ranks_per_engine,
+                         metrics=_build_metrics)
 
 
 def claim_run_dir(config: TPOConfig, run_dir: Path) -> str:
-    """The digest of the settings that decide stage outputs; a run directory written with
-    other settings is refused (naming them) instead of mixing two runs' samples."""
+    """The digest of the settings that decide stage outputs, written into ``run_dir``; a
+    run directory holding stages made with other settings is refused (naming them)
+    instead of mixing two runs' samples."""
+    digest = check_run_dir(config, run_dir)
+    barrier()  # every rank has compared before rank 0 writes
+    if is_rank_zero():
+        write_resolved_config(config, run_dir, world()[1])
+        (run_dir / DIGEST_FILE).write_text(json.dumps(
+            {"digest": digest, "fields": config.digest_fields()}, indent=1, default=str))
+    return digest
+
+
+def check_run_dir(config: TPOConfig, run_dir: Path) -> str:
+    """``claim_run_dir``'s check alone, writing nothing (the dry run makes it). A directory
+    with no stored stage takes new settings: a corrected rerun after a failed start."""
     digest_fields = config.digest_fields()
     digest = config_hash(digest_fields)
     path = run_dir / DIGEST_FILE
-    if path.is_file():
+    stored = any((run_dir / "stages").glob("iteration_*/*.manifest.json"))
+    if path.is_file() and stored:
         before = json.loads(path.read_text())
         if before["digest"] != digest:
             changed = sorted(_changed_keys(before["fields"], json.loads(
@@ -127,11 +254,6 @@ def claim_run_dir(config: TPOConfig, run_dir: Path) -> str:
             raise ConfigError(f"run.dir={run_dir} holds a run made with other settings "
                               f"({', '.join(changed[:6])}); resume it with those settings, or "
                               "give this run another run.dir")
-    barrier()  # every rank has compared before rank 0 writes
-    if is_rank_zero():
-        write_resolved_config(config, run_dir, world()[1])
-        path.write_text(json.dumps({"digest": digest, "fields": digest_fields}, indent=1,
-                                   default=str))
     return digest
 
 

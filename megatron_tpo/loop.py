@@ -13,24 +13,28 @@
 Every rank runs this same code (one ``srun`` or ``torchrun``): all ranks are trainer
 ranks and each holds a rollout-engine replica. A pairwise judge generates through the
 engines and a reward model scores its share of the responses, so both run on every rank;
-a rule judge lives on rank 0. Each stage's
-rows land atomically in ``IterationStore``; a restarted run reads finished stages back
-and resumes training from the newest checkpoint, so no sample is lost or duplicated.
+a rule judge judges on rank 0. Each step runs in a named phase (``placement.phase``),
+which wakes the memory holders that phase needs and puts the others to sleep; the loop
+never wakes or sleeps anything itself. Each stage's rows land atomically in
+``IterationStore``; a restarted run reads finished stages back and resumes training
+from the newest checkpoint, so no sample is lost or duplicated.
 """
 
 import logging
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, List, Tuple
+from typing import Callable, List, Optional, Tuple
 
 from megatron_tpo.data.chat import apply_thought_chat_template
 from megatron_tpo.data.prompts import iteration_prompts
 from megatron_tpo.evaluation.heldout import score_heldout
-from megatron_tpo.judge.base import Judge
 from megatron_tpo.parts import TPOParts
 from megatron_tpo.parallel.collectives import (barrier, broadcast_from_rank_zero, derived_seed,
                                                is_rank_zero)
 from megatron_tpo.parallel.preemption import Preempted, crash_point
+from megatron_tpo.placement.policy import (CHECKPOINT, HELDOUT_ANSWERS, HELDOUT_JUDGING, JUDGING,
+                                           PAIRS, PARITY_CHECK, REFERENCE, ROLLOUT, TRAIN,
+                                           WEIGHT_SYNC)
 from megatron_tpo.preference.from_rollouts import judge_rollouts, preference_pairs, rollout_rows
 from megatron_tpo.report.plots import plot_iterations
 from megatron_tpo.report.summary import (iteration_record, last_per_iteration, run_summary,
@@ -38,22 +42,23 @@ from megatron_tpo.report.summary import (iteration_record, last_per_iteration, r
 from megatron_tpo.rollout.engine import SamplingParams
 from megatron_tpo.rollout.parity import text_probes
 from megatron_tpo.rollout.replicas import generate_on_all_ranks
-from megatron_tpo.rollout.weight_sync import push_weights
 from megatron_tpo.train.dpo_batch import tokenized_pairs
 from megatron_tpo.train.pair_schedule import pairs_for_step
 
 logger = logging.getLogger(__name__)
 
 
-def run_tpo(parts: TPOParts) -> dict:
-    """Run (or resume) the configured iterations; returns the run summary on every rank."""
+def run_tpo(parts: TPOParts, iterations: Optional[int] = None) -> dict:
+    """Run (or resume) the configured iterations (or the first ``iterations``: the dry run
+    runs one); returns the run summary on every rank."""
     config = parts.config
+    last = config.run.iterations if iterations is None else iterations
     iteration, step = resume(parts)
-    for t in range(iteration, config.run.iterations):
+    for t in range(iteration, last):
         run_iteration(parts, t, first_step=step if t == iteration else 0)
-    evaluate_heldout(parts, config.run.iterations)
-    summary = run_summary(parts.store, parts.metrics.records("iteration"),
-                          config.run.iterations, config.thought.name)
+    evaluate_heldout(parts, last)
+    summary = run_summary(parts.store, parts.metrics.records("iteration"), last,
+                          config.thought.name)
     if is_rank_zero():
         write_summary(summary, Path(config.run.dir) / "summary.json")
     return summary
@@ -64,54 +69,52 @@ def resume(parts: TPOParts) -> Tuple[int, int]:
     trainer = parts.trainer
     state = parts.checkpointer.load_latest(trainer.ddp_chunks, trainer.optimizer,
                                            trainer.scheduler) or {}
-    with parts.metrics.timer("timing/weight_sync"):
-        sync_weights(parts)
-    return state.get("iteration", 0), state.get("step_in_iteration", 0)
+    iteration = state.get("iteration", 0)
+    sync_weights(parts, iteration)
+    return iteration, state.get("step_in_iteration", 0)
 
 
 def run_iteration(parts: TPOParts, t: int, first_step: int = 0) -> None:
-    config, metrics = parts.config, parts.metrics
+    config, phase = parts.config, parts.placement.phase
     evaluate_heldout(parts, t)
     instructions = iteration_prompts(parts.prompts, t, config.prompts.prompts_per_iteration,
                                      config.prompts.seed)
-    with metrics.timer("timing/rollout"):
+    with phase(ROLLOUT, t):
         rollouts = stage(parts, t, "rollouts", lambda: generate_rollouts(parts, instructions, t))
-    with metrics.timer("timing/judge"):
+    with phase(JUDGING, t):
         judgments = stage(parts, t, "judgments", lambda: judge_rollouts(
-            rollouts, awake_judge(parts), config.judge.length_control, parts.tokenizer),
-            on="all" if parts.judge_on_every_rank else "rank0")
-    pairs = stage(parts, t, "pairs", lambda: preference_pairs(
-        rollouts, judgments, config.judge.length_control.rho, config.preference), on="rank0")
-    for engine in (parts.engine, parts.judge_engine):  # the trainer gets the accelerator
-        if engine is not None:
-            engine.sleep()
-    with metrics.timer("timing/reference_logprobs"):
+            rollouts, parts.judge, config.judge.length_control, parts.tokenizer),
+            on="all" if parts.judge.on_every_rank else "rank0")
+    with phase(PAIRS, t):
+        pairs = stage(parts, t, "pairs", lambda: preference_pairs(
+            rollouts, judgments, config.judge.length_control.rho, config.preference), on="rank0")
+    with phase(REFERENCE, t):
         reference = stage(parts, t, "reference", lambda: reference_logprobs(parts.trainer, pairs))
-    with metrics.timer("timing/train"):
+    with phase(TRAIN, t):
         train_on_pairs(parts, t, reference, first_step)
-    with metrics.timer("timing/checkpoint"):
+    with phase(CHECKPOINT, t):
         save_checkpoint(parts, t + 1, step_in_iteration=0)
     crash_point(t, "checkpoint")
-    # push_weights wakes the engine: weights first, then its KV cache (never both copies).
-    with metrics.timer("timing/weight_sync"):
-        sync = sync_weights(parts)
+    sync = sync_weights(parts, t + 1)
     crash_point(t, "weight_sync")
-    metrics.end_iteration(t, iteration_record(parts.store, t, sync))
-    if is_rank_zero():
-        plot_iterations({config.thought.name: last_per_iteration(metrics.records("iteration"))},
+    parts.metrics.end_iteration(t, iteration_record(parts.store, t, sync))
+    if parts.metrics.enabled:   # the rank that keeps the metrics draws them
+        plot_iterations({config.thought.name: last_per_iteration(parts.metrics.records("iteration"))},
                         Path(config.run.dir) / "iterations.png")
     if parts.preemption.requested():  # M_{t+1} is saved: stop here, resume at t + 1
         raise Preempted(f"preempted after iteration {t}")
 
 
-def sync_weights(parts: TPOParts) -> dict:
-    """The trainer's weights into the engine, checked on the run's first chat prompts."""
+def sync_weights(parts: TPOParts, t: int) -> dict:
+    """The trainer's weights (M_t) into the engine, checked on the run's first chat prompts."""
     settings = parts.config.weight_sync
     count = settings.num_probe_sequences
     probes = text_probes(parts.tokenizer, chat_prompts(parts, parts.prompts[:count]), count,
                          settings.probe_length)
-    return push_weights(parts.engine, parts.trainer.ddp_chunks, parts.config.model, settings,
-                        probes)
+    with parts.placement.phase(WEIGHT_SYNC, t):
+        streamed = parts.weights.stream_into(parts.engine)
+    with parts.placement.phase(PARITY_CHECK, t):
+        return {**streamed, **parts.weights.check_parity(parts.engine, probes)}
 
 
 def stage(parts: TPOParts, t: int, name: str, compute: Callable, on: str = "all") -> list:
@@ -156,24 +159,16 @@ def evaluate_heldout(parts: TPOParts, t: int) -> None:
                                 max_new_tokens=config.rollout.sampling.max_new_tokens,
                                 stop=config.rollout.sampling.stop,
                                 stop_token_ids=config.rollout.sampling.stop_token_ids)
-        outputs = generate_on_all_ranks(parts.engine, chat_prompts(parts, parts.heldout), greedy,
-                                        parts.engine_tensor_parallel_size)
-        answers, failures = rollout_rows(parts.heldout, outputs, config.thought)
-        if parts.judge is None:
-            return [], {}
+        with parts.placement.phase(HELDOUT_ANSWERS, t):
+            outputs = generate_on_all_ranks(parts.engine, chat_prompts(parts, parts.heldout),
+                                            greedy, parts.engine_tensor_parallel_size)
+            answers, failures = rollout_rows(parts.heldout, outputs, config.thought)
         first = answers if t == 0 else parts.store.read(0, "heldout")
-        return score_heldout(answers, first, awake_judge(parts),
-                             config.evaluation.failure_score), failures
+        with parts.placement.phase(HELDOUT_JUDGING, t):
+            return score_heldout(answers, first, parts.judge,
+                                 config.evaluation.failure_score), failures
 
-    with parts.metrics.timer("timing/heldout"):
-        stage(parts, t, "heldout", answer_and_judge)
-
-
-def awake_judge(parts: TPOParts) -> Judge:
-    """The judge, its own engine woken if training put it to sleep."""
-    if parts.judge_engine is not None:
-        parts.judge_engine.wake()
-    return parts.judge
+    stage(parts, t, "heldout", answer_and_judge)
 
 
 def reference_logprobs(trainer, pairs: List[dict]):

@@ -65,7 +65,12 @@ class RunConfig:
     wandb_project: Optional[str] = None
     """Also log to Weights & Biases under this project (needs `wandb` installed)."""
     hardware: str = "cpu"
-    """A configs/hardware/gpus.yaml name, recorded for `tpo-plan --check`."""
+    """A configs/hardware/gpus.yaml name: the GPUs the dry run sizes every phase on (cpu:
+    not sized), recorded for `tpo-plan --check`."""
+    world_size: Optional[int] = None
+    """The trainer ranks this recipe is written for (its sbatch script's tasks, less the
+    engine and judge pools'): what `tpo-run --dry-run` sizes on a login node when no
+    launcher, --world-size or --nodes says otherwise."""
     process_group_timeout_minutes: int = 30
     """How long any collective waits for the slowest rank before the job fails (tpo-run's
     and tpo-engine's worlds): longer than the longest phase one rank runs alone."""
@@ -79,6 +84,8 @@ class RunConfig:
         for name in ("iterations", "pairs_per_step", "process_group_timeout_minutes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"run.{name}={getattr(self, name)}: must be >= 1")
+        if self.world_size is not None and self.world_size < 1:
+            raise ConfigError(f"run.world_size={self.world_size}: must be >= 1 (or null)")
 
 
 @dataclass(kw_only=True)
@@ -101,6 +108,12 @@ class TPOConfig:
     def validate(self, world_size: Optional[int] = None) -> None:
         """Every group's own check, then the checks across groups; before any work."""
         self.parallel.validate(self.model, world_size)
+        if self.parallel.context_parallel_size > 1:
+            # Each CP rank would need its load-balanced slice of every sequence, and the
+            # sequence sums an all-reduce over CP; the DPO trainer does neither yet.
+            raise ConfigError(f"parallel.context_parallel_size="
+                              f"{self.parallel.context_parallel_size}: the DPO trainer does not "
+                              "split pairs over context-parallel ranks; use 1")
         for group in (self.train, self.rollout, self.judge, self.thought, self.prompts,
                       self.preference, self.evaluation, self.checkpoint, self.weight_sync,
                       self.run):
@@ -143,7 +156,7 @@ class TPOConfig:
         address, buckets and transports, checkpoints kept), so a run resumed with more
         iterations, or requeued onto other nodes, keeps its finished stages."""
         plain = asdict(self)
-        for key in ("iterations", "tensorboard", "wandb_project", "hardware",
+        for key in ("iterations", "tensorboard", "wandb_project", "hardware", "world_size",
                     "process_group_timeout_minutes"):
             plain["run"].pop(key)
         for key in ("placement", "bridge"):

@@ -31,5 +31,5 @@ source slurm/common.sh
 # on the two before it, the trainer on the first four (tpo_launch_judge_pool).
 JUDGE_NODES="${JUDGE_NODES:-1}" JUDGE_TASKS="${JUDGE_TASKS:-8}" \
 ENGINE_NODES="${ENGINE_NODES:-2}" ENGINE_TASKS="${ENGINE_TASKS:-16}" tpo_launch_judge_pool \
-    experiment=llama3_70b rollout=paper_separate \
+    experiment=llama3_70b_separate \
     "run.dir=${RUN_DIR:-runs/tpo-70b-separate-${SLURM_JOB_ID}}" "$@"

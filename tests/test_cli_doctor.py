@@ -134,7 +134,7 @@ def test_the_environment_line_shows_the_launcher_variables(monkeypatch, capsys):
 def test_the_tiny_config_dry_run_fits(tmp_path, capsys):
     assert main(tiny_run_overrides(tmp_path)) == 0
     status, detail = report_lines(capsys)["dry run"]
-    assert status == "ok" and detail.startswith("fits on 1 rank(s): "), detail
+    assert status == "ok" and detail.startswith("fits on 1 rank(s) (TP x PP x CP, no launcher): "), detail
     assert "not checked (run.hardware=cpu)" in detail, detail
 
 

@@ -147,7 +147,8 @@ def _judge_worker(rank, world_size, overrides):
     torch.distributed.init_process_group("gloo")
     config = compose_config(overrides)
     config.validate(world_size)
-    judge, own = build_judge_for_rank(config, None, None, 1)
+    judge = build_judge_for_rank(config, None, None, 1)
+    own = judge.own_engine
     judgment = judge.judge(PROMPTS, RESPONSES)
     report = {"scores": judgment.scores, "counts": dict(judgment.counts),
               "extras": judgment.extras, "engine": type(own).__name__}

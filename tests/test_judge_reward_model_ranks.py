@@ -99,14 +99,18 @@ def test_the_reward_model_waits_in_host_memory_between_judge_phases(tmp_path):
     model.register_forward_pre_hook(lambda *_: seen_during.append(list(model.moves)))
     judge = RewardModelJudge(model, tokenizer, device="cuda:0", offload_between_phases=True)
     assert model.moves == []   # built in host memory, left there
-    judge.judge(["q"], [["dog"]])
-    judge.judge(["q"], [["sun"]])
+    for response in ("dog", "sun"):   # two judging phases, as the run's placement runs them
+        judge.wake()
+        judge.judge(["q"], [[response]])
+        judge.sleep()
     # On the device for each phase's forwards, back in host memory after each phase.
     assert seen_during == [["cuda:0"], ["cuda:0", "cpu", "cuda:0"]]
     assert model.moves == ["cuda:0", "cpu", "cuda:0", "cpu"]
     kept = DeviceLog(tiny_llama_config(tokenizer, num_labels=1)).eval()
-    RewardModelJudge(kept, tokenizer, device="cuda:0",
-                     offload_between_phases=False).judge(["q"], [["dog"]])
+    resident = RewardModelJudge(kept, tokenizer, device="cuda:0", offload_between_phases=False)
+    resident.wake()
+    resident.judge(["q"], [["dog"]])
+    resident.sleep()
     assert kept.moves == ["cuda:0"]   # moved once, at build, and kept there
 
 

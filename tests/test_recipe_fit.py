@@ -14,17 +14,22 @@ from pathlib import Path
 import pytest
 
 from megatron_tpo.cli.run import compose_config, main
+from megatron_tpo.placement.policy import PHASES
 from megatron_tpo.config.loading import load_model_config
 from megatron_tpo.model.hf_config import hf_config_from_model
 
 REPOSITORY = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "data"))
+from tiny_hf import tiny_tokenizer  # noqa: E402
 
 
 def write_checkpoint_config(directory: Path, model_name: str) -> Path:
-    """A directory with the config.json of ``configs/model/<model_name>.yaml`` (no weights)."""
+    """A directory with the config.json of ``configs/model/<model_name>.yaml`` and a
+    tokenizer with Llama-3's chat template: what the dry run reads (no weights)."""
     directory.mkdir(parents=True, exist_ok=True)
     model = load_model_config(model_name)
     (directory / "config.json").write_text(json.dumps(hf_config_from_model(model).to_dict()))
+    tiny_tokenizer().save_pretrained(directory)
     return directory
 
 
@@ -38,12 +43,27 @@ def trainer_tasks(script: str) -> int:
     return nodes * per_node - pools
 
 
+def write_prompts(path: Path, field: str, count: int) -> Path:
+    path.write_text("".join(json.dumps({field: f"Say hi {n} times."}) + "\n"
+                            for n in range(count)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def recipe_prompts(tmp_path_factory):
+    """UltraFeedback-shaped prompts for every iteration of the GPU recipes (4 x 5,000) and
+    AlpacaEval-shaped held-out instructions, as the recipes read them."""
+    folder = tmp_path_factory.mktemp("prompts")
+    return (write_prompts(folder / "prompts.jsonl", "prompt", 20000),
+            write_prompts(folder / "heldout.jsonl", "instruction", 256))
+
+
 @pytest.fixture()
-def recipe_files(tmp_path):
+def recipe_files(tmp_path, recipe_prompts):
     """Overrides pointing every path of the GPU recipes at stand-ins in tmp_path."""
-    (tmp_path / "prompts.jsonl").write_text('{"prompt": "Say hi."}\n')
-    return [f"prompts.path={tmp_path / 'prompts.jsonl'}",
-            f"evaluation.path={tmp_path / 'prompts.jsonl'}"], tmp_path
+    prompts, heldout = recipe_prompts
+    return [f"prompts.path={prompts}", f"evaluation.path={heldout}",
+            f"run.dir={tmp_path / 'run'}"], tmp_path
 
 
 def dry_run(monkeypatch, capsys, world_size: int, overrides):
@@ -70,27 +90,51 @@ def llama3_70b(files, tmp):
             *files]
 
 
-PHASES = ("engine start-up", "construction", "rollout", "judging", "reference and DPO",
-          "weight sync")
+def fit_lines(out: str) -> dict:
+    """``{(phase, gpu): (used, capacity)}`` from the dry run's ``fits:`` lines."""
+    found = {}
+    for line in out.splitlines():
+        matched = re.match(r"  fits: (.+?) on (.+?): ([\d.]+) of ([\d.]+) GiB", line)
+        if matched:
+            found[matched.group(1), matched.group(2)] = (float(matched.group(3)),
+                                                        float(matched.group(4)))
+    return found
 
 
-@pytest.mark.parametrize("script, recipe, extra, phases", [
-    ("tpo_8b.sh", llama3_8b, [], PHASES),
-    ("tpo_70b.sh", llama3_70b, [], PHASES),
-    ("tpo_70b_separate.sh", llama3_70b, ["rollout=paper_separate"],
-     ("rollout", "weight sync", "judging", "construction", "reference and DPO")),
+@pytest.mark.parametrize("script, recipe, extra", [
+    ("tpo_8b.sh", llama3_8b, []),
+    ("tpo_70b.sh", llama3_70b, []),
+    ("tpo_70b_separate.sh", llama3_70b, ["experiment=llama3_70b_separate"]),
 ])
-def test_each_gpu_recipe_fits_the_allocation_its_script_asks_for(
-        monkeypatch, capsys, recipe_files, script, recipe, extra, phases):
+def test_each_gpu_recipe_fits_the_allocation_its_script_asks_for_in_every_phase_of_the_loop(
+        monkeypatch, capsys, recipe_files, script, recipe, extra):
     files, tmp = recipe_files
     world = trainer_tasks(script)
     code, out, err = dry_run(monkeypatch, capsys, world, [*recipe(files, tmp), *extra])
     assert code == 0, err
-    fits = [line for line in out.splitlines() if line.startswith("  fits: ")]
-    assert {line.split(": ")[1].split(" on ")[0] for line in fits} == set(phases), out
-    for line in fits:   # "... X of Y GiB (...)": X <= Y on every line
-        used, capacity = map(float, re.search(r": ([\d.]+) of ([\d.]+) GiB", line).groups())
-        assert used <= capacity, line
+    fits = fit_lines(out)
+    # Every phase the loop enters, on the trainer's first pipeline stage: the dry run ran it.
+    stage_zero = {phase for phase, gpu in fits if gpu.endswith("pipeline stage 0")}
+    assert stage_zero == set(PHASES), out
+    for (phase, gpu), (used, capacity) in fits.items():
+        assert used <= capacity, (phase, gpu)
+    assert f"sized for world size {world} (the slurm launcher)" in out, out
+
+
+@pytest.mark.parametrize("recipe, extra, world", [
+    (llama3_8b, [], 8), (llama3_70b, [], 64),
+    (llama3_70b, ["experiment=llama3_70b_separate"], 32)])
+def test_on_a_login_node_the_dry_run_sizes_the_world_the_recipe_is_written_for(
+        capsys, recipe_files, recipe, extra, world):
+    """No launcher variables: the recipe's run.world_size (what its sbatch script starts)."""
+    files, tmp = recipe_files
+    code = main(["--dry-run", *recipe(files, tmp), *extra])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert f"sized for world size {world} (the recipe's run.world_size)" in out, out
+    code = main(["--dry-run", *recipe(files, tmp), *extra, "--nodes", "4"])
+    out, err = capsys.readouterr()   # a refusal says what it sized too
+    assert "sized for world size 32 (--nodes x --gpus-per-node (8))" in out + err, out + err
 
 
 def test_the_cpu_recipes_say_their_memory_is_not_checked(monkeypatch, capsys, tmp_path):
@@ -105,58 +149,110 @@ def test_the_cpu_recipes_say_their_memory_is_not_checked(monkeypatch, capsys, tm
 @pytest.mark.parametrize("world, change, phase, numbers, fix", [
     # The 70B recipe as it shipped: 4 nodes, DP=1 (the optimizer unsharded beside the
     # awake engine), and before that an engine of TP=1 holding 131 GiB of weights.
-    (32, [], "rollout", "80.9 of 79.6 GiB",
+    (32, [], "parity check", "80.9 of 79.6 GiB",
      "rollout.vllm.gpu_memory_utilization=0.48"),
     (64, ["rollout.vllm.tensor_parallel_size=1"], "engine start-up",
      "need 134.4 GiB, more than rollout.vllm.gpu_memory_utilization=0.5 x 79.6 GiB",
      "rollout.vllm.tensor_parallel_size=4"),
     # The 70B judge's engine on one GPU.
-    (64, ["judge.pairwise.vllm.tensor_parallel_size=1"], "judging",
+    (64, ["judge.pairwise.vllm.tensor_parallel_size=1"], "engine start-up",
      "judge pool", "judge.pairwise.vllm.tensor_parallel_size=2"),
 ])
-def test_a_70b_misfit_is_refused_naming_phase_gpu_numbers_and_fix(
+def test_a_70b_misfit_is_refused_naming_phase_gpu_numbers_and_a_fix_that_fits(
         monkeypatch, capsys, recipe_files, world, change, phase, numbers, fix):
     files, tmp = recipe_files
     code, out, err = dry_run(monkeypatch, capsys, world, [*llama3_70b(files, tmp), *change])
     assert code == 2 and out == "", out
     assert f"does not fit: {phase} on h100-80gb GPU" in err, err
     assert numbers in err and f"smallest fix: {fix}" in err, err
+    # The fix is no guess: with it, the same allocation fits.
+    key, value = fix.split("=")
+    code, out, err = dry_run(monkeypatch, capsys, world,
+                             [*llama3_70b(files, tmp), *change, f"{key}={value}"])
+    assert code == 0, err
 
 
-def test_the_8b_reward_model_kept_on_the_gpu_all_run_is_refused(monkeypatch, capsys,
-                                                                recipe_files):
-    """Defect 4: ArmoRM resident for the whole run beside the awake engine and the trainer."""
-    files, tmp = recipe_files
-    code, _, err = dry_run(monkeypatch, capsys, 8, [*llama3_8b(files, tmp),
-                                                    "judge.reward_model.offload_between_phases=false"])
-    assert code == 2, err
-    assert "does not fit: rollout on h100-80gb GPU of pipeline stage 0" in err, err
-    assert "reward model 15.0" in err, err
+def judging_lines(trace: Path) -> list:
+    lines = [json.loads(line) for line in trace.read_text().splitlines()]
+    return [line for line in lines if line["phase"] in ("judging", "held-out judging")]
 
 
-def test_a_colocated_engine_without_sleep_mode_is_sized_awake_while_the_trainer_runs(
+def test_the_8b_recipe_judges_with_the_reward_model_awake_and_the_policy_engine_asleep(
         monkeypatch, capsys, recipe_files):
-    """rollout.vllm.sleep_mode=false (vLLM's CPU build has no sleep mode) frees nothing for
-    training: the 8B recipe then no longer fits its node."""
+    """The 8B run's first held-out judging put ArmoRM on the GPU beside the awake engine
+    (84 GiB of 80 at t=0). The dry run runs the loop's own phases: the engine sleeps."""
     files, tmp = recipe_files
-    code, _, err = dry_run(monkeypatch, capsys, 8, [*llama3_8b(files, tmp),
-                                                    "rollout.vllm.sleep_mode=false"])
+    trace = tmp / "ledger.jsonl"
+    code, out, err = dry_run(monkeypatch, capsys, 8, [*llama3_8b(files, tmp),
+                                                      "--trace", str(trace)])
+    assert code == 0, err
+    judged = judging_lines(trace)
+    assert [line["phase"] for line in judged] == ["held-out judging", "judging",
+                                                  "held-out judging"]
+    for line in judged:
+        held = line["gpus"]["h100-80gb GPU of pipeline stage 0"]
+        assert held["tenants"]["reward model"]["state"] == "awake"
+        assert held["tenants"]["policy engine"]["state"].startswith("asleep")
+        assert held["total_bytes"] <= held["capacity_bytes"]
+
+
+@pytest.mark.parametrize("change, phase, fix", [
+    # Level 0 pauses scheduling and frees nothing: the engine is awake in effect.
+    (["rollout.vllm.sleep_level=0"], "held-out judging", "rollout.vllm.sleep_level=1"),
+    # vLLM's CPU build has no sleep mode: nothing is released for the judge or the trainer.
+    (["rollout.vllm.sleep_mode=false"], "held-out judging", "rollout.vllm.sleep_mode=true"),
+    # ArmoRM resident all run, beside the awake engine and the trainer.
+    (["judge.reward_model.offload_between_phases=false"], "parity check",
+     "judge.reward_model.offload_between_phases=true"),
+])
+def test_the_8b_recipe_with_its_engine_awake_in_judging_or_its_judge_resident_is_refused(
+        monkeypatch, capsys, recipe_files, change, phase, fix):
+    files, tmp = recipe_files
+    code, _, err = dry_run(monkeypatch, capsys, 8, [*llama3_8b(files, tmp), *change])
     assert code == 2, err
-    assert "does not fit: judging on h100-80gb GPU" in err, err   # the worst phase
-    assert "policy engine without sleep mode (its whole claim) 39.8" in err, err
+    assert f"does not fit: {phase} on h100-80gb GPU of pipeline stage 0" in err, err
+    assert f"smallest fix: {fix}" in err, err
 
 
-def test_the_phase_peaks_add_up_to_the_planner_items():
+def test_a_reward_model_too_large_for_the_card_is_refused_in_judging(monkeypatch, capsys,
+                                                                       recipe_files):
+    files, tmp = recipe_files
+    huge = write_checkpoint_config(tmp / "reward_70b", "llama3_70b")
+    code, _, err = dry_run(monkeypatch, capsys, 8, [*llama3_8b(files, tmp),
+                                                    f"judge.reward_model.path={huge}"])
+    assert code == 2, err
+    assert "does not fit: held-out judging on h100-80gb GPU" in err, err
+    assert "reward model (awake) 1" in err, err
+
+
+def test_a_judge_whose_size_cannot_be_known_is_refused_not_skipped(monkeypatch, capsys,
+                                                                    recipe_files, tmp_path):
+    """The 8B recipe's default ArmoRM is a hub id: without a local copy (or a warm cache)
+    every rank would download it at start-up, and nothing could size it before."""
+    files, tmp = recipe_files
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty_cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    overrides = [o for o in llama3_8b(files, tmp) if not o.startswith("judge.reward_model.path")]
+    code, _, err = dry_run(monkeypatch, capsys, 8, overrides)
+    assert code == 2, err
+    assert "judge.reward_model.path=RLHFlow/ArmoRM-Llama3-8B-v0.1: no config.json there" in err
+    assert "huggingface-cli download" in err, err
+
+
+def test_the_phase_peaks_add_up_to_the_planner_items(recipe_files):
     """The trainer's share of the DPO phase is the planner's training memory, the engine's
     share of the rollout its whole claim; the two phases differ by exactly those items."""
-    from megatron_tpo.plan.hardware import GIB
-    from megatron_tpo.plan.phase_fit import ENGINE_ASLEEP_GIB, phase_peaks, trainer_memory
-    from megatron_tpo.plan.hardware import find_gpu
+    from megatron_tpo.dry_run import dry_run as run_dry
+    from megatron_tpo.plan.hardware import GIB, find_gpu
+    from megatron_tpo.plan.tenants import ENGINE_ASLEEP_GIB, stage_memories
 
-    config = compose_config(["experiment=llama3_8b"])
-    peaks = {peak.phase: peak for peak in phase_peaks(config, 8)}
-    memory = trainer_memory(config, 8, find_gpu("h100-80gb"))
-    assert peaks["reference and DPO"].total == pytest.approx(memory.total + ENGINE_ASLEEP_GIB * GIB)
+    files, tmp = recipe_files
+    config = compose_config(llama3_8b(files, tmp))
+    lines = {(line.phase, gpu.gpu): gpu for line in run_dry(config, 8).ledger.lines
+             for gpu in line.gpus}
+    memory = stage_memories(config, 8)[0]
+    gpu = "h100-80gb GPU of pipeline stage 0"
+    assert lines["train", gpu].total == pytest.approx(memory.total + ENGINE_ASLEEP_GIB * GIB)
     claim = config.rollout.vllm.gpu_memory_utilization * find_gpu("h100-80gb").memory_bytes
     resident = memory.weights + memory.gradients + memory.optimizer + memory.runtime_reserve
-    assert peaks["rollout"].total == pytest.approx(resident + claim)
+    assert lines["rollout", gpu].total == pytest.approx(resident + claim)

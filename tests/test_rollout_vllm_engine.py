@@ -311,7 +311,8 @@ def test_close_tears_vllm_down_once(vllm, tokenizer):
 
 def test_tpo_run_closes_its_engines_before_the_world_is_torn_down(monkeypatch):
     """vLLM's teardown ends the process group it shares with megatron: run_rank closes
-    every engine in its finally, before shutdown_megatron, even when the loop fails."""
+    every engine (the placement holds them all: tests/test_placement.py) in its finally,
+    before shutdown_megatron, even when the loop fails."""
     import types
 
     import megatron_tpo.build
@@ -321,14 +322,8 @@ def test_tpo_run_closes_its_engines_before_the_world_is_torn_down(monkeypatch):
 
     order = []
 
-    class Engine:
-        def __init__(self, name):
-            self.name = name
-
-        def close(self):
-            order.append(f"close {self.name}")
-
-    parts = types.SimpleNamespace(engine=Engine("policy"), judge_engine=Engine("judge"),
+    placement = types.SimpleNamespace(close=lambda: order.append("close the engines"))
+    parts = types.SimpleNamespace(placement=placement,
                                   metrics=types.SimpleNamespace(close=lambda: None))
 
     def failing_loop(parts):
@@ -344,4 +339,4 @@ def test_tpo_run_closes_its_engines_before_the_world_is_torn_down(monkeypatch):
                                                              process_group_timeout_minutes=30))
     with pytest.raises(RuntimeError, match="the loop failed"):
         run_rank(0, 1, config)
-    assert order == ["close policy", "close judge", "shutdown_megatron"]
+    assert order == ["close the engines", "shutdown_megatron"]

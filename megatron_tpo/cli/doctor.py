@@ -265,28 +265,21 @@ def check_shared_memory(path: str = "/dev/shm") -> Check:
 
 
 # -- the config's dry run ---------------------------------------------------------------
-def default_world_size(config) -> int:
-    """The ranks tpo-run would see here: the launcher's, or one local process group of
-    the model-parallel size."""
-    from megatron_tpo.parallel import detect_distributed_env
-
-    environment = detect_distributed_env()
-    if environment.launcher == "single":
-        return config.parallel.model_parallel_size
-    return environment.world_size
-
-
 def check_dry_run(overrides: List[str], world_size: Optional[int]) -> Check:
     from megatron_tpo.cli import run
+    from megatron_tpo.dry_run import dry_run
+    from megatron_tpo.parallel import detect_distributed_env
 
     try:
         config = run.compose_config(overrides)
-        ranks = world_size or default_world_size(config)
+        options = {"--world-size": str(world_size)} if world_size else {}
+        ranks, source = run.dry_run_world(config, options, detect_distributed_env())
         config.validate(ranks)
-        report = run.dry_run_report(config, ranks)
+        sized = dry_run(config, ranks)
+        sized.check()
     except ConfigError as error:
         return Check(FAIL, "dry run", f"does not fit or is not valid: {error}")
-    return Check(OK, "dry run", f"fits on {ranks} rank(s): {' | '.join(report.splitlines())}")
+    return Check(OK, "dry run", f"fits on {ranks} rank(s) ({source}): {sized.summary()}")
 
 
 # -- the whole report -----------------------------------------------------------------

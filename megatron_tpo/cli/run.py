@@ -1,9 +1,11 @@
 """``tpo-run``: Thought Preference Optimization, from M_0 to M_T, on one machine or a cluster.
 
-    tpo-run experiment=tiny_cpu                      # local: spawns TP*PP*DP gloo processes
+    tpo-run experiment=tiny_cpu                      # local: spawns TP*PP*CP*DP gloo processes
     tpo-run experiment=tiny_cpu thought=direct       # the direct-response baseline
-    tpo-run --dry-run experiment=llama3_70b          # check the whole config, start nothing
     srun tpo-run experiment=llama3_70b run.dir=/ckpt/tpo70b   # one rank per task
+
+    tpo-run --dry-run experiment=llama3_8b run.policy=... [--nodes N [--gpus-per-node G]
+            | --world-size N] [--trace FILE]
 
 Arguments are Hydra overrides of configs/tpo.yaml: pick a file of a group (model=,
 parallel=, train=, rollout=, judge=, thought=, prompts=, experiment=) or set any key
@@ -11,11 +13,20 @@ parallel=, train=, rollout=, judge=, thought=, prompts=, experiment=) or set any
 process group, weight or prompt is touched; a bad key or value stops with its name.
 A run directory resumes where it stopped: finished stages are read back, training
 continues from the newest checkpoint.
+
+--dry-run runs the run's own build and loop code for one iteration with stand-ins that
+do no compute but claim the memory the real parts would, reads every file the job will
+read, and prints each phase's peak on each kind of GPU (or refuses the first that does
+not fit, with the smallest setting that fits); it starts no process group and writes
+nothing but --trace (the ledger, as a run's ledger.jsonl). It sizes the world a launcher
+gives it (srun, torchrun), else --world-size or --nodes x --gpus-per-node (8), else the
+recipe's run.world_size, else TP*PP*CP ranks.
 """
 
 import logging
 import sys
-from typing import List, Optional
+from pathlib import Path
+from typing import List, Optional, Tuple
 
 from megatron_tpo.config.errors import ConfigError
 
@@ -78,10 +89,55 @@ def run_rank(rank: int, world_size: int, config) -> Optional[dict]:
     finally:
         if parts is not None:
             parts.metrics.close()
-            for engine in (parts.engine, parts.judge_engine):
-                if engine is not None:
-                    engine.close()   # while the world it may share still exists
+            parts.placement.close()   # engines first, while the world they share exists
         shutdown_megatron()
+
+
+OPTIONS = ("--world-size", "--nodes", "--gpus-per-node", "--trace")
+
+
+def split_arguments(argv: List[str]):
+    """``(flags, options, overrides)``: ``--dry-run``, the dry run's ``--name value``
+    options, and the Hydra overrides."""
+    flags, options, overrides = set(), {}, []
+    arguments = iter(argv)
+    for argument in arguments:
+        name, equals, value = argument.partition("=")
+        if argument == "--dry-run":
+            flags.add(argument)
+        elif name in OPTIONS:
+            value = value if equals else next(arguments, None)
+            if value is None:
+                raise ConfigError(f"{name} needs a value")
+            options[name] = value
+        elif argument.startswith("--"):
+            raise ConfigError(f"{argument}: no such option (tpo-run --help)")
+        else:
+            overrides.append(argument)
+    return flags, options, overrides
+
+
+def dry_run_world(config, options: dict, environment) -> Tuple[int, str]:
+    """The world the dry run sizes, and where that number came from."""
+    def count(name: str) -> int:
+        try:
+            value = int(options[name])
+        except ValueError:
+            raise ConfigError(f"{name}={options[name]}: not a whole number") from None
+        if value < 1:
+            raise ConfigError(f"{name}={value}: must be >= 1")
+        return value
+
+    if "--world-size" in options:
+        return count("--world-size"), "--world-size"
+    if "--nodes" in options:
+        per_node = count("--gpus-per-node") if "--gpus-per-node" in options else 8
+        return count("--nodes") * per_node, f"--nodes x --gpus-per-node ({per_node})"
+    if environment.launcher != "single":
+        return environment.world_size, f"the {environment.launcher} launcher"
+    if config.run.world_size is not None:
+        return config.run.world_size, "the recipe's run.world_size"
+    return config.parallel.model_parallel_size, "TP x PP x CP, no launcher"
 
 
 def main(argv=None) -> int:
@@ -89,24 +145,30 @@ def main(argv=None) -> int:
     if any(arg in ("-h", "--help") for arg in argv):
         print(__doc__)
         return 0
-    dry_run = "--dry-run" in argv
-    argv = [arg for arg in argv if arg != "--dry-run"]
     from megatron_tpo.parallel import detect_distributed_env
 
-    environment = detect_distributed_env()
     try:
-        config = compose_config(argv)
-        world_size = (config.parallel.model_parallel_size if environment.launcher == "single"
-                      else environment.world_size)
+        flags, options, overrides = split_arguments(argv)
+        if options and "--dry-run" not in flags:
+            raise ConfigError(f"{', '.join(options)}: options of --dry-run only")
+        environment = detect_distributed_env()
+        config = compose_config(overrides)
+        if "--dry-run" in flags:
+            world_size, source = dry_run_world(config, options, environment)
+        else:
+            world_size = (config.parallel.model_parallel_size if environment.launcher == "single"
+                          else environment.world_size)
         config.validate(world_size)
     except ConfigError as error:
         print(f"{USAGE}\ntpo-run: error: {error}", file=sys.stderr)
         return 2
-    if dry_run:
+    if "--dry-run" in flags:
         try:
-            print(dry_run_report(config, world_size))
+            print(dry_run_report(config, world_size, source,
+                                 Path(options["--trace"]) if "--trace" in options else None))
         except ConfigError as error:
-            print(f"tpo-run: error: {error}", file=sys.stderr)
+            print(f"tpo-run: error: {error}\ntpo-run: sized for world size {world_size} "
+                  f"({source})", file=sys.stderr)
             return 2
         return 0
     if environment.launcher == "single" and world_size > 1:
@@ -133,18 +195,17 @@ def describe(config, world_size: int) -> str:
             f"engine={config.rollout.engine}; run directory {config.run.dir}")
 
 
-def dry_run_report(config, world_size: int) -> str:
-    """The layout, then each phase's peak memory per GPU on ``run.hardware``; a
-    ConfigError naming the phase, the GPU, the numbers and the smallest fix where one
+def dry_run_report(config, world_size: int, source: str = "",
+                   trace: Optional[Path] = None) -> str:
+    """The layout, then each phase's peak on each kind of GPU of ``run.hardware``; a
+    ConfigError naming the phase, the GPU, its tenants and the smallest fix where one
     does not fit (tpo-doctor calls this too)."""
-    from megatron_tpo.plan.phase_fit import check_fit
+    from megatron_tpo.dry_run import dry_run
 
-    peaks = check_fit(config, world_size)
-    if not peaks:
-        fit = f"memory per phase: not checked (run.hardware={config.run.hardware})"
-    else:
-        fit = "\n".join(f"  fits: {peak.line()}" for peak in peaks)
-    return f"{describe(config, world_size)}\n{fit}"
+    run = dry_run(config, world_size, trace)
+    run.check()
+    sized = f"sized for world size {world_size}" + (f" ({source})" if source else "")
+    return f"{describe(config, world_size)}\n{sized}\n{run.report()}"
 
 
 def print_result(config, summary: dict) -> None:

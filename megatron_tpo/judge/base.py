@@ -17,6 +17,10 @@ class Judgment:
 
 
 class Judge(ABC):
+    # Whether every rank takes part in ``judge`` (with the same texts), or rank 0 judges
+    # alone (a rule judge); the loop's judging stage runs where the judge does.
+    on_every_rank: bool = False
+
     @abstractmethod
     def judge(self, prompts: Sequence[str], responses: Sequence[Sequence[str]]) -> Judgment:
         """Judge ``responses[i]``, the parsed responses to instruction ``prompts[i]``."""
@@ -24,6 +28,18 @@ class Judge(ABC):
     def score(self, prompts: Sequence[str], responses: Sequence[Sequence[str]]
               ) -> List[List[float]]:
         return self.judge(prompts, responses).scores
+
+    # A judge with accelerator memory of its own (a reward model, a judge model's engine)
+    # releases it between judging phases. The run's placement calls these as the loop
+    # enters its phases; a judge that holds nothing (a rule) ignores them.
+    def sleep(self) -> None:
+        """Release this judge's accelerator memory until ``wake``."""
+
+    def wake(self) -> None:
+        """Be ready to judge on the accelerator."""
+
+    def close(self) -> None:
+        """Release what this judge owns (its engine) before the process group goes."""
 
 
 def check_grouping(prompts: Sequence[str], responses: Sequence[Sequence[str]]) -> None:

@@ -19,9 +19,10 @@ def load_reference_answers(path: str, prompt_field: str, answer_field: str) -> D
 
 
 def build_judge(config: JudgeConfig, engine: Optional[RolloutEngine] = None,
-                judge_tokenizer=None) -> Judge:
+                judge_tokenizer=None, own_engine: Optional[RolloutEngine] = None) -> Judge:
     """The configured judge; the pairwise one generates through ``engine``, its prompts in
-    ``judge_tokenizer``'s chat template when one is given."""
+    ``judge_tokenizer``'s chat template when one is given; ``own_engine`` is the judge
+    model's own engine behind ``engine``, which the judge then sleeps, wakes and closes."""
     config.validate()
     if config.kind == "reward_model":
         from megatron_tpo.judge.reward_model import RewardModelJudge
@@ -43,7 +44,8 @@ def build_judge(config: JudgeConfig, engine: Optional[RolloutEngine] = None,
         return PairwiseJudge(engine, settings.sampling, format_prompt=format_prompt,
                              score_method=settings.score_method,
                              max_pairs_per_prompt=settings.max_pairs_per_prompt,
-                             bradley_terry_prior=settings.bradley_terry_prior, seed=settings.seed)
+                             bradley_terry_prior=settings.bradley_terry_prior, seed=settings.seed,
+                             own_engine=own_engine)
     if config.kind == "exact_answer":
         from megatron_tpo.judge.rules import ExactAnswerJudge
 

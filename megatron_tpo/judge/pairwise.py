@@ -31,14 +31,21 @@ def pairs_to_judge(count: int, max_pairs: Optional[int], rng: np.random.Generato
 
 
 class PairwiseJudge(Judge):
+    """Generates its verdicts through ``engine``. ``own_engine``: the judge model's engine,
+    which this judge puts to sleep, wakes and closes (None when it judges through the
+    policy's engine, whose memory the run places)."""
+
+    on_every_rank = True   # it generates through every rank's engine replica
+
     def __init__(self, engine: RolloutEngine, sampling: SamplingParams,
                  format_prompt: Callable[[str], str] = lambda text: text,
                  prompt_template: str = PAIRWISE_JUDGE_PROMPT,
                  score_method: str = "bradley_terry", max_pairs_per_prompt: Optional[int] = None,
-                 bradley_terry_prior: float = 0.5, seed: int = 0):
+                 bradley_terry_prior: float = 0.5, seed: int = 0,
+                 own_engine: Optional[RolloutEngine] = None):
         if score_method not in SCORE_METHODS:
             raise ValueError(f"score_method={score_method!r}: must be one of {SCORE_METHODS}")
-        self.engine = engine
+        self.engine, self.own_engine = engine, own_engine
         # One verdict per judge prompt; n > 1 would need a vote this judge does not do.
         self.sampling = dataclasses.replace(sampling, n=1)
         self.format_prompt = format_prompt
@@ -47,6 +54,18 @@ class PairwiseJudge(Judge):
         self.max_pairs_per_prompt = max_pairs_per_prompt
         self.bradley_terry_prior = bradley_terry_prior
         self.seed = seed
+
+    def sleep(self) -> None:
+        if self.own_engine is not None:
+            self.own_engine.sleep()
+
+    def wake(self) -> None:
+        if self.own_engine is not None:
+            self.own_engine.wake()
+
+    def close(self) -> None:
+        if self.own_engine is not None:
+            self.own_engine.close()
 
     def judge(self, prompts: Sequence[str], responses: Sequence[Sequence[str]]) -> Judgment:
         check_grouping(prompts, responses)

@@ -5,11 +5,11 @@ round-robin share of the texts; all scores come back, in order, on every rank, s
 rank must call ``judge`` with the same texts (the loop's judge stage runs on all ranks).
 One GPU alone would take longer than the other ranks' collective timeout on the paper's
 5,000 x 8 responses. With ``offload_between_phases`` the model waits in host memory and
-is on its device only while a ``judge`` call runs, so it does not sit beside the engine
-and the trainer on the accelerator for the whole run.
+is on its device only between ``wake`` and ``sleep`` (the run's placement wakes it for
+the judging phases), so it does not sit beside the engine and the trainer on the
+accelerator for the whole run.
 """
 
-import contextlib
 from typing import List, Sequence
 
 import torch
@@ -28,6 +28,8 @@ def reward_from_output(output) -> torch.Tensor:
 
 
 class RewardModelJudge(Judge):
+    on_every_rank = True
+
     def __init__(self, model, tokenizer, batch_size: int = 8, max_length: int = 4096,
                  device: str = "cpu", offload_between_phases: bool = False):
         self.offload_between_phases = offload_between_phases
@@ -86,18 +88,13 @@ class RewardModelJudge(Judge):
             rewards.extend(reward_from_output(output).float().cpu().tolist())
         return rewards
 
-    @contextlib.contextmanager
-    def on_device(self):
-        """The model on its device for one judge phase; with ``offload_between_phases``
-        back in host memory afterwards, its cached blocks released for the engine's wake
-        and the trainer."""
-        if not self.offload_between_phases:
-            yield
-            return
-        self.model.to(self.device)
-        try:
-            yield
-        finally:
+    def wake(self) -> None:
+        if self.offload_between_phases:
+            self.model.to(self.device)
+
+    def sleep(self) -> None:
+        """Back to host memory, its cached blocks released for the engine and the trainer."""
+        if self.offload_between_phases:
             self.model.to("cpu")
             if str(self.device).startswith("cuda"):
                 torch.cuda.empty_cache()
@@ -107,8 +104,7 @@ class RewardModelJudge(Judge):
         the world must call it with the same texts, and gets all rewards in order."""
         rank, world_size = world()
         mine = list(range(rank, len(texts), world_size))
-        with self.on_device():
-            scored = self.rewards([texts[i] for i in mine]) if mine else []
+        scored = self.rewards([texts[i] for i in mine]) if mine else []
         if world_size == 1:
             return scored
         # Objects, not a tensor: the same call works over gloo and over NCCL whatever

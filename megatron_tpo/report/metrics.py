@@ -3,7 +3,9 @@ and Weights & Biases when configured. Only rank 0 writes; every rank may call.
 
 Record kinds in ``metrics.jsonl``: ``train_step`` (one per DPO step), ``iteration`` (one
 per TPO iteration: stage timings under ``timing/``, counts, data summary, held-out
-score) and ``rank_memory`` (peak memory of every rank, once per iteration).
+score), ``rank_memory`` (peak memory of every rank, once per iteration) and, on a GPU,
+``memory`` (one per phase: the ledger's prediction for rank 0's GPU beside what the
+device held).
 """
 
 import json
@@ -73,6 +75,17 @@ class RunMetrics:
     def log_train_step(self, iteration: int, step: int, values: dict, global_step: int) -> None:
         self._write({"kind": "train_step", "iteration": iteration, "step": step,
                      "rank": world()[0], **values}, global_step)
+
+    def log_device_memory(self, phase: str, iteration: Optional[int], predicted: float) -> None:
+        """At the end of a phase on a GPU: the ledger's prediction for this GPU beside the
+        allocator's peak reservation during the phase (the placement reset it when the
+        phase began) and what the whole device holds now (other allocators included: a
+        vLLM engine's, NCCL's), so the first run on a cluster calibrates the model."""
+        free, total = torch.cuda.mem_get_info()
+        self.log({"phase": phase, "predicted_bytes": predicted,
+                  "reserved_peak_bytes": float(torch.cuda.max_memory_reserved()),
+                  "device_used_bytes": float(total - free)},
+                 step=iteration or 0, kind="memory")
 
     def end_iteration(self, iteration: int, record: dict) -> None:
         """Write the iteration's record with its stage timings, and every rank's peak memory."""

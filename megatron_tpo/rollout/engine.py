@@ -115,8 +115,16 @@ class RolloutEngine(ABC):
                              f"{self.weight_version}")
         self.weight_version = version
 
-    def sleep(self) -> None:
-        """Release accelerator memory for training; a no-op where there is none to free."""
+    # The memory hooks below are called by the run's placement (``placement.Placement``)
+    # as the loop enters its phases, and by nothing else in a run.
+    def sleep(self, keep_weights: bool = False) -> None:
+        """Release accelerator memory for other tenants; a no-op where there is none to
+        free. ``keep_weights``: the next wake must find the weights (no sync comes first)."""
+
+    def wake_weights(self) -> None:
+        """Make the weights resident for a weight sync, without the KV cache; by default the
+        same as ``wake``."""
+        self.wake()
 
     def wake(self) -> None:
         """Undo ``sleep`` before the next ``generate``."""

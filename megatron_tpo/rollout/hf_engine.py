@@ -48,7 +48,7 @@ class HFRolloutEngine(RolloutEngine):
         self.asleep = False
         self.eos_token_ids = eos_token_ids(tokenizer, model.generation_config.eos_token_id)
 
-    def sleep(self) -> None:
+    def sleep(self, keep_weights: bool = False) -> None:
         # Parks the weights in host memory so a colocated trainer gets the accelerator.
         self.model.to("cpu")
         if torch.cuda.is_available():

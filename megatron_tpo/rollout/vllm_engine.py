@@ -79,14 +79,24 @@ class VLLMRolloutEngine(RolloutEngine):
         return cls(llm, tokenizer, config, serves_checkpoint)
 
     # -- memory ---------------------------------------------------------------------
-    def sleep(self) -> None:
+    def sleep(self, keep_weights: bool = False) -> None:
+        """At ``rollout.vllm.sleep_level``; at level 1 at most with ``keep_weights`` (a
+        held-out judging phase before the rollout that samples from these weights)."""
         if self.state == ASLEEP:
             return
         if self.sleep_mode:
-            self.llm.sleep(level=self.sleep_level)
-            if self.sleep_level == 2:
+            level = min(self.sleep_level, 1) if keep_weights else self.sleep_level
+            self.llm.sleep(level=level)
+            if level == 2:
                 self.loaded = False   # level 2 discards the weights: garbage until reloaded
         self.state = ASLEEP
+
+    def wake_weights(self) -> None:
+        """Only the weights, for a sync: the KV cache never coexists with two copies of
+        them. At level 0, or without sleep mode, the weights never left: nothing to do."""
+        if self.state == ASLEEP and self.sleep_mode and self.sleep_level > 0:
+            self.llm.wake_up(tags=["weights"])
+            self.state = WEIGHTS_ONLY
 
     def wake(self) -> None:
         if self.state != AWAKE and self.sleep_mode:
@@ -135,9 +145,8 @@ class VLLMRolloutEngine(RolloutEngine):
         """Load full HF-named tensors into this rank's worker (vLLM narrows them to its
         TP shard); only the weights are woken, so the KV cache never coexists with two
         copies of them."""
-        if self.state == ASLEEP and self.sleep_mode and self.sleep_level > 0:
-            self.llm.wake_up(tags=["weights"])
-            self.state = WEIGHTS_ONLY
+        if self.state == ASLEEP:
+            self.wake_weights()
         self.received = {}
         self._load(stream)
         self.loaded = True

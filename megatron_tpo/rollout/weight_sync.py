@@ -1,7 +1,9 @@
-"""``push_weights``: the trainer's live weights into every rank's rollout engine, checked.
+"""The trainer's live weights into every rank's rollout engine, checked.
 
-    probes = text_probes(tokenizer, first_chat_prompts, count, length)   # real text
-    metrics = push_weights(engine, trainer.chunks, model, WeightSyncConfig(), probes)
+    push = WeightPush(trainer.chunks, model, WeightSyncConfig())
+    push.stream_into(engine)              # the loop's weight-sync phase: weights only
+    push.check_parity(engine, probes)     # its parity-check phase: the engine awake
+    metrics = push_weights(engine, trainer.chunks, model, config, probes)   # both, outside a run
 
 A collective over the default process group: each rank streams the model as HF-named
 full tensors (``WeightStream``) into its own engine, the engine's weight version goes
@@ -10,7 +12,6 @@ sides, against a tolerance for the trainer's precision. A check that fails raise
 ``WeightSyncError`` on every rank, naming the measured difference, the tolerance and the
 first tensor whose checksum differs between what was sent and what the engine holds.
 Each sync returns the measured difference, so the metrics show a drift before it fails.
-The engine is awake afterwards.
 """
 
 import time
@@ -108,43 +109,70 @@ def _sent_checksums(stream: WeightStream) -> Dict:
     return {name: value for sent in per_rank for name, value in sent.items()}
 
 
+class WeightPush:
+    """The trainer's weights into an engine in the loop's two phases: ``stream_into`` while
+    the engine holds only its weights (no KV cache beside two copies of them), then
+    ``check_parity`` once it is awake. Every rank of the world calls both, together, with
+    the same ``probes`` (token ids of real text, one length: ``parity.text_probes``)."""
+
+    def __init__(self, chunks: list, model: ModelConfig, config: WeightSyncConfig):
+        config.validate()
+        self.chunks, self.model, self.config = chunks, model, config
+        self.stream: Optional[WeightStream] = None
+
+    def stream_into(self, engine: RolloutEngine) -> Dict[str, float]:
+        """Stream this rank's megatron ``chunks`` (DDP-wrapped or not) into ``engine`` and
+        raise its weight version. Returns ``seconds`` (the stream), ``bytes`` (broadcast)
+        and ``version`` (the engine's new weight version)."""
+        gpt_chunks = [unwrapped(c) for c in self.chunks]
+        plan = cached_plan(gpt_chunks, self.model, self.config.bucket_bytes)
+        device = next(gpt_chunks[0].parameters()).device
+        self.stream = WeightStream(plan, gpt_chunks, self.model,
+                                   cached_transport(self.config.transport, plan, device))
+        _synchronize()
+        started = time.perf_counter()
+        _stream_into(engine, self.stream)
+        _synchronize()
+        version = engine.weight_version + 1
+        engine.set_weight_version(version)
+        return {"seconds": time.perf_counter() - started, "bytes": float(plan.total_bytes),
+                "version": float(version)}
+
+    def check_parity(self, engine: RolloutEngine,
+                     probes: Optional[Sequence[Sequence[int]]]) -> Dict[str, float]:
+        """``parity_seconds`` and, from the parity check, ``max_abs_logprob_diff`` (over
+        all ranks' replicas), ``mean_abs_logprob_diff`` (the worst replica's),
+        ``parity_tolerance`` (the bound used) and ``parity_probe_tokens`` (log-probs
+        compared per replica); nan and 0 when ``check_parity`` is off."""
+        config = self.config
+        metrics = {"parity_seconds": 0.0, "max_abs_logprob_diff": float("nan"),
+                   "mean_abs_logprob_diff": float("nan"), "parity_tolerance": float("nan"),
+                   "parity_probe_tokens": 0.0}
+        if not config.check_parity:
+            return metrics
+        if not probes or len({len(p) for p in probes}) != 1:
+            raise ValueError("weight_sync.check_parity=true needs probes: token ids of real "
+                             "text of one length (parity.text_probes of the run's chat "
+                             f"prompts), got {None if probes is None else [len(p) for p in probes]}")
+        started = time.perf_counter()
+        metrics.update(check_parity(engine, self.chunks, self.model, config, self.stream, probes))
+        metrics["parity_seconds"] = time.perf_counter() - started
+        return metrics
+
+
 def push_weights(engine: RolloutEngine, chunks: list, model: ModelConfig,
                  config: WeightSyncConfig, probes: Optional[Sequence[Sequence[int]]] = None
                  ) -> Dict[str, float]:
-    """Stream this rank's megatron ``chunks`` (DDP-wrapped or not) into ``engine``; every
-    rank of the world calls it, with the same ``probes`` (token ids of real text, one
-    length: ``parity.text_probes``), needed unless ``config.check_parity`` is off.
-
-    Returns, on every rank: ``seconds`` (the stream), ``bytes`` (broadcast), ``version``
-    (the engine's new weight version), ``parity_seconds``, and from the parity check
-    ``max_abs_logprob_diff`` (over all ranks' replicas), ``mean_abs_logprob_diff`` (the
-    worst replica's), ``parity_tolerance`` (the bound used) and ``parity_probe_tokens``
-    (log-probs compared per replica); nan and 0 when the check is off."""
-    config.validate()
+    """``WeightPush``'s two steps with the engine woken for each, outside a run's placement
+    (tests, benchmarks): the weights, the stream, the whole engine, the parity check. The
+    engine is awake afterwards. Returns both steps' metrics."""
+    push = WeightPush(chunks, model, config)
     if config.check_parity and (not probes or len({len(p) for p in probes}) != 1):
-        raise ValueError("weight_sync.check_parity=true needs probes: token ids of real text "
-                         "of one length (parity.text_probes of the run's chat prompts), "
-                         f"got {None if probes is None else [len(p) for p in probes]}")
-    gpt_chunks = [unwrapped(c) for c in chunks]
-    plan = cached_plan(gpt_chunks, model, config.bucket_bytes)
-    device = next(gpt_chunks[0].parameters()).device
-    stream = WeightStream(plan, gpt_chunks, model, cached_transport(config.transport, plan, device))
-    _synchronize()
-    started = time.perf_counter()
-    _stream_into(engine, stream)
-    _synchronize()
-    seconds = time.perf_counter() - started
-    version = engine.weight_version + 1
-    engine.set_weight_version(version)
+        push.check_parity(engine, probes)   # refuses before any stream
+    engine.wake_weights()
+    metrics = push.stream_into(engine)
     engine.wake()
-    metrics = {"seconds": seconds, "bytes": float(plan.total_bytes), "version": float(version),
-               "parity_seconds": 0.0, "max_abs_logprob_diff": float("nan"),
-               "mean_abs_logprob_diff": float("nan"), "parity_tolerance": float("nan"),
-               "parity_probe_tokens": 0.0}
-    if config.check_parity:
-        started = time.perf_counter()
-        metrics.update(check_parity(engine, chunks, model, config, stream, probes))
-        metrics["parity_seconds"] = time.perf_counter() - started
+    metrics.update(push.check_parity(engine, probes))
     return metrics
 
 

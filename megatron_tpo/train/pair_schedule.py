@@ -29,7 +29,8 @@ def pairs_for_step(pairs: Sequence[T], batch_size: int, step: int, seed: int) ->
     from megatron.core import parallel_state
 
     rank = parallel_state.get_data_parallel_rank()
-    ranks = parallel_state.get_data_parallel_world_size()
+    # megatron answers 0 without a process group: one process (the dry run) is one rank.
+    ranks = parallel_state.get_data_parallel_world_size() or 1
     indices = global_batch_indices(len(pairs), batch_size, step, seed)
     share = batch_size // ranks
     return [pairs[i] for i in indices[rank * share:(rank + 1) * share]]
