@@ -8,6 +8,8 @@
 #                    used instead of VENV; APPTAINER_BINDS what the tasks see (default $PWD)
 # With a container, the batch host's dry run runs in the same image as the tasks.
 # docker/Dockerfile builds one (docs/gpu_setup.md; it has not been built here).
+# Arrays expand as ${a[@]+"${a[@]}"}: before bash 4.4 (CentOS/RHEL 7 has 4.2), "${a[@]}"
+# of an empty array, such as tpo_container with a venv, is an unbound variable under set -u.
 tpo_srun_placement=()
 tpo_container=()
 
@@ -45,7 +47,7 @@ tpo_environment() {
 # (--overlap: it must not wait behind a running engine pool).
 tpo_on_batch_host() {
     if [ -n "${CONTAINER:-}" ]; then
-        srun --overlap --nodes=1 --ntasks=1 "${tpo_container[@]}" env "$@"
+        srun --overlap --nodes=1 --ntasks=1 ${tpo_container[@]+"${tpo_container[@]}"} env "$@"
     elif [ -n "${APPTAINER_IMAGE:-}" ]; then
         apptainer exec --bind "${APPTAINER_BINDS:-$PWD}" --pwd "$PWD" "$APPTAINER_IMAGE" env "$@"
     else
@@ -64,12 +66,13 @@ tpo_launch() {
     # srun spends accelerator time on a run that cannot start.
     tpo_on_batch_host SLURM_PROCID=0 SLURM_NTASKS="${tpo_trainer_tasks:-$SLURM_NTASKS}" \
         tpo-run --dry-run "$@"
-    local container=("${tpo_container[@]}")
+    local container=(${tpo_container[@]+"${tpo_container[@]}"})
     # A failed task ends the whole step (no rank waits forever on a dead peer); the exit
     # code then says which. USR1 (see --signal) reaches every task: they checkpoint, and
     # rank 0 requeues the job. tpo_srun_placement (tpo_launch_separate) narrows the step
     # to the trainer's share of the allocation.
-    if ! srun --kill-on-bad-exit=1 "${tpo_srun_placement[@]}" "${container[@]}" tpo-run "$@"; then
+    if ! srun --kill-on-bad-exit=1 ${tpo_srun_placement[@]+"${tpo_srun_placement[@]}"} \
+            ${container[@]+"${container[@]}"} tpo-run "$@"; then
         echo "job ${SLURM_JOB_ID}: the srun step failed; see the first task's error above" >&2
         exit 1
     fi
@@ -107,7 +110,7 @@ tpo_launch_separate() {
         engine_placement+=(--exact)
         tpo_srun_placement+=(--exact)
     fi
-    local container=("${tpo_container[@]}")
+    local container=(${tpo_container[@]+"${tpo_container[@]}"})
     local where="beside the trainer"
     [ "$engine_nodes" -gt 0 ] && where="on ${engine_nodes} nodes of their own"
     echo "job ${SLURM_JOB_ID}: engine pool of ${engine_tasks} tasks ${where}," \
@@ -115,9 +118,10 @@ tpo_launch_separate() {
     # The pool builds its engines, then waits (rollout.bridge.timeout_seconds) for trainer
     # rank 0; it exits when tpo-run asks it to, or when tpo-run's rank 0 goes away.
     MASTER_PORT=$((20000 + (SLURM_JOB_ID + 2) % 20000)) srun --kill-on-bad-exit=1 \
-        "${engine_placement[@]}" "${container[@]}" tpo-engine "${settings[@]}" &
+        ${engine_placement[@]+"${engine_placement[@]}"} ${container[@]+"${container[@]}"} \
+        tpo-engine ${settings[@]+"${settings[@]}"} &
     local engine_step=$!
-    tpo_launch "${settings[@]}"
+    tpo_launch ${settings[@]+"${settings[@]}"}
     if ! wait "$engine_step"; then
         echo "job ${SLURM_JOB_ID}: tpo-run finished but the engine pool step failed" >&2
         exit 1
@@ -155,7 +159,7 @@ tpo_launch_judge_pool() {
     else
         judge_placement+=(--exact)
     fi
-    local container=("${tpo_container[@]}")
+    local container=(${tpo_container[@]+"${tpo_container[@]}"})
     local where="beside the trainer"
     [ "$judge_nodes" -gt 0 ] && where="on ${judge_nodes} nodes of their own"
     echo "job ${SLURM_JOB_ID}: judge pool of ${judge_tasks} tasks ${where}," \
@@ -163,10 +167,11 @@ tpo_launch_judge_pool() {
     # It loads judge.pairwise.model, waits for trainer rank 0 (judge.pairwise.bridge.
     # timeout_seconds) and serves verdicts until tpo-run stops it or goes away.
     MASTER_PORT=$((20000 + (SLURM_JOB_ID + 4) % 20000)) srun --kill-on-bad-exit=1 \
-        "${judge_placement[@]}" "${container[@]}" tpo-engine --serve judge "${settings[@]}" &
+        ${judge_placement[@]+"${judge_placement[@]}"} ${container[@]+"${container[@]}"} \
+        tpo-engine --serve judge ${settings[@]+"${settings[@]}"} &
     local judge_step=$!
     if [ -n "${ENGINE_TASKS:-}" ]; then
-        tpo_launch_separate "${settings[@]}"
+        tpo_launch_separate ${settings[@]+"${settings[@]}"}
     else
         tpo_trainer_tasks=$(( SLURM_NTASKS - judge_tasks ))
         tpo_srun_placement=(--ntasks="$tpo_trainer_tasks")
@@ -175,7 +180,7 @@ tpo_launch_judge_pool() {
         else
             tpo_srun_placement+=(--exact)
         fi
-        tpo_launch "${settings[@]}"
+        tpo_launch ${settings[@]+"${settings[@]}"}
     fi
     if ! wait "$judge_step"; then
         echo "job ${SLURM_JOB_ID}: tpo-run finished but the judge pool step failed" >&2

@@ -20,4 +20,5 @@ args=(--model "${MODEL:-llama3_8b}" --tp "${TP:-8}" --pp "${PP:-1}" --steps "${S
       --seq-len "${SEQ_LEN:-4096}" --micro-batches "${MICRO_BATCHES:-8}")
 [ -n "${VPP:-}" ] && args+=(--vpp "$VPP")
 [ -n "${MCORE:-}" ] && args+=(--mcore "$MCORE")
-srun --kill-on-bad-exit=1 "${VENV:-.venv}/bin/tpo-tiny-train" "${args[@]}"
+# ${a[@]+"${a[@]}"}: slurm/common.sh says why (bash before 4.4 under set -u).
+srun --kill-on-bad-exit=1 "${VENV:-.venv}/bin/tpo-tiny-train" ${args[@]+"${args[@]}"}
