@@ -29,6 +29,12 @@ def overrides(tmp_path_factory):
     (["model.num_layers=4"], "model.num_layers=4, but run.policy="),
     (["run.pairs_per_step=3", "train.micro_batch_pairs=2"], "run.pairs_per_step=3"),
     (["rollout.sampling.max_new_tokens=250"], "rollout.sampling.max_new_tokens=250"),
+    (["judge.length_control.rho=-0.1"], "judge.length_control.rho=-0.1: must be >= 0"),
+    # megatron's LR scheduler refuses it too, but with a bare assert once the run started.
+    (["train.warmup_steps=2", "train.train_steps=2"],
+     "train.warmup_steps=2, train.train_steps=2: need 0 <= warmup_steps < train_steps"),
+    (["preference.truncated=bogus"], "preference.truncated='bogus': must be one of"),
+    (["preference.parse_failures=keep"], "preference.parse_failures='keep': must be one of"),
 ])
 def test_a_bad_override_stops_before_any_work_and_names_the_key(overrides, bad, named, capsys,
                                                                  tmp_path):

@@ -212,6 +212,85 @@ def test_dpo_loss_and_gradients_equal_hf_with_plain_log_softmax(run):
         torch.testing.assert_close(got[name], grad.float(), rtol=1e-4, atol=1e-6, msg=name)
 
 
+
+# Two pairs per micro-batch, where a pair's chosen and rejected rows sit P rows apart and
+# their reference values P entries apart: an order mixed up between pairs shows only here.
+IPO = DPOTrainingConfig(loss_type="ipo", beta=0.4, lr=1e-3, warmup_steps=0, train_steps=4,
+                        micro_batch_pairs=2, pad_to_multiple_of=8, clip_grad=0.0)
+
+
+def _two_pairs_per_micro_batch_worker(rank, world_size, model, shard_root, pairs,
+                                      reference_shift):
+    from megatron_tpo.model.mcore_shards import with_global_layer_numbers
+    from megatron_tpo.parallel import init_megatron
+    from megatron_tpo.train.dpo_trainer import DPOTrainer
+    from megatron_tpo.train.reference_logprobs import with_reference_logprobs
+
+    parallel = ParallelConfig()
+    init_megatron(parallel, model)
+    trainer = DPOTrainer(model, parallel, IPO, shard_root)
+    odd = pairs[:3]   # the second micro-batch is filled up with a repeat, then cut off
+    report = {"tp_rank": 0, "dp_rank": 0, "odd_reference": trainer.reference_logprobs(odd),
+              "odd_shared_reference": trainer.reference_logprobs_shared(odd)}
+    reference = trainer.reference_logprobs(pairs)
+    report["reference"] = reference
+    report["ipo"] = trainer.step(with_reference_logprobs(pairs, reference + reference_shift))
+    report["grads"] = with_global_layer_numbers(trainer.chunks[0], {
+        name: p.main_grad.detach().clone() for name, p in trainer.chunks[0].named_parameters()})
+    return report
+
+
+@pytest.fixture(scope="module")
+def two_pairs_per_micro_batch(hf_checkpoint, tmp_path_factory):
+    model, hf_dir = hf_checkpoint
+    shard_root = hf_to_mcore(hf_dir, tmp_path_factory.mktemp("tp1"), 1, 1,
+                             make_vocab_size_divisible_by=model.make_vocab_size_divisible_by,
+                             progress=False).destination
+    pairs = _random_pairs(model.vocab_size, seed=11)
+    completions = [(len(p.chosen), len(p.rejected)) for p in pairs]
+    assert len(set(completions)) == len(pairs), "pairs of one length would hide a mix-up"
+    reference_shift = torch.tensor([[0.9, -0.6], [-1.2, 0.4], [0.2, 1.1], [-0.7, -0.3]],
+                                   dtype=torch.float64)
+    [report] = spawn_local(_two_pairs_per_micro_batch_worker, 1, model, shard_root, pairs,
+                           reference_shift)
+    return model, hf_dir, pairs, reference_shift, report
+
+
+def test_reference_logprobs_of_several_pairs_per_micro_batch_equal_hf_pair_by_pair(
+        two_pairs_per_micro_batch):
+    from transformers import LlamaForCausalLM
+
+    _, hf_dir, pairs, _, report = two_pairs_per_micro_batch
+    hf_model = LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float64).eval()
+    with torch.no_grad():
+        expected = torch.stack(_hf_pair_logprobs(hf_model, pairs), dim=1)
+    torch.testing.assert_close(report["reference"], expected, rtol=1e-5, atol=1e-4)
+    for name in ("odd_reference", "odd_shared_reference"):
+        torch.testing.assert_close(report[name], expected[:3], rtol=1e-5, atol=1e-4, msg=name)
+
+
+def test_ipo_step_loss_and_gradients_equal_an_independent_ipo_on_hf(two_pairs_per_micro_batch):
+    from transformers import LlamaForCausalLM
+
+    model, hf_dir, pairs, reference_shift, report = two_pairs_per_micro_batch
+    hf_model = LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float64)
+    chosen, rejected = _hf_pair_logprobs(hf_model, pairs)
+    reference = report["reference"] + reference_shift
+    # IPO (Azar et al. 2023): squared distance of the log-ratio margin from 1 / (2 beta).
+    margin = (chosen - reference[:, 0]) - (rejected - reference[:, 1])
+    loss = ((margin - 1 / (2 * IPO.beta)) ** 2).mean()
+    loss.backward()
+    # Loss and gradient are the mean over both micro-batches' pairs.
+    assert report["ipo"]["loss"] == pytest.approx(loss.item(), rel=1e-5)
+    got = _merged_hf_grads([report], model, tp=1)
+    for name, parameter in hf_model.named_parameters():
+        largest = parameter.grad.abs().max()
+        assert largest > 0, f"{name}: zero gradient, proves nothing"
+        # A float32 trainer against float64: rounding relative to the tensor's scale.
+        torch.testing.assert_close(got[name].double(), parameter.grad, rtol=1e-4,
+                                   atol=3e-5 * largest.item(), msg=name)
+
+
 def test_pair_micro_batches_put_chosen_then_rejected_and_mask_only_completions():
     from megatron_tpo.train.dpo_batch import pair_micro_batches
 

@@ -44,6 +44,28 @@ def fused(hidden, weight, targets, mask, upstream, **kwargs):
     return values_and_grads(call, hidden, weight, targets, mask, upstream, hidden.dtype)
 
 
+def logprob_only_values_and_grads(fn, hidden, weight, targets, mask, upstream, dtype):
+    """Log-probs and their gradients with no entropy asked for: the path DPO trains on."""
+    hidden = hidden.detach().to(dtype).requires_grad_()
+    weight = weight.detach().to(dtype).requires_grad_()
+    logprobs = fn(hidden, weight, targets, mask)
+    (logprobs * upstream[0].to(logprobs.dtype)).sum().backward()
+    return logprobs.detach(), hidden.grad, weight.grad
+
+
+def logprob_only_reference(hidden, weight, targets, mask, upstream):
+    def logprobs(*inputs):
+        return reference_target_logprobs(*inputs)[0]
+    return logprob_only_values_and_grads(logprobs, hidden, weight, targets, mask, upstream,
+                                         torch.float64)
+
+
+def logprob_only_fused(hidden, weight, targets, mask, upstream, **kwargs):
+    call = functools.partial(fused_target_logprobs, ignore_index=IGNORE, impl="torch", **kwargs)
+    return logprob_only_values_and_grads(call, hidden, weight, targets, mask, upstream,
+                                         hidden.dtype)
+
+
 def assert_close(actual, expected, atol):
     for a, e, name in zip(actual, expected, ("logprobs", "entropy", "grad hidden", "grad weight")):
         torch.testing.assert_close(a.double(), e.double(), atol=atol, rtol=atol, msg=name)
@@ -61,6 +83,16 @@ def small_chunks(monkeypatch):
 def test_values_and_gradients_match_float64_reference(small_chunks, tokens, hidden_size, vocab):
     inputs = make_inputs(tokens, hidden_size, vocab)
     assert_close(fused(*inputs), reference(*inputs), atol=2e-5)
+
+
+@pytest.mark.parametrize("tokens,hidden_size,vocab", [(37, 24, 101), (65, 40, 257)])
+def test_logprob_only_gradients_match_float64_reference(small_chunks, tokens, hidden_size,
+                                                        vocab):
+    inputs = make_inputs(tokens, hidden_size, vocab, seed=6)
+    actual, expected = logprob_only_fused(*inputs), logprob_only_reference(*inputs)
+    assert expected[1].abs().max() > 0 and expected[2].abs().max() > 0
+    for a, e, name in zip(actual, expected, ("logprobs", "grad hidden", "grad weight")):
+        torch.testing.assert_close(a.double(), e, atol=2e-5, rtol=2e-5, msg=name)
 
 
 def test_default_chunking_matches_reference():
@@ -127,25 +159,44 @@ def test_unknown_implementation_is_refused():
 # --- tensor parallelism: two gloo processes, each owning half of the vocabulary ---
 
 def _tp_rank(rank, world_size, inputs):
+    """With entropy, then log-probs alone, on this rank's half of the vocabulary."""
     # spawn_local exported RANK, WORLD_SIZE and MASTER_*, and tears the group down after.
     dist.init_process_group("gloo")
     hidden, weight, targets, mask, upstream = inputs
     shard_size = weight.shape[0] // world_size
     shard = weight[rank * shard_size:(rank + 1) * shard_size]
-    return fused(hidden, shard, targets, mask, upstream, tp_group=dist.group.WORLD,
-                 vocab_start=rank * shard_size)
+    vocab_parallel = dict(tp_group=dist.group.WORLD, vocab_start=rank * shard_size)
+    return (fused(hidden, shard, targets, mask, upstream, **vocab_parallel),
+            logprob_only_fused(hidden, shard, targets, mask, upstream, **vocab_parallel))
 
 
-def test_tensor_parallel_two_ranks_equal_one():
-    inputs = make_inputs(45, 24, 2 * 77, seed=5)
-    ranks = spawn_local(_tp_rank, 2, inputs)
-    single = fused(*inputs)
+TP_INPUTS = make_inputs(45, 24, 2 * 77, seed=5)
+
+
+@pytest.fixture(scope="module")
+def two_tp_ranks():
+    return spawn_local(_tp_rank, 2, TP_INPUTS)
+
+
+def test_tensor_parallel_two_ranks_equal_one(two_tp_ranks):
+    ranks = [with_entropy for with_entropy, _ in two_tp_ranks]
+    single = fused(*TP_INPUTS)
     for rank in ranks:  # every rank returns the full values and the full hidden gradient
         for a, e in zip(rank[:3], single[:3]):
             torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(torch.cat([ranks[0][3], ranks[1][3]]), single[3],
                                atol=1e-5, rtol=1e-5)
-    assert_close(single, reference(*inputs), atol=2e-5)
+    assert_close(single, reference(*TP_INPUTS), atol=2e-5)
+
+
+def test_tensor_parallel_logprob_only_gradients_equal_reference(two_tp_ranks):
+    expected = logprob_only_reference(*TP_INPUTS)
+    ranks = [logprobs_only for _, logprobs_only in two_tp_ranks]
+    for rank in ranks:  # the full values and the full (all-reduced) hidden gradient
+        for actual, wanted, name in zip(rank[:2], expected[:2], ("logprobs", "grad hidden")):
+            torch.testing.assert_close(actual.double(), wanted, atol=2e-5, rtol=2e-5, msg=name)
+    torch.testing.assert_close(torch.cat([ranks[0][2], ranks[1][2]]).double(), expected[2],
+                               atol=2e-5, rtol=2e-5)
 
 
 # --- the training setting that picks the backward ---

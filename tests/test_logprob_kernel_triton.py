@@ -17,6 +17,7 @@ import torch.distributed as dist
 # Neither import loads triton: the Triton module is imported when impl="triton" is used.
 from megatron_tpo.kernels import fused_target_logprobs, reference_target_logprobs
 from megatron_tpo.parallel.local_launch import spawn_local
+from test_logprob_kernel import logprob_only_reference, logprob_only_values_and_grads
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 needs_interpreter = pytest.mark.skipif(not INTERPRETED, reason="runs in the child with "
@@ -70,6 +71,14 @@ def _reference(hidden, weight, targets, mask, upstream, with_entropy=True):
                              torch.float64, with_entropy)
 
 
+def _triton_logprob_only(hidden, weight, targets, mask, upstream, **kwargs):
+    """Log-probs alone (no entropy computed in forward or backward), as DPO asks."""
+    def call(h, w, t, m):
+        return fused_target_logprobs(h, w, t, m, impl="triton", **kwargs)
+    return logprob_only_values_and_grads(call, hidden, weight, targets, mask, upstream,
+                                         hidden.dtype)
+
+
 @needs_interpreter
 @pytest.mark.parametrize("deterministic", [True, False])
 @pytest.mark.parametrize("tokens,hidden_size,vocab", [(37, 40, 101), (1, 16, 50), (18, 33, 64)])
@@ -94,6 +103,18 @@ def test_interpreted_several_tiles_per_program_and_no_entropy_gradient(monkeypat
 
 
 @needs_interpreter
+@pytest.mark.parametrize("deterministic", [True, False])
+@pytest.mark.parametrize("tokens,hidden_size,vocab", [(37, 40, 101), (18, 33, 64)])
+def test_interpreted_logprob_only_gradients(tokens, hidden_size, vocab, deterministic):
+    inputs = _inputs(tokens, hidden_size, vocab, torch.float32, seed=5)
+    expected = logprob_only_reference(*inputs)
+    assert expected[1].abs().max() > 0 and expected[2].abs().max() > 0
+    actual = _triton_logprob_only(*inputs, deterministic=deterministic)
+    for a, e, name in zip(actual, expected, ("logprobs", "grad hidden", "grad weight")):
+        torch.testing.assert_close(a.double(), e, atol=2e-5, rtol=2e-5, msg=name)
+
+
+@needs_interpreter
 def test_interpreted_bfloat16_accumulates_in_float32():
     inputs = _inputs(19, 48, 90, torch.bfloat16, seed=2)
     actual, expected = _triton(*inputs), _reference(*inputs)
@@ -105,28 +126,48 @@ def test_interpreted_bfloat16_accumulates_in_float32():
 
 
 def _tp_rank(rank, world_size, inputs):
+    """With entropy, then log-probs alone, on this rank's half of the vocabulary."""
     # spawn_local exported RANK, WORLD_SIZE and MASTER_*, and tears the group down after.
     dist.init_process_group("gloo")
     hidden, weight, targets, mask, upstream = inputs
     shard_size = weight.shape[0] // world_size
     shard = weight[rank * shard_size:(rank + 1) * shard_size]
+    vocab_parallel = dict(tp_group=dist.group.WORLD, vocab_start=rank * shard_size)
 
     def call(h, w, t, m):
-        return fused_target_logprobs(h, w, t, m, tp_group=dist.group.WORLD,
-                                     vocab_start=rank * shard_size, return_entropy=True,
-                                     impl="triton")
-    return _values_and_grads(call, hidden, shard, targets, mask, upstream, hidden.dtype)
+        return fused_target_logprobs(h, w, t, m, return_entropy=True, impl="triton",
+                                     **vocab_parallel)
+    return (_values_and_grads(call, hidden, shard, targets, mask, upstream, hidden.dtype),
+            _triton_logprob_only(hidden, shard, targets, mask, upstream, **vocab_parallel))
+
+
+TP_INPUTS = _inputs(17, 24, 2 * 40, torch.float32, seed=3)
+
+
+@pytest.fixture(scope="module")
+def two_tp_ranks():
+    return spawn_local(_tp_rank, 2, TP_INPUTS)
 
 
 @needs_interpreter
-def test_interpreted_tensor_parallel_two_ranks_equal_reference():
-    inputs = _inputs(17, 24, 2 * 40, torch.float32, seed=3)
-    ranks = spawn_local(_tp_rank, 2, inputs)
-    expected = _reference(*inputs)
+def test_interpreted_tensor_parallel_two_ranks_equal_reference(two_tp_ranks):
+    ranks = [with_entropy for with_entropy, _ in two_tp_ranks]
+    expected = _reference(*TP_INPUTS)
     for rank in ranks:  # full values and the full (all-reduced) hidden gradient everywhere
         for actual, wanted in zip(rank[:3], expected[:3]):
             torch.testing.assert_close(actual.double(), wanted, atol=2e-5, rtol=2e-5)
     torch.testing.assert_close(torch.cat([ranks[0][3], ranks[1][3]]).double(), expected[3],
+                               atol=2e-5, rtol=2e-5)
+
+
+@needs_interpreter
+def test_interpreted_tensor_parallel_logprob_only_gradients(two_tp_ranks):
+    ranks = [logprobs_only for _, logprobs_only in two_tp_ranks]
+    expected = logprob_only_reference(*TP_INPUTS)
+    for rank in ranks:  # the full values and the full (all-reduced) hidden gradient
+        for actual, wanted, name in zip(rank[:2], expected[:2], ("logprobs", "grad hidden")):
+            torch.testing.assert_close(actual.double(), wanted, atol=2e-5, rtol=2e-5, msg=name)
+    torch.testing.assert_close(torch.cat([ranks[0][2], ranks[1][2]]).double(), expected[2],
                                atol=2e-5, rtol=2e-5)
 
 

@@ -2,7 +2,7 @@ import pytest
 
 from megatron_tpo.data import SPECIFIC, IterationStore
 from megatron_tpo.judge import Judge, Judgment, LengthControlConfig
-from megatron_tpo.preference import build_iteration_data, iteration_summary
+from megatron_tpo.preference import PreferenceConfig, build_iteration_data, iteration_summary
 from megatron_tpo.rollout import GenerationOutput
 
 
@@ -79,3 +79,45 @@ def test_token_lengths_need_a_tokenizer():
     with pytest.raises(ValueError, match="needs the policy tokenizer"):
         build_iteration_data(["q"], [GenerationOutput("p", ["<R>a", "<R>b"], [1, 1])], SPECIFIC,
                              ExclamationJudge(), LengthControlConfig(rho=0.1, unit="tokens"))
+
+
+# Sample 1 of each prompt hit max_new_tokens: it parses, and its many "!" would make it
+# the best response if the judge ever saw it. Prompt 1 has one complete, parsed sample
+# beside it and a parse failure; prompt 2 has no complete, parsed sample at all.
+TRUNCATED_OUTPUTS = [
+    GenerationOutput("<chat>q0", ["t0 <R>ok!", "t1 <R>cut off!!!!!", "t2 <R>fine!!"], [3, 3, 3],
+                     finish_reasons=["stop", "length", "stop"]),
+    GenerationOutput("<chat>q1", ["t0 <R>alone!", "t1 <R>long!!!!!!", "no marker"], [3, 3, 2],
+                     finish_reasons=["stop", "length", "stop"]),
+    GenerationOutput("<chat>q2", ["no marker", "t1 <R>cut!!!!!!!"], [2, 3],
+                     finish_reasons=["stop", "length"]),
+]
+
+
+@pytest.mark.parametrize("parse_failures, truncated, expected_pairs", [
+    # (prompt_id, chosen_index, rejected_index, rejected_reason) per pair.
+    ("drop", "drop", [(0, 2, 0, "judged")]),
+    ("drop", "reject", [(0, 2, 1, "truncated"), (1, 0, 1, "truncated")]),
+    ("reject", "drop", [(0, 2, 0, "judged"), (1, 0, 2, "parse_failure")]),
+    # The first invalid sample of a prompt is the rejected one.
+    ("reject", "reject", [(0, 2, 1, "truncated"), (1, 0, 1, "truncated")]),
+])
+def test_the_judge_sees_complete_responses_only_and_invalid_ones_may_be_rejected(
+        parse_failures, truncated, expected_pairs):
+    judge = ExclamationJudge()
+    preference = PreferenceConfig(parse_failures=parse_failures, truncated=truncated)
+    data = build_iteration_data(["q0", "q1", "q2"], TRUNCATED_OUTPUTS, SPECIFIC, judge,
+                                LengthControlConfig(rho=0.0, unit="chars"),
+                                preference=preference)
+    assert judge.seen == [(["q0", "q1", "q2"], [["ok!", "fine!!"], ["alone!"], []])]
+    assert [(j["prompt_id"], j["sample_index"]) for j in data.judgments] == [(0, 0), (0, 2),
+                                                                            (1, 0)]
+    assert [(p["prompt_id"], p["chosen_index"], p["rejected_index"], p["rejected_reason"])
+            for p in data.pairs] == expected_pairs
+    for pair in data.pairs:
+        outputs = TRUNCATED_OUTPUTS[pair["prompt_id"]].texts
+        assert (pair["chosen"], pair["rejected"]) == (outputs[pair["chosen_index"]],
+                                                      outputs[pair["rejected_index"]])
+    # Prompt 2 has nothing judged to choose, whatever may be rejected.
+    assert data.counts["fewer_than_two_parsed"] == 3 - len(expected_pairs)
+    assert data.counts["truncated"] == 3

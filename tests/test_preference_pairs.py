@@ -53,3 +53,28 @@ def test_select_pairs_skips_and_counts():
 def test_mismatched_lengths_raise():
     with pytest.raises(ValueError, match="3 scores but 2 lengths"):
         length_controlled_scores([1, 2, 3], [1, 2], rho=0.1)
+
+
+def test_an_invalid_output_is_rejected_beside_a_single_judged_one():
+    one_judged = PromptSamples(prompt_id=4, sample_indices=[2], scores=[0.3], lengths=[12])
+    pair, reason = select_pair(one_judged, rho=0.5, rejectable=[3, 0])
+    assert reason is None
+    assert (pair.prompt_id, pair.chosen_index, pair.rejected_index) == (4, 2, 3)
+    assert pair.chosen_score == 0.3
+    # The rejected output was never judged: it has no score, so no margins either.
+    assert (pair.rejected_score, pair.score_margin, pair.length_margin,
+            pair.controlled_margin) == (None, None, None, None)
+    # Without a judged output there is nothing to choose.
+    nothing_judged = PromptSamples(prompt_id=5, sample_indices=[], scores=[], lengths=[])
+    assert select_pair(nothing_judged, rho=0.5, rejectable=[0, 1]) == (
+        None, "fewer_than_two_parsed")
+
+
+def test_with_an_invalid_output_equal_scores_still_pair_and_length_control_chooses():
+    # Equal scores: z(score) = 0 for all, so the shortest response (index 6) wins on
+    # length alone; the invalid output is the rejected one, not the longest judged one.
+    samples = PromptSamples(prompt_id=1, sample_indices=[0, 6, 4], scores=[0.5, 0.5, 0.5],
+                            lengths=[30, 10, 20])
+    pair, _ = select_pair(samples, rho=0.5, rejectable=[5, 2])
+    assert (pair.chosen_index, pair.rejected_index) == (6, 5)
+    assert select_pair(samples, rho=0.5) == (None, "all_scores_equal")

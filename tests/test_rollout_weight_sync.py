@@ -80,6 +80,23 @@ class SecondReplicaOff(HFRolloutEngine):
         return [good, [[value - 0.5 for value in sequence] for sequence in good]]
 
 
+class NaNScores(HFRolloutEngine):
+    """Scores one probe token NaN, as an engine whose activations overflowed would."""
+
+    def score(self, token_ids):
+        scores = super().score(token_ids)
+        scores[1][4] = float("nan")
+        return scores
+
+
+class SecondReplicaNaN(HFRolloutEngine):
+    """Fronts two replicas, the second scoring one probe token NaN."""
+
+    def score_each_replica(self, token_ids):
+        good = self.score(token_ids)
+        return [good, [[float("nan")] + sequence[1:] for sequence in good]]
+
+
 def _megatron_logits(chunks, tokens, vocab_size):
     """Full-vocab logits of ``tokens`` on the last pipeline stage (None elsewhere)."""
     from megatron.core import parallel_state
@@ -283,7 +300,7 @@ def _virtual_pipeline_worker(rank, world_size, model, shard_root, other_hf_dir, 
     from megatron_tpo.model.mcore_shards import load_model_shards
     from megatron_tpo.parallel import init_megatron, shutdown_megatron
     from megatron_tpo.rollout.weight_stream import cached_plan
-    from megatron_tpo.rollout.weight_sync import push_weights
+    from megatron_tpo.rollout.weight_sync import WeightSyncError, push_weights
 
     parallel = ParallelConfig(tensor_model_parallel_size=1, pipeline_model_parallel_size=2,
                               virtual_pipeline_model_parallel_size=2)
@@ -298,8 +315,23 @@ def _virtual_pipeline_worker(rank, world_size, model, shard_root, other_hf_dir, 
                            probes)
     sources = cached_plan(chunks, model, BUCKET_BYTES).sources
     sampled = engine.generate(["the cat", "my dog is"], SEEDED)
+    # A NaN log-prob is no parity: on every rank, on the last rank only (the check's
+    # all-reduce must carry it to the others), or on a second replica behind one engine.
+    nan_failures = {}
+    for case, kind in (("every rank", NaNScores),
+                       ("last rank", NaNScores if rank == world_size - 1 else HFRolloutEngine),
+                       ("second replica", SecondReplicaNaN)):
+        nan_engine = kind(LlamaForCausalLM.from_pretrained(other_hf_dir, dtype=torch.float32),
+                          tiny_tokenizer())
+        try:
+            nan_failures[case] = push_weights(
+                nan_engine, chunks, model,
+                WeightSyncConfig(bucket_bytes=BUCKET_BYTES, parity_tolerance=1e-4), probes)
+        except WeightSyncError as error:
+            nan_failures[case] = str(error)
     shutdown_megatron()
-    return metrics, _engine_logits(engine, tokens), sources, [o.token_ids for o in sampled]
+    return (metrics, _engine_logits(engine, tokens), sources, [o.token_ids for o in sampled],
+            nan_failures)
 
 
 SEEDED = SamplingParams(n=2, temperature=1.0, top_p=1.0, max_new_tokens=8, seed=5)
@@ -327,14 +359,17 @@ def test_virtual_pipeline_and_data_parallel_layouts_stream_the_loaded_checkpoint
 
     reference_samples = seeded_samples(hf_dir)
     assert seeded_samples(other) != reference_samples
-    for metrics, logits, sources, samples in spawn_local(_virtual_pipeline_worker, 4, model,
-                                                         shard_root, other, tokens,
-                                                         text_probe_ids()):
+    for metrics, logits, sources, samples, nan_failures in spawn_local(
+            _virtual_pipeline_worker, 4, model, shard_root, other, tokens, text_probe_ids()):
         # Ranks 0 and 2 are the first replica's pipeline; the second replica sends nothing.
         assert sources == [0, 2]
         assert metrics["version"] == 1 and metrics["max_abs_logprob_diff"] < 1e-4
         assert (logits - expected).abs().max() < 1e-4
         assert samples == reference_samples   # seeded sampling follows the new weights
+        for case, failure in nan_failures.items():
+            assert isinstance(failure, str), f"NaN on {case} passed the check: {failure}"
+            assert "differ from the trainer's by inf (mean inf)" in failure, (case, failure)
+            assert "> weight_sync.parity_tolerance=0.0001" in failure, (case, failure)
 
 
 def test_weight_sync_settings_are_checked():

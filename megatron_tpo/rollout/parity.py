@@ -106,12 +106,16 @@ def trainer_token_logprobs(chunks: Sequence, token_ids: Sequence[Sequence[int]],
 
 def abs_differences(engine_values: Sequence[Sequence[float]], trainer_values: torch.Tensor
                     ) -> Tuple[float, float]:
-    """``(max, mean)`` of |engine - trainer| over every probe token's log-prob."""
+    """``(max, mean)`` of |engine - trainer| over every probe token's log-prob; a NaN on
+    either side counts as an infinite difference."""
     engine = torch.tensor(engine_values, dtype=torch.float64)
     if engine.shape != trainer_values.shape:
         raise ValueError(f"engine scored {tuple(engine.shape)} log-probs, the trainer "
                          f"{tuple(trainer_values.shape)}")
     difference = (engine - trainer_values).abs()
+    # inf, not NaN: the check takes the max over replicas (Python's max) and over ranks
+    # (a MAX all-reduce), and both may drop a NaN operand (gloo's MAX does), passing it.
+    difference = torch.where(difference.isnan(), math.inf, difference)
     return float(difference.max()), float(difference.mean())
 
 
