@@ -119,6 +119,7 @@ class TPOConfig:
                       self.run):
             group.validate()
         check_judge_placement(self.judge, self.rollout)
+        check_kv_cache_holds_one_sequence(self.rollout, self.model)
         check_policy_matches_model(self.run.policy, self.model)
         if self.run.initial_checkpoint:
             check_initial_checkpoint(self.run.initial_checkpoint, self.model)
@@ -181,6 +182,40 @@ def check_policy_matches_model(policy: str, model: ModelConfig) -> None:
         if ours != theirs:
             raise ConfigError(f"model.{name}={ours}, but run.policy={policy} has {theirs}; pick "
                               "the model config that describes the checkpoint")
+
+
+# vLLM's KV cache blocks on its CPU build, in tokens. Its GPU attention backends use 16 by
+# default, so there the check below asks for at most two CPU blocks more than vLLM does.
+VLLM_KV_BLOCK_TOKENS = 128
+
+
+def check_kv_cache_holds_one_sequence(rollout: RolloutConfig, model: ModelConfig) -> None:
+    """An explicit ``rollout.vllm.kv_cache_memory_bytes`` must hold one sequence of vLLM's
+    ``max_model_len`` (unset, vLLM takes the checkpoint's max_position_embeddings), or
+    vLLM refuses to start. Its check (``check_enough_kv_cache_memory``,
+    ``v1/core/kv_cache_utils.py``; ``v1/core/kv_cache_planning.py`` in 0.33) counts whole
+    blocks for the sequence plus the one block its pool holds back."""
+    from megatron_tpo.plan.rollout import kv_bytes_per_token_per_gpu
+
+    vllm = rollout.vllm
+    if rollout.engine != "vllm" or vllm.kv_cache_memory_bytes is None:
+        return
+    length, source = ((vllm.max_model_len, "rollout.vllm.max_model_len") if vllm.max_model_len
+                      else (model.max_position_embeddings,
+                            "model.max_position_embeddings, vLLM's default max_model_len"))
+    per_token = kv_bytes_per_token_per_gpu(model, vllm.tensor_parallel_size, vllm.dtype_bytes)
+    block_bytes = VLLM_KV_BLOCK_TOKENS * per_token
+    needed = (-(-length // VLLM_KV_BLOCK_TOKENS) + 1) * block_bytes
+    if needed <= vllm.kv_cache_memory_bytes:
+        return
+    longest = (vllm.kv_cache_memory_bytes // block_bytes - 1) * VLLM_KV_BLOCK_TOKENS
+    raise ConfigError(
+        f"rollout.vllm.kv_cache_memory_bytes={vllm.kv_cache_memory_bytes} cannot hold one "
+        f"sequence of {length} tokens ({source}): vLLM needs {needed} bytes (blocks of "
+        f"{VLLM_KV_BLOCK_TOKENS} tokens for it, plus one, at {per_token} bytes a token per "
+        f"engine rank in {vllm.dtype}) and refuses to start. Set rollout.vllm.max_model_len="
+        f"<n> (this budget holds n <= {max(longest, 0)}) or rollout.vllm.kv_cache_memory_bytes"
+        f" >= {needed}")
 
 
 def register_with_hydra() -> None:

@@ -9,6 +9,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from tpo_fixtures import tiny_run_overrides  # noqa: E402
 
 from megatron_tpo.cli.run import compose_config, main  # noqa: E402
+from megatron_tpo.config import ConfigError  # noqa: E402
 from megatron_tpo.data.chat import apply_thought_chat_template  # noqa: E402
 
 
@@ -35,6 +36,8 @@ def overrides(tmp_path_factory):
      "train.warmup_steps=2, train.train_steps=2: need 0 <= warmup_steps < train_steps"),
     (["preference.truncated=bogus"], "preference.truncated='bogus': must be one of"),
     (["preference.parse_failures=keep"], "preference.parse_failures='keep': must be one of"),
+    (["rollout.engine=vllm", "rollout.vllm.kv_cache_memory_bytes=49151"],
+     "rollout.vllm.kv_cache_memory_bytes=49151 cannot hold one sequence of 256 tokens"),
 ])
 def test_a_bad_override_stops_before_any_work_and_names_the_key(overrides, bad, named, capsys,
                                                                  tmp_path):
@@ -76,3 +79,39 @@ def test_a_requeued_run_on_other_nodes_keeps_its_stages_but_other_sampling_does_
                   "run.iterations=9") == plain
     assert digest("rollout.sampling.temperature=0.5") != plain
     assert digest("run.initial_checkpoint=/some/dist_checkpoint") != plain
+
+
+def _kv_cache_refusal(overrides, *settings):
+    config = compose_config(overrides + ["rollout.engine=vllm", *settings])
+    try:
+        config.validate(world_size=1)
+    except ConfigError as error:
+        return str(error)
+    return None
+
+
+def test_a_kv_cache_that_cannot_hold_one_sequence_is_refused_with_the_bytes_and_the_fix(
+        overrides):
+    """vLLM refuses to start unless its KV cache holds one max_model_len sequence in whole
+    128-token blocks (CPU build) plus the block its pool holds back. The tiny model: 2 layers
+    x K and V x 2 query groups x head_dim 8 x 2 bytes (bf16) = 128 bytes a token."""
+    # max_model_len unset: vLLM takes max_position_embeddings, 256 tokens = 2 blocks + 1.
+    assert _kv_cache_refusal(overrides, "rollout.vllm.kv_cache_memory_bytes=49152") is None
+    assert _kv_cache_refusal(overrides, "rollout.vllm.kv_cache_memory_bytes=49151") == (
+        "rollout.vllm.kv_cache_memory_bytes=49151 cannot hold one sequence of 256 tokens "
+        "(model.max_position_embeddings, vLLM's default max_model_len): vLLM needs 49152 "
+        "bytes (blocks of 128 tokens for it, plus one, at 128 bytes a token per engine rank "
+        "in bfloat16) and refuses to start. Set rollout.vllm.max_model_len=<n> (this budget "
+        "holds n <= 128) or rollout.vllm.kv_cache_memory_bytes >= 49152")
+    # The fixes it names: a shorter max_model_len (129 tokens already take a second block),
+    # or more bytes; float32 doubles them, TP=2 halves them (one query group a rank).
+    assert _kv_cache_refusal(overrides, "rollout.vllm.kv_cache_memory_bytes=49151",
+                             "rollout.vllm.max_model_len=128") is None
+    assert "needs 49152 bytes" in _kv_cache_refusal(
+        overrides, "rollout.vllm.kv_cache_memory_bytes=49151", "rollout.vllm.max_model_len=129")
+    assert "needs 98304 bytes" in _kv_cache_refusal(
+        overrides, "rollout.vllm.kv_cache_memory_bytes=49152", "rollout.vllm.dtype=float32")
+    assert _kv_cache_refusal(overrides, "rollout.vllm.kv_cache_memory_bytes=24576",
+                             "rollout.vllm.tensor_parallel_size=2") is None
+    # Without an explicit size vLLM sizes the cache from gpu_memory_utilization: no check.
+    assert _kv_cache_refusal(overrides) is None

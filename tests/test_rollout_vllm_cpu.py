@@ -3,8 +3,9 @@ venv ``make test-vllm`` builds. Skipped where vLLM is not installed (the main ve
 
 Numbers, not call orders (the stand-in tests check those): what the engine samples and
 scores equals HF transformers on the same checkpoint, seeds repeat, a sync leaves the
-prefix cache holding nothing of the old weights, and a sync from a TP2/PP2 megatron
-trainer into two TP2 engines passes the parity check, which names a corrupted tensor.
+prefix cache holding nothing of the old weights, a sync from a TP2/PP2 megatron trainer
+into two TP2 engines passes the parity check, which names a corrupted tensor, and so does a
+tied model's sync (its head is loaded too).
 
 What the CPU build lacks and these settings work around (docs/rollout.md, "vLLM's CPU
 build"): sleep mode (``sleep_mode: false``), head sizes under 32 (the test model has
@@ -50,13 +51,13 @@ BUCKET_BYTES = 400_000
 CORRUPTED = "model.layers.2.mlp.up_proj.weight"
 
 
-def _model():
+def _model(**overrides):
     # Head size 32: the CPU attention backend supports 32 and up, not the tiny config's 16.
-    return tiny_model_config(hidden_size=128, vocab_size=len(tiny_tokenizer()))
+    return tiny_model_config(hidden_size=128, vocab_size=len(tiny_tokenizer()), **overrides)
 
 
-def _save_checkpoint(directory: Path, seed: int) -> Path:
-    save_random_hf_llama(_model(), directory, seed=seed)
+def _save_checkpoint(directory: Path, seed: int, **overrides) -> Path:
+    save_random_hf_llama(_model(**overrides), directory, seed=seed)
     tiny_tokenizer().save_pretrained(directory)   # vLLM loads the tokenizer from there
     return directory
 
@@ -266,3 +267,64 @@ def test_a_corrupted_tensor_fails_the_sync_on_every_rank_and_is_named(sync_repor
         assert "weight_sync.parity_tolerance_float32=0.001 (float32 trainer)" in message
         # A clean sync afterwards puts the engine right again.
         assert report["restored"]["max_abs_logprob_diff"] < TOLERANCE
+
+
+# -- a tied model: a TP1/PP2 trainer syncs into one TP2 engine (world of two) ----------
+
+def _tied_sync_worker(rank, world_size, model, shard_root, checkpoint, pairs, probes):
+    from megatron_tpo.parallel import init_megatron
+    from megatron_tpo.rollout.parity import trainer_token_logprobs
+    from megatron_tpo.rollout.weight_sync import WeightSyncError, push_weights
+    from megatron_tpo.train.dpo_trainer import DPOTrainer
+
+    parallel = ParallelConfig(tensor_model_parallel_size=1, pipeline_model_parallel_size=2)
+    init_megatron(parallel, model)
+    engine = _engine(checkpoint, replace(CPU_ENGINE, tensor_parallel_size=2))
+    engine.sleep()
+    trainer = DPOTrainer(model, parallel, TRAINING, shard_root)
+    trainer.step(trainer.with_reference_logprobs(pairs))
+    report = {}
+    try:
+        report["metrics"] = push_weights(engine, trainer.ddp_chunks, model,
+                                         WeightSyncConfig(bucket_bytes=BUCKET_BYTES), probes)
+    except WeightSyncError as error:
+        report["error"] = str(error)
+    # Compared directly too, so a failed check still reports how far the engine is.
+    report["engine"] = engine.score(probes)
+    report["trainer"] = trainer_token_logprobs(trainer.chunks, probes, model.vocab_size)
+    engine.close()   # while the world it joined exists (see VLLMRolloutEngine.close)
+    return report
+
+
+@pytest.fixture(scope="module")
+def tied_sync_reports(tmp_path_factory):
+    model = _model(tie_word_embeddings=True)
+    root = tmp_path_factory.mktemp("vllm_cpu_tied")
+    # The HF checkpoint stores the one tensor, as model.embed_tokens.weight.
+    checkpoint = _save_checkpoint(root / "hf", seed=2, tie_word_embeddings=True)
+    shard_root = hf_to_mcore(checkpoint, root / "tp1_pp2", 1, 2,
+                             make_vocab_size_divisible_by=model.make_vocab_size_divisible_by,
+                             progress=False).destination
+    generator = torch.Generator().manual_seed(8)
+
+    def ids(length):
+        return torch.randint(0, model.vocab_size, (length,), generator=generator).tolist()
+
+    pairs = [TokenizedPair(prompt=ids(4), chosen=ids(6), rejected=ids(5)) for _ in range(2)]
+    probes = _probes()
+    return probes, spawn_local(_tied_sync_worker, 2, model, shard_root, str(checkpoint), pairs,
+                               probes)
+
+
+def test_a_tied_model_syncs_its_head_into_the_engine_with_parity(tied_sync_reports):
+    """vLLM's layerwise reload processes each layer from the tensors it is handed, and a
+    tied head is a layer of its own there: handed the embedding alone, the CPU build kept
+    the head's repacked dummy weights (SmolLM2's first sync: 11.7 off)."""
+    probes, reports = tied_sync_reports
+    for report in reports:
+        assert "error" not in report, report.get("error")
+        assert report["metrics"]["parity_probe_tokens"] == sum(len(p) - 1 for p in probes)
+        assert 0 <= report["metrics"]["max_abs_logprob_diff"] < TOLERANCE
+        difference = (torch.tensor(report["engine"], dtype=torch.float64)
+                      - report["trainer"]).abs().max()
+        assert difference < TOLERANCE

@@ -113,6 +113,47 @@ def test_a_raw_load_into_the_started_model_is_refused_as_the_cpu_build_refuses_i
         model.load_weights(iter(_weights()))
 
 
+def _tied_weights():
+    """What the stream sends for a tied model: the embedding once, no ``lm_head.weight``."""
+    return [("model.embed_tokens.weight", torch.arange(6.0).reshape(3, 2)),
+            ("model.norm.weight", torch.full((2,), 0.5))]
+
+
+def test_a_reload_that_hands_a_tied_head_nothing_is_refused_as_vllm_leaves_it_stale(
+        vllm, tokenizer):
+    """vLLM's layerwise reload re-processes the head only from tensors handed to it; the
+    CPU build then kept the head's dummy GEMM (SmolLM2: log-probs 11.7 off)."""
+    vllm.TIED_MODELS.add("/models/policy")
+    engine = _engine(tokenizer)
+    worker = engine.llm.llm_engine.model_executor.driver_worker.worker
+    with pytest.raises(RuntimeError, match="ParallelLMHead: Failed to load weights"):
+        worker.reload_weights(weights_iterator=iter(_tied_weights()))
+
+
+def _loads(vllm):
+    return [call for call in vllm.CALLS if call[0] == "load_weights"]
+
+
+def test_a_tied_model_hands_vllm_the_embedding_as_the_head_too(vllm, tokenizer):
+    vllm.TIED_MODELS.add("/models/policy")
+    engine = _engine(tokenizer)
+    engine.update_weights(iter(_tied_weights()))
+    assert _loads(vllm) == [("load_weights", ["model.embed_tokens.weight", "lm_head.weight",
+                                              "model.norm.weight"])]
+    model = engine.llm.llm_engine.model_executor.driver_worker.worker.model_runner.get_model()
+    assert model.loaded["lm_head.weight"].equal(torch.arange(6.0).reshape(3, 2))
+    # Checksums stay those of what the stream sent: the head is no tensor of the stream.
+    assert engine.weight_checksums(["model.embed_tokens.weight", "model.norm.weight",
+                                    "lm_head.weight"]) == {
+        name: tensor_checksum(tensor) for name, tensor in _tied_weights()}
+
+
+def test_an_untied_model_gets_only_what_the_stream_sends(vllm, tokenizer):
+    engine = _engine(tokenizer)
+    engine.update_weights(iter(_tied_weights()))
+    assert _loads(vllm) == [("load_weights", ["model.embed_tokens.weight", "model.norm.weight"])]
+
+
 def test_without_sleep_mode_the_engine_never_calls_sleep_or_wake_up(vllm, tokenizer,
                                                                      monkeypatch):
     """The CPU build has no sleep mode and refuses it at start-up; rollout.vllm.sleep_mode

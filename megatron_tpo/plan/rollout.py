@@ -49,13 +49,13 @@ class EngineSearch:
     rejections: List[EngineRejection]
 
 
-def kv_bytes_per_token_per_gpu(model: ModelConfig, tp: int) -> float:
-    """2 (K and V) x layers x KV heads on this GPU x head_dim x 2 bytes (bf16).
+def kv_bytes_per_token_per_gpu(model: ModelConfig, tp: int, dtype_bytes: int = 2) -> int:
+    """2 (K and V) x layers x KV heads on this GPU x head_dim x ``dtype_bytes`` (bf16: 2).
 
     With TP larger than the number of KV heads, vLLM replicates each KV head.
     """
     kv_heads_per_gpu = max(1, model.num_query_groups // tp)
-    return 2 * model.num_layers * kv_heads_per_gpu * model.head_dim * 2
+    return 2 * model.num_layers * kv_heads_per_gpu * model.head_dim * dtype_bytes
 
 
 def decode_tokens_per_second(model: ModelConfig, cluster: Cluster, tp: int, sequences: int,

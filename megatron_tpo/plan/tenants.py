@@ -11,7 +11,6 @@ accounting (``plan.rollout``); a judge's model is sized from its checkpoint's co
 Every constant is an assumption stated in docs/planner.md.
 """
 
-import math
 from pathlib import Path
 from typing import List, Optional, Tuple
 
@@ -114,35 +113,28 @@ def _cached_hub_checkpoint(path: str) -> Optional[Path]:
 
 
 def engine_claim(model: ModelConfig, vllm, seq_len: int, capacity: float,
-                 setting: str) -> Tuple[float, float, str, str]:
-    """(bytes vLLM claims per GPU, its weights per GPU, refusal, fix) for one engine.
+                 setting: str) -> Tuple[float, float, str]:
+    """(bytes vLLM claims per GPU, its weights per GPU, why it cannot start) for one engine.
 
     vLLM takes ``gpu_memory_utilization`` of the GPU's total (or its weights, workspace
-    and ``kv_cache_memory_bytes`` when that is given) and needs the TP-shard of the bf16
-    weights, its workspace and the KV cache of at least one whole sequence inside it.
+    and ``kv_cache_memory_bytes`` when that is given: ``TPOConfig.validate`` checks that
+    it holds a sequence) and needs the TP-shard of the bf16 weights, its workspace and
+    the KV cache of at least one whole sequence inside it.
     """
     tp = vllm.tensor_parallel_size
     weights = total_parameters(model) * 2 / tp
     workspace = ENGINE_WORKSPACE_GIB * GIB
-    one_sequence = seq_len * kv_bytes_per_token_per_gpu(model, tp)
     if vllm.kv_cache_memory_bytes is not None:
-        claim = weights + workspace + vllm.kv_cache_memory_bytes
-        if vllm.kv_cache_memory_bytes >= one_sequence:
-            return claim, weights, "", ""
-        return claim, weights, (
-            f"{setting}.kv_cache_memory_bytes={vllm.kv_cache_memory_bytes} cannot hold one "
-            f"{seq_len}-token sequence ({one_sequence:.0f} bytes per GPU)"), (
-            f"{setting}.kv_cache_memory_bytes={math.ceil(one_sequence)}")
+        return weights + workspace + vllm.kv_cache_memory_bytes, weights, ""
     claim = vllm.gpu_memory_utilization * capacity
-    needed = weights + workspace + one_sequence
+    needed = weights + workspace + seq_len * kv_bytes_per_token_per_gpu(model, tp)
     if needed <= claim:
-        return claim, weights, "", ""
-    refusal = (f"{model.name} weights {weights / GIB:.1f} GiB per GPU at {setting}."
-               f"tensor_parallel_size={tp}, its workspace and one {seq_len}-token sequence of "
-               f"KV cache need {needed / GIB:.1f} GiB, more than {setting}."
-               f"gpu_memory_utilization={vllm.gpu_memory_utilization} x "
-               f"{capacity / GIB:.1f} GiB = {claim / GIB:.1f} GiB")
-    return claim, weights, refusal, ""
+        return claim, weights, ""
+    return claim, weights, (
+        f"{model.name} weights {weights / GIB:.1f} GiB per GPU at {setting}.tensor_parallel_size="
+        f"{tp}, its workspace and one {seq_len}-token sequence of KV cache need "
+        f"{needed / GIB:.1f} GiB, more than {setting}.gpu_memory_utilization="
+        f"{vllm.gpu_memory_utilization} x {capacity / GIB:.1f} GiB = {claim / GIB:.1f} GiB")
 
 
 def policy_engine_spec(config, gpu: str, capacity: float) -> TenantSpec:
@@ -156,8 +148,7 @@ def policy_engine_spec(config, gpu: str, capacity: float) -> TenantSpec:
         return TenantSpec(POLICY_ENGINE, gpu, ((AWAKE, weights), (WEIGHTS_ONLY, weights),
                                                (ASLEEP, 0.0)), "on the host")
     vllm = rollout.vllm
-    claim, weights, refusal, _ = engine_claim(config.model, vllm, longest, capacity,
-                                              "rollout.vllm")
+    claim, weights, refusal = engine_claim(config.model, vllm, longest, capacity, "rollout.vllm")
     releases = vllm.sleep_mode and vllm.sleep_level > 0
     asleep = ENGINE_ASLEEP_GIB * GIB if releases else claim
     detail = (f"level {vllm.sleep_level}" if releases else
@@ -195,7 +186,7 @@ def judge_specs(config, gpus: List[str], capacity: float) -> List[TenantSpec]:
     vllm = judge.pairwise.vllm
     context = (config.prompts.max_tokens + 2 * config.rollout.sampling.max_new_tokens
                + judge.pairwise.sampling.max_new_tokens)
-    claim, _, refusal, _ = engine_claim(model, vllm, context, capacity, "judge.pairwise.vllm")
+    claim, _, refusal = engine_claim(model, vllm, context, capacity, "judge.pairwise.vllm")
     pool = f"{gpu_name(config)} of the judge pool"
     return [TenantSpec(RESERVE, pool, ((RESIDENT, Assumptions().runtime_reserve_gib * GIB),)),
             TenantSpec(JUDGE_POOL, pool, ((RESIDENT, claim),), refusal=refusal)]
@@ -229,9 +220,9 @@ def run_tenants(config, world_size: int) -> List[TenantSpec]:
     if rollout.placement == "separate":
         pool = f"{gpu_name(config)} of the policy's engine pool"
         longest = config.prompts.max_tokens + rollout.sampling.max_new_tokens
-        claim, _, refusal, _ = engine_claim(config.model, rollout.vllm, longest, capacity,
-                                            "rollout.vllm") if rollout.engine == "vllm" else (
-            total_parameters(config.model) * 4.0, 0.0, "", "")
+        claim, _, refusal = engine_claim(config.model, rollout.vllm, longest, capacity,
+                                         "rollout.vllm") if rollout.engine == "vllm" else (
+            total_parameters(config.model) * 4.0, 0.0, "")
         specs += [TenantSpec(RESERVE, pool, ((RESIDENT, Assumptions().runtime_reserve_gib * GIB),)),
                   TenantSpec(POLICY_POOL, pool, ((RESIDENT, claim),), refusal=refusal),
                   TenantSpec(RECEIVED_BUCKETS, pool, ((IN_USE, buckets), (RELEASED, 0.0)))]

@@ -47,6 +47,13 @@ class VLLMConfig:
     # to its colocated engines too); an engine pool on GPUs of its own may set false.
     disable_custom_all_reduce: bool = True
 
+    @property
+    def dtype_bytes(self) -> int:
+        """Bytes of one weight or KV cache element as vLLM runs them: ``auto`` is a 16-bit
+        type (vLLM downcasts float32 checkpoints, ``_resolve_auto_dtype`` in its
+        ``config/model.py``), as are ``bfloat16``, ``float16`` and ``half``."""
+        return 4 if self.dtype in ("float32", "float") else 2
+
     def validate(self) -> None:
         if self.tensor_parallel_size < 1:
             raise ConfigError(f"rollout.vllm.tensor_parallel_size={self.tensor_parallel_size}: "

