@@ -66,9 +66,10 @@ class RunConfig:
     """Also log to Weights & Biases under this project (needs `wandb` installed)."""
     hardware: str = "cpu"
     """A configs/hardware/gpus.yaml name, recorded for `tpo-plan --check`."""
-    process_group_timeout_minutes: int = 30
+    process_group_timeout_seconds: float = 1800.0
     """How long any collective waits for the slowest rank before the job fails (tpo-run's
-    and tpo-engine's worlds): longer than the longest phase one rank runs alone."""
+    and tpo-engine's worlds; on GPUs NCCL's watchdog kills the job then): longer than
+    the longest phase one rank runs alone."""
 
     def validate(self) -> None:
         if not self.policy:
@@ -76,9 +77,12 @@ class RunConfig:
         if not (Path(self.policy) / "config.json").is_file():
             raise ConfigError(f"run.policy={self.policy}: no config.json there; not a Hugging "
                               "Face checkpoint directory")
-        for name in ("iterations", "pairs_per_step", "process_group_timeout_minutes"):
+        for name in ("iterations", "pairs_per_step"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"run.{name}={getattr(self, name)}: must be >= 1")
+        if not self.process_group_timeout_seconds > 0:
+            raise ConfigError(f"run.process_group_timeout_seconds="
+                              f"{self.process_group_timeout_seconds}: must be positive")
 
 
 @dataclass(kw_only=True)
@@ -144,7 +148,7 @@ class TPOConfig:
         iterations, or requeued onto other nodes, keeps its finished stages."""
         plain = asdict(self)
         for key in ("iterations", "tensorboard", "wandb_project", "hardware",
-                    "process_group_timeout_minutes"):
+                    "process_group_timeout_seconds"):
             plain["run"].pop(key)
         for key in ("placement", "bridge"):
             plain["rollout"].pop(key)
