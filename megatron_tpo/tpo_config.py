@@ -68,8 +68,13 @@ class RunConfig:
     """A configs/hardware/gpus.yaml name, recorded for `tpo-plan --check`."""
     process_group_timeout_seconds: float = 1800.0
     """How long any collective waits for the slowest rank before the job fails (tpo-run's
-    and tpo-engine's worlds; on GPUs NCCL's watchdog kills the job then): longer than
-    the longest phase one rank runs alone."""
+    and tpo-engine's worlds; on GPUs NCCL's watchdog kills the job then). Work one rank
+    does alone is not waited for in a collective (``rank_zero_timeout_seconds``, the
+    bridges' ``request_timeout_seconds``), so this need not outlast it."""
+    rank_zero_timeout_seconds: float = 4 * 3600.0
+    """How long the other ranks wait for work rank 0 does alone: converting M_0, a stage
+    it computes or stores alone (a rule judge's scores, the pairs). They wait on the
+    store, not in a collective, so this may exceed ``process_group_timeout_seconds``."""
 
     def validate(self) -> None:
         if not self.policy:
@@ -80,9 +85,9 @@ class RunConfig:
         for name in ("iterations", "pairs_per_step"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"run.{name}={getattr(self, name)}: must be >= 1")
-        if not self.process_group_timeout_seconds > 0:
-            raise ConfigError(f"run.process_group_timeout_seconds="
-                              f"{self.process_group_timeout_seconds}: must be positive")
+        for name in ("process_group_timeout_seconds", "rank_zero_timeout_seconds"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"run.{name}={getattr(self, name)}: must be positive")
 
 
 @dataclass(kw_only=True)
@@ -148,7 +153,7 @@ class TPOConfig:
         iterations, or requeued onto other nodes, keeps its finished stages."""
         plain = asdict(self)
         for key in ("iterations", "tensorboard", "wandb_project", "hardware",
-                    "process_group_timeout_seconds"):
+                    "process_group_timeout_seconds", "rank_zero_timeout_seconds"):
             plain["run"].pop(key)
         for key in ("placement", "bridge"):
             plain["rollout"].pop(key)

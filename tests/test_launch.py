@@ -189,7 +189,8 @@ def test_a_timeout_that_is_not_positive_is_refused(clean_environment):
         start_distributed(_slurm_env(), timeout_seconds=0)
 
 
-@pytest.mark.parametrize("setting", ["process_group_timeout_seconds"])
+@pytest.mark.parametrize("setting", ["process_group_timeout_seconds",
+                                     "rank_zero_timeout_seconds"])
 def test_the_timeouts_are_run_settings_in_seconds_refused_unless_positive(tmp_path, setting):
     from megatron_tpo.tpo_config import RunConfig, TPOConfig
 
