@@ -5,13 +5,15 @@ raises after it, as NCCL's watchdog would kill the job) works longer than that o
 alone: a request to an engine pool, a stage computed on rank 0 (``stage(..., on="rank0")``),
 M_0's conversion. Each completes on both ranks; rank 0's failure during such work
 reaches the other rank as an error within a moment; a waiting rank gives up after its own
-bound, naming the setting.
+bound, naming the setting. A chunked generate request deals and seeds every sample as one
+request would (and as colocated replicas do).
 
 One spawn of the trainer world and one pool of two fake engine processes serve every
 assertion: the work itself takes about 23 s (five pieces of 4 s, one of 2.5 s), starting
 the six processes 10 to 30 s more on two busy cores.
 """
 
+import dataclasses
 import multiprocessing
 import time
 from pathlib import Path
@@ -27,6 +29,9 @@ from megatron_tpo.rollout.engine import GenerationOutput, RolloutEngine, Samplin
 PROCESS_GROUP_TIMEOUT = 3.0   # seconds any collective of the trainer world may wait
 LONGER = 4.0                  # rank 0's work: longer than that
 ONE = SamplingParams(n=1, temperature=0.0, top_p=1.0, max_new_tokens=4, seed=0)
+PROMPTS = [f"prompt {index}" for index in range(7)]
+SEEDED = SamplingParams(n=2, temperature=1.0, top_p=1.0, max_new_tokens=4, seed=100)
+CHUNK_SAMPLES = 6             # three prompts of SEEDED a request: chunks start off a replica
 
 
 class SeedEcho(RolloutEngine):
@@ -99,6 +104,7 @@ def _trainer_rank(rank, world_size, bridge: BridgeConfig, root: Path):
     from megatron_tpo.parallel.collectives import rank_zero_result
     from megatron_tpo.parallel.launch import detect_distributed_env, start_distributed
     from megatron_tpo.rollout.engine_pool import EnginePoolProxy
+    from megatron_tpo.rollout.replicas import generate_on_all_ranks
 
     _both_ready(rank, root)
     start_distributed(detect_distributed_env(), timeout_seconds=PROCESS_GROUP_TIMEOUT)
@@ -107,7 +113,11 @@ def _trainer_rank(rank, world_size, bridge: BridgeConfig, root: Path):
     report["slow_request"] = _outcome(lambda: pool.generate(["slow", "quick"], ONE))
     report["failing_request"] = _outcome(
         lambda: pool.generate(["slow and failing", "quick"], ONE))
+    report["one_request"] = pool.generate(PROMPTS, SEEDED)
+    pool.config = dataclasses.replace(bridge, request_chunk_samples=CHUNK_SAMPLES)
+    report["chunked"] = pool.generate(PROMPTS, SEEDED)
     pool.shutdown()
+    report["colocated"] = generate_on_all_ranks(SeedEcho(), PROMPTS, SEEDED)
 
     run = SimpleNamespace(seed=0, rank_zero_timeout_seconds=60.0, initial_checkpoint=None,
                           policy=str(root / "hf"))
@@ -173,6 +183,16 @@ def test_an_engine_failing_after_a_long_request_reaches_every_trainer_rank_at_on
                                    "rollout.bridge pool: BridgeError: the engine pool at")
     assert "the engine failed on purpose" in one["error"]
     assert abs(one["ended"] - zero["ended"]) < 1.5
+
+
+def test_chunked_requests_deal_and_seed_every_sample_as_one_request_does(reports):
+    for report in reports:
+        texts = [output.texts for output in report["one_request"]]
+        # Prompt j: replica j % 2 of two, its (j // 2)-th prompt, seeded seed + replica.
+        assert texts == [[f"prompt {j} @ {100 + j % 2 + (j // 2) * 2 + k}" for k in range(2)]
+                         for j in range(len(PROMPTS))]
+        assert [output.texts for output in report["chunked"]] == texts
+        assert [output.texts for output in report["colocated"]] == texts
 
 
 def test_a_rank_zero_stage_longer_than_the_process_group_timeout_completes(reports):

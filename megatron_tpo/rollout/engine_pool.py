@@ -11,7 +11,9 @@ sync and its parity check run unchanged on every rank:
                              engine rank; the others iterate the stream (its gathers and
                              broadcasts need them)
     generate / score         rank 0 asks the pool (which spreads the work over its
-                             replicas); the answer is broadcast to every trainer rank
+                             replicas); the answer is broadcast to every trainer rank.
+                             ``generate`` goes in requests of at most
+                             ``request_chunk_samples`` samples, with progress on rank 0
     score_each_replica       every replica scores every sequence (the parity check's probes,
                              so no replica goes unchecked)
     weight_checksums         what every engine rank holds; a tensor on which the pool's
@@ -33,8 +35,9 @@ import logging
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+from tqdm.auto import tqdm
 
-from megatron_tpo.parallel.collectives import RankZeroFailed, rank_zero_result
+from megatron_tpo.parallel.collectives import RankZeroFailed, is_rank_zero, rank_zero_result
 from megatron_tpo.rollout.bridge import (
     Bridge, BridgeError, broadcast_object, gather_objects, open_trainer_side, ring,
     wait_until_done,
@@ -143,10 +146,27 @@ class EnginePoolProxy(RolloutEngine):
         self._tell("set_weight_version", version)
 
     def generate(self, prompts: Sequence[str], sampling: SamplingParams) -> List[GenerationOutput]:
+        """In requests of at most ``request_chunk_samples`` samples, so each request ends
+        within ``request_timeout_seconds`` and rank 0 shows progress between them. Each
+        carries its place in the whole call, where the pool deals its prompts and seeds
+        every sample as it would in one request (``engine_server.replica_seed``)."""
         sampling.validate()
+        prompts = list(prompts)
+        per_request = max(1, self.config.request_chunk_samples // sampling.n)
+        outputs: List[GenerationOutput] = []
+        with tqdm(total=len(prompts) * sampling.n, unit="sample",
+                  desc=f"{self.settings} generate",
+                  disable=not is_rank_zero() or len(prompts) <= per_request) as progress:
+            for first in range(0, len(prompts), per_request):
+                chunk = prompts[first:first + per_request]
+                outputs += self._generate_request(chunk, sampling, first)
+                progress.update(len(chunk) * sampling.n)
+        return outputs
 
+    def _generate_request(self, prompts: List[str], sampling: SamplingParams,
+                          first: int) -> List[GenerationOutput]:
         def ask():
-            replies = self._ask("generate", (list(prompts), sampling))
+            replies = self._ask("generate", (prompts, sampling, first))
             self._check_versions(replies)
             return self._in_order(replies, len(prompts))
 
