@@ -5,8 +5,9 @@ the accelerator needs them: the policy engine first (vLLM claims its share of a 
 device at start-up), then, with the engine asleep, the judge and the trainer. Each is
 registered with the run's placement, which from then on moves it phase by phase and
 keeps the ledger (``ledger.jsonl``). Rank 0 converts M_0 from the HF layout for the
-trainer's tensor-parallel size (once per run directory) while the others wait, unless
-``run.initial_checkpoint`` names a dist checkpoint, which every rank reads directly.
+trainer's tensor-parallel size (once per run directory) while the others wait for up to
+``run.rank_zero_timeout_seconds`` (a 70B conversion may outlast a collective's timeout),
+unless ``run.initial_checkpoint`` names a dist checkpoint, which every rank reads directly.
 
 ``tpo-run --dry-run`` builds through this same code with ``Builders`` of stand-ins that
 do no compute (``dry_run.py``), so its phases and tenants are the run's.
@@ -25,7 +26,7 @@ from megatron_tpo.data.prompts import (PromptSetConfig, clean_instructions, load
 from megatron_tpo.data.storage import IterationStore, config_hash
 from megatron_tpo.judge.base import Judge
 from megatron_tpo.parts import TPOParts
-from megatron_tpo.parallel.collectives import barrier, is_rank_zero, world
+from megatron_tpo.parallel.collectives import barrier, is_rank_zero, rank_zero_result, world
 from megatron_tpo.parallel.preemption import PreemptionGuard
 from megatron_tpo.placement import MemoryLedger, Placement
 from megatron_tpo.placement import policy
@@ -299,10 +300,15 @@ def initial_weights(config: TPOConfig, run_dir: Path) -> Optional[str]:
     tp = config.parallel.tensor_model_parallel_size
     pp = config.parallel.pipeline_model_parallel_size
     destination = run_dir / "initial_weights" / f"tp{tp}_pp{pp}"
-    if is_rank_zero() and not (destination / MANIFEST).is_file():
+
+    def convert() -> None:
+        if (destination / MANIFEST).is_file():
+            return
         shutil.rmtree(destination, ignore_errors=True)  # a conversion cut short
         hf_to_mcore(Path(config.run.policy), destination, tp, pp,
                     make_vocab_size_divisible_by=config.model.make_vocab_size_divisible_by,
                     progress=False)
-    barrier()
+
+    rank_zero_result(convert, f"converting M_0 ({config.run.policy}) to {destination}",
+                     config.run.rank_zero_timeout_seconds, "run.rank_zero_timeout_seconds")
     return str(destination)

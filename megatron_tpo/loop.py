@@ -29,8 +29,8 @@ from megatron_tpo.data.chat import apply_thought_chat_template
 from megatron_tpo.data.prompts import iteration_prompts
 from megatron_tpo.evaluation.heldout import score_heldout
 from megatron_tpo.parts import TPOParts
-from megatron_tpo.parallel.collectives import (barrier, broadcast_from_rank_zero, derived_seed,
-                                               is_rank_zero)
+from megatron_tpo.parallel.collectives import (after_rank_zero, broadcast_from_rank_zero,
+                                               derived_seed, is_rank_zero)
 from megatron_tpo.parallel.preemption import Preempted, crash_point
 from megatron_tpo.placement.policy import (CHECKPOINT, HELDOUT_ANSWERS, HELDOUT_JUDGING, JUDGING,
                                            PAIRS, PARITY_CHECK, REFERENCE, ROLLOUT, TRAIN,
@@ -122,15 +122,21 @@ def stage(parts: TPOParts, t: int, name: str, compute: Callable, on: str = "all"
     (on every rank, or on rank 0 alone with ``on="rank0"``) and written by rank 0."""
     store, digest = parts.store, parts.digest
     # Rank 0's view decides for all: a rank that looked only after rank 0 had written the
-    # stage would skip the barrier below and run ahead into the next stage's collectives.
+    # stage would skip the wait below and run ahead into the next stage's collectives.
     if not broadcast_from_rank_zero(store.is_finished(t, name, digest)):
-        rows, counts = compute() if (on == "all" or is_rank_zero()) else ([], {})
-        if is_rank_zero():
-            store.write(t, name, rows, seed=parts.config.run.seed, config_digest=digest,
-                        counts=counts)
-            parts.metrics.log({f"{name}/{key}": value for key, value in counts.items()}, step=t)
-        crash_point(t, name)
-        barrier()
+        def compute_and_store() -> None:
+            rows, counts = compute() if (on == "all" or is_rank_zero()) else ([], {})
+            if is_rank_zero():
+                store.write(t, name, rows, seed=parts.config.run.seed, config_digest=digest,
+                            counts=counts)
+                parts.metrics.log({f"{name}/{key}": value for key, value in counts.items()},
+                                  step=t)
+            crash_point(t, name)
+
+        # Not a barrier: rank 0 may compute alone for longer than a collective may wait.
+        after_rank_zero(compute_and_store, f"stage {name!r} of iteration {t}",
+                        parts.config.run.rank_zero_timeout_seconds,
+                        "run.rank_zero_timeout_seconds")
     return store.read(t, name)
 
 

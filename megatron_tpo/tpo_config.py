@@ -71,9 +71,15 @@ class RunConfig:
     """The trainer ranks this recipe is written for (its sbatch script's tasks, less the
     engine and judge pools'): what `tpo-run --dry-run` sizes on a login node when no
     launcher, --world-size or --nodes says otherwise."""
-    process_group_timeout_minutes: int = 30
+    process_group_timeout_seconds: float = 1800.0
     """How long any collective waits for the slowest rank before the job fails (tpo-run's
-    and tpo-engine's worlds): longer than the longest phase one rank runs alone."""
+    and tpo-engine's worlds; on GPUs NCCL's watchdog kills the job then). Work one rank
+    does alone is not waited for in a collective (``rank_zero_timeout_seconds``, the
+    bridges' ``request_timeout_seconds``), so this need not outlast it."""
+    rank_zero_timeout_seconds: float = 4 * 3600.0
+    """How long the other ranks wait for work rank 0 does alone: converting M_0, a stage
+    it computes or stores alone (a rule judge's scores, the pairs). They wait on the
+    store, not in a collective, so this may exceed ``process_group_timeout_seconds``."""
 
     def validate(self) -> None:
         if not self.policy:
@@ -81,11 +87,14 @@ class RunConfig:
         if not (Path(self.policy) / "config.json").is_file():
             raise ConfigError(f"run.policy={self.policy}: no config.json there; not a Hugging "
                               "Face checkpoint directory")
-        for name in ("iterations", "pairs_per_step", "process_group_timeout_minutes"):
+        for name in ("iterations", "pairs_per_step"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"run.{name}={getattr(self, name)}: must be >= 1")
         if self.world_size is not None and self.world_size < 1:
             raise ConfigError(f"run.world_size={self.world_size}: must be >= 1 (or null)")
+        for name in ("process_group_timeout_seconds", "rank_zero_timeout_seconds"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"run.{name}={getattr(self, name)}: must be positive")
 
 
 @dataclass(kw_only=True)
@@ -158,7 +167,7 @@ class TPOConfig:
         iterations, or requeued onto other nodes, keeps its finished stages."""
         plain = asdict(self)
         for key in ("iterations", "tensorboard", "wandb_project", "hardware", "world_size",
-                    "process_group_timeout_minutes"):
+                    "process_group_timeout_seconds", "rank_zero_timeout_seconds"):
             plain["run"].pop(key)
         for key in ("placement", "bridge"):
             plain["rollout"].pop(key)

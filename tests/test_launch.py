@@ -128,12 +128,12 @@ def test_the_device_is_local_rank_for_megatron_and_vllm_alike(clean_environment,
     from megatron_tpo.parallel.launch import start_distributed
 
     calls = _recorded_process_group(clean_environment)
-    start_distributed(_slurm_env(local_rank=5), timeout_minutes=45)
+    start_distributed(_slurm_env(local_rank=5), timeout_seconds=45)
     assert fake_cuda.chosen == [5]
     (call,) = calls
     assert (call["backend"], call["rank"], call["world_size"]) == ("nccl", 13, 16)
     assert call["init_method"] == f"tcp://h100-017:{20000 + 424242 % 20000}"
-    assert call["timeout"] == timedelta(minutes=45)
+    assert call["timeout"] == timedelta(seconds=45)
 
 
 @pytest.mark.parametrize("devices", [1, 4])
@@ -147,7 +147,7 @@ def test_a_site_binding_fewer_gpus_than_tasks_is_told_how_to_launch(
     _recorded_process_group(clean_environment)
     with pytest.raises(ConfigError, match=r"LOCAL_RANK=5.*"
                        rf"{devices} visible.*--gpus-per-task.*--gpu-bind"):
-        start_distributed(_slurm_env(local_rank=5), timeout_minutes=30)
+        start_distributed(_slurm_env(local_rank=5), timeout_seconds=30)
     assert fake_cuda.chosen == []
 
 
@@ -158,13 +158,13 @@ def test_the_engine_world_starts_through_the_same_path(clean_environment, fake_c
     from megatron_tpo.cli.engine import start_engine_world
 
     calls = _recorded_process_group(clean_environment)
-    start_engine_world(_slurm_env(local_rank=2), timeout_minutes=20)
+    start_engine_world(_slurm_env(local_rank=2), timeout_seconds=20)
     assert fake_cuda.chosen == [2] and len(calls) == 1
     assert (os.environ["RANK"], os.environ["LOCAL_RANK"], os.environ["WORLD_SIZE"]) == (
         "13", "2", "16")
     fake_cuda.count = 1
     with pytest.raises(ConfigError, match="--gpus-per-task"):
-        start_engine_world(_slurm_env(local_rank=2), timeout_minutes=20)
+        start_engine_world(_slurm_env(local_rank=2), timeout_seconds=20)
 
 
 def test_cuda_device_max_connections_is_one_unless_the_user_set_it(
@@ -174,30 +174,33 @@ def test_cuda_device_max_connections_is_one_unless_the_user_set_it(
     from megatron_tpo.parallel.launch import start_distributed
 
     _recorded_process_group(clean_environment)
-    start_distributed(_slurm_env(local_rank=0), timeout_minutes=30)
+    start_distributed(_slurm_env(local_rank=0), timeout_seconds=30)
     assert os.environ["CUDA_DEVICE_MAX_CONNECTIONS"] == "1"
     clean_environment.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "8")
     clean_environment.setattr("torch.distributed.is_initialized", lambda: False)
-    start_distributed(_slurm_env(local_rank=0), timeout_minutes=30)
+    start_distributed(_slurm_env(local_rank=0), timeout_seconds=30)
     assert os.environ["CUDA_DEVICE_MAX_CONNECTIONS"] == "8"
 
 
 def test_a_timeout_that_is_not_positive_is_refused(clean_environment):
     from megatron_tpo.parallel.launch import start_distributed
 
-    with pytest.raises(ConfigError, match="run.process_group_timeout_minutes=0"):
-        start_distributed(_slurm_env(), timeout_minutes=0)
+    with pytest.raises(ConfigError, match="run.process_group_timeout_seconds=0"):
+        start_distributed(_slurm_env(), timeout_seconds=0)
 
 
-def test_the_process_group_timeout_is_a_run_setting_refused_below_one_minute(tmp_path):
+@pytest.mark.parametrize("setting", ["process_group_timeout_seconds",
+                                     "rank_zero_timeout_seconds"])
+def test_the_timeouts_are_run_settings_in_seconds_refused_unless_positive(tmp_path, setting):
     from megatron_tpo.tpo_config import RunConfig, TPOConfig
 
     (tmp_path / "config.json").write_text("{}")
-    with pytest.raises(ConfigError, match="run.process_group_timeout_minutes=0: must be >= 1"):
-        RunConfig(policy=str(tmp_path), process_group_timeout_minutes=0).validate()
+    RunConfig(policy=str(tmp_path), **{setting: 2.5}).validate()   # seconds, not minutes
+    with pytest.raises(ConfigError, match=f"run.{setting}=0: must be positive"):
+        RunConfig(policy=str(tmp_path), **{setting: 0}).validate()
     # How long ranks wait for each other decides no stage output: a requeue may change it.
     longer = TPOConfig()
-    longer.run.process_group_timeout_minutes = 240
+    setattr(longer.run, setting, 4 * 3600)
     assert longer.digest_fields() == TPOConfig().digest_fields()
 
 
@@ -217,10 +220,10 @@ def test_tpo_run_ranks_start_with_the_configured_timeout(monkeypatch):
     monkeypatch.setattr(parallel, "init_megatron", recording_init)
     monkeypatch.setattr(parallel, "shutdown_megatron", lambda: None)
     config = SimpleNamespace(parallel=ParallelConfig(), model=ModelConfig(),
-                             run=SimpleNamespace(seed=5, process_group_timeout_minutes=90))
+                             run=SimpleNamespace(seed=5, process_group_timeout_seconds=90))
     with pytest.raises(RuntimeError, match="stop after start-up"):
         run_rank(0, 1, config)
-    assert seen == {"seed": 5, "timeout_minutes": 90}
+    assert seen == {"seed": 5, "timeout_seconds": 90}
 
 
 def test_start_up_leaves_no_launch_variable_behind_for_the_next_test():

@@ -247,7 +247,8 @@ def _stage_worker(rank, world_size, root):
 
     torch.distributed.init_process_group("gloo", timeout=timedelta(seconds=30))
     parts = SimpleNamespace(store=IterationStore(Path(root)), digest="digest",
-                            config=SimpleNamespace(run=SimpleNamespace(seed=0)),
+                            config=SimpleNamespace(run=SimpleNamespace(
+                                seed=0, rank_zero_timeout_seconds=60)),
                             metrics=SimpleNamespace(log=lambda *args, **kwargs: None))
     if rank == 1:
         time.sleep(3)   # rank 0 computes and writes the stage before this rank looks
@@ -259,8 +260,8 @@ def _stage_worker(rank, world_size, root):
 
 
 def test_a_rank_that_looks_late_does_not_skip_a_stage_its_peers_are_finishing(tmp_path):
-    # Rank 0 writes a rank-0 stage and waits in its closing barrier; a rank that only then
+    # Rank 0 writes a rank-0 stage and waits in its closing broadcast; a rank that only then
     # looks at the store must not take the stage for done and run ahead into the next
-    # collective (which pairs its all-reduce with rank 0's barrier).
+    # collective (which pairs its all-reduce with rank 0's broadcast).
     for rows, total in spawn_local(_stage_worker, 2, str(tmp_path / "stages")):
         assert rows == [{"prompt_id": 7}] and total == 3

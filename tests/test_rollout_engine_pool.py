@@ -183,7 +183,8 @@ def test_an_engine_error_reaches_every_trainer_rank_and_the_pool_serves_on(run):
     for report in reports:
         assert "the engine pool at 127.0.0.1:" in report["engine_error"]
         assert "engine rank 1: score: IndexError" in report["engine_error"]
-    assert reports[1]["engine_error"].startswith("(from trainer rank 0)")
+    assert reports[1]["engine_error"].startswith("(from rank 0) a 'score' request to the "
+                                                 "rollout.bridge pool: BridgeError: ")
     assert exit_codes == [0, 0]   # both ranks went on to answer the shutdown request
 
 

@@ -377,7 +377,7 @@ def test_tpo_run_closes_its_engines_before_the_world_is_torn_down(monkeypatch):
     monkeypatch.setattr(megatron_tpo.loop, "run_tpo", failing_loop)
     config = types.SimpleNamespace(parallel=None, model=None,
                                    run=types.SimpleNamespace(seed=0,
-                                                             process_group_timeout_minutes=30))
+                                                             process_group_timeout_seconds=1800))
     with pytest.raises(RuntimeError, match="the loop failed"):
         run_rank(0, 1, config)
     assert order == ["close the engines", "shutdown_megatron"]

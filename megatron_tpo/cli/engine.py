@@ -80,12 +80,12 @@ def split_role(argv):
     return role, rest
 
 
-def start_engine_world(environment, timeout_minutes: int = 30) -> None:
+def start_engine_world(environment, timeout_seconds: float = 1800.0) -> None:
     """This pool's own torch.distributed world, started as tpo-run's is (vLLM's
     external_launcher reuses it and reads RANK/LOCAL_RANK/MASTER_* from the environment)."""
     from megatron_tpo.parallel.launch import start_distributed
 
-    start_distributed(environment, timeout_minutes)
+    start_distributed(environment, timeout_seconds)
 
 
 def serve(config, environment, role: str = "policy") -> bool:
@@ -96,7 +96,7 @@ def serve(config, environment, role: str = "policy") -> bool:
     from megatron_tpo.rollout.engine_server import EngineServer
     from megatron_tpo.rollout.factory import build_rollout_engine
 
-    start_engine_world(environment, config.run.process_group_timeout_minutes)
+    start_engine_world(environment, config.run.process_group_timeout_seconds)
     share_cpu_threads(environment.local_world_size)
     if role == "judge":   # the judge's checkpoint, served as it is (never a weight push)
         settings, name = judge_engine_settings(config.rollout, config.judge.pairwise), \

@@ -76,7 +76,7 @@ def run_rank(rank: int, world_size: int, config) -> Optional[dict]:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("megatron_tpo").setLevel(logging.INFO if rank == 0 else logging.WARNING)
     init_megatron(config.parallel, config.model, seed=config.run.seed,
-                  timeout_minutes=config.run.process_group_timeout_minutes)
+                  timeout_seconds=config.run.process_group_timeout_seconds)
     parts = None
     try:
         parts = build_tpo(config)

@@ -143,12 +143,12 @@ def bind_device(local_rank: int) -> None:
     torch.cuda.set_device(local_rank)
 
 
-def start_distributed(env: DistributedEnv, timeout_minutes: int = 30) -> str:
+def start_distributed(env: DistributedEnv, timeout_seconds: float = 1800.0) -> str:
     """Export the launch variables, bind the device, start the default process group
     (unless one exists); returns the backend, nccl on CUDA, else gloo."""
-    if timeout_minutes < 1:
-        raise ConfigError(f"run.process_group_timeout_minutes={timeout_minutes}: must be >= 1 "
-                          "(how long a collective may wait for the slowest rank)")
+    if not timeout_seconds > 0:
+        raise ConfigError(f"run.process_group_timeout_seconds={timeout_seconds}: must be "
+                          "positive (how long a collective may wait for the slowest rank)")
     export_launch_environment(env)
     limit_device_connections()
     backend = "gloo"
@@ -161,7 +161,7 @@ def start_distributed(env: DistributedEnv, timeout_minutes: int = 30) -> str:
             init_method=f"tcp://{env.master_addr}:{env.master_port}",
             rank=env.rank,
             world_size=env.world_size,
-            timeout=timedelta(minutes=timeout_minutes),
+            timeout=timedelta(seconds=timeout_seconds),
         )
     return backend
 
@@ -171,7 +171,7 @@ def init_megatron(
     model: Optional[ModelConfig] = None,
     seed: int = 1234,
     environ: Optional[Mapping[str, str]] = None,
-    timeout_minutes: int = 30,
+    timeout_seconds: float = 1800.0,
 ) -> DistributedEnv:
     """Check the layout, start the process group and megatron's parallel state.
 
@@ -195,7 +195,7 @@ def init_megatron(
 
         install_cpu_adapter()
         share_cpu_threads(env.local_world_size)
-    start_distributed(env, timeout_minutes)
+    start_distributed(env, timeout_seconds)
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,

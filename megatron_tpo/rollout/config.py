@@ -84,8 +84,18 @@ class BridgeConfig:
     backend: str = "auto"
     # How long either side waits for the other to join, and any one collective.
     timeout_seconds: float = 600.0
-    # How long trainer rank 0 waits for the pool to finish one request (a whole rollout).
+    # How long trainer rank 0 waits for the pool to finish one request (the other trainer
+    # ranks wait as long, plus timeout_seconds, on the store: not in a collective).
     request_timeout_seconds: float = 4 * 3600.0
+    # Most samples (prompts x sampling.n) in one generate request: a rollout or a judging
+    # stage goes to the pool in requests of this size, each done well within
+    # request_timeout_seconds, with progress between them. Every sample keeps the seed the
+    # whole call would give it, so vLLM engines, which seed each sample alone, draw what
+    # one request would have drawn; an HF engine's batches share one random stream per
+    # request, so there a call longer than one request draws other (still seeded) samples.
+    # Large enough that the engines' batches stay full: several times vLLM's max_num_seqs
+    # per replica.
+    request_chunk_samples: int = 4096
 
     def validate(self, ranks_per_engine: int) -> None:
         if not self.address:
@@ -99,7 +109,7 @@ class BridgeConfig:
         if self.backend not in BRIDGE_BACKENDS:
             raise ConfigError(f"rollout.bridge.backend={self.backend!r}: must be one of "
                               f"{BRIDGE_BACKENDS}")
-        for key in ("timeout_seconds", "request_timeout_seconds"):
+        for key in ("timeout_seconds", "request_timeout_seconds", "request_chunk_samples"):
             if not getattr(self, key) > 0:
                 raise ConfigError(f"rollout.bridge.{key}={getattr(self, key)}: must be positive")
 

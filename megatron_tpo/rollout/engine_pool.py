@@ -11,7 +11,9 @@ sync and its parity check run unchanged on every rank:
                              engine rank; the others iterate the stream (its gathers and
                              broadcasts need them)
     generate / score         rank 0 asks the pool (which spreads the work over its
-                             replicas); the answer is broadcast to every trainer rank
+                             replicas); the answer is broadcast to every trainer rank.
+                             ``generate`` goes in requests of at most
+                             ``request_chunk_samples`` samples, with progress on rank 0
     score_each_replica       every replica scores every sequence (the parity check's probes,
                              so no replica goes unchecked)
     weight_checksums         what every engine rank holds; a tensor on which the pool's
@@ -20,7 +22,10 @@ sync and its parity check run unchanged on every rank:
     sleep / wake             nothing: the engines have devices of their own
 
 Every rank must call each method together (as the loop does), with the same arguments.
-An engine error reaches every trainer rank as ``BridgeError``. Replies carry each
+While rank 0 talks to the pool the other trainer ranks wait on the default store
+(``after_rank_zero``), for as long as rank 0 may wait for the pool, not in a collective of
+their world, whose timeout (NCCL's watchdog on GPUs) a rollout or a judging stage would
+outlast. An engine error reaches every trainer rank as ``BridgeError``. Replies carry each
 engine's weight version, checked against the trainer's, so a pool restarted behind
 the trainer's back (engines at version 0) is refused rather than sampled from.
 """
@@ -30,8 +35,9 @@ import logging
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+from tqdm.auto import tqdm
 
-from megatron_tpo.parallel.collectives import world
+from megatron_tpo.parallel.collectives import RankZeroFailed, is_rank_zero, rank_zero_result
 from megatron_tpo.rollout.bridge import (
     Bridge, BridgeError, broadcast_object, gather_objects, open_trainer_side, ring,
     wait_until_done,
@@ -44,8 +50,10 @@ logger = logging.getLogger(__name__)
 
 
 class EnginePoolProxy(RolloutEngine):
-    def __init__(self, bridge: Optional[Bridge], config: BridgeConfig):
+    def __init__(self, bridge: Optional[Bridge], config: BridgeConfig,
+                 settings: str = "rollout.bridge"):
         self.bridge, self.config = bridge, config   # the bridge on trainer rank 0 only
+        self.settings = settings
         self.sequence = 0
         if bridge is not None:
             atexit.register(self.shutdown)   # the pool ends with the trainer
@@ -56,8 +64,11 @@ class EnginePoolProxy(RolloutEngine):
         ``settings`` names the bridge's config group in messages (``judge.pairwise.bridge``
         for a judge model's pool, which only generates)."""
         opened = []
-        cls._answer_everywhere(lambda: opened.append(open_trainer_side(config, settings)))
-        return cls(opened[0] if opened else None, config)
+        # The join and the groups' rendezvous wait at most timeout_seconds each.
+        _from_rank_zero(lambda: opened.append(open_trainer_side(config, settings)),
+                        f"joining the {settings} pool", 2 * config.timeout_seconds,
+                        f"2 x {settings}.timeout_seconds")
+        return cls(opened[0] if opened else None, config, settings)
 
     # -- talking to the pool (trainer rank 0) ---------------------------------------
     def _ask(self, kind: str, payload=None, send=None) -> List:
@@ -80,28 +91,18 @@ class EnginePoolProxy(RolloutEngine):
         def ask() -> None:
             self._ask(kind, payload, send)
 
-        self._answer_everywhere(ask)
+        self._answer_everywhere(ask, kind)
 
-    @staticmethod
-    def _answer_everywhere(compute):
-        """``compute()`` on trainer rank 0, its result (or its error) on every rank, so
-        no rank waits in a collective that rank 0 left with an error."""
-        rank, world_size = world()
-        result = None
-        if rank == 0:
-            try:
-                result = (compute(), None)
-            except RuntimeError as error:   # BridgeError, and gloo/NCCL failures
-                named = isinstance(error, BridgeError)
-                result = (None, str(error) if named else f"{type(error).__name__}: {error}")
-        if world_size > 1:
-            box = [result]
-            torch.distributed.broadcast_object_list(box, src=0)
-            result = box[0]
-        value, error = result
-        if error is not None:
-            raise BridgeError(error if rank == 0 else f"(from trainer rank 0) {error}")
-        return value
+    def _answer_everywhere(self, compute, kind: str):
+        """``compute()`` (one request) on trainer rank 0, its result or its error on every
+        rank. The others wait as long as rank 0 may: a whole request, plus the bridge's
+        timeout for the transfers around it, so rank 0's error, which names what failed,
+        reaches them before their own bound does."""
+        settings = self.settings
+        return _from_rank_zero(
+            compute, f"a {kind!r} request to the {settings} pool",
+            self.config.request_timeout_seconds + self.config.timeout_seconds,
+            f"{settings}.request_timeout_seconds + {settings}.timeout_seconds")
 
     def _check_versions(self, replies: List) -> None:
         stale = {rank: version for rank, (version, _) in enumerate(replies)
@@ -145,14 +146,31 @@ class EnginePoolProxy(RolloutEngine):
         self._tell("set_weight_version", version)
 
     def generate(self, prompts: Sequence[str], sampling: SamplingParams) -> List[GenerationOutput]:
+        """In requests of at most ``request_chunk_samples`` samples, so each request ends
+        within ``request_timeout_seconds`` and rank 0 shows progress between them. Each
+        carries its place in the whole call, where the pool deals its prompts and seeds
+        every sample as it would in one request (``engine_server.replica_seed``)."""
         sampling.validate()
+        prompts = list(prompts)
+        per_request = max(1, self.config.request_chunk_samples // sampling.n)
+        outputs: List[GenerationOutput] = []
+        with tqdm(total=len(prompts) * sampling.n, unit="sample",
+                  desc=f"{self.settings} generate",
+                  disable=not is_rank_zero() or len(prompts) <= per_request) as progress:
+            for first in range(0, len(prompts), per_request):
+                chunk = prompts[first:first + per_request]
+                outputs += self._generate_request(chunk, sampling, first)
+                progress.update(len(chunk) * sampling.n)
+        return outputs
 
+    def _generate_request(self, prompts: List[str], sampling: SamplingParams,
+                          first: int) -> List[GenerationOutput]:
         def ask():
-            replies = self._ask("generate", (list(prompts), sampling))
+            replies = self._ask("generate", (prompts, sampling, first))
             self._check_versions(replies)
             return self._in_order(replies, len(prompts))
 
-        return self._answer_everywhere(ask)
+        return self._answer_everywhere(ask, "generate")
 
     def score(self, token_ids: Sequence[Sequence[int]]) -> List[List[float]]:
         def ask():
@@ -160,7 +178,7 @@ class EnginePoolProxy(RolloutEngine):
             self._check_versions(replies)
             return self._in_order(replies, len(token_ids))
 
-        return self._answer_everywhere(ask)
+        return self._answer_everywhere(ask, "score")
 
     def score_each_replica(self, token_ids: Sequence[Sequence[int]]) -> List[List[List[float]]]:
         def ask():
@@ -168,7 +186,7 @@ class EnginePoolProxy(RolloutEngine):
             self._check_versions(replies)
             return [scores for _, scores in replies if scores is not None]
 
-        return self._answer_everywhere(ask)
+        return self._answer_everywhere(ask, "score_everywhere")
 
     def weight_checksums(self, names: Sequence[str]) -> Dict[str, Tuple[float, float]]:
         def ask():
@@ -176,7 +194,7 @@ class EnginePoolProxy(RolloutEngine):
             return {name: held[0][name] for name in names
                     if all(name in h and h[name] == held[0][name] for h in held)}
 
-        return self._answer_everywhere(ask)
+        return self._answer_everywhere(ask, "weight_checksums")
 
     def shutdown(self) -> None:
         """Stop the pool (trainer rank 0; the other ranks hold no bridge). Once only."""
@@ -188,3 +206,11 @@ class EnginePoolProxy(RolloutEngine):
         except RuntimeError as error:   # BridgeError or gloo's: the pool is gone already
             logger.warning("engine pool shutdown at %s: %s", self.bridge.where, error)
         self.bridge = None
+
+
+def _from_rank_zero(compute, what: str, timeout_seconds: float, bound_by: str):
+    """``rank_zero_result``, the other ranks' error a ``BridgeError`` like rank 0's."""
+    try:
+        return rank_zero_result(compute, what, timeout_seconds, bound_by)
+    except RankZeroFailed as error:
+        raise BridgeError(str(error)) from error

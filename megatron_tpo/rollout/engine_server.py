@@ -11,7 +11,9 @@ group, handled, and answered with one reply per engine rank:
     generate / score     this replica's round-robin share, as ``generate_on_all_ranks``
                          deals prompts to colocated replicas: replica ``r`` of ``R`` takes
                          items ``r, r + R, ...``, its seed ``seed + r``; every rank of a
-                         replica computes, the first one replies
+                         replica computes, the first one replies. A generate request is
+                         one chunk of a longer call (``EnginePoolProxy.generate``): dealt
+                         and seeded as its part of the whole call
     score_everywhere     every sequence on every replica (the parity check's probes)
     weight_checksums     this rank's engine's
     shutdown             reply, then return
@@ -22,7 +24,7 @@ error goes back to the trainer instead of leaving it waiting.
 
 import logging
 from dataclasses import dataclass, replace
-from typing import Iterator, List, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -39,9 +41,24 @@ class EngineFailure:
     message: str
 
 
-def replica_share(count: int, replica: int, replicas: int) -> List[int]:
-    """The item indices replica ``replica`` of ``replicas`` handles (round robin)."""
-    return list(range(replica, count, replicas))
+def replica_share(count: int, replica: int, replicas: int, first: int = 0) -> List[int]:
+    """The indices, within a request of ``count`` items that starts at item ``first`` of
+    the whole call, of the items replica ``replica`` of ``replicas`` handles: round robin
+    over the whole call."""
+    return list(range((replica - first) % replicas, count, replicas))
+
+
+def replica_seed(sampling: SamplingParams, replica: int, replicas: int,
+                 first: int) -> Optional[int]:
+    """The seed of replica ``replica``'s share of a request that starts at item ``first``
+    of the whole call. Over the whole call it is ``seed + replica`` (colocated replicas
+    are seeded so); engines seed sample ``k`` of their ``i``-th prompt with ``seed + i * n
+    + k`` (``vllm_engine.request_seeds``), so it moves on by ``n`` for each item the
+    replica handled before ``first``, and every sample keeps the whole call's seed."""
+    if sampling.seed is None:
+        return None
+    handled_before = len(range(replica, first, replicas))
+    return sampling.seed + replica + handled_before * sampling.n
 
 
 def received_tensors(bridge: Bridge) -> Iterator[Tuple[str, torch.Tensor]]:
@@ -102,10 +119,10 @@ class EngineServer:
     def _set_weight_version(self, version: int) -> None:
         self.engine.set_weight_version(version)
 
-    def _generate(self, payload: Tuple[Sequence[str], SamplingParams]):
-        prompts, sampling = payload
-        mine = replica_share(len(prompts), self.replica, self.replicas)
-        seed = None if sampling.seed is None else sampling.seed + self.replica
+    def _generate(self, payload: Tuple[Sequence[str], SamplingParams, int]):
+        prompts, sampling, first = payload
+        mine = replica_share(len(prompts), self.replica, self.replicas, first)
+        seed = replica_seed(sampling, self.replica, self.replicas, first)
         outputs = (self.engine.generate([prompts[i] for i in mine], replace(sampling, seed=seed))
                    if mine else [])
         return list(zip(mine, outputs)) if self.replies else None
