@@ -111,7 +111,7 @@ def sync_weights(parts: TPOParts) -> dict:
     probes = text_probes(parts.tokenizer, chat_prompts(parts, parts.prompts[:count]), count,
                          settings.probe_length)
     return push_weights(parts.engine, parts.trainer.ddp_chunks, parts.config.model, settings,
-                        probes)
+                        probes, pad_to_multiple_of=parts.config.train.pad_to_multiple_of)
 
 
 def stage(parts: TPOParts, t: int, name: str, compute: Callable, on: str = "all") -> list:

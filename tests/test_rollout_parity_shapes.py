@@ -37,14 +37,15 @@ TP = 2
 MODEL_OVERRIDES = dict(ffn_hidden_size=192)
 PROBE_INSTRUCTIONS = ["the cat is my dog", "a b c d e f g h", "my sun is the moon !"]
 PROBE_TOKENS = 8
-# name: (train.fp8.recipe or None, parallel.sequence_parallel, input length the probes
-# enter the trainer with: 7 real, padded to what the settings need)
+# name: (train.fp8.recipe or None, parallel.sequence_parallel, train.pad_to_multiple_of,
+# input length the probes enter the trainer with: 7 real, padded to what the settings need)
 CASES = {
-    "bf16": (None, False, 7),                         # nothing to align: untouched
-    "fp8": ("delayed", False, 8),
-    "sequence_parallel": (None, True, 8),
-    "fp8_sequence_parallel": ("delayed", True, 16),    # 8 rows on each TP rank
-    "mxfp8_sequence_parallel": ("mxfp8", True, 64),    # 32 rows on each TP rank
+    "bf16": (None, False, 1, 7),                          # nothing to align: untouched
+    "fp8": ("delayed", False, 1, 8),
+    "sequence_parallel": (None, True, 1, 8),
+    "fp8_sequence_parallel": ("delayed", True, 1, 16),    # 8 rows on each TP rank
+    "mxfp8_sequence_parallel": ("mxfp8", True, 1, 64),    # 32 rows on each TP rank
+    "fp8_trainer_padding": ("delayed", False, 12, 24),   # lcm(12, 8): as DPO pads, and more
 }
 
 
@@ -139,18 +140,20 @@ def _worker(rank, world_size, model, shard_root, engine_hf_dir, probes):
                              tiny_tokenizer())
     settings = WeightSyncConfig(parity_tolerance=1e-4)
     report = {}
-    for name, (recipe, sequence_parallel, _) in CASES.items():
+    for name, (recipe, sequence_parallel, pad, _) in CASES.items():
         seen = []
         result = report[name] = {"seen": seen}
         with claiming(chunks, recipe, sequence_parallel, seen):
             try:
-                result["metrics"] = push_weights(engine, chunks, model, settings, probes)
-                result["trainer"] = trainer_token_logprobs(chunks, probes, model.vocab_size)
+                result["metrics"] = push_weights(engine, chunks, model, settings, probes,
+                                                 pad_to_multiple_of=pad)
+                result["trainer"] = trainer_token_logprobs(chunks, probes, model.vocab_size,
+                                                           pad_to_multiple_of=pad)
             except AssertionError as error:   # the stand-in's refusal: the GPU's crash
                 result["refused"] = str(error)
     # The stand-in itself refuses the unpadded probe micro-batch under each claim.
     unpadded = torch.tensor([probes[0][:-1]])
-    for name, (recipe, sequence_parallel, _) in CASES.items():
+    for name, (recipe, sequence_parallel, _, _) in CASES.items():
         with claiming(chunks, recipe, sequence_parallel, []):
             try:
                 refuse_what_the_gpu_refuses(unpadded, chunks[0].config, TP)
@@ -174,9 +177,28 @@ def reports(tmp_path_factory):
     return spawn_local(_worker, TP, model, shard_root, engine_dir, probes)
 
 
+def test_the_probe_multiple_keeps_each_tp_ranks_fp8_slice_aligned():
+    from types import SimpleNamespace
+
+    from megatron_tpo.rollout.parity import probe_length_multiple
+
+    def multiple(fp8, recipe, sequence_parallel, tp, pad=1):
+        config = SimpleNamespace(fp8=fp8, fp8_recipe=recipe, sequence_parallel=sequence_parallel)
+        return probe_length_multiple(config, tp, pad)
+
+    assert multiple(None, "delayed", False, 8) == 1
+    assert multiple(None, "delayed", False, 8, pad=16) == 16
+    assert multiple("hybrid", "delayed", False, 8) == 8        # TP alone splits no tokens
+    assert multiple(None, "delayed", True, 8) == 8
+    # FP8 GEMMs see one rank's 1/TP of the sequence: 8 rows there, not lcm(8, TP) in all.
+    assert multiple("hybrid", "tensorwise", True, 8) == 64
+    assert multiple("e4m3", "mxfp8", True, 4) == 128
+    assert multiple("hybrid", "delayed", True, 2, pad=12) == 48
+
+
 def test_the_claimed_settings_are_ones_an_fp8_run_could_train_with():
     model = tiny_model_config(**MODEL_OVERRIDES)
-    for recipe, sequence_parallel, _ in CASES.values():
+    for recipe, sequence_parallel, _, _ in CASES.values():
         if recipe is not None:
             check_fp8_settings(
                 DPOTrainingConfig(micro_batch_pairs=1, pad_to_multiple_of=32,
@@ -190,12 +212,13 @@ def test_the_stand_in_refuses_the_unpadded_probes_wherever_the_gpu_would(reports
     for report in reports:
         assert {name: case["stand_in_accepts_unpadded"] for name, case in report.items()} == {
             "bf16": True, "fp8": False, "sequence_parallel": False,
-            "fp8_sequence_parallel": False, "mxfp8_sequence_parallel": False}
+            "fp8_sequence_parallel": False, "mxfp8_sequence_parallel": False,
+            "fp8_trainer_padding": False}
 
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_a_sync_passes_parity_with_probes_padded_to_what_the_trainer_accepts(reports, name):
-    expected_length = CASES[name][2]
+    expected_length = CASES[name][3]
     for report in reports:
         case = report[name]
         assert "refused" not in case, case["refused"]

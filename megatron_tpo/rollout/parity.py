@@ -70,14 +70,17 @@ def _probe_forward_step(vocab_size: int):
     return forward_step
 
 
-def probe_length_multiple(gpt_config, tensor_parallel_size: int) -> int:
-    """The multiple of tokens a probe (one sequence per micro-batch) must be padded to for
-    the trainer's forward under its megatron ``gpt_config``: sequence parallelism splits
-    each sequence evenly over the TP ranks (megatron-core asserts it), and FP8 GEMMs see
-    one rank's slice, whose token rows TE wants in multiples of 8 (32 for MXFP8)."""
+def probe_length_multiple(gpt_config, tensor_parallel_size: int,
+                          pad_to_multiple_of: int = 1) -> int:
+    """The multiple of tokens a probe (one sequence per micro-batch) is padded to for the
+    trainer's forward under its megatron ``gpt_config``: the trainer's own
+    ``train.pad_to_multiple_of``; sequence parallelism splits each sequence evenly over
+    the TP ranks (megatron-core asserts it); FP8 GEMMs see one rank's slice, whose token
+    rows TE wants in multiples of 8 (32 for MXFP8). The trainer's multiple alone is not
+    enough: its FP8 check counts both sequences of a pair per micro-batch."""
     split = tensor_parallel_size if gpt_config.sequence_parallel else 1
     rows = token_rows_multiple(gpt_config.fp8_recipe) if gpt_config.fp8 else 1
-    return split * rows
+    return math.lcm(pad_to_multiple_of, split * rows)
 
 
 def _probe_micro_batch(sequence: Sequence[int], seq_length: int, device) -> PairMicroBatch:
@@ -93,10 +96,11 @@ def _probe_micro_batch(sequence: Sequence[int], seq_length: int, device) -> Pair
 
 
 def trainer_token_logprobs(chunks: Sequence, token_ids: Sequence[Sequence[int]],
-                           vocab_size: int) -> torch.Tensor:
+                           vocab_size: int, pad_to_multiple_of: int = 1) -> torch.Tensor:
     """[sequences, length - 1] float64 per-token log-probs under this rank's model replica,
     on every rank (a collective over the pipeline; sequences of one length). The sequences
-    enter padded to ``probe_length_multiple``; only their real targets come back."""
+    enter padded to ``probe_length_multiple`` (``pad_to_multiple_of``: the trainer's
+    ``train.pad_to_multiple_of``); only their real targets come back."""
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -110,7 +114,8 @@ def trainer_token_logprobs(chunks: Sequence, token_ids: Sequence[Sequence[int]],
         token_ids = [token_ids[i % count] for i in range(-(-count // stages) * stages)]
     targets = len(token_ids[0]) - 1
     multiple = probe_length_multiple(
-        gpt_chunks[0].config, parallel_state.get_tensor_model_parallel_world_size())
+        gpt_chunks[0].config, parallel_state.get_tensor_model_parallel_world_size(),
+        pad_to_multiple_of)
     seq_length = -(-targets // multiple) * multiple
     batches = [_probe_micro_batch(sequence, seq_length, device) for sequence in token_ids]
     iterators = [iter(batches) for _ in chunks]

@@ -109,11 +109,13 @@ def _sent_checksums(stream: WeightStream) -> Dict:
 
 
 def push_weights(engine: RolloutEngine, chunks: list, model: ModelConfig,
-                 config: WeightSyncConfig, probes: Optional[Sequence[Sequence[int]]] = None
-                 ) -> Dict[str, float]:
+                 config: WeightSyncConfig, probes: Optional[Sequence[Sequence[int]]] = None,
+                 pad_to_multiple_of: int = 1) -> Dict[str, float]:
     """Stream this rank's megatron ``chunks`` (DDP-wrapped or not) into ``engine``; every
     rank of the world calls it, with the same ``probes`` (token ids of real text, one
-    length: ``parity.text_probes``), needed unless ``config.check_parity`` is off.
+    length: ``parity.text_probes``), needed unless ``config.check_parity`` is off. The
+    trainer scores them padded to ``pad_to_multiple_of`` (the trainer's
+    ``train.pad_to_multiple_of``) and to what its FP8 and sequence parallelism need.
 
     Returns, on every rank: ``seconds`` (the stream), ``bytes`` (broadcast), ``version``
     (the engine's new weight version), ``parity_seconds``, and from the parity check
@@ -143,7 +145,8 @@ def push_weights(engine: RolloutEngine, chunks: list, model: ModelConfig,
                "parity_probe_tokens": 0.0}
     if config.check_parity:
         started = time.perf_counter()
-        metrics.update(check_parity(engine, chunks, model, config, stream, probes))
+        metrics.update(check_parity(engine, chunks, model, config, stream, probes,
+                                    pad_to_multiple_of))
         metrics["parity_seconds"] = time.perf_counter() - started
     return metrics
 
@@ -156,13 +159,14 @@ def trainer_precision(chunks: Sequence) -> Tuple[torch.dtype, bool]:
 
 def check_parity(engine: RolloutEngine, chunks: Sequence, model: ModelConfig,
                  config: WeightSyncConfig, stream: WeightStream,
-                 probes: Sequence[Sequence[int]]) -> Dict[str, float]:
+                 probes: Sequence[Sequence[int]], pad_to_multiple_of: int = 1
+                 ) -> Dict[str, float]:
     """The probe log-prob difference over all ranks (max, and the worst replica's mean);
     raises ``WeightSyncError`` (on every rank) above the tolerance for the trainer's
     precision."""
     dtype, fp8 = trainer_precision(chunks)
     name, tolerance = config.tolerance_for(dtype, fp8)
-    trainer = trainer_token_logprobs(chunks, probes, model.vocab_size)
+    trainer = trainer_token_logprobs(chunks, probes, model.vocab_size, pad_to_multiple_of)
     per_replica = [abs_differences(scores, trainer)
                    for scores in engine.score_each_replica(probes)]
     worst = torch.tensor([max(d[0] for d in per_replica), max(d[1] for d in per_replica)],
