@@ -207,7 +207,8 @@ def _build_checkpointer(config: TPOConfig, run_dir: Path):
 def _build_weight_push(config: TPOConfig, trainer):
     from megatron_tpo.rollout.weight_sync import WeightPush
 
-    return WeightPush(trainer.ddp_chunks, config.model, config.weight_sync)
+    return WeightPush(trainer.ddp_chunks, config.model, config.weight_sync,
+                      config.train.pad_to_multiple_of)
 
 
 def _ranks_per_engine(config: TPOConfig, world_size: int) -> int:

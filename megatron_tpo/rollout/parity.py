@@ -7,6 +7,11 @@ and the fused log-prob kernel (the numbers DPO trains on), the engine through
 touched (Llama-3's reserved ids), whose log-probs say nothing of the model DPO trains.
 When they differ by more than a tolerance, the per-tensor checksums of what was sent
 and what the engine holds name the first tensor that differs.
+
+The trainer's GPU kernels refuse some shapes its CPU twin accepts: FP8 GEMMs want token
+rows in multiples of 8 and sequence parallelism a sequence the TP size divides. So the
+probes enter the trainer right-padded as its DPO micro-batches are, the padded targets
+masked out and dropped; the engine scores them unpadded.
 """
 
 import contextlib
@@ -16,6 +21,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from megatron_tpo.train.dpo_batch import PairMicroBatch
+from megatron_tpo.train.fp8 import token_rows_multiple
 from megatron_tpo.train.pipeline_step import position_ids, unwrapped
 
 
@@ -64,16 +70,37 @@ def _probe_forward_step(vocab_size: int):
     return forward_step
 
 
-def _probe_micro_batch(sequence: Sequence[int], device) -> PairMicroBatch:
-    tokens = torch.tensor([list(sequence)], dtype=torch.long, device=device)
+def probe_length_multiple(gpt_config, tensor_parallel_size: int,
+                          pad_to_multiple_of: int = 1) -> int:
+    """The multiple of tokens a probe (one sequence per micro-batch) is padded to for the
+    trainer's forward under its megatron ``gpt_config``: the trainer's own
+    ``train.pad_to_multiple_of``; sequence parallelism splits each sequence evenly over
+    the TP ranks (megatron-core asserts it); FP8 GEMMs see one rank's slice, whose token
+    rows TE wants in multiples of 8 (32 for MXFP8). The trainer's multiple alone is not
+    enough: its FP8 check counts both sequences of a pair per micro-batch."""
+    split = tensor_parallel_size if gpt_config.sequence_parallel else 1
+    rows = token_rows_multiple(gpt_config.fp8_recipe) if gpt_config.fp8 else 1
+    return math.lcm(pad_to_multiple_of, split * rows)
+
+
+def _probe_micro_batch(sequence: Sequence[int], seq_length: int, device) -> PairMicroBatch:
+    """``sequence`` as one micro-batch of ``seq_length`` inputs: right-padded (causal
+    attention keeps the padding from every real token), its padded targets masked out."""
+    real = len(sequence) - 1
+    tokens = torch.zeros(1, seq_length + 1, dtype=torch.long, device=device)
+    tokens[0, :len(sequence)] = torch.tensor(list(sequence), dtype=torch.long)
+    loss_mask = torch.zeros(1, seq_length, dtype=torch.long, device=device)
+    loss_mask[0, :real] = 1
     return PairMicroBatch(input_ids=tokens[:, :-1], targets=tokens[:, 1:],
-                          loss_mask=torch.ones_like(tokens[:, 1:]), reference_logprobs=None)
+                          loss_mask=loss_mask, reference_logprobs=None)
 
 
 def trainer_token_logprobs(chunks: Sequence, token_ids: Sequence[Sequence[int]],
-                           vocab_size: int) -> torch.Tensor:
+                           vocab_size: int, pad_to_multiple_of: int = 1) -> torch.Tensor:
     """[sequences, length - 1] float64 per-token log-probs under this rank's model replica,
-    on every rank (a collective over the pipeline; sequences of one length)."""
+    on every rank (a collective over the pipeline; sequences of one length). The sequences
+    enter padded to ``probe_length_multiple`` (``pad_to_multiple_of``: the trainer's
+    ``train.pad_to_multiple_of``); only their real targets come back."""
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -85,23 +112,28 @@ def trainer_token_logprobs(chunks: Sequence, token_ids: Sequence[Sequence[int]],
     if len(chunks) > 1:
         stages = parallel_state.get_pipeline_model_parallel_world_size()
         token_ids = [token_ids[i % count] for i in range(-(-count // stages) * stages)]
-    batches = [_probe_micro_batch(sequence, device) for sequence in token_ids]
+    targets = len(token_ids[0]) - 1
+    multiple = probe_length_multiple(
+        gpt_chunks[0].config, parallel_state.get_tensor_model_parallel_world_size(),
+        pad_to_multiple_of)
+    seq_length = -(-targets // multiple) * multiple
+    batches = [_probe_micro_batch(sequence, seq_length, device) for sequence in token_ids]
     iterators = [iter(batches) for _ in chunks]
     with torch.no_grad(), _hidden_states_from_output_layers(gpt_chunks):
         per_micro_batch = get_forward_backward_func()(
             forward_step_func=_probe_forward_step(vocab_size),
             data_iterator=iterators if len(chunks) > 1 else iterators[0],
             model=list(chunks) if len(chunks) > 1 else chunks[0],
-            num_microbatches=len(batches), seq_length=batches[0].seq_length,
+            num_microbatches=len(batches), seq_length=seq_length,
             micro_batch_size=1, forward_only=True)
-    values = torch.zeros(len(batches), batches[0].seq_length, dtype=torch.float64, device=device)
+    values = torch.zeros(len(batches), seq_length, dtype=torch.float64, device=device)
     if parallel_state.is_pipeline_last_stage():
         values = torch.cat([m["logprobs"] for m in per_micro_batch]).double()
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         torch.distributed.broadcast(
             values, src=parallel_state.get_pipeline_model_parallel_last_rank(),
             group=parallel_state.get_pipeline_model_parallel_group())
-    return values[:count].cpu()
+    return values[:count, :targets].cpu()
 
 
 def abs_differences(engine_values: Sequence[Sequence[float]], trainer_values: torch.Tensor

@@ -113,11 +113,15 @@ class WeightPush:
     """The trainer's weights into an engine in the loop's two phases: ``stream_into`` while
     the engine holds only its weights (no KV cache beside two copies of them), then
     ``check_parity`` once it is awake. Every rank of the world calls both, together, with
-    the same ``probes`` (token ids of real text, one length: ``parity.text_probes``)."""
+    the same ``probes`` (token ids of real text, one length: ``parity.text_probes``),
+    which the trainer scores padded to ``pad_to_multiple_of`` (its
+    ``train.pad_to_multiple_of``) and to what its FP8 and sequence parallelism need."""
 
-    def __init__(self, chunks: list, model: ModelConfig, config: WeightSyncConfig):
+    def __init__(self, chunks: list, model: ModelConfig, config: WeightSyncConfig,
+                 pad_to_multiple_of: int = 1):
         config.validate()
         self.chunks, self.model, self.config = chunks, model, config
+        self.pad_to_multiple_of = pad_to_multiple_of
         self.stream: Optional[WeightStream] = None
 
     def stream_into(self, engine: RolloutEngine) -> Dict[str, float]:
@@ -155,18 +159,19 @@ class WeightPush:
                              "text of one length (parity.text_probes of the run's chat "
                              f"prompts), got {None if probes is None else [len(p) for p in probes]}")
         started = time.perf_counter()
-        metrics.update(check_parity(engine, self.chunks, self.model, config, self.stream, probes))
+        metrics.update(check_parity(engine, self.chunks, self.model, config, self.stream, probes,
+                                    self.pad_to_multiple_of))
         metrics["parity_seconds"] = time.perf_counter() - started
         return metrics
 
 
 def push_weights(engine: RolloutEngine, chunks: list, model: ModelConfig,
-                 config: WeightSyncConfig, probes: Optional[Sequence[Sequence[int]]] = None
-                 ) -> Dict[str, float]:
+                 config: WeightSyncConfig, probes: Optional[Sequence[Sequence[int]]] = None,
+                 pad_to_multiple_of: int = 1) -> Dict[str, float]:
     """``WeightPush``'s two steps with the engine woken for each, outside a run's placement
     (tests, benchmarks): the weights, the stream, the whole engine, the parity check. The
     engine is awake afterwards. Returns both steps' metrics."""
-    push = WeightPush(chunks, model, config)
+    push = WeightPush(chunks, model, config, pad_to_multiple_of)
     if config.check_parity and (not probes or len({len(p) for p in probes}) != 1):
         push.check_parity(engine, probes)   # refuses before any stream
     engine.wake_weights()
@@ -184,13 +189,14 @@ def trainer_precision(chunks: Sequence) -> Tuple[torch.dtype, bool]:
 
 def check_parity(engine: RolloutEngine, chunks: Sequence, model: ModelConfig,
                  config: WeightSyncConfig, stream: WeightStream,
-                 probes: Sequence[Sequence[int]]) -> Dict[str, float]:
+                 probes: Sequence[Sequence[int]], pad_to_multiple_of: int = 1
+                 ) -> Dict[str, float]:
     """The probe log-prob difference over all ranks (max, and the worst replica's mean);
     raises ``WeightSyncError`` (on every rank) above the tolerance for the trainer's
     precision."""
     dtype, fp8 = trainer_precision(chunks)
     name, tolerance = config.tolerance_for(dtype, fp8)
-    trainer = trainer_token_logprobs(chunks, probes, model.vocab_size)
+    trainer = trainer_token_logprobs(chunks, probes, model.vocab_size, pad_to_multiple_of)
     per_replica = [abs_differences(scores, trainer)
                    for scores in engine.score_each_replica(probes)]
     worst = torch.tensor([max(d[0] for d in per_replica), max(d[1] for d in per_replica)],

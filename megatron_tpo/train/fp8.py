@@ -17,9 +17,16 @@ from megatron_tpo.config import (
 from megatron_tpo.model.llama import transformer_engine_available
 
 # TE checks every FP8 GEMM operand: rows (tokens) a multiple of 8 and columns a multiple
-# of 16 for the per-tensor recipes; MXFP8 scales blocks of 32 along both.
+# of 16 for the per-tensor recipes (TE 2.11 pytorch/utils.py assert_dim_for_fp8_exec);
+# MXFP8 scales blocks of 32 along both (tensor/mxfp8_tensor.py is_quantizable).
 _ROW_MULTIPLE = {"mxfp8": 32}
 _COLUMN_MULTIPLE = {"mxfp8": 32}
+
+
+def token_rows_multiple(recipe: str) -> int:
+    """The multiple of token rows (tokens a TP rank's GEMM input holds: batch * sequence,
+    divided by TP under sequence parallelism) that FP8 GEMMs with ``recipe`` need."""
+    return _ROW_MULTIPLE.get(recipe, 8)
 _FP8_COMPUTE_CAPABILITY = (8, 9)      # Ada and Hopper have FP8 tensor cores
 _MXFP8_COMPUTE_CAPABILITY = (10, 0)   # MXFP8 block scaling is Blackwell's
 
@@ -47,7 +54,7 @@ def _check_gemm_widths(recipe: str, model: ModelConfig, parallel: ParallelConfig
 def _check_tokens_per_micro_batch(training: DPOTrainingConfig, parallel: ParallelConfig) -> None:
     """Every micro-batch is 2 * micro_batch_pairs sequences padded to a multiple of
     pad_to_multiple_of tokens; that product must keep the token rows aligned."""
-    multiple = _ROW_MULTIPLE.get(training.fp8.recipe, 8)
+    multiple = token_rows_multiple(training.fp8.recipe)
     tp = parallel.tensor_model_parallel_size
     pad = training.pad_to_multiple_of
     split = tp if parallel.sequence_parallel else 1
