@@ -137,15 +137,15 @@ class DryRun:
     def check(self) -> None:
         """A ConfigError naming the first phase that does not fit, its GPU, the tenants
         there and the smallest single setting after which every phase fits."""
-        found = self.misfit()
-        if found is None:
-            return
-        line, gpu = found
-        reason = "; ".join(gpu.refusals) or (
-            f"needs {gpu.total / GIB:.1f} GiB, more than the {gpu.capacity / GIB:.1f} GiB it has")
-        fix = smallest_fix(self.config, self.world_size, self.script, gpu)
-        raise ConfigError(f"does not fit: {line.phase} on {gpu.gpu}: {gpu.describe()}; {reason}; "
-                          + (f"smallest fix: {fix}" if fix else NO_SINGLE_FIX))
+        refusal = misfit_message(self.config, self.world_size, self.script, self.ledger)
+        if refusal:
+            raise ConfigError(refusal)
+
+    def verdict_for(self, config: TPOConfig, world_size: int) -> str:
+        """The same run's phases with ``config``'s tenant sizes (another layout, say):
+        '' when every phase fits, else what ``check`` would say (tpo-plan's verdict)."""
+        return misfit_message(config, world_size, self.script,
+                              replayed_ledger(config, world_size, self.script))
 
     def summary(self) -> str:
         """One line: the fullest phase and GPU (tpo-doctor's line)."""
@@ -195,12 +195,32 @@ def dry_run(config: TPOConfig, world_size: int, trace: Optional[Path] = None) ->
     return DryRun(config, world_size, parts.placement.ledger, parts.placement.script)
 
 
-# -- fixes ------------------------------------------------------------------------------
-def fits_everywhere(config: TPOConfig, world_size: int, script: List[tuple]) -> bool:
-    """Whether every phase of the recorded run fits with ``config``'s tenant sizes."""
+# -- verdicts and fixes -----------------------------------------------------------------
+def replayed_ledger(config: TPOConfig, world_size: int, script: List[tuple]) -> MemoryLedger:
+    """The ledger of a recorded run's phases with ``config``'s tenant sizes."""
     ledger = MemoryLedger(tenants.run_tenants(config, world_size), tenants.gpu_capacity(config))
     judge_uses_policy = config.judge.kind == "pairwise" and config.judge.pairwise.model is None
-    return replay(script, ledger, judge_uses_policy).first_misfit() is None
+    return replay(script, ledger, judge_uses_policy)
+
+
+def misfit_message(config: TPOConfig, world_size: int, script: List[tuple],
+                   ledger: MemoryLedger) -> str:
+    """'' when every phase of ``ledger`` fits; else the first misfit, its GPU, its
+    tenants, and the smallest single setting after which every phase fits."""
+    found = ledger.first_misfit()
+    if found is None:
+        return ""
+    line, gpu = found
+    reason = "; ".join(gpu.refusals) or (
+        f"needs {gpu.total / GIB:.1f} GiB, more than the {gpu.capacity / GIB:.1f} GiB it has")
+    fix = smallest_fix(config, world_size, script, gpu)
+    return (f"does not fit: {line.phase} on {gpu.gpu}: {gpu.describe()}; {reason}; "
+            + (f"smallest fix: {fix}" if fix else NO_SINGLE_FIX))
+
+
+def fits_everywhere(config: TPOConfig, world_size: int, script: List[tuple]) -> bool:
+    """Whether every phase of the recorded run fits with ``config``'s tenant sizes."""
+    return replayed_ledger(config, world_size, script).first_misfit() is None
 
 
 def smallest_fix(config: TPOConfig, world_size: int, script: List[tuple],

@@ -256,3 +256,43 @@ def test_the_phase_peaks_add_up_to_the_planner_items(recipe_files):
     claim = config.rollout.vllm.gpu_memory_utilization * find_gpu("h100-80gb").memory_bytes
     resident = memory.weights + memory.gradients + memory.optimizer + memory.runtime_reserve
     assert lines["rollout", gpu].total == pytest.approx(resident + claim)
+
+
+def test_tpo_plan_judges_a_layout_of_a_recipe_as_its_dry_run_does(monkeypatch, capsys,
+                                                                   recipe_files):
+    """One memory model, one verdict: the layout that fits the trainer alone on 4 nodes is
+    refused by tpo-plan --experiment with the dry run's own phase, numbers and fix."""
+    from megatron_tpo.cli import plan
+
+    files, tmp = recipe_files
+    recipe = llama3_70b(files, tmp)
+    layout = ["--layout", "tp=8,pp=4,mbs=2", "--recompute", "full"]
+    assert plan.main(["--experiment", "llama3_70b", "--nodes", "4", *layout,
+                      *recipe[1:]]) == 0
+    out = capsys.readouterr().out
+    assert "Verdict: the trainer runs and fits" in out, out
+    whole = out[out.index("Whole run"):]
+    code, _, err = dry_run(monkeypatch, capsys, 32, recipe)
+    assert code == 2
+    refusal = err[err.index("does not fit"):err.index("\ntpo-run: sized")]
+    assert refusal in whole, (refusal, whole)
+    # Without --experiment tpo-plan says what it left out.
+    assert plan.main(["--model", "llama3_70b", "--nodes", "4", "--seq-len", "3072",
+                      "--global-batch", "64", *layout]) == 0
+    assert "Counted: the trainer only." in capsys.readouterr().out
+
+
+def test_the_plan_tpo_plan_emits_for_a_recipe_is_accepted_by_its_dry_run(monkeypatch, capsys,
+                                                                         recipe_files):
+    from megatron_tpo.cli import plan
+
+    files, tmp = recipe_files
+    recipe = llama3_70b(files, tmp)
+    emitted = tmp / "plans"
+    assert plan.main(["--experiment", "llama3_70b", "--nodes", "8", "--emit", str(emitted),
+                      *recipe[1:]]) == 0
+    out = capsys.readouterr().out
+    assert "fits in every phase" in out and "tpo_run_overrides.txt" in out, out
+    overrides = (emitted / "tpo_run_overrides.txt").read_text().split()
+    code, out, err = dry_run(monkeypatch, capsys, 64, [*recipe, *overrides])
+    assert code == 0, err

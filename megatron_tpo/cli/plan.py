@@ -6,6 +6,10 @@
     tpo-plan --model llama3_70b --nodes 8 --seq-len 4096 --global-batch 256 \
              --layout tp=4,pp=4,vpp=5,cp=2,mbs=1 [--recompute full] [--fp8]
     tpo-plan --from plans/70b/parallel.yaml ...  |  tpo-plan --from RUN_DIR/config.yaml ...
+    # judge the whole run, engines and judge beside the trainer, as tpo-run --dry-run does:
+    # the recipe gives the model, sequence length, batch and GPU; tpo-run's overrides follow
+    tpo-plan --experiment llama3_70b --nodes 8 [--layout ...] run.policy=... \
+             judge.pairwise.model=... prompts.path=... evaluation.path=...
     # add one whole TPO iteration, colocated against separate engine pools
     ... --prompts 5000 --samples 8 --prompt-tokens 300 --thought-tokens 400 \
         --response-tokens 300 --judge-kind reward_model --judge llama3_8b
@@ -28,6 +32,13 @@ from megatron_tpo.plan.workload import RECOMPUTE_CHOICES, Assumptions
 
 def _add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = Assumptions()
+    parser.add_argument("--experiment", help="a tpo-run experiment (configs/experiment): judge "
+                        "every layout by the whole run's memory ledger, engines and judge "
+                        "beside the trainer, as tpo-run --dry-run does; it gives --model, "
+                        "--seq-len, --global-batch, --gpu and --nodes defaults")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="with --experiment: tpo-run overrides (the same paths its dry run "
+                             "reads: run.policy, prompts.path, evaluation.path, judge models)")
     parser.add_argument("--model", help="name in configs/model or a YAML path "
                         "(with --from RUN_DIR/config.yaml: the run's model)")
     parser.add_argument("--nodes", type=int, help="nodes (with a run config: its world size)")

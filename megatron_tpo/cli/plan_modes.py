@@ -3,7 +3,7 @@ its argument parser so each reads as one short function."""
 
 import argparse
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import List, Optional
 
@@ -30,6 +30,27 @@ from megatron_tpo.plan.workload import Assumptions, Cluster, TrainingLayout, Wor
 
 DEFAULT_GPU = "h100-80gb"
 CALIBRATION_FILE = "calibration.yaml"
+OVERRIDES_FILE = "tpo_run_overrides.txt"
+
+
+@dataclass(frozen=True)
+class WholeRun:
+    """``--experiment``: the run's phases as its dry run enters them, sized again for each
+    layout with the same ledger, so tpo-plan's verdict is tpo-run --dry-run's."""
+
+    config: object          # TPOConfig
+    sized: object           # DryRun of the recipe as given
+
+    def verdict(self, layout: TrainingLayout, world_size: int) -> str:
+        """'' when every phase of the run fits at ``layout``; else the misfit and a fix."""
+        return self.sized.verdict_for(with_layout(self.config, layout), world_size)
+
+    def fits(self, layout: TrainingLayout, world_size: int) -> bool:
+        """``verdict``'s yes or no, without searching for a fix (cheap: a search asks it
+        of hundreds of layouts)."""
+        from megatron_tpo.dry_run import fits_everywhere
+
+        return fits_everywhere(with_layout(self.config, layout), world_size, self.sized.script)
 
 
 @dataclass(frozen=True)
@@ -39,6 +60,50 @@ class PlanRequest:
     iteration: Optional[IterationRequest]   # --prompts / --response-tokens
     iteration_assumptions: IterationAssumptions
     run_config: Optional[RunConfig]
+    whole_run: Optional[WholeRun] = None    # --experiment
+
+
+def with_layout(config, layout: TrainingLayout):
+    """``config`` with the trainer's layout set to ``layout`` (its TP, PP, VPP, CP, micro-
+    batch, recomputation and FP8), as the overrides ``layout_overrides`` spell it."""
+    from megatron_tpo.dry_run import with_setting
+
+    for override in layout_overrides(layout):
+        key, _, value = override.partition("=")
+        config = with_setting(config, key, None if value == "null" else
+                              True if value == "true" else False if value == "false" else
+                              int(value) if value.isdigit() else value)
+    return config
+
+
+def layout_overrides(layout: TrainingLayout) -> List[str]:
+    """tpo-run overrides that give a run this trainer layout (what --emit writes)."""
+    recompute = "null" if layout.recompute == "none" else layout.recompute
+    return [f"parallel.tensor_model_parallel_size={layout.tp}",
+            f"parallel.pipeline_model_parallel_size={layout.pp}",
+            "parallel.virtual_pipeline_model_parallel_size="
+            + (str(layout.vpp) if layout.vpp > 1 else "null"),
+            f"parallel.context_parallel_size={layout.cp}",
+            f"parallel.sequence_parallel={str(layout.sequence_parallel).lower()}",
+            f"train.micro_batch_pairs={layout.micro_batch // 2}",
+            f"train.recompute_granularity={recompute}",
+            f"train.fp8.enabled={str(layout.fp8).lower()}"]
+
+
+def _whole_run(args: argparse.Namespace):
+    """``--experiment``: the composed run config and its dry run (None without it)."""
+    if not args.experiment:
+        if args.overrides:
+            raise ConfigError(f"{' '.join(args.overrides)}: tpo-run overrides go with "
+                              "--experiment")
+        return None
+    from megatron_tpo.cli.run import compose_config
+    from megatron_tpo.dry_run import dry_run
+
+    config = compose_config([f"experiment={args.experiment}", *args.overrides])
+    recorded = config.run.world_size or config.parallel.model_parallel_size
+    config.validate(recorded)
+    return WholeRun(config, dry_run(config, recorded))
 
 
 def _read_from_file(path: str):
@@ -84,7 +149,8 @@ def _assumptions(args: argparse.Namespace):
 def _check_numbers(args: argparse.Namespace, cluster: Cluster, seq_len: int,
                    global_batch: Optional[int]) -> None:
     if global_batch is None:
-        raise ConfigError("--global-batch is required (sequences per optimizer step)")
+        raise ConfigError("--global-batch is required (sequences per optimizer step), or "
+                          "--experiment")
     for name, value in (("nodes", cluster.nodes), ("seq-len", seq_len),
                         ("global-batch", global_batch), ("top", args.top)):
         if value <= 0:
@@ -139,19 +205,36 @@ def _iteration(args: argparse.Namespace, model: ModelConfig,
     return request
 
 
+def _with_recipe_defaults(args: argparse.Namespace, config) -> argparse.Namespace:
+    """``args`` with what the recipe says where the command line says nothing."""
+    filled = dict(vars(args))
+    filled["model"] = args.model or config.model.name
+    filled["seq_len"] = args.seq_len or (config.prompts.max_tokens
+                                         + config.rollout.sampling.max_new_tokens)
+    filled["global_batch"] = args.global_batch or 2 * config.run.pairs_per_step
+    filled["gpu"] = args.gpu or (None if config.run.hardware == "cpu" else config.run.hardware)
+    if args.nodes is None and config.run.world_size:
+        filled["nodes"] = max(1, config.run.world_size // args.gpus_per_node)
+    return argparse.Namespace(**filled)
+
+
 def resolve_request(args: argparse.Namespace) -> PlanRequest:
+    whole_run = _whole_run(args)
+    if whole_run is not None:
+        args = _with_recipe_defaults(args, whole_run.config)
     run_config, parallel = _read_from_file(args.from_file) if args.from_file else (None, None)
     if args.model:
         model = load_model_config(args.model)
     elif run_config is not None:
         model = run_config.model
     else:
-        raise ConfigError("--model is required (or --from a run's config.yaml)")
+        raise ConfigError("--model is required (or --from a run's config.yaml, or --experiment)")
     cluster = _cluster(args, run_config)
     seq_len = args.seq_len or (run_config.max_prompt_tokens + run_config.max_new_tokens
                                if run_config else None)
     if seq_len is None:
-        raise ConfigError("--seq-len is required (tokens per sequence the memory must hold)")
+        raise ConfigError("--seq-len is required (tokens per sequence the memory must hold), "
+                          "or --experiment")
     _check_numbers(args, cluster, seq_len, args.global_batch)
     if seq_len > model.max_position_embeddings:
         raise ConfigError(f"--seq-len {seq_len} exceeds {model.name}'s "
@@ -159,7 +242,8 @@ def resolve_request(args: argparse.Namespace) -> PlanRequest:
     assumptions, iteration_assumptions = _assumptions(args)
     workload = Workload(model, cluster, seq_len, args.global_batch, assumptions)
     return PlanRequest(workload, _layout(args, run_config, parallel, cluster.world_size),
-                       _iteration(args, model, run_config), iteration_assumptions, run_config)
+                       _iteration(args, model, run_config), iteration_assumptions, run_config,
+                       whole_run)
 
 
 def _engines(args: argparse.Namespace, workload: Workload):
@@ -185,9 +269,32 @@ def _with_iteration(args, request: PlanRequest, plans: List[TrainingPlan], text:
     return json.dumps(report, indent=2) if args.json else text
 
 
+def _fitting_whole_runs(request: PlanRequest, plans: List[TrainingPlan], wanted: int):
+    """``(the fastest plans, up to wanted, whose whole run fits; the fastest plan's misfit
+    if none does)``; all plans without ``--experiment``."""
+    if request.whole_run is None:
+        return plans, ""
+    world = request.workload.cluster.world_size
+    fitting = []
+    for plan in plans:
+        if request.whole_run.fits(plan.layout, world):
+            fitting.append(plan)
+            if len(fitting) == wanted:
+                break
+    if fitting or not plans:
+        return fitting, ""
+    return [], request.whole_run.verdict(plans[0].layout, world)
+
+
 def search_report(args: argparse.Namespace, request: PlanRequest) -> str:
     workload = request.workload
     search = search_training(workload)
+    fitting, misfit = _fitting_whole_runs(request, search.plans, max(args.top, 1))
+    if search.plans and not fitting:
+        raise PlanError(f"{len(search.plans)} layouts fit the trainer alone, none the whole "
+                        f"run beside its engines and judge; the fastest, "
+                        f"{search.plans[0].layout.label()}: {misfit}")
+    search = replace(search, plans=fitting)
     if not search.plans:
         summary = search.rejection_summary()[:3]
         if search.not_runnable:
@@ -200,15 +307,43 @@ def search_report(args: argparse.Namespace, request: PlanRequest) -> str:
         raise PlanError(f"no layout of {workload.model.name} fits {cluster.nodes} x "
                         f"{cluster.gpus_per_node} {cluster.gpu_name}: {reasons}")
     engines = _engines(args, workload)
-    emitted = (emit_plan(Path(args.emit), workload, search.plans[0], engines,
-                         job_name=f"tpo-{workload.model.name}") if args.emit else [])
+    emitted = _emit(args, request, search.plans[0], engines)
     report = plan_report_dict(workload, search, args.top, args.show_rejected, engines)
     report["emitted"] = [str(path) for path in emitted]
     text = format_report(workload, search, args.top, args.show_rejected, engines,
                          args.gpu_memory_utilization)
+    text += "\n\n" + _whole_run_line(request, "")
     if emitted:
-        text += "\n\nWrote " + ", ".join(str(path) for path in emitted)
+        text += "\n\n" + _emitted_lines(args, emitted)
     return _with_iteration(args, request, search.plans, text, report)
+
+
+def _whole_run_line(request: PlanRequest, verdict: str) -> str:
+    if request.whole_run is None:
+        return ("Counted: the trainer only. The engines and the judge beside it are not: "
+                "--experiment NAME [tpo-run overrides] judges the whole run by its memory "
+                "ledger, as tpo-run --dry-run does.")
+    name = request.whole_run.config.run.name
+    return (f"Whole run ({name}, engines and judge beside the trainer, as tpo-run --dry-run "
+            f"sizes it): " + (verdict or "fits in every phase."))
+
+
+def _emit(args: argparse.Namespace, request: PlanRequest, plan: TrainingPlan,
+          engines) -> List[Path]:
+    if not args.emit:
+        return []
+    paths = emit_plan(Path(args.emit), request.workload, plan, engines,
+                      job_name=f"tpo-{request.workload.model.name}")
+    overrides = Path(args.emit) / OVERRIDES_FILE
+    overrides.write_text("\n".join(layout_overrides(plan.layout)) + "\n")
+    return paths + [overrides]
+
+
+def _emitted_lines(args: argparse.Namespace, emitted: List[Path]) -> str:
+    recipe = f"experiment={args.experiment} " if args.experiment else ""
+    return ("Wrote " + ", ".join(str(path) for path in emitted) + "\nRun it with: tpo-run "
+            f"--dry-run {recipe}$(cat {Path(args.emit) / OVERRIDES_FILE}) ..., then the same "
+            "overrides after sbatch slurm/<recipe>.sh")
 
 
 def layout_report(args: argparse.Namespace, request: PlanRequest) -> str:
@@ -218,13 +353,18 @@ def layout_report(args: argparse.Namespace, request: PlanRequest) -> str:
     plans = [assessment.plan] if assessment.runs else [fix.plan for fix in assessment.fixes[:1]]
     text = format_layout_report(workload, assessment)
     report = layout_report_dict(workload, assessment)
+    verdict = (request.whole_run.verdict(request.layout, workload.cluster.world_size)
+               if request.whole_run is not None and assessment.runs else "")
+    report["whole_run"] = (None if request.whole_run is None or not assessment.runs
+                           else {"fits": not verdict, "verdict": verdict})
+    if assessment.runs:
+        text += "\n\n" + _whole_run_line(request, verdict)
     if args.emit:
-        if not assessment.runs:
+        if not assessment.runs or verdict:
             raise ConfigError("--emit: this layout cannot run (see the report without --emit)")
-        emitted = emit_plan(Path(args.emit), workload, assessment.plan,
-                            _engines(args, workload), job_name=f"tpo-{workload.model.name}")
+        emitted = _emit(args, request, assessment.plan, _engines(args, workload))
         report["emitted"] = [str(path) for path in emitted]
-        text += "\n\nWrote " + ", ".join(str(path) for path in emitted)
+        text += "\n\n" + _emitted_lines(args, emitted)
     return _with_iteration(args, request, plans, text, report)
 
 

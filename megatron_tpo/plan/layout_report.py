@@ -56,7 +56,7 @@ def format_layout_report(workload: Workload, assessment: LayoutAssessment) -> st
                 if assessment.most_loaded_rank_parameters is not None else ""),
              ""]
     if assessment.runs:
-        lines.append("Verdict: runs and fits.")
+        lines.append("Verdict: the trainer runs and fits (the whole run: see the end).")
     else:
         lines.append(f"Verdict: cannot run ({len(assessment.problems)} "
                      f"problem{'s' if len(assessment.problems) > 1 else ''}):")
