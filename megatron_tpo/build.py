@@ -21,8 +21,8 @@ from typing import Callable, List, Optional
 
 from megatron_tpo.config.errors import ConfigError
 from megatron_tpo.tpo_config import TPOConfig, write_resolved_config
-from megatron_tpo.data.prompts import (PromptSetConfig, clean_instructions, load_prompts,
-                                      read_instructions)
+from megatron_tpo.data.prompts import (PromptFileError, PromptSetConfig, clean_instructions,
+                                      load_prompts, read_instructions)
 from megatron_tpo.data.storage import IterationStore, config_hash
 from megatron_tpo.judge.base import Judge
 from megatron_tpo.parts import TPOParts
@@ -268,7 +268,11 @@ def _changed_keys(before, now, prefix="") -> List[str]:
 
 
 def training_prompts(config: TPOConfig, tokenizer) -> List[str]:
-    prompts = load_prompts(config.prompts, tokenizer)
+    try:
+        prompts = load_prompts(config.prompts, tokenizer)
+    except PromptFileError as error:
+        raise ConfigError(f"prompts.path={config.prompts.path} (prompts.field="
+                          f"{config.prompts.field}): {error}") from error
     needed = config.run.iterations * config.prompts.prompts_per_iteration
     if needed > len(prompts):
         raise ConfigError(f"run.iterations={config.run.iterations} x prompts."
@@ -282,8 +286,12 @@ def heldout_prompts(config: TPOConfig) -> List[str]:
     settings = config.evaluation
     if not settings.num_prompts:
         return []
-    instructions = clean_instructions(read_instructions(
-        PromptSetConfig(path=settings.path, field=settings.field)))
+    try:
+        instructions = clean_instructions(read_instructions(
+            PromptSetConfig(path=settings.path, field=settings.field)))
+    except PromptFileError as error:
+        raise ConfigError(f"evaluation.path={settings.path} (evaluation.field={settings.field}): "
+                          f"{error}") from error
     if len(instructions) < settings.num_prompts:
         raise ConfigError(f"evaluation.num_prompts={settings.num_prompts}, but {settings.path} "
                           f"has {len(instructions)} distinct instructions")

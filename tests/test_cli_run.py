@@ -115,3 +115,49 @@ def test_a_kv_cache_that_cannot_hold_one_sequence_is_refused_with_the_bytes_and_
                              "rollout.vllm.tensor_parallel_size=2") is None
     # Without an explicit size vLLM sizes the cache from gpu_memory_utilization: no check.
     assert _kv_cache_refusal(overrides) is None
+
+
+BROKEN_LINE = '{"instruction": "a"}\n{oops\n'
+MISSING_FIELD = '{"prompt": "a"}\n'
+
+
+@pytest.mark.parametrize("case, named", [
+    ("broken_line", "train.jsonl:2"),
+    ("missing_field", "train.jsonl:1"),
+    ("heldout_field", "evaluation.field"),
+    ("too_few_prompts", "needs 80 new instructions"),
+    ("context_parallel", "parallel.context_parallel_size=2"),
+    ("judge_missing", "judge.pairwise.model=/nonexistent/judge: no config.json there"),
+])
+def test_the_dry_run_reads_what_the_job_will_read_and_refuses_it_before_any_gpu_time(
+        overrides, tmp_path, capsys, case, named):
+    """What the job used to die on after its engines were built, refused with exit 2."""
+    prompts = tmp_path / "train.jsonl"
+    prompts.write_text(BROKEN_LINE if case == "broken_line" else MISSING_FIELD)
+    bad = {
+        "broken_line": [f"prompts.path={prompts}"],
+        "missing_field": [f"prompts.path={prompts}"],
+        "heldout_field": ["evaluation.field=prompt"],
+        "too_few_prompts": ["run.iterations=10"],
+        "context_parallel": ["parallel.context_parallel_size=2"],
+        "judge_missing": ["judge=pairwise", "judge.pairwise.model=/nonexistent/judge"],
+    }[case]
+    code = main(["--dry-run", *overrides, f"run.dir={tmp_path / 'run'}", *bad])
+    error = capsys.readouterr().err
+    assert code == 2 and named in error, error
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_run_directory_with_no_stored_stage_takes_corrected_settings(overrides, tmp_path,
+                                                                        capsys):
+    from megatron_tpo.build import check_run_dir, claim_run_dir
+
+    run_dir = tmp_path / "run"
+    claim_run_dir(compose_config(overrides + ["train.lr=1e-2"]), run_dir)   # a failed start
+    corrected = compose_config(overrides + ["train.lr=1e-3"])
+    check_run_dir(corrected, run_dir)   # nothing stored: no refusal
+    stage = run_dir / "stages" / "iteration_000"
+    stage.mkdir(parents=True)
+    (stage / "rollouts.manifest.json").write_text("{}")
+    with pytest.raises(ConfigError, match="holds a run made with other settings"):
+        check_run_dir(corrected, run_dir)

@@ -17,7 +17,7 @@ from megatron_tpo.config.loading import load_group_config
 FORMATS = {".jsonl": "json", ".parquet": "parquet", ".arrow": "arrow"}
 
 
-class PromptFileError(ValueError):
+class PromptFileError(ConfigError):
     """A prompt file that cannot be read; the message names the file and line."""
 
 
