@@ -21,6 +21,7 @@ from the newest checkpoint, so no sample is lost or duplicated.
 """
 
 import logging
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable, List, Optional, Tuple
@@ -54,8 +55,12 @@ def run_tpo(parts: TPOParts, iterations: Optional[int] = None) -> dict:
     config = parts.config
     last = config.run.iterations if iterations is None else iterations
     iteration, step = resume(parts)
+    started = time.monotonic()
     for t in range(iteration, last):
         run_iteration(parts, t, first_step=step if t == iteration else 0)
+        per_iteration = (time.monotonic() - started) / (t + 1 - iteration)
+        logger.info("iteration %d of %d done; about %.0f min to go at %.1f min an iteration",
+                    t, last, (last - t - 1) * per_iteration / 60, per_iteration / 60)
     evaluate_heldout(parts, last)
     summary = run_summary(parts.store, parts.metrics.records("iteration"), last,
                           config.thought.name)
@@ -131,6 +136,8 @@ def stage(parts: TPOParts, t: int, name: str, compute: Callable, on: str = "all"
                             counts=counts)
                 parts.metrics.log({f"{name}/{key}": value for key, value in counts.items()},
                                   step=t)
+                logger.info("iteration %d: stored %d %s rows%s", t, len(rows), name,
+                            "".join(f", {key} {value}" for key, value in counts.items()))
             crash_point(t, name)
 
         # Not a barrier: rank 0 may compute alone for longer than a collective may wait.
@@ -200,9 +207,15 @@ def train_on_pairs(parts: TPOParts, t: int, reference: List[dict], first_step: i
                                        f"DPO iteration {t}"):
         batch = pairs_for_step(pairs, config.run.pairs_per_step, step,
                                seed=derived_seed(config.run.seed, t, "pairs"))
-        parts.metrics.log_train_step(t, step, trainer.step(batch),
+        metrics = trainer.step(batch)
+        parts.metrics.log_train_step(t, step, metrics,
                                      global_step=t * config.train.train_steps + step)
         crash_point(t, "train", step)
+        if step + 1 == config.train.train_steps and "loss" in metrics:
+            logger.info("iteration %d: DPO step %d: loss %.4f, reward accuracy %.2f, "
+                        "%.0f tokens/s", t, step, metrics["loss"],
+                        metrics.get("rewards/accuracy", float("nan")),
+                        metrics.get("tokens_per_second", float("nan")))
         # After the last step the iteration's own checkpoint follows at once.
         if step + 1 < config.train.train_steps and parts.preemption.requested():
             save_checkpoint(parts, t, step_in_iteration=step + 1)

@@ -166,6 +166,19 @@ def uninterrupted(tmp_path_factory) -> Path:
     return root
 
 
+def test_the_log_says_what_the_run_is_doing_and_the_expected_warnings_once(uninterrupted):
+    log = (uninterrupted / "tpo-run.whole.log").read_text()
+    for t in range(ITERATIONS):
+        for phase in ("held-out answers", "rollout", "judging", "pairs", "reference", "train",
+                      "checkpoint", "weight sync", "parity check"):
+            assert f"iteration {t}: {phase} done in" in log, (t, phase)
+        assert f"iteration {t}: stored 32 rollouts rows" in log
+        assert f"iteration {t} of {ITERATIONS} done; about" in log
+    assert "DPO step 2: loss" in log
+    assert "Transformer Engine and Apex are not installed" not in log
+    assert log.count("Transformer Engine is not installed") == 1
+
+
 def test_iteration_zero_at_tp1_trains_on_the_sampled_tokens_against_m0(uninterrupted):
     summary = json.loads((uninterrupted / "run" / "summary.json").read_text())
     check_iteration_zero(uninterrupted, summary, ITERATIONS, TRAIN_STEPS)

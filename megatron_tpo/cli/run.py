@@ -75,6 +75,7 @@ def run_rank(rank: int, world_size: int, config) -> Optional[dict]:
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("megatron_tpo").setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    say_expected_warnings_once(rank)
     init_megatron(config.parallel, config.model, seed=config.run.seed,
                   timeout_seconds=config.run.process_group_timeout_seconds)
     parts = None
@@ -138,6 +139,22 @@ def dry_run_world(config, options: dict, environment) -> Tuple[int, str]:
     if config.run.world_size is not None:
         return config.run.world_size, "the recipe's run.world_size"
     return config.parallel.model_parallel_size, "TP x PP x CP, no launcher"
+
+
+# megatron-core warns from a dozen modules at import that it falls back to torch without
+# Transformer Engine and Apex: on CPU that is the expected set-up, not fourteen warnings.
+FALLBACK_WARNINGS = r"(Transformer Engine and Apex are|Apex is) not installed"
+
+
+def say_expected_warnings_once(rank: int) -> None:
+    import importlib.util
+    import warnings
+
+    warnings.filterwarnings("ignore", message=FALLBACK_WARNINGS)
+    if rank == 0 and importlib.util.find_spec("transformer_engine") is None:
+        logging.getLogger("megatron_tpo.run").info(
+            "Transformer Engine is not installed: megatron-core runs its local layers and "
+            "torch optimizers (expected on CPU; a GPU run wants it, see tpo-doctor)")
 
 
 def main(argv=None) -> int:

@@ -27,6 +27,8 @@ tenant of its own: its phases need the policy engine awake instead.
 """
 
 import contextlib
+import logging
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -34,6 +36,8 @@ import torch
 
 from megatron_tpo.placement.ledger import (ABSENT, ASLEEP, AWAKE, IN_USE, RELEASED, RESIDENT,
                                            WEIGHTS_ONLY, MemoryLedger)
+
+logger = logging.getLogger(__name__)
 
 # What the placement moves: each registered tenant is one of these, or fixed.
 POLICY_ENGINE = "policy engine"
@@ -171,20 +175,33 @@ class Placement:
 
     @contextlib.contextmanager
     def phase(self, name: str, iteration: Optional[int] = None):
-        """Place the tenants for phase ``name``, run the block (timed), then record the
-        ledger's line for it: what the phase held, including tenants built inside it."""
+        """Place the tenants for phase ``name``, run the block (timed, its start and end
+        logged), then record the ledger's line for it: what the phase held, including
+        tenants built inside it."""
         phase = self.enter(name)
+        where = f"iteration {iteration}: " if iteration is not None else ""
+        logger.info("%s%s%s", where, name, self._memory_note())
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         timed = (self.timer(f"timing/{phase.timing}") if self.timer and phase.timing
                  else contextlib.nullcontext())
+        started = time.perf_counter()
         with timed:
             yield
+        logger.info("%s%s done in %.1f s", where, name, time.perf_counter() - started)
         line = self.ledger.enter(name, iteration)
         self.script.append(("record", name, iteration))
         if self.measure is not None and self.gpu is not None:
             predicted = next((g.total for g in line.gpus if g.gpu == self.gpu), 0.0)
             self.measure(name, iteration, predicted)
+
+
+    def _memory_note(self) -> str:
+        """This rank's GPU as the ledger predicts it now (tenants built later not yet in)."""
+        if self.gpu is None:
+            return ""
+        held = next((line for line in self.ledger.snapshot("").gpus if line.gpu == self.gpu), None)
+        return "" if held is None or held.capacity is None else f" ({held.describe()})"
 
 
 def replay(script: List[tuple], ledger: MemoryLedger,

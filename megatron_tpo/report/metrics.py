@@ -9,6 +9,7 @@ device held).
 """
 
 import json
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -52,7 +53,11 @@ class RunMetrics:
         self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - started
 
     def progress(self, iterable: Iterable, description: str):
-        return tqdm(iterable, desc=description, disable=not self.enabled, leave=False)
+        """A progress bar on rank 0; without a terminal (a Slurm log) a line a minute
+        instead of a redraw every few milliseconds."""
+        attached = sys.stderr.isatty()
+        return tqdm(iterable, desc=description, disable=not self.enabled, leave=False,
+                    mininterval=0.1 if attached else 60.0)
 
     def _write(self, record: dict, step: int) -> None:
         if not self.enabled:
