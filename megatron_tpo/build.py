@@ -67,7 +67,7 @@ def build_tpo(config: TPOConfig, builders: Optional[Builders] = None,
     heldout = heldout_prompts(config)
     metrics = builders.metrics(config, run_dir)
     placement = run_placement(config, world_size, trace or run_dir / LEDGER_FILE, metrics)
-    for name in (tenants.RESERVE, tenants.POLICY_POOL, tenants.JUDGE_POOL):
+    for name in (tenants.RESERVE, tenants.NCCL, tenants.POLICY_POOL, tenants.JUDGE_POOL):
         placement.add(name, policy.FIXED, RESIDENT)
     placement.add(tenants.RECEIVED_BUCKETS, policy.SYNC, RELEASED)
     with placement.phase(policy.ENGINE_START_UP):

@@ -149,8 +149,8 @@ def test_the_cpu_recipes_say_their_memory_is_not_checked(monkeypatch, capsys, tm
 @pytest.mark.parametrize("world, change, phase, numbers, fix", [
     # The 70B recipe as it shipped: 4 nodes, DP=1 (the optimizer unsharded beside the
     # awake engine), and before that an engine of TP=1 holding 131 GiB of weights.
-    (32, [], "parity check", "80.9 of 79.6 GiB",
-     "rollout.vllm.gpu_memory_utilization=0.48"),
+    (32, [], "parity check", "82.1 of 79.6 GiB",
+     "rollout.vllm.gpu_memory_utilization=0.46"),
     (64, ["rollout.vllm.tensor_parallel_size=1"], "engine start-up",
      "need 134.4 GiB, more than rollout.vllm.gpu_memory_utilization=0.5 x 79.6 GiB",
      "rollout.vllm.tensor_parallel_size=4"),
@@ -244,18 +244,23 @@ def test_the_phase_peaks_add_up_to_the_planner_items(recipe_files):
     share of the rollout its whole claim; the two phases differ by exactly those items."""
     from megatron_tpo.dry_run import dry_run as run_dry
     from megatron_tpo.plan.hardware import GIB, find_gpu
-    from megatron_tpo.plan.tenants import ENGINE_ASLEEP_GIB, stage_memories
+    from megatron_tpo.plan.tenants import ENGINE_ASLEEP_GIB, nccl_communicators, stage_memories
+    from megatron_tpo.plan.workload import Assumptions
 
     files, tmp = recipe_files
     config = compose_config(llama3_8b(files, tmp))
     lines = {(line.phase, gpu.gpu): gpu for line in run_dry(config, 8).ledger.lines
              for gpu in line.gpus}
     memory = stage_memories(config, 8)[0]
+    # TP2 x DP4 in one world: three communicators (world, TP, DP); the TP1 engine none.
+    assert nccl_communicators(config, 8) == 3
+    nccl = 3 * Assumptions().nccl_communicator_gib * GIB
     gpu = "h100-80gb GPU of pipeline stage 0"
-    assert lines["train", gpu].total == pytest.approx(memory.total + ENGINE_ASLEEP_GIB * GIB)
+    assert lines["train", gpu].total == pytest.approx(memory.total + nccl
+                                                      + ENGINE_ASLEEP_GIB * GIB)
     claim = config.rollout.vllm.gpu_memory_utilization * find_gpu("h100-80gb").memory_bytes
     resident = memory.weights + memory.gradients + memory.optimizer + memory.runtime_reserve
-    assert lines["rollout", gpu].total == pytest.approx(resident + claim)
+    assert lines["rollout", gpu].total == pytest.approx(resident + nccl + claim)
 
 
 def test_tpo_plan_judges_a_layout_of_a_recipe_as_its_dry_run_does(monkeypatch, capsys,

@@ -26,6 +26,7 @@ from megatron_tpo.plan.workload import Assumptions, Cluster, Workload
 
 # Tenant names: build.py registers the real holders under them, the dry run its stand-ins.
 RESERVE = "CUDA context and workspaces"
+NCCL = "NCCL communicators"
 POLICY_ENGINE = "policy engine"
 POLICY_POOL = "policy engine pool"
 REWARD_MODEL = "reward model"
@@ -197,6 +198,19 @@ def _on_accelerator(config, device: str) -> bool:
     return config.run.hardware == "cpu" or device.startswith("cuda")
 
 
+def nccl_communicators(config, world_size: int) -> int:
+    """The NCCL communicators a trainer rank holds: the world's (the loop's own collectives),
+    its tensor-, data- and pipeline-parallel groups' (a pipeline rank talks to the stage
+    before and after it), and a colocated vLLM engine's tensor-parallel group."""
+    parallel = config.parallel
+    tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
+    count = (world_size > 1) + (tp > 1) + (parallel.data_parallel_size(world_size) > 1)
+    count += 2 * (pp > 1)
+    engine = config.rollout
+    count += engine.placement == "colocated" and engine.ranks_per_engine > 1
+    return count
+
+
 def run_tenants(config, world_size: int) -> List[TenantSpec]:
     """Every tenant of the run on every kind of GPU: each distinct trainer pipeline stage,
     and the GPUs of the engine pools."""
@@ -205,8 +219,10 @@ def run_tenants(config, world_size: int) -> List[TenantSpec]:
     specs: List[TenantSpec] = []
     gpus = [trainer_gpu(config, stage) for stage in trainer_stages(config)]
     buckets = 2.0 * config.weight_sync.bucket_bytes
+    communicators = nccl_communicators(config, world_size) * Assumptions().nccl_communicator_gib
     for gpu, memory in zip(gpus, stage_memories(config, world_size)):
         specs.append(TenantSpec(RESERVE, gpu, ((RESIDENT, memory.runtime_reserve),)))
+        specs.append(TenantSpec(NCCL, gpu, ((RESIDENT, communicators * GIB),)))
         if rollout.placement == "colocated" and (rollout.engine == "vllm"
                                                  or _on_accelerator(config, rollout.device)):
             specs.append(policy_engine_spec(config, gpu, capacity))

@@ -59,6 +59,11 @@ class Assumptions:
     param_bytes: int = 2
     # CUDA context, cuBLAS/NCCL workspaces and allocator fragmentation, per GPU.
     runtime_reserve_gib: float = 3.0
+    # Each NCCL communicator a rank uses (one per process group, and one per pipeline
+    # neighbour) keeps its channels' buffers on the GPU: NCCL_BUFFSIZE (4 MiB) per
+    # protocol, channel and peer, more with NVLink SHARP. Not yet measured here; the first
+    # GPU run's memory records (metrics.jsonl) calibrate it.
+    nccl_communicator_gib: float = 0.25
     allow_fp8: bool = True
 
 
