@@ -123,6 +123,30 @@ def test_closing_the_placement_closes_every_engine_and_judge_it_holds():
     assert closed == ["proxy", "judge engine"]
 
 
+def test_each_phase_logs_the_ledgers_prediction_beside_what_the_device_holds(tmp_path,
+                                                                            monkeypatch):
+    """On a GPU (its readings stood in for here): memory_reserved's peak and the device's
+    used memory beside the prediction for this rank's GPU, one record per phase."""
+    import torch
+
+    from megatron_tpo.report.metrics import RunMetrics
+
+    gib = 1024 ** 3
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (30 * gib, 80 * gib))
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda: 12 * gib)
+    metrics = RunMetrics(tmp_path, enabled=True, tensorboard=False)
+    placement, _, _ = two_tenant_placement()
+    placement.gpu, placement.measure = GPU, metrics.log_device_memory
+    for name in (policy.ROLLOUT, policy.TRAIN):
+        with placement.phase(name, 3):
+            pass
+    records = metrics.records("memory")
+    assert [(r["phase"], r["step"], r["predicted_bytes"]) for r in records] == [
+        (policy.ROLLOUT, 3, 12.0), (policy.TRAIN, 3, 10.0)]
+    assert all(r["reserved_peak_bytes"] == 12 * gib and r["device_used_bytes"] == 50 * gib
+               for r in records)
+
+
 # -- the real tiny run against its ledger and its dry run ---------------------------------
 TENANT_OF = {"HFRolloutEngine": "policy engine", "RewardModelJudge": "reward model"}
 STATE_OF = {"sleep": ASLEEP, "wake_weights": WEIGHTS_ONLY, "wake": AWAKE}
