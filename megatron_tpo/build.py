@@ -188,7 +188,8 @@ def _build_trainer(config: TPOConfig, run_dir: Path):
                          shard_root=initial_weights(config, run_dir))
     if config.run.initial_checkpoint:
         load_initial_checkpoint(trainer.ddp_chunks, trainer.optimizer,
-                                config.run.initial_checkpoint)
+                                config.run.initial_checkpoint,
+                                config.run.rank_zero_timeout_seconds)
     return trainer
 
 

@@ -62,21 +62,25 @@ def _checksum_problem(path: str, num_layers: int) -> Optional[str]:
     return None
 
 
-def load_initial_checkpoint(chunks: List, optimizer, path: str) -> None:
+def load_initial_checkpoint(chunks: List, optimizer, path: str,
+                            timeout_seconds: float = 4 * 3600.0) -> None:
     """COLLECTIVE. Load M_0 into this rank's (DDP-wrapped) chunks at their TP/PP/VPP.
 
-    Rank 0 first checks the files against the checksums ``tpo-convert`` wrote, and every
-    rank raises its error, so no rank is left waiting in the load. The optimizer was
-    built from the weights before the load, so its main (fp32) copies are refreshed.
+    Rank 0 first checks the files against the checksums ``tpo-convert`` wrote (minutes
+    for a 70B checkpoint: the others wait for it on the store, up to ``timeout_seconds``,
+    ``run.rank_zero_timeout_seconds``, not in a collective), and every rank raises its
+    error, so no rank is left waiting in the load. The optimizer was built from the
+    weights before the load, so its main (fp32) copies are refreshed.
     """
     from megatron_tpo.checkpoint.sharded_state import unwrapped_chunks
     from megatron_tpo.model.dist_weights import load_into_model
-    from megatron_tpo.parallel.collectives import broadcast_from_rank_zero, is_rank_zero
+    from megatron_tpo.parallel.collectives import rank_zero_result
 
     models = unwrapped_chunks(chunks)
     num_layers = models[0].config.num_layers
-    problem = broadcast_from_rank_zero(
-        _checksum_problem(path, num_layers) if is_rank_zero() else None)
+    problem = rank_zero_result(lambda: _checksum_problem(path, num_layers),
+                               f"checking {path} against its checksums", timeout_seconds,
+                               "run.rank_zero_timeout_seconds")
     if problem is not None:
         raise ConfigError(f"run.initial_checkpoint={path}: {problem}")
     prefix = _reader(path, num_layers, verify_checksums=False).prefix
