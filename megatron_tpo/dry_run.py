@@ -14,7 +14,6 @@ push are stand-ins; the memory they claim comes from the planner's model
 sized are the phases the loop enters, by construction.
 """
 
-import math
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -26,7 +25,7 @@ from megatron_tpo.build import Builders, build_tpo, check_run_dir
 from megatron_tpo.config.errors import ConfigError
 from megatron_tpo.judge.base import Judge, Judgment, check_grouping
 from megatron_tpo.loop import run_tpo
-from megatron_tpo.placement.ledger import GIB, GpuLine, MemoryLedger, PhaseLine
+from megatron_tpo.placement.ledger import GIB, GpuLine, MemoryLedger
 from megatron_tpo.placement.policy import replay
 from megatron_tpo.plan import tenants
 from megatron_tpo.report.metrics import RunMetrics
@@ -130,9 +129,6 @@ class DryRun:
     world_size: int
     ledger: MemoryLedger
     script: List[tuple]
-
-    def misfit(self) -> Optional[Tuple[PhaseLine, GpuLine]]:
-        return self.ledger.first_misfit()
 
     def check(self) -> None:
         """A ConfigError naming the first phase that does not fit, its GPU, the tenants

@@ -13,7 +13,6 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_judge_reward_model_ranks import save_classifier  # noqa: E402
-from test_loop import run_loop  # noqa: E402
 from tpo_fixtures import tiny_run_overrides  # noqa: E402
 
 from megatron_tpo.placement import MemoryLedger, Placement, TenantSpec  # noqa: E402

@@ -222,20 +222,27 @@ def _sync_worker(rank, world_size, model, shard_root, checkpoint, pairs, probes)
     return report
 
 
-@pytest.fixture(scope="module")
-def sync_reports(tmp_path_factory):
-    model = _model()
-    root = tmp_path_factory.mktemp("vllm_cpu_sync")
-    checkpoint = _save_checkpoint(root / "hf", seed=0)
-    shard_root = hf_to_mcore(checkpoint, root / "tp2_pp2", 2, 2,
+def _checkpoint_shards_and_pairs(root: Path, model, seed: int, tp: int, pp: int, **overrides):
+    """An HF checkpoint of ``model`` (vLLM loads it), its megatron shards at TP/PP, and two
+    random preference pairs to train one DPO step on."""
+    checkpoint = _save_checkpoint(root / "hf", seed=seed, **overrides)
+    shard_root = hf_to_mcore(checkpoint, root / f"tp{tp}_pp{pp}", tp, pp,
                              make_vocab_size_divisible_by=model.make_vocab_size_divisible_by,
                              progress=False).destination
-    generator = torch.Generator().manual_seed(7)
+    generator = torch.Generator().manual_seed(7 + seed)
 
     def ids(length):
         return torch.randint(0, model.vocab_size, (length,), generator=generator).tolist()
 
     pairs = [TokenizedPair(prompt=ids(4), chosen=ids(6), rejected=ids(5)) for _ in range(2)]
+    return checkpoint, shard_root, pairs
+
+
+@pytest.fixture(scope="module")
+def sync_reports(tmp_path_factory):
+    model = _model()
+    checkpoint, shard_root, pairs = _checkpoint_shards_and_pairs(
+        tmp_path_factory.mktemp("vllm_cpu_sync"), model, seed=0, tp=2, pp=2)
     probes = _probes()
     return probes, spawn_local(_sync_worker, 4, model, shard_root, str(checkpoint), pairs,
                                probes)
@@ -299,18 +306,10 @@ def _tied_sync_worker(rank, world_size, model, shard_root, checkpoint, pairs, pr
 @pytest.fixture(scope="module")
 def tied_sync_reports(tmp_path_factory):
     model = _model(tie_word_embeddings=True)
-    root = tmp_path_factory.mktemp("vllm_cpu_tied")
     # The HF checkpoint stores the one tensor, as model.embed_tokens.weight.
-    checkpoint = _save_checkpoint(root / "hf", seed=2, tie_word_embeddings=True)
-    shard_root = hf_to_mcore(checkpoint, root / "tp1_pp2", 1, 2,
-                             make_vocab_size_divisible_by=model.make_vocab_size_divisible_by,
-                             progress=False).destination
-    generator = torch.Generator().manual_seed(8)
-
-    def ids(length):
-        return torch.randint(0, model.vocab_size, (length,), generator=generator).tolist()
-
-    pairs = [TokenizedPair(prompt=ids(4), chosen=ids(6), rejected=ids(5)) for _ in range(2)]
+    checkpoint, shard_root, pairs = _checkpoint_shards_and_pairs(
+        tmp_path_factory.mktemp("vllm_cpu_tied"), model, seed=2, tp=1, pp=2,
+        tie_word_embeddings=True)
     probes = _probes()
     return probes, spawn_local(_tied_sync_worker, 2, model, shard_root, str(checkpoint), pairs,
                                probes)

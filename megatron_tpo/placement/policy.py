@@ -30,7 +30,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -109,7 +109,6 @@ class Placement:
         self.gpu, self.timer, self.measure = gpu, timer, measure
         self.tenants: List[_Tenant] = []
         self.current: Optional[str] = None
-        self.events: List[Tuple[str, str, str]] = []   # (phase, tenant, new state)
         # Every add, phase entry and ledger line, in order: ``replay`` sizes the same run
         # again with other tenant sizes (a candidate fix) without running it.
         self.script: List[tuple] = []
@@ -151,7 +150,6 @@ class Placement:
         if tenant.handle is not None:
             self._move(tenant.handle, tenant.kind, now, state, phase)
         self.ledger.claim(tenant.name, state)
-        self.events.append((self.current, tenant.name, state))
 
     @staticmethod
     def _move(handle, kind: str, now: str, state: str, phase: Phase) -> None:
