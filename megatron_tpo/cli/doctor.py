@@ -58,9 +58,11 @@ class Check:
         own column so the report stays readable in a terminal and a job's log."""
         head = f"{self.status:<5} {self.what:<25} "
         width = max(REPORT_WIDTH - len(head), 40)
-        pieces = [piece for paragraph in self.detail.splitlines()
-                  for piece in (textwrap.wrap(paragraph, width, break_on_hyphens=False)
-                                or [""])]
+        pieces = []
+        for paragraph in self.detail.splitlines():  # a list item keeps its indent
+            indent = " " * (len(paragraph) - len(paragraph.lstrip()))
+            pieces += textwrap.wrap(paragraph, width, subsequent_indent=indent and indent + "  ",
+                                    break_on_hyphens=False) or [""]
         return head + ("\n" + " " * len(head)).join(pieces or [""])
 
 

@@ -100,7 +100,7 @@ def checkpoint_model_config(path: str, setting: str) -> ModelConfig:
         raise ConfigError(
             f"{setting}={path}: no config.json there, and not a hub id in the local Hugging "
             "Face cache; its size cannot be known before the run, and every rank would "
-            f"download it at start-up. Download it once (huggingface-cli download {path} "
+            f"download it at start-up. Download it once (hf download {path} "
             f"--local-dir DIR) and set {setting}=DIR")
     return model_config_from_hf(read_hf_config_dict(directory), f"{directory}/config.json")
 
