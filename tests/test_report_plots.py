@@ -74,4 +74,14 @@ def test_a_runs_iterations_png_bounds_every_panel_by_what_its_figure_is():
 ])
 def test_y_limits(values, scale, limits):
     assert y_limits(values, scale) == pytest.approx(limits)
-    assert y_limits([], scale) is None
+    # NaN (a margin of an iteration without pairs) is not drawn; nothing at all: no limits.
+    assert y_limits(values + [float("nan")], scale) == pytest.approx(limits)
+    assert y_limits([], scale) is None and y_limits([float("nan")], scale) is None
+
+
+def test_an_iteration_without_pairs_still_plots():
+    records = [{"iteration": t, "mean_score_margin": float("nan"), "mean_response_length": 5.0,
+                "heldout/score": 0.5}
+               for t in range(2)]
+    figure = iterations_figure({"generic": records})
+    assert panel(figure, "response length").get_ylim()[0] == 0

@@ -6,6 +6,7 @@ by 0.02% (17.988 to 17.992 characters) looked like a trend. Lengths start at zer
 span at least a fifth of [0, 1], other figures at least a fifth of their magnitude.
 """
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -29,8 +30,9 @@ PADDING = 0.08  # of the span, above and below the data
 
 
 def y_limits(values: Sequence[float], scale: Scale) -> Optional[Tuple[float, float]]:
-    """The y-axis limits of a panel showing ``values``; None when there is nothing."""
-    values = [float(v) for v in values if v is not None]
+    """The y-axis limits of a panel showing ``values`` (NaN, as a margin of an iteration
+    without pairs, is not drawn); None when there is nothing to show."""
+    values = [float(v) for v in values if v is not None and math.isfinite(float(v))]
     if not values:
         return None
     low, high = min(values), max(values)
