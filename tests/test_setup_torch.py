@@ -22,7 +22,7 @@ import pytest
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 VENV = Path(sys.executable).parent.parent  # the Makefile runs $(VENV)/bin/python
-UNREACHABLE = "http://127.0.0.1:9/simple"   # the discard port: refused at once
+UNREACHABLE = "no_such_cpu_index"   # an index pip cannot read; it says so when it asks
 
 
 def fake_wheel(folder: Path, name: str, version: str, requires=()) -> Path:
@@ -98,6 +98,7 @@ def resolve(command: str, tmp_path: Path, **pip_environment) -> dict:
     done = subprocess.run(["sh", "-c", dry], cwd=REPOSITORY, env=environment,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+    assert UNREACHABLE not in done.stderr, done.stderr  # never asked the unreachable index
     installs = json.loads(report.read_text())["install"]
     return {item["metadata"]["name"]: item["metadata"]["version"] for item in installs}
 
@@ -112,7 +113,7 @@ def test_an_ordinary_linux_machine_gets_the_cpu_build_from_pytorchs_cpu_index(in
 
 
 def test_a_cpu_wheel_pip_already_sees_is_taken_without_asking_the_cpu_index(indexes, tmp_path):
-    command = torch_command(gpu_node=False, cpu_index=UNREACHABLE)
+    command = torch_command(gpu_node=False, cpu_index=(tmp_path / UNREACHABLE).as_uri())
     assert resolve(command, tmp_path, PIP_INDEX_URL=indexes["pypi"],
                    PIP_FIND_LINKS=str(indexes["local"])) == {"torch": "2.13.0+cpu"}
 
