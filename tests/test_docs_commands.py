@@ -394,8 +394,14 @@ def as_run_here(command: Command):
     submission = submission_of(command)
     if submission is None or command.text in SUBMISSIONS_NOT_CHECKED:
         return None
-    argv = ["tpo-run", "--dry-run", "--world-size", str(submission.trainer_tasks()),
-            f"experiment={submission.experiment()}", *submission.overrides]
+    experiment = submission.experiment()
+    recipe = (REPOSITORY / "configs" / "experiment" / f"{experiment}.yaml").read_text()
+    recipe_world = re.search(r"^  world_size: (\d+)", recipe, re.MULTILINE)
+    world = submission.trainer_tasks()
+    # The recipe's own world needs no option: the same command as its documented dry run.
+    sizing = [] if recipe_world and int(recipe_world.group(1)) == world else [
+        "--world-size", str(world)]
+    argv = ["tpo-run", "--dry-run", *sizing, f"experiment={experiment}", *submission.overrides]
     return f"batch-host dry run of: {command.text}", "tpo-run", argv
 
 
