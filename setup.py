@@ -7,7 +7,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_tpo", "megatron_tpo.*"])
     + ["megatron_tpo.kernels", "megatron_tpo.configs"],
-    # The repository keeps kernels/ and configs/ at the top (see DESIGN.md); they are
+    # The repository keeps kernels/ and configs/ at the top (the README's layout); they are
     # installed inside the package because the import name `kernels` is taken on PyPI
     # (Hugging Face's kernel hub, which transformers imports when present). The sources
     # sit one folder down and kernels/ has no __init__.py, so from the repository root

@@ -8,7 +8,7 @@
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from megatron_tpo.checkpoint import CheckpointConfig
 from megatron_tpo.checkpoint.initial import check_initial_checkpoint
@@ -22,6 +22,10 @@ from megatron_tpo.judge.config import JudgeConfig, check_judge_placement
 from megatron_tpo.preference.from_rollouts import PreferenceConfig
 from megatron_tpo.rollout.config import RolloutConfig
 from megatron_tpo.rollout.weight_sync import WeightSyncConfig
+
+# Where `tpo-tiny --prepare-only` writes the tiny run's policy and prompt files, which
+# experiment=tiny_cpu reads: a missing one there means that step has not run.
+TINY_ASSETS = "runs/tiny/assets"
 
 
 @dataclass(kw_only=True)
@@ -123,6 +127,7 @@ class TPOConfig:
             raise ConfigError(f"parallel.context_parallel_size="
                               f"{self.parallel.context_parallel_size}: the DPO trainer does not "
                               "split pairs over context-parallel ranks; use 1")
+        self._check_inputs_present()
         for group in (self.train, self.rollout, self.judge, self.thought, self.prompts,
                       self.preference, self.evaluation, self.checkpoint, self.weight_sync,
                       self.run):
@@ -132,7 +137,6 @@ class TPOConfig:
         check_policy_matches_model(self.run.policy, self.model)
         if self.run.initial_checkpoint:
             check_initial_checkpoint(self.run.initial_checkpoint, self.model)
-        self._check_files_exist()
         longest = self.prompts.max_tokens + self.rollout.sampling.max_new_tokens
         if longest > self.model.max_position_embeddings:
             raise ConfigError(
@@ -148,17 +152,57 @@ class TPOConfig:
                     f"parallel size {data_parallel} * train.micro_batch_pairs="
                     f"{self.train.micro_batch_pairs}")
 
-    def _check_files_exist(self) -> None:
-        from megatron_tpo.data.prompts import FORMATS
-
+    def _input_files(self) -> Dict[str, str]:
         files = {"prompts.path": self.prompts.path}
         if self.evaluation.num_prompts:
             files["evaluation.path"] = self.evaluation.path
         if self.judge.kind == "exact_answer":
             files["judge.exact_answer.answers_path"] = self.judge.exact_answer.answers_path
-        for key, path in files.items():
+        return files
+
+    def missing_inputs(self) -> List[str]:
+        """Each given input the job reads that is not there, as ``key=value: why``: the
+        policy's config.json and the prompt, held-out and answer files (a hub dataset
+        name is not a local file and is left to the reader)."""
+        from megatron_tpo.data.prompts import FORMATS
+
+        missing = []
+        if self.run.policy and not (Path(self.run.policy) / "config.json").is_file():
+            missing.append(f"run.policy={self.run.policy}: no config.json there (not a Hugging "
+                           "Face checkpoint directory)")
+        for key, path in self._input_files().items():
             if Path(path).suffix in FORMATS and not Path(path).is_file():
-                raise ConfigError(f"{key}={path}: file not found")
+                missing.append(f"{key}={path}: file not found")
+        return missing + self._missing_judge_checkpoint()
+
+    def _missing_judge_checkpoint(self) -> List[str]:
+        """The judge model a GPU recipe's dry run sizes (a local directory, or a hub id in
+        the local cache): named here too, so one dry run names every missing input."""
+        from megatron_tpo.plan.tenants import checkpoint_model_config
+
+        setting = {"reward_model": ("judge.reward_model.path", self.judge.reward_model.path),
+                   "pairwise": ("judge.pairwise.model", self.judge.pairwise.model)}
+        key, path = setting.get(self.judge.kind, (None, None))
+        if self.run.hardware == "cpu" or not path:
+            return []
+        try:
+            checkpoint_model_config(path, key)
+        except ConfigError as error:
+            return [str(error)]
+        return []
+
+    def _check_inputs_present(self) -> None:
+        """All missing inputs in one error, so a first dry run names every one of them."""
+        missing = self.missing_inputs()
+        if not missing:
+            return
+        message = missing[0] if len(missing) == 1 else (
+            f"{len(missing)} inputs are missing:" + "".join(f"\n  {item}" for item in missing))
+        if any(TINY_ASSETS in item for item in missing):
+            message += (f" ({TINY_ASSETS} is written by `tpo-tiny --prepare-only`, or by "
+                        "`make tiny`: run it first)")
+        raise ConfigError(message)
+
 
     def digest_fields(self) -> Dict[str, Any]:
         """What decides the stage outputs: everything but how long the run goes on, where

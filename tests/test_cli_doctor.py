@@ -11,14 +11,29 @@ sys.path.insert(0, str(Path(__file__).parent))
 from tpo_fixtures import tiny_run_overrides  # noqa: E402
 
 from megatron_tpo.cli import doctor, run  # noqa: E402
-from megatron_tpo.cli.doctor import check_nccl, main, read_pins  # noqa: E402
+from megatron_tpo.cli.doctor import Check, check_nccl, main, read_pins  # noqa: E402
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 
 
 def report_lines(capsys):
-    out = capsys.readouterr().out
-    return {line[6:31].strip(): (line[:5].strip(), line[32:]) for line in out.splitlines()}
+    """``{what: (status, detail)}``, a detail's continuation lines joined back to it."""
+    checks = {}
+    for line in capsys.readouterr().out.splitlines():
+        if line.startswith(" " * 32):
+            what = list(checks)[-1]
+            checks[what] = (checks[what][0], f"{checks[what][1]} {line.strip()}")
+        else:
+            checks[line[6:31].strip()] = (line[:5].strip(), line[32:])
+    return checks
+
+
+def test_a_long_detail_is_wrapped_under_its_column():
+    long = Check("FAIL", "dry run", "does not fit: " + "parity check on h100 " * 40)
+    lines = long.line().splitlines()
+    assert len(lines) > 3 and all(len(line) <= 110 for line in lines)
+    assert all(line.startswith(" " * 32) for line in lines[1:])
+    assert " ".join(line[32:] for line in lines) == long.detail.strip()
 
 
 def forget_transformer_engine():

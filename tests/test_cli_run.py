@@ -19,7 +19,10 @@ def overrides(tmp_path_factory):
 
 
 @pytest.mark.parametrize("bad, named", [
-    (["model.bogus=1"], "model.bogus: no such setting"),
+    (["model.bogus=1"], "model.bogus: no such setting; model has name, num_layers"),
+    (["train.lrr=1e-6"], "train.lrr: no such setting; did you mean train.lr"),
+    (["rollout.vllm.gpu_mem=0.5"],
+     "no such setting; did you mean rollout.vllm.gpu_memory_utilization?"),
     (["+model.bogus=1"], "Key 'bogus' not in 'ModelConfig'"),
     (["train.lr=abc"], "train.lr"),
     (["train.lr=-1"], "train.lr=-1.0"),
@@ -161,3 +164,26 @@ def test_a_run_directory_with_no_stored_stage_takes_corrected_settings(overrides
     (stage / "rollouts.manifest.json").write_text("{}")
     with pytest.raises(ConfigError, match="holds a run made with other settings"):
         check_run_dir(corrected, run_dir)
+
+
+def test_the_tiny_run_on_a_fresh_clone_names_every_missing_asset_and_the_step_that_makes_them(
+        tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["experiment=tiny_cpu"]) == 2
+    error = capsys.readouterr().err
+    assert "4 inputs are missing:\n  run.policy=runs/tiny/assets/policy: no config.json there" \
+        in error
+    for key in ("prompts.path", "evaluation.path", "judge.exact_answer.answers_path"):
+        assert f"\n  {key}=runs/tiny/assets/" in error
+    assert "`tpo-tiny --prepare-only`" in error
+    assert not (tmp_path / "runs" / "tiny" / "tpo").exists()
+
+
+def test_a_gpu_recipes_first_dry_run_names_every_missing_input_at_once(tmp_path, monkeypatch,
+                                                                      capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["--dry-run", "experiment=llama3_70b", "judge.pairwise.model=/nowhere/judge"]) \
+        == 2
+    listed = [line.split("=")[0].strip() for line in capsys.readouterr().err.splitlines()
+              if line.startswith("  ")]
+    assert listed == ["run.policy", "prompts.path", "evaluation.path", "judge.pairwise.model"]

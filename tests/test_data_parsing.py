@@ -73,7 +73,8 @@ def test_user_template_from_yaml(tmp_path):
     bad.write_text("name: bad\nprompt: no placeholder\nresponse_marker: X\n")
     with pytest.raises(ConfigError, match="placeholder"):
         load_thought_template(bad)
-    with pytest.raises(ConfigError, match="not found"):
+    with pytest.raises(ConfigError, match="not found .shipped in configs/thought: direct, "
+                                          "generic, specific, system; or a YAML path"):
         load_thought_template("nonexistent")
     with pytest.raises(ConfigError, match="response_marker is empty"):
         ThoughtTemplate(name="x", prompt="{instruction}").validate()

@@ -212,3 +212,14 @@ def test_the_planner_counts_the_deterministic_backward_workspace_the_kernel_allo
     from megatron_tpo.plan.workload import Assumptions
 
     assert Assumptions().logprob_workspace_gib * GIB == DETERMINISTIC_WORKSPACE_BYTES
+
+
+def test_every_missing_required_option_is_named_in_one_error(capsys):
+    code, _, err = _run(capsys, "--model", "llama3_70b", "--layout", "tp=8,pp=4,mbs=2",
+                        "--prompts", "5000")
+    assert code == 2
+    assert ("--nodes, --seq-len and --global-batch are required (--nodes: nodes in the "
+            "allocation, or --experiment's run.world_size; --seq-len: tokens per sequence the "
+            "memory must hold, or --experiment; --global-batch: sequences per optimizer step, "
+            "or --experiment); the iteration estimate needs --prompt-tokens, "
+            "--thought-tokens, --response-tokens") in err

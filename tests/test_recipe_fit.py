@@ -236,7 +236,7 @@ def test_a_judge_whose_size_cannot_be_known_is_refused_not_skipped(monkeypatch, 
     code, _, err = dry_run(monkeypatch, capsys, 8, overrides)
     assert code == 2, err
     assert "judge.reward_model.path=RLHFlow/ArmoRM-Llama3-8B-v0.1: no config.json there" in err
-    assert "huggingface-cli download" in err, err
+    assert "hf download" in err, err
 
 
 def test_the_phase_peaks_add_up_to_the_planner_items(recipe_files):

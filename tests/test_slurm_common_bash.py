@@ -116,3 +116,38 @@ def test_a_judge_pool_with_an_apptainer_image_wraps_both_steps(shell, tmp_path):
         "srun": [f"--kill-on-bad-exit=1 --ntasks=1 --exact {wrap} tpo-engine --serve judge "
                  f"{settings}",
                  f"--kill-on-bad-exit=1 --ntasks=3 --exact {wrap} tpo-run {settings}"]}
+
+
+def run_script(shell, tmp_path, script, **environment):
+    """A whole sbatch script with a stand-in srun: what each srun step would run."""
+    bin_dir, calls, venv = tmp_path / "bin", tmp_path / "calls", tmp_path / "venv"
+    for folder in (bin_dir, calls, venv / "bin"):
+        folder.mkdir(parents=True)
+    (venv / "bin" / "activate").write_text(f'export PATH="{venv}/bin:$PATH"\n')
+    (bin_dir / "srun").write_text(RECORDER)
+    (bin_dir / "srun").chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "TPO_CALLS": str(calls), "VENV": str(venv),
+           "SLURM_SUBMIT_DIR": str(REPOSITORY), "SLURM_JOB_ID": "7", **environment}
+    done = subprocess.run([shell, str(REPOSITORY / "slurm" / script)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return (calls / "srun").read_text().splitlines()
+
+
+TRAINER_CHECK = "tpo-tiny-train --model llama3_70b --tp 8 --pp 4 --steps 5 --seq-len 4096 " \
+                "--micro-batches 8"
+
+
+@pytest.mark.parametrize("image, wrap", [
+    ({}, ""),
+    ({"APPTAINER_IMAGE": "/img/tpo.sif"},
+     f"apptainer exec --nv --bind {REPOSITORY} --pwd {REPOSITORY} /img/tpo.sif "),
+    ({"CONTAINER": "/img/tpo.sqsh"},
+     f"--container-image=/img/tpo.sqsh --container-workdir={REPOSITORY} "
+     f"--container-mounts={REPOSITORY}:{REPOSITORY} "),
+])
+def test_the_gpu_trainer_check_runs_in_the_same_environment_as_the_tpo_jobs(shell, tmp_path,
+                                                                           image, wrap):
+    calls = run_script(shell, tmp_path, "trainer_check_gpu.sh", MODEL="llama3_70b", TP="8",
+                       PP="4", **image)
+    assert calls == [f"--kill-on-bad-exit=1 {wrap}{TRAINER_CHECK}"]

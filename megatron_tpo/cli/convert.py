@@ -10,6 +10,11 @@
                                                         tpo-run run.initial_checkpoint=DIR)
     tpo-convert gguf-to-hf --gguf FILE --out DIR        (dequantized; needs the gguf extra)
     tpo-convert gguf-to-mcore --gguf FILE --out DIR --tp N --pp M
+
+Every tensor's presence and shape is checked from the files' headers before anything is
+written; the output is written into a temporary sibling of --out and renamed into place
+at the end, so a conversion that fails leaves nothing behind. A non-empty --out is
+refused unless --overwrite is given.
 """
 
 import argparse
@@ -31,7 +36,8 @@ def parse_size(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tpo-convert", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="tpo-convert", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
 
     to_mcore = commands.add_parser("hf-to-mcore", help="HF safetensors -> megatron shards")
@@ -93,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     for command in (to_mcore, to_hf, to_nemo, nemo_to_hf, nemo_to_mcore, mcore_to_nemo, to_dist,
                     gguf_to_hf, gguf_to_mcore):
         command.add_argument("--quiet", action="store_true", help="no progress bar")
+        command.add_argument("--overwrite", action="store_true",
+                             help="replace a non-empty --out (once the new output is complete)")
     return parser
 
 
@@ -100,37 +108,36 @@ def run(args):
     """The conversion ``args.command`` names; returns its ``ConversionSummary``."""
     from megatron_tpo.model import conversion, nemo
 
-    progress = not args.quiet
+    common = {"progress": not args.quiet, "overwrite": args.overwrite}
     if args.command == "hf-to-mcore":
         return conversion.hf_to_mcore(args.hf, args.out, args.tp, args.pp,
                                       make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
-                                      progress=progress)
+                                      **common)
     if args.command == "mcore-to-hf":
         return conversion.mcore_to_hf(args.mcore, args.out, max_shard_bytes=args.max_shard_size,
-                                      progress=progress)
+                                      **common)
     if args.command == "hf-to-nemo":
-        return nemo.hf_to_nemo(args.hf, args.out, progress=progress)
+        return nemo.hf_to_nemo(args.hf, args.out, **common)
     if args.command == "nemo-to-hf":
-        return nemo.nemo_to_hf(args.nemo, args.out, max_shard_bytes=args.max_shard_size,
-                               progress=progress)
+        return nemo.nemo_to_hf(args.nemo, args.out, max_shard_bytes=args.max_shard_size, **common)
     if args.command == "nemo-to-mcore":
-        return nemo.nemo_to_mcore(args.nemo, args.out, args.tp, args.pp, progress=progress)
+        return nemo.nemo_to_mcore(args.nemo, args.out, args.tp, args.pp, **common)
     if args.command == "mcore-to-nemo":
-        return nemo.mcore_to_nemo(args.mcore, args.out, progress=progress)
+        return nemo.mcore_to_nemo(args.mcore, args.out, **common)
     if args.command.startswith("gguf-to-"):
-        return _run_gguf(args, progress)
-    return nemo.hf_to_dist(args.hf, args.out, progress=progress)
+        return _run_gguf(args, common)
+    return nemo.hf_to_dist(args.hf, args.out, **common)
 
 
-def _run_gguf(args, progress: bool):
+def _run_gguf(args, common: dict):
     from megatron_tpo.model import gguf
 
     if args.command == "gguf-to-hf":
         return gguf.gguf_to_hf(args.gguf, args.out, dtype=args.dtype,
-                               max_shard_bytes=args.max_shard_size, progress=progress)
+                               max_shard_bytes=args.max_shard_size, **common)
     return gguf.gguf_to_mcore(args.gguf, args.out, args.tp, args.pp,
                               make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
-                              dtype=args.dtype, progress=progress)
+                              dtype=args.dtype, **common)
 
 
 def main(argv=None) -> int:

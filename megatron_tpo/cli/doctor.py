@@ -22,6 +22,7 @@ import os
 import platform
 import socket
 import sys
+import textwrap
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -42,6 +43,8 @@ DISTRIBUTED_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MAS
 # Docker's default /dev/shm is 64 MiB: NCCL's shared-memory transport and the weight
 # stream's shared-memory transport need far more than that.
 SHM_WARN_BYTES = 1 * GIB
+# Lines of the text report are wrapped to this many columns (details over continuation lines).
+REPORT_WIDTH = 110
 
 
 @dataclass
@@ -51,7 +54,16 @@ class Check:
     detail: str
 
     def line(self) -> str:
-        return f"{self.status:<5} {self.what:<25} {self.detail}"
+        """``status what detail``, a long detail (a dry run's refusal) wrapped under its
+        own column so the report stays readable in a terminal and a job's log."""
+        head = f"{self.status:<5} {self.what:<25} "
+        width = max(REPORT_WIDTH - len(head), 40)
+        pieces = []
+        for paragraph in self.detail.splitlines():  # a list item keeps its indent
+            indent = " " * (len(paragraph) - len(paragraph.lstrip()))
+            pieces += textwrap.wrap(paragraph, width, subsequent_indent=indent and indent + "  ",
+                                    break_on_hyphens=False) or [""]
+        return head + ("\n" + " " * len(head)).join(pieces or [""])
 
 
 def _missing(strict: bool) -> str:

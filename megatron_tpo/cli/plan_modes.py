@@ -146,11 +146,33 @@ def _assumptions(args: argparse.Namespace):
     return assumptions, iteration
 
 
+REQUIRED = {"--nodes": "nodes in the allocation, or --experiment's run.world_size",
+            "--seq-len": "tokens per sequence the memory must hold, or --experiment",
+            "--global-batch": "sequences per optimizer step, or --experiment"}
+
+
+def _check_required(args: argparse.Namespace, seq_len: Optional[int],
+                    run_config: Optional[RunConfig]) -> None:
+    """Every missing required option in one error, not one per try."""
+    from_run = run_config.world_size if run_config is not None else None
+    given = {"--nodes": args.nodes if args.nodes is not None else from_run,
+             "--seq-len": seq_len, "--global-batch": args.global_batch}
+    missing = [name for name, value in given.items() if value is None]
+    clauses = []
+    if len(missing) == 1:
+        clauses.append(f"{missing[0]} is required ({REQUIRED[missing[0]]})")
+    elif missing:
+        clauses.append(f"{', '.join(missing[:-1])} and {missing[-1]} are required ("
+                       + "; ".join(f"{name}: {REQUIRED[name]}" for name in missing) + ")")
+    iteration = _iteration_missing(args, run_config)
+    if iteration:
+        clauses.append(f"the iteration estimate needs {', '.join(iteration)}")
+    if clauses:
+        raise ConfigError("; ".join(clauses))
+
+
 def _check_numbers(args: argparse.Namespace, cluster: Cluster, seq_len: int,
-                   global_batch: Optional[int]) -> None:
-    if global_batch is None:
-        raise ConfigError("--global-batch is required (sequences per optimizer step), or "
-                          "--experiment")
+                   global_batch: int) -> None:
     for name, value in (("nodes", cluster.nodes), ("seq-len", seq_len),
                         ("global-batch", global_batch), ("top", args.top)):
         if value <= 0:
@@ -181,17 +203,23 @@ def _layout(args: argparse.Namespace, run_config, parallel, world_size: int):
     return None
 
 
-def _iteration(args: argparse.Namespace, model: ModelConfig,
-               run_config: Optional[RunConfig]) -> Optional[IterationRequest]:
+def _iteration_missing(args: argparse.Namespace, run_config: Optional[RunConfig]) -> List[str]:
+    """What the whole-iteration estimate (asked for by --prompts or --response-tokens)
+    lacks."""
     if args.prompts is None and args.response_tokens is None:
-        return None
+        return []
     missing = [f"--{name.replace('_', '-')}" for name in
                ("prompt_tokens", "thought_tokens", "response_tokens")
                if getattr(args, name) is None]
     if args.prompts is None and run_config is None:
         missing.insert(0, "--prompts")
-    if missing:
-        raise ConfigError(f"the iteration estimate needs {', '.join(missing)}")
+    return missing
+
+
+def _iteration(args: argparse.Namespace, model: ModelConfig,
+               run_config: Optional[RunConfig]) -> Optional[IterationRequest]:
+    if args.prompts is None and args.response_tokens is None:
+        return None
     judge_kind = args.judge_kind or (run_config.judge_kind if run_config else "reward_model")
     request = IterationRequest(
         prompts=args.prompts or run_config.prompts_per_iteration,
@@ -229,12 +257,10 @@ def resolve_request(args: argparse.Namespace) -> PlanRequest:
         model = run_config.model
     else:
         raise ConfigError("--model is required (or --from a run's config.yaml, or --experiment)")
-    cluster = _cluster(args, run_config)
     seq_len = args.seq_len or (run_config.max_prompt_tokens + run_config.max_new_tokens
                                if run_config else None)
-    if seq_len is None:
-        raise ConfigError("--seq-len is required (tokens per sequence the memory must hold), "
-                          "or --experiment")
+    _check_required(args, seq_len, run_config)
+    cluster = _cluster(args, run_config)
     _check_numbers(args, cluster, seq_len, args.global_batch)
     if seq_len > model.max_position_embeddings:
         raise ConfigError(f"--seq-len {seq_len} exceeds {model.name}'s "

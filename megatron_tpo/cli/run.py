@@ -1,6 +1,7 @@
 """``tpo-run``: Thought Preference Optimization, from M_0 to M_T, on one machine or a cluster.
 
-    tpo-run experiment=tiny_cpu                      # local: spawns TP*PP*CP*DP gloo processes
+    tpo-tiny --prepare-only                          # once: the tiny run's policy and prompts
+    tpo-run experiment=tiny_cpu                      # local: spawns TP*PP*CP gloo processes (DP=1)
     tpo-run experiment=tiny_cpu thought=direct       # the direct-response baseline
     srun tpo-run experiment=llama3_70b run.dir=/ckpt/tpo70b   # one rank per task
 
@@ -10,7 +11,11 @@
 Arguments are Hydra overrides of configs/tpo.yaml: pick a file of a group (model=,
 parallel=, train=, rollout=, judge=, thought=, prompts=, experiment=) or set any key
 (train.lr=1e-6, run.iterations=4). The resolved config is checked whole before any
-process group, weight or prompt is touched; a bad key or value stops with its name.
+process group, weight or prompt is touched; a bad key or value stops with its name (an
+unknown key with the nearest known ones). The settings, their defaults and what they
+mean: configs/tpo.yaml, the group files under configs/ and megatron_tpo/tpo_config.py.
+Without a launcher, tpo-run spawns one local process per model-parallel rank
+(TP*PP*CP, data parallel size 1); under srun or torchrun each task is one rank.
 A run directory resumes where it stopped: finished stages are read back, training
 continues from the newest checkpoint.
 
@@ -61,9 +66,47 @@ def _composition_message(error: Exception) -> str:
     if error.__cause__ is not None:
         message += f": {' '.join(str(error.__cause__).split())}"
     if "Could not override" in message:
-        key = message.split("'")[1]
-        message = f"{key}: no such setting (see configs/ or tpo-run --help)"
+        message = no_such_setting(message.split("'")[1])
     return message
+
+
+def known_settings() -> List[str]:
+    """Every key of the typed config (``TPOConfig``), dotted: what overrides may set."""
+    from omegaconf import DictConfig, OmegaConf
+
+    from megatron_tpo.tpo_config import TPOConfig
+
+    def walk(node, prefix: str) -> List[str]:
+        keys = []
+        for name in node.keys():
+            child = node._get_node(name)
+            if isinstance(child, DictConfig) and not child._is_none():
+                keys += walk(child, f"{prefix}{name}.")
+            else:
+                keys.append(f"{prefix}{name}")
+        return keys
+
+    return walk(OmegaConf.structured(TPOConfig), "")
+
+
+def no_such_setting(key: str) -> str:
+    """The error for an unknown key: the nearest known keys, or what its group holds
+    (tpo-run --help does not list settings; this message does)."""
+    import difflib
+
+    known = known_settings()
+    group, _, name = key.rpartition(".")
+    starting_alike = [k for k in known if k.rpartition(".")[0] == group
+                      and k.rpartition(".")[2].startswith(name)]
+    close = starting_alike[:3] or difflib.get_close_matches(key, known, n=3, cutoff=0.75)
+    if close:
+        return f"{key}: no such setting; did you mean {' or '.join(close)}?"
+    inside = list(dict.fromkeys(k[len(group) + 1:].partition(".")[0] for k in known
+                                if group and k.startswith(group + ".")))
+    if inside:
+        return f"{key}: no such setting; {group} has {', '.join(inside)}"
+    groups = list(dict.fromkeys(k.partition(".")[0] for k in known))
+    return f"{key}: no such setting; the groups are {', '.join(groups)}"
 
 
 def run_rank(rank: int, world_size: int, config) -> Optional[dict]:

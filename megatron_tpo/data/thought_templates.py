@@ -65,8 +65,9 @@ def load_thought_template(name_or_path: Union[str, Path]) -> ThoughtTemplate:
     if path.suffix not in (".yaml", ".yml"):
         path = CONFIG_DIR / "thought" / f"{name_or_path}.yaml"
     if not path.is_file():
-        raise ConfigError(f"thought template {name_or_path!r} not found (built-in: "
-                          f"{', '.join(BUILTIN_TEMPLATES)}; or a YAML path)")
+        shipped = sorted(p.stem for p in (CONFIG_DIR / "thought").glob("*.yaml"))
+        raise ConfigError(f"thought template {name_or_path!r} not found (shipped in "
+                          f"configs/thought: {', '.join(shipped)}; or a YAML path)")
     template = load_structured(ThoughtTemplate, path)
     template.validate()
     return template

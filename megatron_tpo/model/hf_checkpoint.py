@@ -62,6 +62,21 @@ class HFCheckpointReader:
     def __contains__(self, name: str) -> bool:
         return name in self.file_of
 
+    def shape_of(self, name: str) -> Tuple[int, ...]:
+        """A tensor's shape from its file's header, without reading its data."""
+        if name not in self.file_of:
+            raise ConfigError(f"{self.hf_dir}: checkpoint has no tensor {name}")
+        return tuple(self._handles[self.file_of[name]].get_slice(name).get_shape())
+
+    def check_tensors(self, expected: Iterable[Tuple[str, Tuple[int, ...]]]) -> None:
+        """Every ``(name, shape)`` present with that shape, from the headers alone: a
+        conversion calls this before it writes anything."""
+        for name, shape in expected:
+            got = self.shape_of(name)
+            if got != tuple(shape):
+                raise ConfigError(f"{self.hf_dir / self.file_of[name]}: {name} has shape {got}, "
+                                  f"the config implies {tuple(shape)}")
+
     def get(self, name: str, expected_shape: Tuple[int, ...] = None) -> torch.Tensor:
         if name not in self.file_of:
             raise ConfigError(f"{self.hf_dir}: checkpoint has no tensor {name}")

@@ -17,15 +17,16 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from megatron_tpo.config import ConfigError, ModelConfig, RopeScalingConfig
 from megatron_tpo.model.llama_layout import (
-    EMBEDDING, OUTPUT_LAYER, TE_NAME_FOR_LOCAL, mcore_layer_prefix,
+    EMBEDDING, FINAL_NORM, OUTPUT_LAYER, TE_NAME_FOR_LOCAL, hf_layer_shapes, mcore_layer_prefix,
+    shard_layer,
 )
 
 MANIFEST = "mcore_config.json"
@@ -104,15 +105,51 @@ def load_shard_file(path: Path) -> Dict[str, torch.Tensor]:
         raise ConfigError(f"{path}: corrupt shard file ({error})") from error
 
 
+def expected_file_shapes(root: Path, info: ShardedCheckpointInfo
+                         ) -> Dict[Path, Dict[str, Tuple[int, ...]]]:
+    """Each shard file of ``root`` and the shape of every tensor it must hold, from the
+    manifest alone (TP sharding computed on the meta device: nothing is allocated)."""
+    model, tp = info.model, info.tensor_parallel_size
+    vocab_rows = (info.padded_vocab_size // tp, model.hidden_size)
+    hf = {name: torch.empty(shape, device="meta")
+          for name, shape in hf_layer_shapes(model).items()}
+    layer_shapes = {name: tuple(t.shape) for name, t in shard_layer(hf, model, tp)[0].items()}
+    final = {FINAL_NORM: (model.hidden_size,)}
+    if not model.tie_word_embeddings:  # tied: the output layer is the embedding file's
+        final[OUTPUT_LAYER] = vocab_rows
+    files = {}
+    for tp_rank in range(tp):
+        files[embedding_file(root, tp_rank)] = {EMBEDDING: vocab_rows}
+        for layer in range(model.num_layers):
+            prefix = mcore_layer_prefix(layer)
+            files[layer_file(root, tp_rank, info.stage_of_layer(layer), layer)] = {
+                prefix + name: shape for name, shape in layer_shapes.items()}
+        files[final_file(root, tp_rank, info)] = dict(final)
+    return files
+
+
+def _header_shapes(path: Path) -> Dict[str, Tuple[int, ...]]:
+    if not path.is_file():
+        raise ConfigError(f"{path}: missing shard file")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
+    except (SafetensorError, OSError) as error:
+        raise ConfigError(f"{path}: corrupt shard file ({error})") from error
+
+
 def check_complete(root: Path, info: ShardedCheckpointInfo) -> None:
-    """Fail before any work if a shard file is missing."""
-    for tp_rank in range(info.tensor_parallel_size):
-        expected = [embedding_file(root, tp_rank), final_file(root, tp_rank, info)]
-        expected += [layer_file(root, tp_rank, info.stage_of_layer(layer), layer)
-                     for layer in range(info.model.num_layers)]
-        for path in expected:
-            if not path.is_file():
-                raise ConfigError(f"{path}: missing shard file")
+    """Every shard file present, readable and holding every tensor at the shape the
+    manifest implies, from the files' headers: a conversion fails here, before it
+    writes anything, not partway."""
+    for path, expected in expected_file_shapes(root, info).items():
+        found = _header_shapes(path)
+        for name, shape in expected.items():
+            if name not in found:
+                raise ConfigError(f"{path}: has no tensor {name}")
+            if found[name] != shape:
+                raise ConfigError(f"{path}: {name} has shape {found[name]}, "
+                                  f"{MANIFEST} implies {shape}")
 
 
 def _global_layer_numbers(gpt_model) -> List[int]:

@@ -15,7 +15,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 from tqdm import tqdm
@@ -24,7 +24,7 @@ from megatron_tpo.config import ConfigError, ModelConfig
 from megatron_tpo.model import llama_layout as layout
 from megatron_tpo.model import mcore_shards as shards
 from megatron_tpo.model.conversion import (
-    ConversionSummary, _copy_tokenizer, _hf_tensors_in_order, _prepare_output,
+    ConversionSummary, StreamSource, _copy_tokenizer, _hf_tensors_in_order, check_before_writing,
     check_model_for_layout, write_hf_directory, write_mcore_shards,
 )
 from megatron_tpo.model.dist_weights import DistWeightsReader, DistWeightsWriter
@@ -37,6 +37,7 @@ from megatron_tpo.model.nemo_config import (
     TOKENIZER_DIR, llama_config_from_io_json, model_config_from_nemo1, model_config_from_nemo2,
     nemo2_io_json, nemo2_model_yaml, read_yaml,
 )
+from megatron_tpo.model.output_dir import refuse_non_empty, staged_output
 
 NEMO2_PREFIX = "module."
 COMPLETE_MARKER = Path("weights") / "metadata.json"
@@ -88,12 +89,20 @@ class NemoTensorSource:
         if reader.global_shape(layout.FINAL_NORM) != (model.hidden_size,):
             self._shape_error(layout.FINAL_NORM, reader.global_shape(layout.FINAL_NORM),
                               (model.hidden_size,))
-        for local_name, shape in _megatron_layer_shapes(model).items():
-            for key in reader._layer_keys(0, local_name):
-                got = tuple(reader.tensors[key].size)
-                expected = ((model.num_layers,) + shape) if reader.stacked else shape
-                if got != expected and not key.endswith(("_w", "_v")):
-                    self._shape_error(key[len(reader.prefix):], got, expected)
+        # Stacked keys hold every layer; per-layer keys are checked layer by layer.
+        layers = [0] if reader.stacked else range(model.num_layers)
+        for layer in layers:
+            for local_name, shape in _megatron_layer_shapes(model).items():
+                for key in reader._layer_keys(layer, local_name):
+                    got = tuple(reader.tensors[key].size)
+                    expected = ((model.num_layers,) + shape) if reader.stacked else shape
+                    if got != expected and not key.endswith(("_w", "_v")):
+                        self._shape_error(key[len(reader.prefix):], got, expected)
+
+    def check_tensors(self, expected) -> None:
+        """Every tensor present at the config's shape (from ``.metadata``; done at open,
+        and again here, cheaply, for the writers' common check)."""
+        self.check_shapes()
 
     def _shape_error(self, name, got, expected):
         raise ConfigError(f"{self.reader.weights_dir}: {self.reader.prefix}{name} has shape "
@@ -115,22 +124,6 @@ class NemoTensorSource:
             self._tensors = layout.merge_layer([self.reader.read_layer(layer)], self.model)
             self._layer = layer
         return self._tensors.pop(name[len(layout.hf_layer_prefix(layer)):])
-
-
-class _StreamSource:
-    """``get(name)`` over an HF-ordered ``(name, tensor)`` stream, asked in the same order."""
-
-    def __init__(self, stream: Iterator):
-        self.stream, self.buffer = stream, {}
-
-    def get(self, name: str, expected_shape=None) -> torch.Tensor:
-        while name not in self.buffer:
-            try:
-                produced, tensor = next(self.stream)
-            except StopIteration:
-                raise ConfigError(f"source ended before {name}") from None
-            self.buffer[produced] = tensor
-        return self.buffer.pop(name)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -210,28 +203,29 @@ def open_nemo(path: Path, work_dir: Path) -> NemoCheckpoint:
 
 
 def nemo_to_hf(nemo_path: Path, out_dir: Path, max_shard_bytes: int = 5 * 1024**3,
-               progress: bool = True) -> ConversionSummary:
+               progress: bool = True, overwrite: bool = False) -> ConversionSummary:
     """A NeMo checkpoint -> an HF directory (padding rows of the vocab dropped)."""
+    refuse_non_empty(out_dir, overwrite)
     with tempfile.TemporaryDirectory(prefix="nemo1-") as work_dir:
         checkpoint = open_nemo(nemo_path, work_dir)
-        stream = ((name, checkpoint.weights.get(name, shape))
-                  for name, shape in layout.hf_model_shapes(checkpoint.model))
-        return write_hf_directory(stream, checkpoint.model, checkpoint.dtype, out_dir,
+        return write_hf_directory(checkpoint.weights, checkpoint.model, checkpoint.dtype, out_dir,
                                   tokenizer_dir=checkpoint.tokenizer_dir,
                                   max_shard_bytes=max_shard_bytes, progress=progress,
-                                  direction="nemo -> hf", source=checkpoint.source)
+                                  direction="nemo -> hf", source=checkpoint.source,
+                                  overwrite=overwrite)
 
 
 def nemo_to_mcore(nemo_path: Path, out_dir: Path, tp: int, pp: int,
-                  progress: bool = True) -> ConversionSummary:
+                  progress: bool = True, overwrite: bool = False) -> ConversionSummary:
     """A NeMo checkpoint -> megatron per-rank shards for TP=``tp``, PP=``pp``."""
+    refuse_non_empty(out_dir, overwrite)
     with tempfile.TemporaryDirectory(prefix="nemo1-") as work_dir:
         checkpoint = open_nemo(nemo_path, work_dir)
         raw_config = hf_config_from_model(checkpoint.model, torch_dtype=checkpoint.dtype).to_dict()
         return write_mcore_shards(checkpoint.weights, checkpoint.model, out_dir, tp, pp,
                                   raw_config=raw_config, tokenizer_dir=checkpoint.tokenizer_dir,
                                   progress=progress, direction="nemo -> mcore",
-                                  source=checkpoint.source)
+                                  source=checkpoint.source, overwrite=overwrite)
 
 
 def write_dist_checkpoint(source, model: ModelConfig, weights_dir: Path, prefix: str,
@@ -281,29 +275,31 @@ def _write_context(context: Path, model: ModelConfig, dtype: str, tokenizer_dir)
 
 def write_nemo2(source, model: ModelConfig, dtype: str, out_dir: Path, tokenizer_dir=None,
                 progress: bool = True, direction: str = "-> nemo",
-                source_name: str = "") -> ConversionSummary:
+                source_name: str = "", overwrite: bool = False) -> ConversionSummary:
     """A NeMo 2 directory from an HF-named tensor ``source``; the config is checked as
-    the model builder checks it before the first byte is written."""
-    out_dir = Path(out_dir)
-    check_model_for_layout(model)
-    _prepare_output(out_dir, str(COMPLETE_MARKER))
-    summary = write_dist_checkpoint(source, model, out_dir / "weights", NEMO2_PREFIX, progress,
-                                    direction, source_name)
-    _write_context(out_dir / "context", model, dtype, tokenizer_dir)
+    the model builder checks it, and every tensor's shape, before the first byte is
+    written, into a temporary sibling of ``out_dir`` renamed at the end."""
+    check_before_writing(source, model, out_dir, overwrite)
+    with staged_output(out_dir, overwrite) as staging:
+        summary = write_dist_checkpoint(source, model, staging / "weights", NEMO2_PREFIX,
+                                        progress, direction, source_name)
+        _write_context(staging / "context", model, dtype, tokenizer_dir)
     summary.destination = str(out_dir)
     return summary
 
 
-def hf_to_nemo(hf_dir: Path, out_dir: Path, progress: bool = True) -> ConversionSummary:
+def hf_to_nemo(hf_dir: Path, out_dir: Path, progress: bool = True,
+               overwrite: bool = False) -> ConversionSummary:
     """An HF Llama directory -> a NeMo 2 checkpoint directory."""
     hf_dir = Path(hf_dir)
+    refuse_non_empty(out_dir, overwrite)
     raw = read_hf_config_dict(hf_dir)
     model = model_config_from_hf(raw, str(hf_dir / "config.json"), name=hf_dir.name)
     model.make_vocab_size_divisible_by = _largest_power_of_two_divisor(model.vocab_size)
     reader = HFCheckpointReader(hf_dir)
     dtype = _dtype_name(reader.get(layout.HF_EMBEDDING).dtype)
     return write_nemo2(reader, model, dtype, out_dir, tokenizer_dir=hf_dir, progress=progress,
-                       direction="hf -> nemo", source_name=str(hf_dir))
+                       direction="hf -> nemo", source_name=str(hf_dir), overwrite=overwrite)
 
 
 def _largest_power_of_two_divisor(vocab_size: int, limit: int = 128) -> int:
@@ -314,25 +310,35 @@ def _largest_power_of_two_divisor(vocab_size: int, limit: int = 128) -> int:
     return divisor
 
 
-def mcore_to_nemo(mcore_dir: Path, out_dir: Path, progress: bool = True) -> ConversionSummary:
+def mcore_to_nemo(mcore_dir: Path, out_dir: Path, progress: bool = True,
+                  overwrite: bool = False) -> ConversionSummary:
     """Megatron per-rank shards (any TP/PP) -> a NeMo 2 checkpoint directory."""
     mcore_dir = Path(mcore_dir)
+    refuse_non_empty(out_dir, overwrite)
     info = shards.read_manifest(mcore_dir)
     shards.check_complete(mcore_dir, info)
     tokenizer_dir = mcore_dir / "tokenizer"
-    return write_nemo2(_StreamSource(_hf_tensors_in_order(mcore_dir, info)), info.model,
-                       info.dtype, out_dir,
+    return write_nemo2(StreamSource(_hf_tensors_in_order(mcore_dir, info),
+                                    "mcore_shards.check_complete"),
+                       info.model, info.dtype, out_dir,
                        tokenizer_dir=tokenizer_dir if tokenizer_dir.is_dir() else None,
-                       progress=progress, direction="mcore -> nemo", source_name=str(mcore_dir))
+                       progress=progress, direction="mcore -> nemo", source_name=str(mcore_dir),
+                       overwrite=overwrite)
 
 
-def hf_to_dist(hf_dir: Path, out_dir: Path, progress: bool = True) -> ConversionSummary:
+def hf_to_dist(hf_dir: Path, out_dir: Path, progress: bool = True,
+               overwrite: bool = False) -> ConversionSummary:
     """An HF Llama directory -> a megatron-core dist checkpoint (no key prefix, stacked
-    layers, TE norm names) that ``dist_weights.load_into_model`` loads at any TP/PP."""
+    layers, TE norm names) that ``dist_weights.load_into_model`` loads at any TP/PP,
+    written into a temporary sibling of ``out_dir`` renamed at the end."""
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    refuse_non_empty(out_dir, overwrite)
     model = model_config_from_hf(read_hf_config_dict(hf_dir), str(hf_dir / "config.json"),
                                  name=hf_dir.name)
-    check_model_for_layout(model)
-    _prepare_output(out_dir, "metadata.json")
-    return write_dist_checkpoint(HFCheckpointReader(hf_dir), model, out_dir, "", progress,
-                                 "hf -> dist", str(hf_dir))
+    reader = HFCheckpointReader(hf_dir)
+    check_before_writing(reader, model, out_dir, overwrite)
+    with staged_output(out_dir, overwrite) as staging:
+        summary = write_dist_checkpoint(reader, model, staging, "", progress, "hf -> dist",
+                                        str(hf_dir))
+    summary.destination = str(out_dir)
+    return summary

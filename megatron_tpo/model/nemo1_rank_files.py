@@ -104,6 +104,31 @@ class RankFilesSource:
                             f"{checkpoint_name(name)} has shape {tuple(got.shape)}, the config "
                             f"implies {tuple(expected[tp_rank][name].shape)} at TP={self.tp}")
 
+    def check_vocab_tables(self) -> None:
+        """The embedding, final norm and output layer of every TP rank: vocab rows split
+        evenly over TP, at least the config's vocab in all, the config's hidden size."""
+        hidden, last = self.model.hidden_size, self.pp - 1
+        tables = [(0, layout.EMBEDDING)] + ([] if self.model.tie_word_embeddings
+                                            else [(last, layout.OUTPUT_LAYER)])
+        for stage, name in tables:
+            shapes = [tuple(self._tensor((t, stage), name).shape) for t in range(self.tp)]
+            rows = shapes[0][0]
+            if any(shape != (rows, hidden) for shape in shapes) or rows * self.tp < \
+                    self.model.vocab_size:
+                raise ConfigError(f"{self.files[(0, stage)]}: {self.prefix}{name} has shapes "
+                                  f"{shapes} over TP={self.tp}, the config implies "
+                                  f"({self.model.vocab_size}+ rows in all, {hidden})")
+        norm = tuple(self._tensor((0, last), layout.FINAL_NORM).shape)
+        if norm != (hidden,):
+            raise ConfigError(f"{self.files[(0, last)]}: {self.prefix}{layout.FINAL_NORM} has "
+                              f"shape {norm}, the config implies ({hidden},)")
+
+    def check_tensors(self, expected) -> None:
+        """Every tensor the conversion reads, present at the config's shape, before any
+        output is written (the files are memory-mapped: shapes cost no reads)."""
+        self.check_shapes()
+        self.check_vocab_tables()
+
     def get(self, name: str, expected_shape=None) -> torch.Tensor:
         last = self.pp - 1
         if name in (layout.HF_EMBEDDING, layout.HF_OUTPUT_LAYER):

@@ -91,13 +91,17 @@ def checkpoint_model_config(path: str, setting: str) -> ModelConfig:
     from megatron_tpo.model.hf_config import model_config_from_hf, read_hf_config_dict
 
     directory = Path(path)
+    if not (directory / "config.json").is_file() and (directory.is_absolute()
+                                                      or path.startswith(".")):
+        raise ConfigError(f"{setting}={path}: no config.json there (not a Hugging Face "
+                          "checkpoint directory)")
     if not (directory / "config.json").is_file():
         directory = _cached_hub_checkpoint(path)
     if directory is None:
         raise ConfigError(
             f"{setting}={path}: no config.json there, and not a hub id in the local Hugging "
             "Face cache; its size cannot be known before the run, and every rank would "
-            f"download it at start-up. Download it once (huggingface-cli download {path} "
+            f"download it at start-up. Download it once (hf download {path} "
             f"--local-dir DIR) and set {setting}=DIR")
     return model_config_from_hf(read_hf_config_dict(directory), f"{directory}/config.json")
 

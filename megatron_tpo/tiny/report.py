@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence
 
 from megatron_tpo.data.storage import IterationStore
+from megatron_tpo.report.plots import LENGTH, RATE, bound_axis, save_figure
 from megatron_tpo.tiny.task import SumProblem
 from megatron_tpo.tiny.thoughts import CLASSIFIED_KINDS, classify_thought, kind_shares
 
@@ -175,9 +176,9 @@ def report_table(summaries: Mapping[str, dict], report: Mapping) -> str:
     return "\n".join(lines)
 
 
-def plot_report(summaries: Mapping[str, dict], report: Mapping, path: Path) -> Path:
-    """Six panels: held-out score, win rates, TPO's sampled and greedy thought kinds,
-    thought and response lengths; one line per arm (or per kind)."""
+def report_figure(summaries: Mapping[str, dict], report: Mapping):
+    """The figure ``plot_report`` saves: six panels, each y-axis bounded by what its figure
+    is (``report.plots.Scale``), so a wobble of a length does not fill its panel."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -203,13 +204,18 @@ def plot_report(summaries: Mapping[str, dict], report: Mapping, path: Path) -> P
     titles = ("held-out score (greedy, M_t)", "held-out win rate",
               "TPO: kinds of sampled thoughts", "TPO: kinds of held-out (greedy) thoughts",
               "thought length of samples (chars)", "response length of samples (chars)")
-    for axis, title in zip(axes.flat, titles):
+    scales = (RATE, RATE, RATE, RATE, LENGTH, LENGTH)
+    for axis, title, scale in zip(axes.flat, titles, scales):
+        bound_axis(axis, scale)
         axis.set_title(title)
         axis.set_xlabel("iteration t")
         axis.grid(alpha=0.3)
         axis.legend(fontsize=7)
     figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=90)
-    plt.close(figure)
-    return path
+    return figure
+
+
+def plot_report(summaries: Mapping[str, dict], report: Mapping, path: Path) -> Path:
+    """Six panels: held-out score, win rates, TPO's sampled and greedy thought kinds,
+    thought and response lengths; one line per arm (or per kind)."""
+    return save_figure(report_figure(summaries, report), Path(path))

@@ -17,7 +17,7 @@ class OptimizerSettings:
     clip_grad: float = 1.0
     # The distributed optimizer shards Adam state over DP. On CPU it cannot be built
     # (it checks for torch.cuda tensor types) and its resume is inexact with plain
-    # torch Adam (DESIGN.md), so it is the default on GPUs only.
+    # torch Adam (docs/checkpoints.md), so it is the default on GPUs only.
     use_distributed_optimizer: bool = field(default_factory=torch.cuda.is_available)
 
 
