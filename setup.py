@@ -55,6 +55,7 @@ setup(
             "tpo-tiny-train=megatron_tpo.cli.tiny_train:main",
             "tpo-check-prompts=megatron_tpo.data.check_prompts:main",
             "tpo-doctor=megatron_tpo.cli.doctor:main",
+            "tpo-eval=megatron_tpo.cli.eval:main",
         ]
     },
 )
