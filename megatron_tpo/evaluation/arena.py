@@ -13,8 +13,13 @@ commit 0489bf3: ``compute_mle_elo``, ``get_bootstrap_result``, ``construct_style
   predicted win rate against the baseline, 1 / (1 + 10 ** ((Elo_baseline - Elo) / 400));
 - plain: unpenalised (scikit-learn, tol 1e-8); style control: four more columns
   (response tokens, markdown headers, list items, bold spans), each A's count minus B's
-  over their sum plus one, standardised, in a default (L2, C=1) logistic regression, as
-  ``fit_bt`` has it;
+  over their sum plus one, divided by its standard deviation, in a default (L2, C=1)
+  logistic regression, as ``fit_bt`` has it. One deliberate difference: arena-hard also
+  centres each column on its mean over all games. Its leaderboard fits many models
+  against one baseline, and the mean is the average model's style; tpo-eval fits one
+  model against its reference, where centring would leave that model's whole style
+  difference inside its score. Uncentred, the score is the model's predicted win rate
+  at no style difference, as AlpacaEval's LC rate is at no length difference;
 - the bootstrap resamples games with replacement, refits, and takes the 2.5 and 97.5
   percentiles of each model's Elo, turned into win rates.
 
@@ -89,8 +94,7 @@ def _doubled_design(games: Sequence[Game], models: List[str], style: bool):
         b = np.array([g.style_b for g in games], dtype=np.float64)
         ratio = (a - b) / (a + b + 1.0)
         spread = ratio.std(axis=0)
-        standardised = np.divide(ratio - ratio.mean(axis=0), spread,
-                                 out=np.zeros_like(ratio), where=spread > 0)
+        standardised = np.divide(ratio, spread, out=np.zeros_like(ratio), where=spread > 0)
         design[:, len(models):] = np.concatenate([standardised, standardised])
     winners = np.array([g.winner for g in games])
     target = np.zeros(2 * count)
