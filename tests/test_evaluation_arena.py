@@ -112,6 +112,15 @@ def test_two_models_score_the_share_of_games_won_ties_halved():
     assert scores["m"]["score"] == pytest.approx(100 * (13 + 1) / 20, abs=1e-4)
 
 
+def test_a_model_that_won_every_game_gets_a_bounded_score():
+    scores = bradley_terry_scores([Game("ref", "m", "b")] * 6, "ref", rounds=5)
+    assert scores["m"]["score"] == pytest.approx(99.5, abs=0.05)
+    assert scores["m"]["lower"] == scores["m"]["upper"] == scores["m"]["score"]
+    lost = bradley_terry_scores([Game("ref", "m", "a", [1, 0, 0, 0], [2, 0, 0, 0])] * 6, "ref",
+                                style_control=True, rounds=5)
+    assert lost["m"]["score"] == pytest.approx(0.5, abs=0.05)
+
+
 def test_style_control_takes_out_a_preference_for_length():
     rng = np.random.default_rng(3)
     games = []

@@ -103,10 +103,22 @@ def _doubled_design(games: Sequence[Game], models: List[str], style: bool):
     return design, target
 
 
-def _fit(design: np.ndarray, target: np.ndarray, style: bool) -> np.ndarray:
+# The Elo distance standing for "won (or lost) every game": when every game went one
+# way the likelihood has no maximum (arena-hard's fit stops with an error); this puts
+# such a model at a 0.5% / 99.5% win rate instead.
+ELO_UNDEFEATED = 920.0
+
+
+def _fit(design: np.ndarray, target: np.ndarray, style: bool, model_columns: int) -> np.ndarray:
     import warnings
 
     from sklearn.linear_model import LogisticRegression
+
+    if np.all(target == target[0]):
+        # Winners half the distance up, losers half down; style plays no part.
+        won = np.sign((design * (2 * target[:, None] - 1)).sum(axis=0))
+        won[model_columns:] = 0.0
+        return won * ELO_UNDEFEATED / 2 / ELO_SCALE
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
@@ -140,13 +152,14 @@ def bradley_terry_scores(games: Sequence[Game], baseline: str, style_control: bo
         return {}
     models = _models(games, baseline)
     design, target = _doubled_design(games, models, style_control)
-    coefficients = _fit(design, target, style_control)
+    coefficients = _fit(design, target, style_control, len(models))
     elo = _elo(coefficients, models, baseline)
     count = len(games)
     resampled = []
     for indices in bootstrap_indices(count, rounds, seed):
         rows = np.concatenate([indices, indices + count])
-        resampled.append(_elo(_fit(design[rows], target[rows], style_control), models, baseline))
+        resampled.append(_elo(_fit(design[rows], target[rows], style_control, len(models)),
+                              models, baseline))
     resampled = np.array(resampled).reshape(len(resampled), len(models))
     scores = {}
     for column, model in enumerate(models):

@@ -86,6 +86,7 @@ def _fit_preference_glm(features: np.ndarray, probability: np.ndarray):
     so both rows of an annotation fall in the same fold; the folds are scored by the log
     loss against p itself."""
     import sklearn
+    from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegressionCV
     from sklearn.metrics import make_scorer
     from sklearn.model_selection import GroupKFold
@@ -97,8 +98,11 @@ def _fit_preference_glm(features: np.ndarray, probability: np.ndarray):
     groups = np.concatenate([np.arange(count), np.arange(count)])
     # The scorer needs each test row's probability: scikit-learn routes it as metadata.
     with sklearn.config_context(enable_metadata_routing=True), warnings.catch_warnings():
-        # scikit-learn 1.8+ warns about attributes and defaults this fit does not use.
+        # scikit-learn 1.8+ warns about attributes and defaults this fit does not use;
+        # liblinear stopping at AlpacaEval's iteration limit on a few annotations is
+        # AlpacaEval's behaviour too.
         warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", ConvergenceWarning)
         scorer = make_scorer(_continuous_log_loss, response_method="predict_proba",
                              greater_is_better=False).set_score_request(true_prob=True)
         model = LogisticRegressionCV(cv=GroupKFold(n_splits=min(GLM_FOLDS, count)),
