@@ -221,11 +221,15 @@ def start_world() -> None:
 
 def run(args) -> dict:
     """Everything but printing; the summary on rank 0 (None on the others)."""
+    from megatron_tpo.evaluation.models import check_model_source
     from megatron_tpo.evaluation.suite import evaluate
 
     config = resolve_config(args)
     check_config(config, args)
     model, reference = resolve_models(config, args)
+    for source in (model, reference):
+        if source is not None:
+            check_model_source(source)
     suite = suite_config(args, config, model)
     suite.validate()
     start_world()

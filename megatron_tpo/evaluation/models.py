@@ -94,6 +94,36 @@ def run_model_source(run_dir: Path, iteration: int) -> ModelSource:
     return ModelSource(f"M_{iteration}", found[iteration] / "dist", Path(run["policy"]))
 
 
+def _dist_tensors(source: ModelSource, verify_checksums: bool):
+    """(raw HF config, ModelConfig, reader, HF-named tensor source) of a dist checkpoint,
+    its shapes checked against the policy's config.json."""
+    from megatron_tpo.checkpoint.initial import weights_directory
+    from megatron_tpo.model.dist_weights import DistWeightsReader
+    from megatron_tpo.model.hf_config import model_config_from_hf, read_hf_config_dict
+    from megatron_tpo.model.nemo import NemoTensorSource
+
+    raw = read_hf_config_dict(source.policy)
+    model = model_config_from_hf(raw, str(source.policy / "config.json"))
+    reader = DistWeightsReader(weights_directory(str(source.weights)), model.num_layers,
+                               verify_checksums=verify_checksums)
+    tensors = NemoTensorSource(reader, model)
+    try:
+        tensors.check_shapes()
+    except ConfigError as error:
+        raise ConfigError(f"{source.weights} does not match its config "
+                          f"{source.policy / 'config.json'}: {error}") from error
+    return raw, model, reader, tensors
+
+
+def check_model_source(source: ModelSource) -> None:
+    """Before any work: the weights are there and, for a dist checkpoint, every tensor has
+    the shape the policy's config.json implies (metadata only)."""
+    if not source.is_hf:
+        _dist_tensors(source, verify_checksums=False)
+    elif not (source.weights / "config.json").is_file():
+        raise ConfigError(f"{source.weights}: no config.json; not an HF model directory")
+
+
 def verify_run_checkpoint(source: ModelSource) -> None:
     """COLLECTIVE. A training checkpoint's files against its manifest (every rank)."""
     from megatron_tpo.checkpoint.manifest import read_manifest, verify_files
@@ -115,23 +145,10 @@ def hf_directory(source: ModelSource, cache_dir: Path, progress: bool = True) ->
     if (target / "config.json").is_file() and stamp.is_file() and \
             json.loads(stamp.read_text()).get("weights") == origin:
         return target
-    from megatron_tpo.checkpoint.initial import weights_directory
     from megatron_tpo.model import llama_layout as layout
     from megatron_tpo.model.conversion import write_hf_directory
-    from megatron_tpo.model.dist_weights import DistWeightsReader
-    from megatron_tpo.model.hf_config import model_config_from_hf, read_hf_config_dict
-    from megatron_tpo.model.nemo import NemoTensorSource
 
-    raw = read_hf_config_dict(source.policy)
-    model = model_config_from_hf(raw, str(source.policy / "config.json"))
-    reader = DistWeightsReader(weights_directory(str(source.weights)), model.num_layers,
-                               verify_checksums=True)
-    tensors = NemoTensorSource(reader, model)
-    try:
-        tensors.check_shapes()
-    except ConfigError as error:
-        raise ConfigError(f"{source.weights} does not match its config "
-                          f"{source.policy / 'config.json'}: {error}") from error
+    raw, model, reader, tensors = _dist_tensors(source, verify_checksums=True)
     dtype = str(reader.tensors[reader.prefix + layout.EMBEDDING].properties.dtype).removeprefix("torch.")
     scratch = target.with_name(f".{target.name}.partial")
     shutil.rmtree(scratch, ignore_errors=True)
