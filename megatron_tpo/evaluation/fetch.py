@@ -76,6 +76,7 @@ def fetch_sets(out_dir: Path) -> Dict[str, Path]:
                     raise ConfigError(f"{archive.name}:{member}: sha256 differs from the "
                                       f"published {requirement}; not written")
                 atomic_write(out_dir / file_name, lambda handle: handle.write(data))
+                (out_dir / file_name).chmod(0o644)   # readable by every job of the cluster
                 written[file_name] = out_dir / file_name
     notice = "\n".join(f"{name}: {LICENCES[name]}" for name in written)
     atomic_write(out_dir / "SOURCES.txt", lambda handle: handle.write(
