@@ -21,41 +21,15 @@ from megatron_tpo.evaluation.suite import EvalSuiteConfig, EvalTask, evaluate
 from megatron_tpo.evaluation.winrate import win_rate
 from megatron_tpo.judge.pairwise import PairwiseJudge
 from megatron_tpo.rollout.config import RolloutConfig
-from megatron_tpo.rollout.engine import GenerationOutput, RolloutEngine, SamplingParams
+from megatron_tpo.rollout.engine import SamplingParams
 
 sys.path.insert(0, str(Path(__file__).parent))
+from eval_fixtures import JUDGE_PROMPT, ShorterWinsJudgeEngine  # noqa: E402
 from tpo_fixtures import write_instructions, write_policy  # noqa: E402
 from tiny_hf import tiny_tokenizer  # noqa: E402
 
 TEMPLATE = ThoughtTemplate(name="user", prompt="think then answer {instruction}",
                            response_marker="user")
-JUDGE_PROMPT = "{instruction}\n<A>{response_a}</A>\n<B>{response_b}</B>"
-
-
-class ShorterWinsJudgeEngine(RolloutEngine):
-    """A scripted judge model: the shorter response wins (A on a tie), one prompt in
-    ``unreadable_every`` gets no verdict; every prompt it is shown is kept."""
-
-    def __init__(self, unreadable_every=0):
-        self.prompts, self.unreadable_every = [], unreadable_every
-
-    def generate(self, prompts, sampling):
-        outputs = []
-        for prompt in prompts:
-            self.prompts.append(prompt)
-            a = re.search(r"<A>(.*)</A>", prompt, re.S).group(1)
-            b = re.search(r"<B>(.*)</B>", prompt, re.S).group(1)
-            verdict = "[[A]]" if len(a) <= len(b) else "[[B]]"
-            if self.unreadable_every and len(self.prompts) % self.unreadable_every == 0:
-                verdict = "I cannot decide."
-            outputs.append(GenerationOutput(prompt=prompt, texts=[f"reasoning. {verdict}"],
-                                            num_tokens=[2]))
-        return outputs
-
-    def update_weights(self, stream):
-        raise NotImplementedError
-
-
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("tpo_eval")
