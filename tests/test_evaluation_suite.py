@@ -191,3 +191,25 @@ def test_unreadable_verdicts_are_left_out_not_counted_as_ties(workspace, evaluat
     assert judged and all(len(r["games"]) == 1 for r in judged)
     assert all(r["preference"] in (1.0, 2.0) for r in judged)
     assert summary["sets"]["mine"]["judge"]["verdicts_unreadable"] == len(judged)
+
+
+def test_an_instruction_longer_than_the_context_is_a_failure_not_generated(workspace, tmp_path,
+                                                                           monkeypatch):
+    questions = tmp_path / "long.jsonl"
+    questions.write_text(json.dumps({"instruction": "the cat"}) + "\n" +
+                         json.dumps({"instruction": " ".join(["dog"] * 300)}) + "\n")
+    generated = []
+    real_generate = suite_module.answer_set.__globals__["generate_on_all_ranks"]
+
+    def counting(engine, prompts, sampling, tp):
+        generated.extend(prompts)
+        return real_generate(engine, prompts, sampling, tp)
+
+    monkeypatch.setitem(suite_module.answer_set.__globals__, "generate_on_all_ranks", counting)
+    config = EvalSuiteConfig(sets=[f"long={questions}"], out=str(tmp_path / "out"),
+                             bootstrap_rounds=0, progress=False)
+    summary = evaluate(config, _task(workspace, ShorterWinsJudgeEngine()))
+    answers = json.loads((tmp_path / "out/answers/M_1/long/chunk_00000.json").read_text())
+    assert answers[1]["parse_failure"] == "prompt_too_long" and answers[1]["response"] is None
+    assert all("dog dog dog" not in prompt for prompt in generated) and len(generated) == 2
+    assert summary["sets"]["long"]["thoughts"]["model"]["prompt_too_long"] == 1

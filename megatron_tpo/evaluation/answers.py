@@ -66,6 +66,19 @@ def answer_rows(items: Sequence[EvalItem], outputs, template: ThoughtTemplate,
             for item, row in zip(items, parsed)]
 
 
+PROMPT_TOO_LONG = "prompt_too_long"
+
+
+def unanswerable_row(item: EvalItem) -> AnswerRow:
+    """An instruction whose prompt leaves no room for ``max_new_tokens`` in the model's
+    context: not generated (past its positions a model's output means nothing, and vLLM
+    refuses it), a failure like any other answer that did not parse."""
+    return AnswerRow(id=item.id, instruction=item.instruction, category=item.category,
+                     output="", thought=None, response=None, parse_ok=False,
+                     parse_failure=PROMPT_TOO_LONG, finish_reason="length", output_tokens=0,
+                     thought_tokens=0, response_tokens=0)
+
+
 class AnswerEngine:
     """One engine for the models of an evaluation, built for the first and reused for the
     next when its architecture is the same (its weights streamed in, as a weight sync
@@ -81,6 +94,7 @@ class AnswerEngine:
         self.tokenizer = None
         self.loaded: Optional[Path] = None
         self.architecture: Optional[dict] = None
+        self.context: Optional[int] = None    # the loaded model's max_position_embeddings
 
     def load(self, hf_dir: Path) -> RolloutEngine:
         from transformers import AutoTokenizer
@@ -104,6 +118,7 @@ class AnswerEngine:
             self.engine = build_rollout_engine(self.rollout, str(hf_dir), self.tokenizer,
                                                serves_checkpoint=True)
         self.loaded, self.architecture = hf_dir, architecture
+        self.context = architecture.get("max_position_embeddings")
         return self.engine
 
     def close(self) -> None:
@@ -143,8 +158,14 @@ def answer_set(engines: AnswerEngine, model: ModelSource, eval_set: EvalSet,
         engine = engines.load(hf_dir)
         prompts = [apply_thought_chat_template(engines.tokenizer, item.instruction, template)
                    for item in items]
-        outputs = generate_on_all_ranks(engine, prompts, sampling, engines.ranks_per_engine)
-        return [dict(row) for row in answer_rows(items, outputs, template, engines.tokenizer)]
+        lengths = [len(engines.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+        fits = [i for i, n in enumerate(lengths)
+                if engines.context is None or n + sampling.max_new_tokens <= engines.context]
+        outputs = generate_on_all_ranks(engine, [prompts[i] for i in fits], sampling,
+                                        engines.ranks_per_engine) if fits else []
+        answered = dict(zip(fits, answer_rows([items[i] for i in fits], outputs, template,
+                                              engines.tokenizer)))
+        return [dict(answered.get(i) or unanswerable_row(item)) for i, item in enumerate(items)]
 
     return run_in_chunks(store, eval_set.items, answer,
                          f"{model.name} answers {eval_set.name}", progress)

@@ -65,6 +65,7 @@ def thought_metrics(answers: Sequence[dict]) -> dict:
     return {
         "parse_rate": len(parsed) / len(answers) if answers else math.nan,
         "truncated_rate": mean(row["finish_reason"] == "length" for row in answers),
+        "prompt_too_long": sum(row["parse_failure"] == "prompt_too_long" for row in answers),
         "mean_thought_tokens": mean(row["thought_tokens"] for row in parsed),
         "mean_response_tokens": mean(row["response_tokens"] for row in parsed),
         "mean_output_tokens": mean(row["output_tokens"] for row in answers),
