@@ -159,6 +159,8 @@ def evaluate(config: EvalSuiteConfig, task: EvalTask) -> Optional[dict]:
     sets = load_sets(config, needs_reference=task.reference is None)
     sampling = config.answer_sampling(task.rollout.sampling)
     engines = AnswerEngine(task.rollout, task.ranks_per_engine)
+    # Asked now: closing a vLLM engine tears the default process group down with it.
+    rank_zero = is_rank_zero()
     try:
         answers = {s.name: answer_set(engines, task.model, s, task.template, sampling, out,
                                       config.chunk_size, config.progress) for s in sets}
@@ -170,7 +172,7 @@ def evaluate(config: EvalSuiteConfig, task: EvalTask) -> Optional[dict]:
         annotations = _annotate_sets(config, task, sets, answers, references)
     finally:
         engines.close()
-    if not is_rank_zero():
+    if not rank_zero:
         return None
     return _summarise(config, task, sets, answers, references, annotations, out)
 
