@@ -192,7 +192,9 @@ def build_task(config, args, model, reference):
     return EvalTask(model=model, reference=reference, template=config.thought,
                     rollout=config.rollout, ranks_per_engine=ranks_per_engine,
                     build_judge=build_judge, annotator=judge_label(config),
-                    judge_settings={**judge_settings, "prompt": template})
+                    judge_settings={**judge_settings, "prompt": template},
+                    connect_judge_first=(config.judge.kind == "pairwise"
+                                         and config.judge.pairwise.placement == "separate"))
 
 
 def suite_config(args, config, model):

@@ -106,6 +106,11 @@ class EvalTask:
     build_judge: Callable[[], Judge]
     annotator: str
     judge_settings: dict
+    connect_judge_first: bool = False
+    """Build the judge before answering: a judge pool (tpo-engine --serve judge) waits
+    only ``judge.pairwise.bridge.timeout_seconds`` for its client to join, and answering
+    takes longer; a judge with engines of its own is built after, in the memory the
+    answering engine gave back."""
 
 
 def load_sets(config: EvalSuiteConfig, needs_reference: bool) -> List[EvalSet]:
@@ -161,6 +166,7 @@ def evaluate(config: EvalSuiteConfig, task: EvalTask) -> Optional[dict]:
     engines = AnswerEngine(task.rollout, task.ranks_per_engine)
     # Asked now: closing a vLLM engine tears the default process group down with it.
     rank_zero = is_rank_zero()
+    judge = task.build_judge() if task.connect_judge_first else None
     try:
         answers = {s.name: answer_set(engines, task.model, s, task.template, sampling, out,
                                       config.chunk_size, config.progress) for s in sets}
@@ -169,7 +175,7 @@ def evaluate(config: EvalSuiteConfig, task: EvalTask) -> Optional[dict]:
                                config.chunk_size, config.progress) for s in sets}
         if engines.engine is not None:
             engines.engine.sleep()     # its memory to the judge
-        annotations = _annotate_sets(config, task, sets, answers, references)
+        annotations = _annotate_sets(config, task, sets, answers, references, judge)
     finally:
         engines.close()
     if not rank_zero:
@@ -177,8 +183,8 @@ def evaluate(config: EvalSuiteConfig, task: EvalTask) -> Optional[dict]:
     return _summarise(config, task, sets, answers, references, annotations, out)
 
 
-def _annotate_sets(config, task, sets, answers, references) -> Dict[str, List[dict]]:
-    judge = None
+def _annotate_sets(config, task, sets, answers, references, judge: Optional[Judge]
+                   ) -> Dict[str, List[dict]]:
     result = {}
     reference_name = task.reference.name if task.reference else "reference"
     for eval_set in sets:
