@@ -106,3 +106,42 @@ def test_a_pairwise_judge_needs_a_model_of_its_own(run_dir, tmp_path, capsys):
     code, err = _error(capsys, ["--run", str(run_dir / "run"), "--iteration", "1",
                                 "--out", str(tmp_path / "o"), "judge=pairwise"])
     assert code == 2 and "judge.pairwise.model" in err
+
+
+def test_a_judge_model_on_a_pool_of_its_own_judges_the_answers(run_dir, tmp_path):
+    """The cluster layout in miniature: a tpo-engine --serve judge pool (HF engines, gloo)
+    and tpo-eval as its client, each its own process, given the same judge settings."""
+    import os
+    import subprocess
+
+    from engine_processes import start_engine_world, stop_engine_world
+    from megatron_tpo.parallel.launch import free_local_port
+    from test_judge_pool import write_verdict_judge
+
+    judge_dir = write_verdict_judge(tmp_path / "judge")
+    judge = tiny_run_overrides(run_dir, 1) + [
+        "judge=pairwise", f"judge.pairwise.model={judge_dir}",
+        "judge.pairwise.sampling.max_new_tokens=1", "judge.pairwise.placement=separate",
+        f"judge.pairwise.bridge.port={free_local_port()}", "judge.pairwise.bridge.engine_ranks=1",
+        "judge.pairwise.bridge.timeout_seconds=120"]
+    pool = start_engine_world(["--serve", "judge", *judge], 1, tmp_path, "judge")
+    try:
+        evaluation = subprocess.run(
+            [sys.executable, "-m", "megatron_tpo.cli.eval", "--run", str(run_dir / "run"),
+             "--iteration", "1", "--sets", f"mine={run_dir / 'mine.jsonl'}", "--out",
+             str(tmp_path / "eval"), "--bootstrap-rounds", "5", "--json", "--quiet",
+             "rollout.sampling.max_new_tokens=8", *judge],
+            capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
+            timeout=600)
+    finally:
+        exit_codes, logs = stop_engine_world(pool, tmp_path, "judge")
+    assert evaluation.returncode == 0, evaluation.stderr[-3000:]
+    assert exit_codes == [0], logs     # tpo-eval stopped the pool on its way out
+    summary = json.loads(evaluation.stdout)
+    metrics = summary["sets"]["mine"]
+    assert summary["annotator"] == "pairwise:judge"
+    rows = json.loads(Path(summary["files"]["mine"]["annotations"]).read_text())
+    judged = [row for row in rows if row["raw_completion"]]
+    assert judged and all(len(row["raw_completion"]) == 2 for row in judged)
+    assert metrics["judge"]["verdicts_written"] == 2 * len(judged)
+    assert metrics["judge"]["verdicts_unreadable"] < metrics["judge"]["verdicts_written"]
