@@ -137,7 +137,8 @@ def answer_settings(model: ModelSource, template: ThoughtTemplate,
 def prepared_hf_directory(model: ModelSource, cache_dir: Path, progress: bool) -> Path:
     """COLLECTIVE. The model's HF directory, converted on rank 0 if it must be."""
     verify_run_checkpoint(model)
-    return Path(rank_zero_value(lambda: str(hf_directory(model, cache_dir, progress))))
+    return Path(rank_zero_value(lambda: str(hf_directory(model, cache_dir, progress)),
+                                f"converting {model.name} ({model.weights})"))
 
 
 def answer_set(engines: AnswerEngine, model: ModelSource, eval_set: EvalSet,

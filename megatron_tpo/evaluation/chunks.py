@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from megatron_tpo.config.errors import ConfigError
 from megatron_tpo.files import atomic_write
-from megatron_tpo.parallel.collectives import broadcast_from_rank_zero, is_rank_zero
+from megatron_tpo.parallel.collectives import is_rank_zero, rank_zero_result
 
 SETTINGS = "settings.json"
 
@@ -62,16 +62,24 @@ class ChunkStore:
         return json.loads(self.chunk_path(index).read_text())
 
 
-def rank_zero_value(work: Callable[[], Any]) -> Any:
+# How long the other ranks wait for what rank 0 does alone (converting a 70B checkpoint,
+# reading back 805 stored answers), on the store rather than in a collective.
+RANK_ZERO_TIMEOUT_SECONDS = 4 * 3600.0
+
+
+def rank_zero_value(work: Callable[[], Any], what: str = "tpo-eval's rank-0 work") -> Any:
     """``work()`` on rank 0, its value on every rank; a ``ConfigError`` of rank 0 is raised
-    on every rank, so a refused directory stops the whole world, not rank 0 alone."""
-    value, failure = None, None
-    if is_rank_zero():
+    on every rank, so a refused directory stops the whole world, not rank 0 alone. The
+    other ranks wait on the store (``parallel.collectives.rank_zero_result``), not in a
+    collective that a long conversion would outlast."""
+    def guarded():
         try:
-            value = work()
+            return work(), None
         except ConfigError as error:
-            failure = str(error)
-    value, failure = broadcast_from_rank_zero((value, failure))
+            return None, str(error)
+
+    value, failure = rank_zero_result(guarded, what, RANK_ZERO_TIMEOUT_SECONDS,
+                                      "RANK_ZERO_TIMEOUT_SECONDS (evaluation/chunks.py)")
     if failure is not None:
         raise ConfigError(failure)
     return value
@@ -87,7 +95,7 @@ def run_in_chunks(store: ChunkStore, items: Sequence, compute: Callable[[Sequenc
         store.open()
         return store.finished(count)
 
-    done = rank_zero_value(open_store)
+    done = rank_zero_value(open_store, f"opening {store.directory}")
     bar = tqdm(total=len(items), desc=description, unit="item",
                disable=not (progress and is_rank_zero()))
     for index in range(count):
@@ -100,4 +108,5 @@ def run_in_chunks(store: ChunkStore, items: Sequence, compute: Callable[[Sequenc
                 store.write(index, rows)
         bar.update(len(chunk))
     bar.close()
-    return rank_zero_value(lambda: [row for index in range(count) for row in store.read(index)])
+    return rank_zero_value(lambda: [row for index in range(count) for row in store.read(index)],
+                           f"reading {store.directory}")
