@@ -1,7 +1,12 @@
-"""A scripted pairwise judge for the tpo-eval tests: a judge model whose verdicts follow a
-rule and which keeps every prompt it was shown."""
+"""For the tpo-eval tests: a scripted pairwise judge (a judge model whose verdicts follow
+a rule and which keeps every prompt it was shown), and AlpacaEval's own metrics."""
 
+import importlib.metadata
 import re
+import sys
+import types
+
+import pytest
 
 from megatron_tpo.rollout.engine import GenerationOutput, RolloutEngine
 
@@ -30,3 +35,22 @@ class ShorterWinsJudgeEngine(RolloutEngine):
 
     def update_weights(self, stream):
         raise NotImplementedError
+
+
+def alpaca_eval_metrics():
+    """alpaca_eval's metrics modules; it imports pkg_resources, which setuptools >= 81 no
+    longer ships, for two version helpers the metrics never call: a stand-in serves them."""
+    try:
+        import pkg_resources  # noqa: F401
+    except ImportError:
+        from packaging.version import parse
+
+        stand_in = types.ModuleType("pkg_resources")
+        stand_in.parse_version = parse
+        stand_in.get_distribution = lambda name: types.SimpleNamespace(
+            version=importlib.metadata.version(name))
+        sys.modules["pkg_resources"] = stand_in
+    pytest.importorskip("alpaca_eval")
+    from alpaca_eval.metrics import glm_winrate, winrate
+
+    return winrate, glm_winrate

@@ -24,7 +24,7 @@ from megatron_tpo.rollout.config import RolloutConfig
 from megatron_tpo.rollout.engine import SamplingParams
 
 sys.path.insert(0, str(Path(__file__).parent))
-from eval_fixtures import JUDGE_PROMPT, ShorterWinsJudgeEngine  # noqa: E402
+from eval_fixtures import JUDGE_PROMPT, ShorterWinsJudgeEngine, alpaca_eval_metrics  # noqa: E402
 from tpo_fixtures import write_instructions, write_policy  # noqa: E402
 from tiny_hf import tiny_tokenizer  # noqa: E402
 
@@ -138,6 +138,15 @@ def test_answers_judged_on_responses_only_scored_and_exported(evaluated):
         assert record["choices"][0]["turns"][0]["content"] == (answer["response"] or "")
         assert set(record["conv_metadata"]) == {"token_len", "header_count", "list_count",
                                                 "bold_count"}
+
+
+def test_alpaca_evals_own_code_reads_the_annotations_to_the_same_numbers(evaluated):
+    summary, _, out = evaluated
+    rows = json.loads((out / "annotations/M_1_vs_M_0/mine/annotations.json").read_text())
+    theirs = alpaca_eval_metrics()[0].get_winrate(rows)
+    assert float(theirs["win_rate"]) == pytest.approx(summary["sets"]["mine"]["win_rate"])
+    assert float(theirs["standard_error"]) == pytest.approx(
+        summary["sets"]["mine"]["standard_error"])
 
 
 def test_a_rerun_reads_answers_and_annotations_back(workspace, evaluated, tmp_path,

@@ -7,10 +7,9 @@ test, featurized as ``_get_featurized_data`` does for the minimal and no-regular
 formulas.
 """
 
-import importlib.metadata
 import math
 import sys
-import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,24 +17,8 @@ import pytest
 from megatron_tpo.evaluation.heldout import heldout_metrics, lc_win_rate_vs_first
 from megatron_tpo.evaluation.winrate import length_controlled_win_rate, win_rate
 
-
-def _alpaca_eval():
-    """alpaca_eval's metrics modules; it imports pkg_resources, which setuptools >= 81 no
-    longer ships, for two version helpers the metrics never call: a stand-in serves them."""
-    try:
-        import pkg_resources  # noqa: F401
-    except ImportError:
-        from packaging.version import parse
-
-        stand_in = types.ModuleType("pkg_resources")
-        stand_in.parse_version = parse
-        stand_in.get_distribution = lambda name: types.SimpleNamespace(
-            version=importlib.metadata.version(name))
-        sys.modules["pkg_resources"] = stand_in
-    pytest.importorskip("alpaca_eval")
-    from alpaca_eval.metrics import glm_winrate, winrate
-
-    return winrate, glm_winrate
+sys.path.insert(0, str(Path(__file__).parent))
+from eval_fixtures import alpaca_eval_metrics as _alpaca_eval  # noqa: E402
 
 
 def _annotations(count=120, seed=0):

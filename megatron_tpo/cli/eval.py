@@ -252,7 +252,8 @@ def describe(summary: dict) -> str:
         styled = metrics.get("bradley_terry_style_controlled", {})
         lines.append(
             f"| {name} | {metrics['n']} | {number(metrics['win_rate'])} | "
-            f"{number(metrics['standard_error'])} | {number(metrics['length_controlled_winrate'])} | "
+            f"{number(metrics['standard_error'])} | "
+            f"{number(metrics['length_controlled_winrate'])} | "
             f"{number(bt.get('score'))} [{number(bt.get('lower'))}, {number(bt.get('upper'))}] | "
             f"{number(styled.get('score'))} | "
             f"{number(metrics['thoughts']['model']['parse_rate'], 3)} |")

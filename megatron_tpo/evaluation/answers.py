@@ -60,7 +60,8 @@ def answer_rows(items: Sequence[EvalItem], outputs, template: ThoughtTemplate,
                       output=row["output"], thought=row["thought"], response=row["response"],
                       parse_ok=row["parse_ok"], parse_failure=row["parse_failure"],
                       finish_reason=row["finish_reason"],
-                      output_tokens=len(row["output_token_ids"]) or _token_count(tokenizer, row["output"]),
+                      output_tokens=(len(row["output_token_ids"])
+                                     or _token_count(tokenizer, row["output"])),
                       thought_tokens=_token_count(tokenizer, row["thought"]),
                       response_tokens=_token_count(tokenizer, row["response"]))
             for item, row in zip(items, parsed)]
@@ -104,8 +105,8 @@ class AnswerEngine:
 
         if self.loaded == hf_dir:
             return self.engine
-        architecture = {k: v for k, v in read_hf_config_dict(hf_dir).items()
-                        if k not in ("torch_dtype", "dtype", "transformers_version", "_name_or_path")}
+        ignored = ("torch_dtype", "dtype", "transformers_version", "_name_or_path")
+        architecture = {k: v for k, v in read_hf_config_dict(hf_dir).items() if k not in ignored}
         if self.engine is not None and architecture == self.architecture:
             from megatron_tpo.model.hf_checkpoint import HFCheckpointReader
 
@@ -159,7 +160,8 @@ def answer_set(engines: AnswerEngine, model: ModelSource, eval_set: EvalSet,
         engine = engines.load(hf_dir)
         prompts = [apply_thought_chat_template(engines.tokenizer, item.instruction, template)
                    for item in items]
-        lengths = [len(engines.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+        lengths = [len(engines.tokenizer(p, add_special_tokens=False)["input_ids"])
+                   for p in prompts]
         fits = [i for i, n in enumerate(lengths)
                 if engines.context is None or n + sampling.max_new_tokens <= engines.context]
         outputs = generate_on_all_ranks(engine, [prompts[i] for i in fits], sampling,

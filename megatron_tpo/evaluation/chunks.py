@@ -42,7 +42,8 @@ class ChunkStore:
         wanted = {**self.settings, "chunk_size": self.chunk_size}
         if path.is_file():
             stored = json.loads(path.read_text())
-            differing = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
+            differing = sorted(k for k in set(stored) | set(wanted)
+                               if stored.get(k) != wanted.get(k))
             if differing:
                 raise ConfigError(f"{self.directory} holds rows made with other settings "
                                   f"({', '.join(differing)}: {stored.get(differing[0])!r} there, "

@@ -40,7 +40,8 @@ LICENCES = {ALPACA_EVAL_FILE: "CC-BY-NC-4.0 (AlpacaEval's evaluation set)",
 def _download(requirement: str, directory: Path) -> Path:
     """The archive pip downloads for ``requirement``: the sdist of alpaca-eval (the example
     outputs are not in its wheel), the wheel of flexeval."""
-    archive_kind = ["--no-binary", ":all:"] if requirement == ALPACA_EVAL else ["--only-binary", ":all:"]
+    archive_kind = (["--no-binary", ":all:"] if requirement == ALPACA_EVAL
+                    else ["--only-binary", ":all:"])
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
                "--dest", str(directory), *archive_kind, requirement]
     result = subprocess.run(command, capture_output=True, text=True)

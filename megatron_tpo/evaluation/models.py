@@ -44,7 +44,8 @@ def is_dist_checkpoint(path: Path) -> bool:
     return (path / DIST_MARKER).is_file() or (path / "weights" / DIST_MARKER).is_file()
 
 
-def model_source(path: str, policy: Optional[str] = None, name: Optional[str] = None) -> ModelSource:
+def model_source(path: str, policy: Optional[str] = None,
+                 name: Optional[str] = None) -> ModelSource:
     """``path`` as an HF directory or a dist checkpoint (which needs ``policy``)."""
     weights = Path(path)
     label = name or weights.name
@@ -149,7 +150,8 @@ def hf_directory(source: ModelSource, cache_dir: Path, progress: bool = True) ->
     from megatron_tpo.model.conversion import write_hf_directory
 
     raw, model, reader, tensors = _dist_tensors(source, verify_checksums=True)
-    dtype = str(reader.tensors[reader.prefix + layout.EMBEDDING].properties.dtype).removeprefix("torch.")
+    embedding = reader.tensors[reader.prefix + layout.EMBEDDING]
+    dtype = str(embedding.properties.dtype).removeprefix("torch.")
     scratch = target.with_name(f".{target.name}.partial")
     shutil.rmtree(scratch, ignore_errors=True)
     shutil.rmtree(target, ignore_errors=True)

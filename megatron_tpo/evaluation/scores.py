@@ -51,7 +51,8 @@ def arena_metrics(rows: Sequence[dict], reference_tokens: Sequence[int],
     plain = bradley_terry_scores(played, baseline, rounds=rounds, seed=seed)
     styled = bradley_terry_scores(played, baseline, style_control=True, rounds=rounds, seed=seed)
     return {"games": len(played), "bradley_terry": plain[model],
-            "bradley_terry_style_controlled": {**styled[model], "style_coefficients": styled["_style"]}}
+            "bradley_terry_style_controlled": {**styled[model],
+                                               "style_coefficients": styled["_style"]}}
 
 
 def thought_metrics(answers: Sequence[dict]) -> dict:

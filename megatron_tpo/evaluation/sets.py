@@ -82,7 +82,8 @@ def load_alpaca_eval(path: Path) -> EvalSet:
     try:
         records = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise SetFileError(f"{path}: evaluation set not found (tpo-eval fetch-sets writes it)") from None
+        raise SetFileError(f"{path}: evaluation set not found (tpo-eval fetch-sets writes "
+                           "it)") from None
     except json.JSONDecodeError as error:
         raise SetFileError(f"{path}:{error.lineno}: not valid JSON ({error.msg})") from error
     if not isinstance(records, list):

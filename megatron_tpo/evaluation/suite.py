@@ -254,7 +254,8 @@ def _summarise(config, task, sets, answers, references, annotations, out: Path) 
             str(p) for p in write_exports(answers[eval_set.name], task.model.name, eval_set, out)]}
     pooled = alpaca_metrics([row for name in annotations for row in annotations[name]])
     summary = {
-        "model": task.model.name, "reference": task.reference.name if task.reference else "reference",
+        "model": task.model.name,
+        "reference": task.reference.name if task.reference else "reference",
         "annotator": task.annotator,
         **{key: pooled[key] for key in ("n", "win_rate", "standard_error",
                                         "length_controlled_winrate", "lc_standard_error")},

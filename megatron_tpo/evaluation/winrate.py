@@ -56,7 +56,8 @@ def win_rate(preferences: Sequence[Optional[float]]) -> Dict[str, float]:
     discrete = np.where(ties, 0.5, np.round(kept))
     return {
         "win_rate": float(kept.mean() * 100) if count else math.nan,
-        "standard_error": float(kept.std(ddof=1) / math.sqrt(count) * 100) if count > 1 else math.nan,
+        "standard_error": (float(kept.std(ddof=1) / math.sqrt(count) * 100) if count > 1
+                           else math.nan),
         "n_wins": int((kept > 0.5).sum()),
         "n_wins_base": int((kept < 0.5).sum()),
         "n_draws": int(ties.sum()),
@@ -119,7 +120,8 @@ def glm_design(reference_lengths: Sequence[float], model_lengths: Sequence[float
     """The GLM's columns, in AlpacaEval's order: tanh of the length difference (reference
     minus model) over its sample standard deviation, the difficulty when given, and the
     baseline indicator (a column of ones, the intercept)."""
-    delta = np.asarray(reference_lengths, dtype=np.float64) - np.asarray(model_lengths, dtype=np.float64)
+    delta = (np.asarray(reference_lengths, dtype=np.float64)
+             - np.asarray(model_lengths, dtype=np.float64))
     spread = delta.std(ddof=1) if len(delta) > 1 else 0.0
     # Equal lengths everywhere carry no length signal: the difference column is zero
     # (AlpacaEval would divide by zero here).
@@ -144,7 +146,8 @@ def length_controlled_win_rate(preferences: Sequence[Optional[float]],
     probability = values[kept] - 1.0
     test = design.copy()
     test[:, 0] = 0.0                  # tanh(0): no length difference
-    names = ["length"] + (["instruction_difficulty"] if difficulty is not None else []) + ["baseline"]
+    names = (["length"] + (["instruction_difficulty"] if difficulty is not None else [])
+             + ["baseline"])
     if len(probability) < 2:
         predicted = np.full(len(values), probability.mean() if len(probability) else np.nan)
         weights = dict.fromkeys(names, math.nan)
