@@ -52,7 +52,7 @@ def test_smollm2_answers_are_judged_and_exported_as_responses_only(smollm2, tmp_
     task = EvalTask(
         model=model_source(str(smollm2), name="smollm2"), reference=None, template=TEMPLATE,
         rollout=RolloutConfig(engine="hf", batch_size=2,
-                              sampling=SamplingParams(max_new_tokens=24)),
+                              sampling=SamplingParams(max_new_tokens=12)),
         ranks_per_engine=1, annotator="scripted", judge_settings={},
         build_judge=lambda: PairwiseJudge(engine, SamplingParams(n=1, temperature=0.0),
                                           prompt_template=JUDGE_PROMPT))
