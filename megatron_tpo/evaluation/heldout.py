@@ -9,6 +9,8 @@ to any answer that parses.
 
 from typing import Dict, List, Optional, Sequence
 
+import numpy as np
+
 from megatron_tpo.judge.base import Judge
 
 
@@ -52,10 +54,39 @@ def score_heldout(answers: Sequence[dict], first: Sequence[dict], judge: Judge,
     return rows
 
 
-def heldout_metrics(rows: Sequence[dict]) -> Dict[str, float]:
+def _shown_length(row: dict) -> int:
+    """Characters of the response the judge saw; an answer that did not parse showed none."""
+    return len(row["response"]) if row["parse_ok"] and row["response"] else 0
+
+
+def lc_win_rate_vs_first(rows: Sequence[dict], first: Sequence[dict]) -> float:
+    """AlpacaEval 2's length-controlled win rate of M_t (``rows``) against M_0 (``first``,
+    iteration 0's held-out rows), as a fraction: the win/tie/loss outcomes as preferences,
+    response lengths in characters (evaluation/winrate.py)."""
+    from megatron_tpo.evaluation.winrate import length_controlled_win_rate
+
+    by_instruction = {row["instruction"]: row for row in first}
+    pairs = [(row, by_instruction[row["instruction"]]) for row in rows
+             if row["instruction"] in by_instruction]
+    if not pairs:
+        return float("nan")
+    preferences = [1.0 + row["win_against_first"] for row, _ in pairs]
+    result = length_controlled_win_rate(preferences, [_shown_length(then) for _, then in pairs],
+                                        [_shown_length(now) for now, _ in pairs])
+    return result["length_controlled_winrate"] / 100
+
+
+def heldout_metrics(rows: Sequence[dict], first: Optional[Sequence[dict]] = None
+                    ) -> Dict[str, float]:
+    """The held-out record of M_t; with ``first`` (M_0's held-out rows, iteration 0's) also
+    its length-controlled win rate against M_0."""
     count = max(len(rows), 1)
-    return {
+    metrics = {
         "heldout/score": sum(r["score"] for r in rows) / count,
         "heldout/win_rate_vs_m0": sum(r["win_against_first"] for r in rows) / count,
         "heldout/parse_rate": sum(r["parse_ok"] for r in rows) / count,
     }
+    if first is not None:
+        metrics["heldout/lc_win_rate_vs_m0"] = float(np.nan_to_num(
+            lc_win_rate_vs_first(rows, first), nan=0.5))
+    return metrics

@@ -19,10 +19,12 @@ def load_reference_answers(path: str, prompt_field: str, answer_field: str) -> D
 
 
 def build_judge(config: JudgeConfig, engine: Optional[RolloutEngine] = None,
-                judge_tokenizer=None, own_engine: Optional[RolloutEngine] = None) -> Judge:
+                judge_tokenizer=None, own_engine: Optional[RolloutEngine] = None,
+                prompt_template: Optional[str] = None) -> Judge:
     """The configured judge; the pairwise one generates through ``engine``, its prompts in
     ``judge_tokenizer``'s chat template when one is given; ``own_engine`` is the judge
-    model's own engine behind ``engine``, which the judge then sleeps, wakes and closes."""
+    model's own engine behind ``engine``, which the judge then sleeps, wakes and closes;
+    ``prompt_template`` replaces the pairwise judge's prompt (tpo-eval's judge prompts)."""
     config.validate()
     if config.kind == "reward_model":
         from megatron_tpo.judge.reward_model import RewardModelJudge
@@ -41,7 +43,8 @@ def build_judge(config: JudgeConfig, engine: Optional[RolloutEngine] = None,
         format_prompt = (lambda text: text) if judge_tokenizer is None else (
             lambda text: chat_prompt(judge_tokenizer, [{"role": "user", "content": text}]))
         settings = config.pairwise
-        return PairwiseJudge(engine, settings.sampling, format_prompt=format_prompt,
+        template = {} if prompt_template is None else {"prompt_template": prompt_template}
+        return PairwiseJudge(engine, settings.sampling, format_prompt=format_prompt, **template,
                              score_method=settings.score_method,
                              max_pairs_per_prompt=settings.max_pairs_per_prompt,
                              bradley_terry_prior=settings.bradley_terry_prior, seed=settings.seed,

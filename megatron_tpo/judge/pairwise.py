@@ -8,7 +8,7 @@ verdicts become per-response scores by win rate and by a Bradley-Terry fit.
 import dataclasses
 import itertools
 from collections import Counter
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -18,6 +18,17 @@ from megatron_tpo.judge.verdict import PAIRWISE_JUDGE_PROMPT, parse_verdict, ren
 from megatron_tpo.rollout.engine import RolloutEngine, SamplingParams
 
 SCORE_METHODS = ("bradley_terry", "win_rate")
+
+
+class Verdict(NamedTuple):
+    """One judge call: responses ``first`` and ``second`` of prompt ``prompt`` shown as A
+    and B; ``verdict`` "A", "B" or None (unreadable); ``text`` what the judge wrote."""
+
+    prompt: int
+    first: int
+    second: int
+    verdict: Optional[str]
+    text: str
 
 
 def pairs_to_judge(count: int, max_pairs: Optional[int], rng: np.random.Generator
@@ -67,7 +78,10 @@ class PairwiseJudge(Judge):
         if self.own_engine is not None:
             self.own_engine.close()
 
-    def judge(self, prompts: Sequence[str], responses: Sequence[Sequence[str]]) -> Judgment:
+    def verdicts(self, prompts: Sequence[str], responses: Sequence[Sequence[str]]
+                 ) -> List[Verdict]:
+        """Every judged pair of each prompt's responses, in both orders, with the judge's
+        text and the verdict read from it (None when unreadable)."""
         check_grouping(prompts, responses)
         rng = np.random.default_rng(self.seed)
         # (prompt index, first shown, second shown) for every judge prompt, both orders.
@@ -83,12 +97,14 @@ class PairwiseJudge(Judge):
         if len(outputs) != len(battles):
             raise RuntimeError(f"the judge engine answered {len(outputs)} of "
                                f"{len(battles)} judge prompts")
+        return [Verdict(p, a, b, parse_verdict(output.texts[0]), output.texts[0])
+                for (p, a, b), output in zip(battles, outputs)]
 
+    def judge(self, prompts: Sequence[str], responses: Sequence[Sequence[str]]) -> Judgment:
         wins = [np.zeros((len(group), len(group))) for group in responses]
         verdicts = {}
         counts: Counter = Counter()
-        for (p, a, b), output in zip(battles, outputs):
-            verdict = parse_verdict(output.texts[0])
+        for p, a, b, verdict, _ in self.verdicts(prompts, responses):
             counts["verdicts"] += 1
             if verdict is None:
                 counts["unparseable_verdicts"] += 1

@@ -28,9 +28,14 @@ def iteration_record(store: IterationStore, t: int, sync: Optional[dict] = None)
     record["mean_completion_tokens"] = (sum(len(r["output_token_ids"]) for r in rollouts)
                                         / max(len(rollouts), 1))
     if store.is_finished(t, "heldout"):
-        record.update(heldout_metrics(store.read(t, "heldout")))
+        record.update(heldout_metrics(store.read(t, "heldout"), _first_heldout(store)))
     record.update({f"weight_sync/{k}": v for k, v in (sync or {}).items()})
     return record
+
+
+def _first_heldout(store: IterationStore) -> Optional[List[dict]]:
+    """M_0's held-out rows (iteration 0's), which every M_t's rows are set against."""
+    return store.read(0, "heldout") if store.is_finished(0, "heldout") else None
 
 
 def last_per_iteration(records: List[dict]) -> List[dict]:
@@ -43,13 +48,15 @@ def last_per_iteration(records: List[dict]) -> List[dict]:
 
 def run_summary(store: IterationStore, iteration_records: List[dict], iterations: int,
                 thought: str) -> dict:
-    heldout = [heldout_metrics(store.read(t, "heldout")) for t in range(iterations + 1)
+    first = _first_heldout(store)
+    heldout = [heldout_metrics(store.read(t, "heldout"), first) for t in range(iterations + 1)
                if store.is_finished(t, "heldout")]
     return {
         "thought": thought,
         "heldout_score": [h["heldout/score"] for h in heldout],
         "heldout_win_rate_vs_m0": [h["heldout/win_rate_vs_m0"] for h in heldout],
         "heldout_parse_rate": [h["heldout/parse_rate"] for h in heldout],
+        "heldout_lc_win_rate_vs_m0": [h.get("heldout/lc_win_rate_vs_m0") for h in heldout],
         "iterations": last_per_iteration(iteration_records),
     }
 
