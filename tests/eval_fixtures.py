@@ -39,9 +39,12 @@ class ShorterWinsJudgeEngine(RolloutEngine):
 
 def alpaca_eval_metrics():
     """alpaca_eval's metrics modules; it imports pkg_resources, which setuptools >= 81 no
-    longer ships, for two version helpers the metrics never call: a stand-in serves them."""
+    longer ships, for two version helpers the metrics never call: a stand-in serves them
+    while alpaca_eval imports, and leaves sys.modules after (pytest's monkeypatch takes a
+    pkg_resources it finds there for setuptools' and fails on the stand-in)."""
     try:
         import pkg_resources  # noqa: F401
+        stood_in = False
     except ImportError:
         from packaging.version import parse
 
@@ -50,7 +53,11 @@ def alpaca_eval_metrics():
         stand_in.get_distribution = lambda name: types.SimpleNamespace(
             version=importlib.metadata.version(name))
         sys.modules["pkg_resources"] = stand_in
-    pytest.importorskip("alpaca_eval")
-    from alpaca_eval.metrics import glm_winrate, winrate
-
+        stood_in = True
+    try:
+        pytest.importorskip("alpaca_eval")
+        from alpaca_eval.metrics import glm_winrate, winrate
+    finally:
+        if stood_in:
+            del sys.modules["pkg_resources"]   # alpaca_eval keeps its own reference
     return winrate, glm_winrate
