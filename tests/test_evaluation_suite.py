@@ -169,6 +169,14 @@ def test_a_rerun_reads_answers_and_annotations_back(workspace, evaluated, tmp_pa
     monkeypatch.undo()
     (tmp_path / "answers/M_1/mine/chunk_00001.json").unlink()
     (tmp_path / "annotations/M_1_vs_M_0/mine/chunk_00001.json").unlink()
+    generated = count_generated_prompts(monkeypatch)
+    resumed = evaluate(_config(workspace, tmp_path), _task(workspace, ShorterWinsJudgeEngine()))
+    assert len(generated) == 4     # items 4..7 of the set, by M_1 alone
+    assert resumed["sets"] == first["sets"]
+
+
+def count_generated_prompts(monkeypatch) -> list:
+    """The prompts the suite hands its engines from now on (appended as they go)."""
     generated = []
     real_generate = suite_module.answer_set.__globals__["generate_on_all_ranks"]
 
@@ -177,9 +185,7 @@ def test_a_rerun_reads_answers_and_annotations_back(workspace, evaluated, tmp_pa
         return real_generate(engine, prompts, sampling, tp)
 
     monkeypatch.setitem(suite_module.answer_set.__globals__, "generate_on_all_ranks", counting)
-    resumed = evaluate(_config(workspace, tmp_path), _task(workspace, ShorterWinsJudgeEngine()))
-    assert len(generated) == 4     # items 4..7 of the set, by M_1 alone
-    assert resumed["sets"] == first["sets"]
+    return generated
 
 
 def test_a_judge_that_never_gives_a_readable_verdict_is_refused(workspace, evaluated, tmp_path):
@@ -207,14 +213,7 @@ def test_an_instruction_longer_than_the_context_is_a_failure_not_generated(works
     questions = tmp_path / "long.jsonl"
     questions.write_text(json.dumps({"instruction": "the cat"}) + "\n" +
                          json.dumps({"instruction": " ".join(["dog"] * 300)}) + "\n")
-    generated = []
-    real_generate = suite_module.answer_set.__globals__["generate_on_all_ranks"]
-
-    def counting(engine, prompts, sampling, tp):
-        generated.extend(prompts)
-        return real_generate(engine, prompts, sampling, tp)
-
-    monkeypatch.setitem(suite_module.answer_set.__globals__, "generate_on_all_ranks", counting)
+    generated = count_generated_prompts(monkeypatch)
     config = EvalSuiteConfig(sets=[f"long={questions}"], out=str(tmp_path / "out"),
                              bootstrap_rounds=0, progress=False)
     summary = evaluate(config, _task(workspace, ShorterWinsJudgeEngine()))

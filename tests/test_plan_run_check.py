@@ -191,7 +191,7 @@ def test_from_a_run_config_judges_its_layout(capsys, tmp_path):
 def test_malformed_metrics_name_the_line(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"kind": "train_step", "seconds": 1.0}\n{"kind": oops}\n')
-    with pytest.raises(ConfigError, match=r"metrics.jsonl:2: not JSON"):
+    with pytest.raises(ConfigError, match=r"metrics.jsonl:2: not valid JSON"):
         read_run_metrics(path)
     path.write_text('{"seconds": 1.0}\n')
     with pytest.raises(ConfigError, match=r"metrics.jsonl:1: a metrics line needs a \"kind\""):

@@ -4,7 +4,6 @@ A malformed file is reported by name and line before anything downstream runs, w
 is why JSONL is checked line by line here rather than left to ``datasets``' parser.
 """
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence, Union
@@ -13,6 +12,7 @@ import numpy as np
 
 from megatron_tpo.config.errors import ConfigError
 from megatron_tpo.config.loading import load_group_config
+from megatron_tpo.data.jsonl import json_objects
 
 FORMATS = {".jsonl": "json", ".parquet": "parquet", ".arrow": "arrow"}
 
@@ -51,22 +51,12 @@ def load_prompt_set_config(name_or_path: Union[str, Path], **overrides) -> Promp
 
 def check_jsonl(path: Path, field: str) -> None:
     """Raise ``PromptFileError`` at the first line that is not a JSON object with ``field``."""
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise PromptFileError(f"{path}:{number}: not valid JSON ({error.msg})") from error
-            if not isinstance(record, dict):
-                raise PromptFileError(f"{path}:{number}: expected a JSON object, got "
-                                      f"{type(record).__name__}")
-            if field not in record:
-                raise PromptFileError(f"{path}:{number}: missing field {field!r}")
-            if not isinstance(record[field], str):
-                raise PromptFileError(f"{path}:{number}: field {field!r} is "
-                                      f"{type(record[field]).__name__}, not a string")
+    for number, record in json_objects(path, PromptFileError):
+        if field not in record:
+            raise PromptFileError(f"{path}:{number}: missing field {field!r}")
+        if not isinstance(record[field], str):
+            raise PromptFileError(f"{path}:{number}: field {field!r} is "
+                                  f"{type(record[field]).__name__}, not a string")
 
 
 def read_instructions(config: PromptSetConfig) -> List[str]:

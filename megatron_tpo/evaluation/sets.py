@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from megatron_tpo.config.errors import ConfigError
+from megatron_tpo.data.jsonl import json_objects
 
 ALPACA_EVAL_FILE = "alpaca_eval.json"
 MT_BENCH_FILE = "mt_bench.jsonl"
@@ -55,18 +56,7 @@ def _json_lines(path: Path):
     if not path.is_file():
         raise SetFileError(f"{path}: evaluation set not found (tpo-eval fetch-sets writes the "
                            "public ones)")
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise SetFileError(f"{path}:{number}: not valid JSON ({error.msg})") from error
-            if not isinstance(record, dict):
-                raise SetFileError(f"{path}:{number}: expected a JSON object, got "
-                                   f"{type(record).__name__}")
-            yield number, record
+    yield from json_objects(path, SetFileError)
 
 
 def _text(path: Path, number: int, record: dict, field: str) -> str:
