@@ -101,8 +101,7 @@ def run_placement(config: TPOConfig, world_size: int, trace: Path,
 
     ledger = MemoryLedger(tenants.run_tenants(config, world_size), tenants.gpu_capacity(config),
                           trace=trace if is_rank_zero() else None)
-    judge_uses_policy_engine = config.judge.kind == "pairwise" and config.judge.pairwise.model is None
-    return Placement(ledger, judge_uses_policy_engine,
+    return Placement(ledger, tenants.judges_through_policy_engine(config),
                      gpu=tenants.trainer_gpu(config, own_pipeline_stage(config)),
                      timer=metrics.timer,
                      measure=metrics.log_device_memory if torch.cuda.is_available() else None)

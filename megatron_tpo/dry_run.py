@@ -195,8 +195,7 @@ def dry_run(config: TPOConfig, world_size: int, trace: Optional[Path] = None) ->
 def replayed_ledger(config: TPOConfig, world_size: int, script: List[tuple]) -> MemoryLedger:
     """The ledger of a recorded run's phases with ``config``'s tenant sizes."""
     ledger = MemoryLedger(tenants.run_tenants(config, world_size), tenants.gpu_capacity(config))
-    judge_uses_policy = config.judge.kind == "pairwise" and config.judge.pairwise.model is None
-    return replay(script, ledger, judge_uses_policy)
+    return replay(script, ledger, tenants.judges_through_policy_engine(config))
 
 
 def misfit_message(config: TPOConfig, world_size: int, script: List[tuple],
@@ -225,19 +224,27 @@ def smallest_fix(config: TPOConfig, world_size: int, script: List[tuple],
     recorded run fits in every phase; '' when none does."""
     for key, value in candidate_fixes(config, {name for name, _, _ in gpu.tenants}):
         try:
-            changed = with_setting(config, key, value)
+            changed = with_settings(config, [(key, value)])
             if fits_everywhere(changed, world_size, script):
-                return f"{key}={str(value).lower() if isinstance(value, bool) else value}"
+                return as_override(key, value)
         except ConfigError:   # the candidate is not a valid setting for this run
             continue
     return ""
 
 
-def with_setting(config: TPOConfig, key: str, value) -> TPOConfig:
+def as_override(key: str, value) -> str:
+    """``key=value`` as tpo-run's command line takes it (``null``, ``true``, ``false``)."""
+    text = "null" if value is None else str(value).lower() if isinstance(value, bool) else value
+    return f"{key}={text}"
+
+
+def with_settings(config: TPOConfig, settings: Sequence[Tuple[str, object]]) -> TPOConfig:
+    """``config`` with each dotted ``key`` set to its ``value``, its groups' checks run."""
     from omegaconf import OmegaConf
 
     tree = OmegaConf.structured(config)
-    OmegaConf.update(tree, key, value, merge=False)
+    for key, value in settings:
+        OmegaConf.update(tree, key, value, merge=False)
     changed = OmegaConf.to_object(tree)
     changed.judge.validate()
     changed.rollout.validate()

@@ -86,11 +86,10 @@ class RunConfig:
     store, not in a collective, so this may exceed ``process_group_timeout_seconds``."""
 
     def validate(self) -> None:
+        # A policy without config.json is named with every other missing input, before
+        # any group's check (TPOConfig.missing_inputs).
         if not self.policy:
             raise ConfigError("run.policy is empty: give the HF checkpoint directory of M_0")
-        if not (Path(self.policy) / "config.json").is_file():
-            raise ConfigError(f"run.policy={self.policy}: no config.json there; not a Hugging "
-                              "Face checkpoint directory")
         for name in ("iterations", "pairs_per_step"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"run.{name}={getattr(self, name)}: must be >= 1")

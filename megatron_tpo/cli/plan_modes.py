@@ -5,7 +5,7 @@ import argparse
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -63,31 +63,33 @@ class PlanRequest:
     whole_run: Optional[WholeRun] = None    # --experiment
 
 
-def with_layout(config, layout: TrainingLayout):
-    """``config`` with the trainer's layout set to ``layout`` (its TP, PP, VPP, CP, micro-
-    batch, recomputation and FP8), as the overrides ``layout_overrides`` spell it."""
-    from megatron_tpo.dry_run import with_setting
+def layout_settings(layout: TrainingLayout) -> List[Tuple[str, object]]:
+    """The run settings that give the trainer this layout: TP, PP, VPP, CP, sequence
+    parallelism, micro-batch, recomputation and FP8."""
+    return [("parallel.tensor_model_parallel_size", layout.tp),
+            ("parallel.pipeline_model_parallel_size", layout.pp),
+            ("parallel.virtual_pipeline_model_parallel_size",
+             layout.vpp if layout.vpp > 1 else None),
+            ("parallel.context_parallel_size", layout.cp),
+            ("parallel.sequence_parallel", layout.sequence_parallel),
+            ("train.micro_batch_pairs", layout.micro_batch // 2),
+            ("train.recompute_granularity",
+             None if layout.recompute == "none" else layout.recompute),
+            ("train.fp8.enabled", layout.fp8)]
 
-    for override in layout_overrides(layout):
-        key, _, value = override.partition("=")
-        config = with_setting(config, key, None if value == "null" else
-                              True if value == "true" else False if value == "false" else
-                              int(value) if value.isdigit() else value)
-    return config
+
+def with_layout(config, layout: TrainingLayout):
+    """``config`` with the trainer's layout set to ``layout``."""
+    from megatron_tpo.dry_run import with_settings
+
+    return with_settings(config, layout_settings(layout))
 
 
 def layout_overrides(layout: TrainingLayout) -> List[str]:
     """tpo-run overrides that give a run this trainer layout (what --emit writes)."""
-    recompute = "null" if layout.recompute == "none" else layout.recompute
-    return [f"parallel.tensor_model_parallel_size={layout.tp}",
-            f"parallel.pipeline_model_parallel_size={layout.pp}",
-            "parallel.virtual_pipeline_model_parallel_size="
-            + (str(layout.vpp) if layout.vpp > 1 else "null"),
-            f"parallel.context_parallel_size={layout.cp}",
-            f"parallel.sequence_parallel={str(layout.sequence_parallel).lower()}",
-            f"train.micro_batch_pairs={layout.micro_batch // 2}",
-            f"train.recompute_granularity={recompute}",
-            f"train.fp8.enabled={str(layout.fp8).lower()}"]
+    from megatron_tpo.dry_run import as_override
+
+    return [as_override(key, value) for key, value in layout_settings(layout)]
 
 
 def _whole_run(args: argparse.Namespace):

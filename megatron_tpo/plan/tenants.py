@@ -164,6 +164,12 @@ def policy_engine_spec(config, gpu: str, capacity: float) -> TenantSpec:
         (ASLEEP, asleep)), detail, refusal)
 
 
+def judges_through_policy_engine(config) -> bool:
+    """A policy judging itself: a pairwise judge without a model of its own generates
+    through the policy's engine, which its judging phases then need awake."""
+    return config.judge.kind == "pairwise" and config.judge.pairwise.model is None
+
+
 def judge_specs(config, gpus: List[str], capacity: float) -> List[TenantSpec]:
     """The judge's own holders: a reward model or a colocated judge engine on every trainer
     GPU, or a judge pool on GPUs of its own; none for a rule judge or a policy judging
@@ -179,7 +185,7 @@ def judge_specs(config, gpus: List[str], capacity: float) -> List[TenantSpec]:
         return [TenantSpec(REWARD_MODEL, gpu, ((AWAKE, weights + forward), (ASLEEP, asleep)),
                            "offloaded to the host" if settings.offloads() else "kept on the GPU")
                 for gpu in gpus]
-    if judge.kind != "pairwise" or judge.pairwise.model is None:
+    if judge.kind != "pairwise" or judges_through_policy_engine(config):
         return []
     model = checkpoint_model_config(judge.pairwise.model, "judge.pairwise.model")
     if judge.pairwise.placement == "colocated":
