@@ -91,11 +91,10 @@ def checkpoint_model_config(path: str, setting: str) -> ModelConfig:
     from megatron_tpo.model.hf_config import model_config_from_hf, read_hf_config_dict
 
     directory = Path(path)
-    if not (directory / "config.json").is_file() and (directory.is_absolute()
-                                                      or path.startswith(".")):
-        raise ConfigError(f"{setting}={path}: no config.json there (not a Hugging Face "
-                          "checkpoint directory)")
     if not (directory / "config.json").is_file():
+        if directory.is_absolute() or path.startswith("."):   # a path, not a hub id
+            raise ConfigError(f"{setting}={path}: no config.json there (not a Hugging Face "
+                              "checkpoint directory)")
         directory = _cached_hub_checkpoint(path)
     if directory is None:
         raise ConfigError(

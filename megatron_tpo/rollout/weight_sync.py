@@ -109,6 +109,14 @@ def _sent_checksums(stream: WeightStream) -> Dict:
     return {name: value for sent in per_rank for name, value in sent.items()}
 
 
+def check_probes(probes: Optional[Sequence[Sequence[int]]]) -> None:
+    """The parity check needs token ids of real text, all of one length."""
+    if not probes or len({len(p) for p in probes}) != 1:
+        raise ValueError("weight_sync.check_parity=true needs probes: token ids of real text "
+                         "of one length (parity.text_probes of the run's chat prompts), got "
+                         f"{None if probes is None else [len(p) for p in probes]}")
+
+
 class WeightPush:
     """The trainer's weights into an engine in the loop's two phases: ``stream_into`` while
     the engine holds only its weights (no KV cache beside two copies of them), then
@@ -154,10 +162,7 @@ class WeightPush:
                    "parity_probe_tokens": 0.0}
         if not config.check_parity:
             return metrics
-        if not probes or len({len(p) for p in probes}) != 1:
-            raise ValueError("weight_sync.check_parity=true needs probes: token ids of real "
-                             "text of one length (parity.text_probes of the run's chat "
-                             f"prompts), got {None if probes is None else [len(p) for p in probes]}")
+        check_probes(probes)
         started = time.perf_counter()
         metrics.update(check_parity(engine, self.chunks, self.model, config, self.stream, probes,
                                     self.pad_to_multiple_of))
@@ -172,8 +177,8 @@ def push_weights(engine: RolloutEngine, chunks: list, model: ModelConfig,
     (tests, benchmarks): the weights, the stream, the whole engine, the parity check. The
     engine is awake afterwards. Returns both steps' metrics."""
     push = WeightPush(chunks, model, config, pad_to_multiple_of)
-    if config.check_parity and (not probes or len({len(p) for p in probes}) != 1):
-        push.check_parity(engine, probes)   # refuses before any stream
+    if config.check_parity:
+        check_probes(probes)   # before any stream
     engine.wake_weights()
     metrics = push.stream_into(engine)
     engine.wake()
