@@ -155,7 +155,7 @@ def build_judge_for_rank(config: TPOConfig, policy_engine, tokenizer,
 
     from megatron_tpo.judge.config import judge_engine_settings
     from megatron_tpo.judge.factory import build_judge
-    from megatron_tpo.rollout.engine_pool import EnginePoolProxy
+    from megatron_tpo.rollout.pool.proxy import EnginePoolProxy
     from megatron_tpo.rollout.replicas import EngineReplicas
     from megatron_tpo.rollout.factory import build_rollout_engine
 
@@ -208,7 +208,7 @@ def _build_checkpointer(config: TPOConfig, run_dir: Path):
 
 
 def _build_weight_push(config: TPOConfig, trainer):
-    from megatron_tpo.rollout.weight_sync import WeightPush
+    from megatron_tpo.weights import WeightPush
 
     return WeightPush(trainer.ddp_chunks, config.model, config.weight_sync,
                       config.train.pad_to_multiple_of)

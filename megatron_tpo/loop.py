@@ -41,7 +41,7 @@ from megatron_tpo.report.plots import plot_iterations
 from megatron_tpo.report.summary import (iteration_record, last_per_iteration, run_summary,
                                          write_summary)
 from megatron_tpo.rollout.engine import SamplingParams
-from megatron_tpo.rollout.parity import text_probes
+from megatron_tpo.weights import text_probes
 from megatron_tpo.rollout.replicas import generate_on_all_ranks
 from megatron_tpo.train.dpo_batch import tokenized_pairs
 from megatron_tpo.train.pair_schedule import pairs_for_step

@@ -21,7 +21,7 @@ from megatron_tpo.data.thought_templates import ThoughtTemplate
 from megatron_tpo.judge.config import JudgeConfig, check_judge_placement
 from megatron_tpo.preference.from_rollouts import PreferenceConfig
 from megatron_tpo.rollout.config import RolloutConfig
-from megatron_tpo.rollout.weight_sync import WeightSyncConfig
+from megatron_tpo.weights import WeightSyncConfig
 
 # Where `tpo-tiny --prepare-only` writes the tiny run's policy and prompt files, which
 # experiment=tiny_cpu reads: a missing one there means that step has not run.

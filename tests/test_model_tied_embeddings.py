@@ -126,7 +126,7 @@ def _dpo_worker(rank, world_size, model, shard_root, pairs, hf_dir):
     from megatron_tpo.model.mcore_shards import with_global_layer_numbers
     from megatron_tpo.parallel import init_megatron
     from megatron_tpo.rollout.hf_engine import HFRolloutEngine
-    from megatron_tpo.rollout.weight_sync import WeightSyncConfig, push_weights
+    from megatron_tpo.weights import WeightSyncConfig, push_weights
     from megatron_tpo.train.dpo_trainer import DPOTrainer
     from megatron_tpo.train.reference_logprobs import with_reference_logprobs
 

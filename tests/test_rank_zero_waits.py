@@ -60,8 +60,8 @@ class SeedEcho(RolloutEngine):
 def _engine_rank(engine_rank: int, bridge: BridgeConfig) -> None:
     import os
 
-    from megatron_tpo.rollout.bridge import open_engine_side
-    from megatron_tpo.rollout.engine_server import EngineServer
+    from megatron_tpo.rollout.pool.bridge import open_engine_side
+    from megatron_tpo.rollout.pool.server import EngineServer
 
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     EngineServer(SeedEcho(), open_engine_side(bridge, engine_rank)).serve()
@@ -103,7 +103,7 @@ def _trainer_rank(rank, world_size, bridge: BridgeConfig, root: Path):
     from megatron_tpo.loop import stage
     from megatron_tpo.parallel.collectives import rank_zero_result
     from megatron_tpo.parallel.launch import detect_distributed_env, start_distributed
-    from megatron_tpo.rollout.engine_pool import EnginePoolProxy
+    from megatron_tpo.rollout.pool.proxy import EnginePoolProxy
     from megatron_tpo.rollout.replicas import generate_on_all_ranks
 
     _both_ready(rank, root)

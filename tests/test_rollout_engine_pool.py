@@ -24,10 +24,10 @@ from megatron_tpo.config import ConfigError, DPOTrainingConfig, ParallelConfig
 from megatron_tpo.model.conversion import hf_to_mcore
 from megatron_tpo.parallel.launch import free_local_port
 from megatron_tpo.parallel.local_launch import spawn_local
-from megatron_tpo.rollout.bridge import BridgeError, open_engine_side
+from megatron_tpo.rollout.pool.bridge import BridgeError, open_engine_side
 from megatron_tpo.rollout.config import BridgeConfig, RolloutConfig, VLLMConfig
 from megatron_tpo.rollout.engine import SamplingParams
-from megatron_tpo.rollout.engine_pool import EnginePoolProxy
+from megatron_tpo.rollout.pool.proxy import EnginePoolProxy
 from megatron_tpo.train.dpo_batch import TokenizedPair
 
 sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "data"))
@@ -66,8 +66,8 @@ def _trainer_worker(rank, world_size, model, shard_root, hf_dir, pairs, bridge, 
     from megatron_tpo.rollout.replicas import generate_on_all_ranks
     from megatron_tpo.rollout.factory import trainer_ranks_per_engine
     from megatron_tpo.rollout.hf_engine import HFRolloutEngine
-    from megatron_tpo.rollout.parity import trainer_token_logprobs
-    from megatron_tpo.rollout.weight_sync import WeightSyncConfig, WeightSyncError, push_weights
+    from megatron_tpo.weights.parity import trainer_token_logprobs
+    from megatron_tpo.weights import WeightSyncConfig, WeightSyncError, push_weights
     from megatron_tpo.train.dpo_trainer import DPOTrainer
 
     parallel = ParallelConfig(tensor_model_parallel_size=2, pipeline_model_parallel_size=1)

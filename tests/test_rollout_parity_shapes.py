@@ -50,7 +50,7 @@ CASES = {
 
 
 def text_probe_ids():
-    from megatron_tpo.rollout.parity import text_probes
+    from megatron_tpo.weights.parity import text_probes
 
     tokenizer = tiny_tokenizer()
     texts = [tokenizer.apply_chat_template([{"role": "user", "content": instruction}],
@@ -125,8 +125,8 @@ def _worker(rank, world_size, model, shard_root, engine_hf_dir, probes):
     from megatron_tpo.model.mcore_shards import load_model_shards
     from megatron_tpo.parallel import init_megatron
     from megatron_tpo.rollout.hf_engine import HFRolloutEngine
-    from megatron_tpo.rollout.parity import trainer_token_logprobs
-    from megatron_tpo.rollout.weight_sync import WeightSyncConfig, push_weights
+    from megatron_tpo.weights.parity import trainer_token_logprobs
+    from megatron_tpo.weights import WeightSyncConfig, push_weights
     from megatron_tpo.train.policy_logprobs import return_hidden_states_from_output_layer
 
     parallel = ParallelConfig(tensor_model_parallel_size=TP)
@@ -180,7 +180,7 @@ def reports(tmp_path_factory):
 def test_the_probe_multiple_keeps_each_tp_ranks_fp8_slice_aligned():
     from types import SimpleNamespace
 
-    from megatron_tpo.rollout.parity import probe_length_multiple
+    from megatron_tpo.weights.parity import probe_length_multiple
 
     def multiple(fp8, recipe, sequence_parallel, tp, pad=1):
         config = SimpleNamespace(fp8=fp8, fp8_recipe=recipe, sequence_parallel=sequence_parallel)

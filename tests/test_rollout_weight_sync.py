@@ -21,7 +21,7 @@ from megatron_tpo.model.conversion import hf_to_mcore
 from megatron_tpo.parallel.local_launch import spawn_local
 from megatron_tpo.rollout.engine import SamplingParams
 from megatron_tpo.rollout.hf_engine import HFRolloutEngine
-from megatron_tpo.rollout.weight_sync import WeightSyncConfig
+from megatron_tpo.weights import WeightSyncConfig
 from megatron_tpo.train.dpo_batch import TokenizedPair
 
 sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "data"))
@@ -38,7 +38,7 @@ PROBE_INSTRUCTIONS = ["the cat is my dog", "a b c d e f g h", "my sun is the moo
 
 
 def text_probe_ids():
-    from megatron_tpo.rollout.parity import text_probes
+    from megatron_tpo.weights.parity import text_probes
 
     tokenizer = tiny_tokenizer()
     texts = [tokenizer.apply_chat_template([{"role": "user", "content": instruction}],
@@ -135,10 +135,10 @@ def _sync_worker(rank, world_size, model, shard_root, hf_dir, pairs, tokens, tra
     from transformers import LlamaForCausalLM
 
     from megatron_tpo.parallel import init_megatron, shutdown_megatron
-    from megatron_tpo.rollout.bucket_transport import cached_transport
+    from megatron_tpo.weights.transports import cached_transport
     from megatron_tpo.rollout.memory import peak_extra_bytes
-    from megatron_tpo.rollout.weight_stream import cached_plan
-    from megatron_tpo.rollout.weight_sync import WeightSyncError, push_weights
+    from megatron_tpo.weights.stream import cached_plan
+    from megatron_tpo.weights import WeightSyncError, push_weights
     from megatron_tpo.train.dpo_trainer import DPOTrainer
 
     parallel = ParallelConfig(tensor_model_parallel_size=2, pipeline_model_parallel_size=2)
@@ -299,8 +299,8 @@ def _virtual_pipeline_worker(rank, world_size, model, shard_root, other_hf_dir, 
     from megatron_tpo.model.llama import build_llama_chunks
     from megatron_tpo.model.mcore_shards import load_model_shards
     from megatron_tpo.parallel import init_megatron, shutdown_megatron
-    from megatron_tpo.rollout.weight_stream import cached_plan
-    from megatron_tpo.rollout.weight_sync import WeightSyncError, push_weights
+    from megatron_tpo.weights.stream import cached_plan
+    from megatron_tpo.weights import WeightSyncError, push_weights
 
     parallel = ParallelConfig(tensor_model_parallel_size=1, pipeline_model_parallel_size=2,
                               virtual_pipeline_model_parallel_size=2)
@@ -382,8 +382,8 @@ def test_weight_sync_settings_are_checked():
 
 
 def _transport_worker(rank, world_size, shm_dirs):
-    import megatron_tpo.rollout.bucket_transport as transport
-    from megatron_tpo.rollout.weight_stream import Bucket, PlannedTensor, WeightStreamPlan
+    import megatron_tpo.weights.transports as transport
+    from megatron_tpo.weights.stream import Bucket, PlannedTensor, WeightStreamPlan
 
     torch.distributed.init_process_group("gloo")
     plan = WeightStreamPlan([Bucket(0, [PlannedTensor("decoder.final_layernorm.weight", (0,),

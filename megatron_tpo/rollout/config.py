@@ -72,7 +72,7 @@ class VLLMConfig:
 @dataclass
 class BridgeConfig:
     """``placement=separate``: how trainer rank 0 and the ``tpo-engine`` pool meet
-    (``rollout/bridge.py``). Both sides must be given the same values."""
+    (``rollout/pool/bridge.py``). Both sides must be given the same values."""
 
     # Trainer rank 0 serves the rendezvous store here (its host, as the engines reach it).
     address: str = "127.0.0.1"

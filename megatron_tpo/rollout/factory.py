@@ -41,7 +41,7 @@ def build_policy_engine(config: RolloutConfig, model_path: str, tokenizer=None) 
     """Every trainer rank's policy engine: its own replica (``placement=colocated``), or a
     proxy of the ``tpo-engine`` pool (``separate``: trainer rank 0 waits for the pool)."""
     if config.placement == "separate":
-        from megatron_tpo.rollout.engine_pool import EnginePoolProxy
+        from megatron_tpo.rollout.pool.proxy import EnginePoolProxy
 
         config.validate()
         return EnginePoolProxy.connect(config.bridge)

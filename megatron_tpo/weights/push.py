@@ -15,78 +15,23 @@ Each sync returns the measured difference, so the metrics show a drift before it
 """
 
 import time
-from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from megatron_tpo.config import ConfigError, ModelConfig
-from megatron_tpo.rollout.bucket_transport import TRANSPORTS, cached_transport
+from megatron_tpo.config import ModelConfig
 from megatron_tpo.rollout.engine import RolloutEngine
-from megatron_tpo.rollout.parity import (
+from megatron_tpo.train.pipeline_step import unwrapped
+from megatron_tpo.weights.config import WeightSyncConfig
+from megatron_tpo.weights.parity import (
     abs_differences, first_differing_tensor, trainer_token_logprobs,
 )
-from megatron_tpo.rollout.weight_stream import WeightStream, cached_plan
-from megatron_tpo.train.pipeline_step import unwrapped
+from megatron_tpo.weights.stream import WeightStream, cached_plan
+from megatron_tpo.weights.transports import cached_transport
 
 
 class WeightSyncError(RuntimeError):
     """The engine does not compute what the trainer computes after a weight sync."""
-
-
-@dataclass
-class WeightSyncConfig:
-    # Bytes per broadcast; extra memory per rank is about two buckets (see WeightStream).
-    bucket_bytes: int = 1 << 30
-    # How buckets reach the ranks (rollout/bucket_transport.py): "broadcast" over the
-    # process group, "shared_memory" for CPU ranks of one host, "auto" picks.
-    transport: str = "auto"
-    check_parity: bool = True
-    # Largest allowed |engine - trainer| per-token log-prob on the probes (the run's first
-    # chat prompts), by the trainer's precision; engines run in it or finer. A corrupted
-    # or misplaced tensor moves log-probs by whole units, so the bounds sit well below 1.
-    # float32 on both sides agrees to ~1e-6 on CPU (HF against megatron) and ~1e-5 with
-    # other kernels' summation orders: 1e-3 leaves room for those only.
-    parity_tolerance_float32: float = 1e-3
-    # bf16 (and the finer fp16): NeMo-RL's refit verifier reports mean 0.013, max 0.063
-    # between vLLM and megatron on greedy tokens, where p ~ 1 damps a logit error by
-    # (1 - p); prompt tokens are teacher-forced, often unlikely, and take the logit
-    # error whole: a few times more. Not yet measured here on a GPU.
-    parity_tolerance_bfloat16: float = 0.5
-    # FP8 training GEMMs (train.fp8) against a bf16 engine: E4M3 keeps 3 mantissa bits,
-    # so the trainer's own forward differs from bf16 by more again.
-    parity_tolerance_fp8: float = 1.0
-    # One value for every precision; null: the one for the trainer's precision above.
-    parity_tolerance: Optional[float] = None
-    num_probe_sequences: int = 4
-    probe_length: int = 64    # at most; probes are cut to the shortest prompt's length
-
-    def tolerance_for(self, params_dtype: torch.dtype, fp8: bool) -> Tuple[str, float]:
-        """``(setting name, value)`` bounding the probe difference of a trainer with these
-        parameters (its FP8 GEMMs, when on, decide)."""
-        if self.parity_tolerance is not None:
-            return "weight_sync.parity_tolerance", self.parity_tolerance
-        name = ("parity_tolerance_fp8" if fp8 else "parity_tolerance_bfloat16"
-                if params_dtype in (torch.bfloat16, torch.float16) else "parity_tolerance_float32")
-        return f"weight_sync.{name}", getattr(self, name)
-
-    def validate(self) -> None:
-        if self.bucket_bytes < 1:
-            raise ConfigError(f"weight_sync.bucket_bytes={self.bucket_bytes}: must be positive")
-        if self.transport not in TRANSPORTS:
-            raise ConfigError(f"weight_sync.transport={self.transport!r}: must be one of "
-                              f"{TRANSPORTS}")
-        for name in ("parity_tolerance", "parity_tolerance_float32",
-                     "parity_tolerance_bfloat16", "parity_tolerance_fp8"):
-            value = getattr(self, name)
-            if value is not None and not value > 0:
-                raise ConfigError(f"weight_sync.{name}={value}: must be positive")
-        if self.num_probe_sequences < 1:
-            raise ConfigError(f"weight_sync.num_probe_sequences={self.num_probe_sequences}: "
-                              "must be >= 1")
-        if self.probe_length < 2:
-            raise ConfigError(f"weight_sync.probe_length={self.probe_length}: must be >= 2 "
-                              "(the first token is only context)")
 
 
 def _synchronize() -> None:

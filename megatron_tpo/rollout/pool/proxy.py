@@ -3,7 +3,7 @@ separate ``tpo-engine`` pool (``rollout.placement=separate``), and a pairwise ju
 its model is served by a pool of its own (``judge.pairwise.placement=separate``: only
 ``generate`` is asked of it, on every trainer rank, which all get every verdict back).
 
-Trainer rank 0 holds the bridge (``rollout/bridge.py``) and asks the pool; the other
+Trainer rank 0 holds the bridge (``rollout/pool/bridge.py``) and asks the pool; the other
 trainer ranks take part only in their own world's collectives, so the loop, the weight
 sync and its parity check run unchanged on every rank:
 
@@ -38,13 +38,13 @@ import torch
 from tqdm.auto import tqdm
 
 from megatron_tpo.parallel.collectives import RankZeroFailed, is_rank_zero, rank_zero_result
-from megatron_tpo.rollout.bridge import (
+from megatron_tpo.rollout.pool.bridge import (
     Bridge, BridgeError, broadcast_object, gather_objects, open_trainer_side, ring,
     wait_until_done,
 )
 from megatron_tpo.rollout.config import BridgeConfig
 from megatron_tpo.rollout.engine import GenerationOutput, RolloutEngine, SamplingParams
-from megatron_tpo.rollout.engine_server import EngineFailure
+from megatron_tpo.rollout.pool.server import EngineFailure
 
 logger = logging.getLogger(__name__)
 

@@ -1,5 +1,5 @@
 """The engine side of ``placement=separate``: one rank of the ``tpo-engine`` pool serving
-the trainer over the bridge (``rollout/bridge.py``) until told to stop.
+the trainer over the bridge (``rollout/pool/bridge.py``) until told to stop.
 
 Every engine rank runs ``EngineServer(engine, bridge, ranks_per_engine).serve()``. Each
 request is rung on the store, broadcast from trainer rank 0 over the bridge's control
@@ -28,7 +28,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
-from megatron_tpo.rollout.bridge import (
+from megatron_tpo.rollout.pool.bridge import (
     Bridge, broadcast_object, gather_objects, mark_done, wait_for_ring,
 )
 from megatron_tpo.rollout.engine import RolloutEngine, SamplingParams
