@@ -36,7 +36,7 @@ from megatron_tpo.parallel.preemption import Preempted, crash_point
 from megatron_tpo.placement.policy import (CHECKPOINT, HELDOUT_ANSWERS, HELDOUT_JUDGING, JUDGING,
                                            PAIRS, PARITY_CHECK, REFERENCE, ROLLOUT, TRAIN,
                                            WEIGHT_SYNC)
-from megatron_tpo.preference.from_rollouts import judge_rollouts, preference_pairs, rollout_rows
+from megatron_tpo.preference import judge_rollouts, preference_pairs, rollout_rows
 from megatron_tpo.report.plots import plot_iterations
 from megatron_tpo.report.summary import (iteration_record, last_per_iteration, run_summary,
                                          write_summary)

@@ -19,7 +19,7 @@ from megatron_tpo.config.training import DPOTrainingConfig
 from megatron_tpo.data.prompts import PromptSetConfig
 from megatron_tpo.data.thought_templates import ThoughtTemplate
 from megatron_tpo.judge.config import JudgeConfig, check_judge_placement
-from megatron_tpo.preference.from_rollouts import PreferenceConfig
+from megatron_tpo.preference.config import PreferenceConfig
 from megatron_tpo.rollout.config import RolloutConfig
 from megatron_tpo.weights import WeightSyncConfig
 

@@ -21,7 +21,7 @@ from megatron_tpo.data.thought_templates import ThoughtTemplate
 from megatron_tpo.evaluation.chunks import ChunkStore, rank_zero_value, run_in_chunks
 from megatron_tpo.evaluation.models import ModelSource, hf_directory, verify_run_checkpoint
 from megatron_tpo.evaluation.sets import EvalItem, EvalSet
-from megatron_tpo.preference.from_rollouts import rollout_rows
+from megatron_tpo.preference.parse import rollout_rows
 from megatron_tpo.rollout.config import RolloutConfig
 from megatron_tpo.rollout.engine import RolloutEngine, SamplingParams
 from megatron_tpo.rollout.replicas import generate_on_all_ranks

@@ -1,11 +1,13 @@
 """Rollouts to preference pairs: parsing into rows, judging, length control, pair selection."""
 
-from megatron_tpo.preference.from_rollouts import (IterationData, PreferenceConfig,
-                                                   build_iteration_data, judge_rollouts,
-                                                   preference_pairs, rollout_rows)
+from megatron_tpo.preference.config import PreferenceConfig
+from megatron_tpo.preference.iteration import IterationData, build_iteration_data
+from megatron_tpo.preference.judging import judge_rollouts
 from megatron_tpo.preference.length_control import length_controlled_scores, z_normalise
 from megatron_tpo.preference.pairs import (SKIP_EQUAL_SCORES, SKIP_TOO_FEW_SAMPLES, PromptSamples,
-                                           SelectedPair, select_pair, select_pairs)
+                                           SelectedPair, preference_pairs, select_pair,
+                                           select_pairs)
+from megatron_tpo.preference.parse import rollout_rows
 from megatron_tpo.preference.summary import iteration_summary
 
 __all__ = [

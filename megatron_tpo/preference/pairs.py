@@ -6,7 +6,10 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from megatron_tpo.data.storage import JudgmentRow, PairRow, RolloutRow
+from megatron_tpo.preference.config import PreferenceConfig
 from megatron_tpo.preference.length_control import length_controlled_scores
+from megatron_tpo.preference.parse import by_prompt, is_judged
 
 
 @dataclass
@@ -81,4 +84,46 @@ def select_pairs(prompts: Sequence[PromptSamples], rho: float
             skipped[reason] += 1
         else:
             pairs.append(pair)
+    return pairs, skipped
+
+
+def _invalid_reason(row: RolloutRow, preference: PreferenceConfig):
+    """Why an unjudged sample may serve as the rejected output, or None if it may not."""
+    if not row["parse_ok"]:
+        return "parse_failure" if preference.parse_failures == "reject" else None
+    return "truncated" if preference.truncated == "reject" else None
+
+
+def preference_pairs(rollouts: Sequence[RolloutRow], judgments: Sequence[JudgmentRow],
+                     rho: float, preference: PreferenceConfig
+                     ) -> Tuple[List[PairRow], Counter]:
+    """Per prompt, the best judged sample (after length control) against the worst one, or
+    against an invalid sample when ``preference`` offers those as rejected."""
+    scored = by_prompt(judgments)
+    pairs: List[PairRow] = []
+    skipped: Counter = Counter()
+    for prompt_id, samples in by_prompt(rollouts).items():
+        judged = scored.get(prompt_id, [])
+        rejectable = [s["sample_index"] for s in samples if not is_judged(s)
+                      and _invalid_reason(s, preference)]
+        pair, reason = select_pair(PromptSamples(
+            prompt_id, [j["sample_index"] for j in judged], [j["score"] for j in judged],
+            [j["response_length"] for j in judged]), rho, rejectable)
+        if pair is None:
+            skipped[reason] += 1
+            continue
+        by_index = {s["sample_index"]: s for s in samples}
+        chosen, rejected = by_index[pair.chosen_index], by_index[pair.rejected_index]
+        pairs.append(PairRow(
+            prompt_id=prompt_id, instruction=chosen["instruction"],
+            prompt_text=chosen["prompt_text"], prompt_token_ids=chosen["prompt_token_ids"],
+            chosen=chosen["output"], rejected=rejected["output"],
+            chosen_token_ids=chosen["output_token_ids"],
+            rejected_token_ids=rejected["output_token_ids"],
+            chosen_index=pair.chosen_index, rejected_index=pair.rejected_index,
+            chosen_score=pair.chosen_score, rejected_score=pair.rejected_score,
+            rejected_reason=("judged" if is_judged(rejected)
+                             else _invalid_reason(rejected, preference)),
+            score_margin=pair.score_margin, length_margin=pair.length_margin,
+            controlled_margin=pair.controlled_margin))
     return pairs, skipped

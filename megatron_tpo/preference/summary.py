@@ -8,7 +8,7 @@ from typing import Dict, Optional, Sequence
 
 import numpy as np
 
-from megatron_tpo.preference.from_rollouts import IterationData
+from megatron_tpo.preference.iteration import IterationData
 
 
 def _mean(values: Sequence[Optional[float]]) -> float:

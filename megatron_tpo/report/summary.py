@@ -10,7 +10,7 @@ from typing import Dict, List, Optional
 
 from megatron_tpo.data.storage import IterationStore
 from megatron_tpo.evaluation.heldout import heldout_metrics
-from megatron_tpo.preference.from_rollouts import IterationData
+from megatron_tpo.preference.iteration import IterationData
 from megatron_tpo.preference.summary import iteration_summary
 
 
