@@ -57,8 +57,8 @@ setup(
             "tpo-tiny=megatron_tpo.cli.tiny:main",
             "tpo-convert=megatron_tpo.cli.convert:main",
             "tpo-plan=megatron_tpo.cli.plan:main",
-            "tpo-tiny-train=megatron_tpo.cli.tiny_train:main",
-            "tpo-check-prompts=megatron_tpo.data.check_prompts:main",
+            "tpo-fit-batch=megatron_tpo.cli.fit_batch:main",
+            "tpo-check-prompts=megatron_tpo.cli.check_prompts:main",
             "tpo-doctor=megatron_tpo.cli.doctor:main",
             "tpo-eval=megatron_tpo.cli.eval:main",
         ]

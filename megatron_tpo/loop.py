@@ -29,10 +29,11 @@ from typing import Callable, List, Optional, Tuple
 from megatron_tpo.data.chat import apply_thought_chat_template
 from megatron_tpo.data.prompts import iteration_prompts
 from megatron_tpo.evaluation.heldout import score_heldout
+from megatron_tpo.fault_injection import crash_point
 from megatron_tpo.parts import TPOParts
 from megatron_tpo.parallel.collectives import (after_rank_zero, broadcast_from_rank_zero,
                                                derived_seed, is_rank_zero)
-from megatron_tpo.parallel.preemption import Preempted, crash_point
+from megatron_tpo.parallel.preemption import Preempted
 from megatron_tpo.placement.policy import (CHECKPOINT, HELDOUT_ANSWERS, HELDOUT_JUDGING, JUDGING,
                                            PAIRS, PARITY_CHECK, REFERENCE, ROLLOUT, TRAIN,
                                            WEIGHT_SYNC)

@@ -26,4 +26,4 @@ args=(--model "${MODEL:-llama3_8b}" --tp "${TP:-8}" --pp "${PP:-1}" --steps "${S
 [ -n "${MCORE:-}" ] && args+=(--mcore "$MCORE")
 # ${a[@]+"${a[@]}"}: slurm/common.sh says why (bash before 4.4 under set -u).
 srun --kill-on-bad-exit=1 ${tpo_container[@]+"${tpo_container[@]}"} \
-    tpo-tiny-train ${args[@]+"${args[@]}"}
+    tpo-fit-batch ${args[@]+"${args[@]}"}

@@ -134,7 +134,7 @@ def run_script(shell, tmp_path, script, **environment):
     return (calls / "srun").read_text().splitlines()
 
 
-TRAINER_CHECK = "tpo-tiny-train --model llama3_70b --tp 8 --pp 4 --steps 5 --seq-len 4096 " \
+TRAINER_CHECK = "tpo-fit-batch --model llama3_70b --tp 8 --pp 4 --steps 5 --seq-len 4096 " \
                 "--micro-batches 8"
 
 

@@ -1,4 +1,4 @@
-"""`sbatch slurm/tiny_train.sh` on a real (local) Slurm: four srun tasks form TP2/PP2."""
+"""`sbatch slurm/fit_batch.sh` on a real (local) Slurm: four srun tasks form TP2/PP2."""
 
 import re
 import subprocess
@@ -15,14 +15,14 @@ pytestmark = pytest.mark.skipif(not slurm_installed(),
                                 reason="Slurm daemons not installed (.ci/run installs them)")
 
 
-def test_sbatch_tiny_train_runs_tp2_pp2_from_slurm_environment(slurm, tmp_path):
+def test_sbatch_fit_batch_runs_tp2_pp2_from_slurm_environment(slurm, tmp_path):
     output = tmp_path / "job.out"
     submitted = subprocess.run(
         ["sbatch", "--parsable", f"--output={output}", f"--chdir={REPOSITORY}",
          # The node name need not resolve: rank 0's address and gloo's interface are local.
          f"--export=ALL,VENV={Path(sys.prefix)},STEPS=3,MASTER_ADDR=127.0.0.1,"
          "GLOO_SOCKET_IFNAME=lo",
-         str(REPOSITORY / "slurm" / "tiny_train.sh")],
+         str(REPOSITORY / "slurm" / "fit_batch.sh")],
         env=slurm.env, capture_output=True, text=True, check=True)
     job_id = submitted.stdout.strip().split(";")[0]
     state = slurm.wait_for_job(job_id, timeout=300)

@@ -17,13 +17,6 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-# Fault injection for the resume tests: "<iteration>:<stage>[:<step>]" kills this process
-# with SIGKILL right after that stage was stored (or after that DPO step), as a node
-# failure would; "<iteration>:<stage>[:<step>]@USR1" sends SIGUSR1 there instead, as
-# Slurm's warning before the time limit would. Never set in normal runs.
-CRASH_AT_VARIABLE = "MEGATRON_TPO_CRASH_AT"
-
-
 class Preempted(Exception):
     """The run stopped at a checkpoint because Slurm asked it to; it resumes when requeued."""
 
@@ -64,10 +57,3 @@ class PreemptionGuard:
                                f"{asked.stderr.strip()}; the checkpoint is saved, resubmit "
                                "the job to resume")
         return job
-
-
-def crash_point(iteration: int, stage: str, step: Optional[int] = None) -> None:
-    wanted, _, signal_name = os.environ.get(CRASH_AT_VARIABLE, "").partition("@")
-    here = f"{iteration}:{stage}" + ("" if step is None else f":{step}")
-    if wanted == here:
-        os.kill(os.getpid(), signal.Signals[f"SIG{signal_name or 'KILL'}"])

@@ -2,7 +2,7 @@
 
 It runs megatron's pipeline schedule with DDP, Adam and grad clipping on any layout,
 on CPU (gloo) or GPU (NCCL, bf16), and reports loss, grad norm, time and peak memory
-per step. ``tpo-tiny-train`` and ``benchmarks/train_step.py`` are built on it, and a
+per step. ``tpo-fit-batch`` and ``benchmarks/train_step.py`` are built on it, and a
 first cluster run can use it to check a layout before spending hours on TPO.
 """
 

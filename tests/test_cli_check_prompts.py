@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_tpo.data.check_prompts import main
+from megatron_tpo.cli.check_prompts import main
 
 sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "data"))
 from tiny_hf import tiny_tokenizer  # noqa: E402

@@ -1,9 +1,9 @@
-"""``tpo-tiny-train``: fit a fixed batch with the full trainer stack (default: tiny, TP2/PP2, CPU).
+"""``tpo-fit-batch``: fit a fixed batch with the full trainer stack (default: tiny, TP2/PP2, CPU).
 
 Run as is, it spawns TP*PP local gloo processes. Under torchrun or srun it runs as one
 rank of the job instead (NCCL and bf16 on GPUs), e.g. to check a layout on a cluster:
 
-    srun --ntasks-per-node=8 tpo-tiny-train --model llama3_8b --tp 8 --pp 1 --seq-len 4096
+    srun --ntasks-per-node=8 tpo-fit-batch --model llama3_8b --tp 8 --pp 1 --seq-len 4096
 """
 
 import argparse
@@ -15,7 +15,7 @@ from megatron_tpo.train.fixed_batch import FixedBatchRun, run_locally, train_on_
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tpo-tiny-train", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="tpo-fit-batch", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="tiny", help="configs/model name or YAML path")
     parser.add_argument("--tp", type=int, default=2, help="tensor parallel size")
     parser.add_argument("--pp", type=int, default=2, help="pipeline parallel size")
