@@ -91,7 +91,7 @@ def measure(rank, world_size, model, saves, root):
 
 
 def projected_70b(measured: dict, rate_save: float, rate_load: float) -> dict:
-    from megatron_tpo.plan.parameters import total_parameters
+    from megatron_tpo.plan.cost.parameters import total_parameters
 
     params = total_parameters(load_model_config("llama3_70b"))
     total = params * GPU_BYTES_PER_PARAM

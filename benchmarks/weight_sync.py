@@ -62,10 +62,10 @@ def _timed(fn) -> float:
 def _worker(rank, world_size, model, parallel, bucket_bytes, repeats, transports):
     from megatron_tpo.model.llama import build_llama_chunks
     from megatron_tpo.parallel import init_megatron, shutdown_megatron
-    from megatron_tpo.weights.transports import cached_transport
     from megatron_tpo.rollout.memory import peak_extra_bytes
-    from megatron_tpo.weights.stream import cached_plan
     from megatron_tpo.weights import WeightSyncConfig, push_weights
+    from megatron_tpo.weights.stream import cached_plan
+    from megatron_tpo.weights.transports import cached_transport
 
     init_megatron(parallel, model)
     chunks = build_llama_chunks(model, parallel)

@@ -20,19 +20,19 @@ from pathlib import Path
 from typing import Callable, List, Optional
 
 from megatron_tpo.config.errors import ConfigError
-from megatron_tpo.tpo_config import TPOConfig, write_resolved_config
 from megatron_tpo.data.prompts import (PromptFileError, PromptSetConfig, clean_instructions,
-                                      load_prompts, read_instructions)
+                                       load_prompts, read_instructions)
 from megatron_tpo.data.storage import IterationStore, config_hash
 from megatron_tpo.judge.base import Judge
-from megatron_tpo.parts import TPOParts
 from megatron_tpo.parallel.collectives import barrier, is_rank_zero, rank_zero_result, world
 from megatron_tpo.parallel.preemption import PreemptionGuard
+from megatron_tpo.parts import TPOParts
 from megatron_tpo.placement import MemoryLedger, Placement
 from megatron_tpo.placement import policy
 from megatron_tpo.placement.ledger import ASLEEP, AWAKE, RELEASED, RESIDENT
-from megatron_tpo.plan import tenants
+from megatron_tpo.plan.cost import tenants
 from megatron_tpo.report.metrics import RunMetrics
+from megatron_tpo.tpo_config import TPOConfig, write_resolved_config
 
 DIGEST_FILE = "config_digest.json"
 LEDGER_FILE = "ledger.jsonl"
@@ -155,9 +155,9 @@ def build_judge_for_rank(config: TPOConfig, policy_engine, tokenizer,
 
     from megatron_tpo.judge.config import judge_engine_settings
     from megatron_tpo.judge.factory import build_judge
+    from megatron_tpo.rollout.factory import build_rollout_engine
     from megatron_tpo.rollout.pool.proxy import EnginePoolProxy
     from megatron_tpo.rollout.replicas import EngineReplicas
-    from megatron_tpo.rollout.factory import build_rollout_engine
 
     if not judge_generates(config):
         return build_judge(config.judge)

@@ -25,9 +25,10 @@ from megatron_tpo.build import Builders, build_tpo, check_run_dir
 from megatron_tpo.config.errors import ConfigError
 from megatron_tpo.judge.base import Judge, Judgment, check_grouping
 from megatron_tpo.loop import run_tpo
+from megatron_tpo.overrides import as_override, with_settings
 from megatron_tpo.placement.ledger import GIB, GpuLine, MemoryLedger
 from megatron_tpo.placement.policy import replay
-from megatron_tpo.plan import tenants
+from megatron_tpo.plan.cost import tenants
 from megatron_tpo.report.metrics import RunMetrics
 from megatron_tpo.rollout.engine import GenerationOutput, RolloutEngine, SamplingParams
 from megatron_tpo.tpo_config import TPOConfig
@@ -137,6 +138,11 @@ class DryRun:
         if refusal:
             raise ConfigError(refusal)
 
+    def fits(self, config: TPOConfig, world_size: int) -> bool:
+        """Whether the same run's phases all fit with ``config``'s tenant sizes; cheaper
+        than ``verdict_for``, which also searches for a fix."""
+        return fits_everywhere(config, world_size, self.script)
+
     def verdict_for(self, config: TPOConfig, world_size: int) -> str:
         """The same run's phases with ``config``'s tenant sizes (another layout, say):
         '' when every phase fits, else what ``check`` would say (tpo-plan's verdict)."""
@@ -230,26 +236,6 @@ def smallest_fix(config: TPOConfig, world_size: int, script: List[tuple],
         except ConfigError:   # the candidate is not a valid setting for this run
             continue
     return ""
-
-
-def as_override(key: str, value) -> str:
-    """``key=value`` as tpo-run's command line takes it (``null``, ``true``, ``false``)."""
-    text = "null" if value is None else str(value).lower() if isinstance(value, bool) else value
-    return f"{key}={text}"
-
-
-def with_settings(config: TPOConfig, settings: Sequence[Tuple[str, object]]) -> TPOConfig:
-    """``config`` with each dotted ``key`` set to its ``value``, its groups' checks run."""
-    from omegaconf import OmegaConf
-
-    tree = OmegaConf.structured(config)
-    for key, value in settings:
-        OmegaConf.update(tree, key, value, merge=False)
-    changed = OmegaConf.to_object(tree)
-    changed.judge.validate()
-    changed.rollout.validate()
-    changed.train.validate()
-    return changed
 
 
 def candidate_fixes(config: TPOConfig, present: set) -> List[Tuple[str, object]]:

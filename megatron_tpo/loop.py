@@ -30,10 +30,10 @@ from megatron_tpo.data.chat import apply_thought_chat_template
 from megatron_tpo.data.prompts import iteration_prompts
 from megatron_tpo.evaluation.heldout import score_heldout
 from megatron_tpo.fault_injection import crash_point
-from megatron_tpo.parts import TPOParts
 from megatron_tpo.parallel.collectives import (after_rank_zero, broadcast_from_rank_zero,
                                                derived_seed, is_rank_zero)
 from megatron_tpo.parallel.preemption import Preempted
+from megatron_tpo.parts import TPOParts
 from megatron_tpo.placement.policy import (CHECKPOINT, HELDOUT_ANSWERS, HELDOUT_JUDGING, JUDGING,
                                            PAIRS, PARITY_CHECK, REFERENCE, ROLLOUT, TRAIN,
                                            WEIGHT_SYNC)
@@ -42,10 +42,10 @@ from megatron_tpo.report.plots import plot_iterations
 from megatron_tpo.report.summary import (iteration_record, last_per_iteration, run_summary,
                                          write_summary)
 from megatron_tpo.rollout.engine import SamplingParams
-from megatron_tpo.weights import text_probes
 from megatron_tpo.rollout.replicas import generate_on_all_ranks
 from megatron_tpo.train.dpo_batch import tokenized_pairs
 from megatron_tpo.train.pair_schedule import pairs_for_step
+from megatron_tpo.weights import text_probes
 
 logger = logging.getLogger(__name__)
 

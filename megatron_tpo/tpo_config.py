@@ -177,7 +177,7 @@ class TPOConfig:
     def _missing_judge_checkpoint(self) -> List[str]:
         """The judge model a GPU recipe's dry run sizes (a local directory, or a hub id in
         the local cache): named here too, so one dry run names every missing input."""
-        from megatron_tpo.plan.tenants import checkpoint_model_config
+        from megatron_tpo.plan.cost.tenants import checkpoint_model_config
 
         setting = {"reward_model": ("judge.reward_model.path", self.judge.reward_model.path),
                    "pairwise": ("judge.pairwise.model", self.judge.pairwise.model)}
@@ -247,7 +247,7 @@ def check_kv_cache_holds_one_sequence(rollout: RolloutConfig, model: ModelConfig
     vLLM refuses to start. Its check (``check_enough_kv_cache_memory``,
     ``v1/core/kv_cache_utils.py``; ``v1/core/kv_cache_planning.py`` in 0.33) counts whole
     blocks for the sequence plus the one block its pool holds back."""
-    from megatron_tpo.plan.rollout import kv_bytes_per_token_per_gpu
+    from megatron_tpo.plan.cost.engines import kv_bytes_per_token_per_gpu
 
     vllm = rollout.vllm
     if rollout.engine != "vllm" or vllm.kv_cache_memory_bytes is None:

@@ -17,8 +17,8 @@ import torch
 from llama_fixtures import tiny_model_config
 from megatron_tpo.checkpoint import CheckpointConfig, TrainingCheckpointer
 from megatron_tpo.checkpoint.manifest import read_manifest, verify_files
-from megatron_tpo.parallel.local_launch import spawn_local
 from megatron_tpo.fault_injection import CRASH_AT_VARIABLE
+from megatron_tpo.parallel.local_launch import spawn_local
 from test_checkpoint_training import _my_pairs, _random_pairs, _start, _weights
 
 # Where the re-save of step 2 is killed, and which copy must be found afterwards.

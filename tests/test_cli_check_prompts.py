@@ -41,8 +41,7 @@ def test_bad_line_is_reported_with_exit_code(tmp_path, capsys):
 
 
 def test_show_iteration_prints_that_iterations_own_first_prompt(tmp_path, capsys):
-    from megatron_tpo.data import (GENERIC, iteration_prompts, load_prompt_set_config,
-                                   load_prompts)
+    from megatron_tpo.data import GENERIC, iteration_prompts, load_prompt_set_config, load_prompts
 
     instructions = [f"{animal} {digit}" for animal in ("cat", "dog", "sun", "moon")
                     for digit in "0123"]

@@ -18,8 +18,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from tpo_fixtures import tiny_run_overrides  # noqa: E402
 
 from megatron_tpo.cli.run import compose_config, run_rank  # noqa: E402
-from megatron_tpo.parallel.local_launch import spawn_local  # noqa: E402
 from megatron_tpo.fault_injection import CRASH_AT_VARIABLE  # noqa: E402
+from megatron_tpo.parallel.local_launch import spawn_local  # noqa: E402
 
 
 def stage_rows(run_dir: Path, iteration: int, stage: str):

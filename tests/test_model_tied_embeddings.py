@@ -22,7 +22,7 @@ from megatron_tpo.model import llama_layout as layout
 from megatron_tpo.model.conversion import hf_to_mcore, mcore_to_hf
 from megatron_tpo.model.hf_config import model_config_from_hf
 from megatron_tpo.parallel.local_launch import spawn_local
-from megatron_tpo.plan.parameters import chunk_parameters, total_parameters
+from megatron_tpo.plan.cost.parameters import chunk_parameters, total_parameters
 from megatron_tpo.train.dpo_batch import TokenizedPair
 
 sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "data"))
@@ -126,9 +126,9 @@ def _dpo_worker(rank, world_size, model, shard_root, pairs, hf_dir):
     from megatron_tpo.model.mcore_shards import with_global_layer_numbers
     from megatron_tpo.parallel import init_megatron
     from megatron_tpo.rollout.hf_engine import HFRolloutEngine
-    from megatron_tpo.weights import WeightSyncConfig, push_weights
     from megatron_tpo.train.dpo_trainer import DPOTrainer
     from megatron_tpo.train.reference_logprobs import with_reference_logprobs
+    from megatron_tpo.weights import WeightSyncConfig, push_weights
 
     parallel = ParallelConfig(tensor_model_parallel_size=TP, pipeline_model_parallel_size=PP)
     init_megatron(parallel, model)

@@ -7,9 +7,9 @@ import pytest
 
 from megatron_tpo.cli.plan import main
 from megatron_tpo.config import load_model_config, load_parallel_config
+from megatron_tpo.plan.cost.memory import training_memory
 from megatron_tpo.plan.hardware import GIB, find_gpu
-from megatron_tpo.plan.memory import training_memory
-from megatron_tpo.plan.training_search import search_training
+from megatron_tpo.plan.search.training import search_training
 from megatron_tpo.plan.workload import Assumptions, Cluster, TrainingLayout, Workload
 
 

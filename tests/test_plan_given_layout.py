@@ -7,13 +7,13 @@ import pytest
 
 from megatron_tpo.cli.plan import main
 from megatron_tpo.config import ConfigError, load_model_config
-from megatron_tpo.plan.given_layout import (assess_layout, describe_change, parse_layout,
-                                            smallest_fixes)
+from megatron_tpo.plan.cost.memory import training_memory
+from megatron_tpo.plan.cost.parameters import most_loaded_rank_parameters
+from megatron_tpo.plan.cost.timing import step_time
 from megatron_tpo.plan.hardware import GIB, find_gpu
-from megatron_tpo.plan.memory import training_memory
-from megatron_tpo.plan.parameters import most_loaded_rank_parameters
-from megatron_tpo.plan.timing import step_time
-from megatron_tpo.plan.training_search import evaluate
+from megatron_tpo.plan.search.given_layout import (assess_layout, describe_change, parse_layout,
+                                                   smallest_fixes)
+from megatron_tpo.plan.search.training import evaluate
 from megatron_tpo.plan.workload import Cluster, TrainingLayout, Workload
 
 

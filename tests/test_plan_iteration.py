@@ -8,14 +8,14 @@ import pytest
 
 from megatron_tpo.cli.plan import main
 from megatron_tpo.config import ConfigError, load_model_config
+from megatron_tpo.plan.cost.engines import plan_engines
+from megatron_tpo.plan.cost.iteration import (IterationAssumptions, IterationRequest,
+                                              checkpoint_seconds, judge_seconds, rollout_seconds,
+                                              trainer_seconds, weight_sync_seconds)
+from megatron_tpo.plan.cost.pools import compare_pools, estimate_iteration, pool_splits
+from megatron_tpo.plan.cost.timing import step_time
 from megatron_tpo.plan.hardware import GIB, find_gpu
-from megatron_tpo.plan.iteration import (IterationAssumptions, IterationRequest,
-                                         checkpoint_seconds, judge_seconds, rollout_seconds,
-                                         trainer_seconds, weight_sync_seconds)
-from megatron_tpo.plan.pools import compare_pools, estimate_iteration, pool_splits
-from megatron_tpo.plan.rollout import plan_engines
-from megatron_tpo.plan.timing import step_time
-from megatron_tpo.plan.training_search import search_training
+from megatron_tpo.plan.search.training import search_training
 from megatron_tpo.plan.workload import Cluster, Workload
 
 H100 = find_gpu("h100-80gb")

@@ -8,12 +8,12 @@ import pytest
 
 from megatron_tpo.cli.plan import main
 from megatron_tpo.config import ConfigError, load_model_config
-from megatron_tpo.plan.calibration import load_calibration
+from megatron_tpo.plan.cost.iteration import IterationAssumptions
+from megatron_tpo.plan.cost.timing import step_time
 from megatron_tpo.plan.hardware import GIB, find_gpu
-from megatron_tpo.plan.iteration import IterationAssumptions
-from megatron_tpo.plan.run_check import colocated_iteration, run_model
-from megatron_tpo.plan.run_dir import read_run_dir, read_run_metrics
-from megatron_tpo.plan.timing import step_time
+from megatron_tpo.plan.recorded.calibration import load_calibration
+from megatron_tpo.plan.recorded.run_check import colocated_iteration, run_model
+from megatron_tpo.plan.recorded.run_dir import read_run_dir, read_run_metrics
 from megatron_tpo.plan.workload import Assumptions, Cluster, TrainingLayout, Workload
 
 CONFIG = """\

@@ -8,8 +8,8 @@ import pytest
 from megatron_tpo.cli.plan import main
 from megatron_tpo.config import ConfigError, load_model_config
 from megatron_tpo.plan.hardware import find_gpu
-from megatron_tpo.plan.runnable import trainer_refusal
-from megatron_tpo.plan.training_search import search_training
+from megatron_tpo.plan.search.runnable import trainer_refusal
+from megatron_tpo.plan.search.training import search_training
 from megatron_tpo.plan.workload import Cluster, TrainingLayout, Workload
 from megatron_tpo.train.dpo_batch import TokenizedPair, pair_micro_batches
 from megatron_tpo.train.dpo_trainer import _check_layout

@@ -15,8 +15,8 @@ refusal among its problems).
 import pytest
 
 from megatron_tpo.config import load_model_config
-from megatron_tpo.plan.given_layout import assess_layout, parse_layout
 from megatron_tpo.plan.hardware import find_gpu
+from megatron_tpo.plan.search.given_layout import assess_layout, parse_layout
 from megatron_tpo.plan.workload import Cluster, Workload
 
 EIGHT_B = "tp=1,pp=1,cp=2,mbs=1"

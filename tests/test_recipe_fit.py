@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from megatron_tpo.cli.run import compose_config, main
-from megatron_tpo.placement.policy import PHASES
 from megatron_tpo.config.loading import load_model_config
 from megatron_tpo.model.hf_config import hf_config_from_model
+from megatron_tpo.placement.policy import PHASES
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "data"))
@@ -243,8 +243,8 @@ def test_the_phase_peaks_add_up_to_the_planner_items(recipe_files):
     """The trainer's share of the DPO phase is the planner's training memory, the engine's
     share of the rollout its whole claim; the two phases differ by exactly those items."""
     from megatron_tpo.dry_run import dry_run as run_dry
+    from megatron_tpo.plan.cost.tenants import ENGINE_ASLEEP_GIB, nccl_communicators, stage_memories
     from megatron_tpo.plan.hardware import GIB, find_gpu
-    from megatron_tpo.plan.tenants import ENGINE_ASLEEP_GIB, nccl_communicators, stage_memories
     from megatron_tpo.plan.workload import Assumptions
 
     files, tmp = recipe_files

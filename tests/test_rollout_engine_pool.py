@@ -24,9 +24,9 @@ from megatron_tpo.config import ConfigError, DPOTrainingConfig, ParallelConfig
 from megatron_tpo.model.conversion import hf_to_mcore
 from megatron_tpo.parallel.launch import free_local_port
 from megatron_tpo.parallel.local_launch import spawn_local
-from megatron_tpo.rollout.pool.bridge import BridgeError, open_engine_side
 from megatron_tpo.rollout.config import BridgeConfig, RolloutConfig, VLLMConfig
 from megatron_tpo.rollout.engine import SamplingParams
+from megatron_tpo.rollout.pool.bridge import BridgeError, open_engine_side
 from megatron_tpo.rollout.pool.proxy import EnginePoolProxy
 from megatron_tpo.train.dpo_batch import TokenizedPair
 
@@ -63,12 +63,12 @@ def _trainer_worker(rank, world_size, model, shard_root, hf_dir, pairs, bridge, 
     from transformers import LlamaForCausalLM
 
     from megatron_tpo.parallel import init_megatron, shutdown_megatron
-    from megatron_tpo.rollout.replicas import generate_on_all_ranks
     from megatron_tpo.rollout.factory import trainer_ranks_per_engine
     from megatron_tpo.rollout.hf_engine import HFRolloutEngine
-    from megatron_tpo.weights.parity import trainer_token_logprobs
-    from megatron_tpo.weights import WeightSyncConfig, WeightSyncError, push_weights
+    from megatron_tpo.rollout.replicas import generate_on_all_ranks
     from megatron_tpo.train.dpo_trainer import DPOTrainer
+    from megatron_tpo.weights import WeightSyncConfig, WeightSyncError, push_weights
+    from megatron_tpo.weights.parity import trainer_token_logprobs
 
     parallel = ParallelConfig(tensor_model_parallel_size=2, pipeline_model_parallel_size=1)
     init_megatron(parallel, model)

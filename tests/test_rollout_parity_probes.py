@@ -17,8 +17,8 @@ from tiny_hf import tiny_tokenizer  # noqa: E402
 from tpo_fixtures import tiny_run_overrides  # noqa: E402
 
 from megatron_tpo.config import ConfigError  # noqa: E402
-from megatron_tpo.weights.parity import text_probes  # noqa: E402
 from megatron_tpo.weights import WeightSyncConfig  # noqa: E402
+from megatron_tpo.weights.parity import text_probes  # noqa: E402
 
 INSTRUCTIONS = ["the cat is my dog", "a b c d e f g h", "sun", "moon is the sun"]
 

@@ -125,9 +125,9 @@ def _worker(rank, world_size, model, shard_root, engine_hf_dir, probes):
     from megatron_tpo.model.mcore_shards import load_model_shards
     from megatron_tpo.parallel import init_megatron
     from megatron_tpo.rollout.hf_engine import HFRolloutEngine
-    from megatron_tpo.weights.parity import trainer_token_logprobs
-    from megatron_tpo.weights import WeightSyncConfig, push_weights
     from megatron_tpo.train.policy_logprobs import return_hidden_states_from_output_layer
+    from megatron_tpo.weights import WeightSyncConfig, push_weights
+    from megatron_tpo.weights.parity import trainer_token_logprobs
 
     parallel = ParallelConfig(tensor_model_parallel_size=TP)
     init_megatron(parallel, model)

@@ -28,8 +28,8 @@ from megatron_tpo.config import DPOTrainingConfig, ParallelConfig  # noqa: E402
 from megatron_tpo.model.conversion import hf_to_mcore  # noqa: E402
 from megatron_tpo.parallel.local_launch import spawn_local  # noqa: E402
 from megatron_tpo.rollout import RolloutConfig, SamplingParams, VLLMConfig  # noqa: E402
-from megatron_tpo.weights import WeightSyncConfig  # noqa: E402
 from megatron_tpo.train.dpo_batch import TokenizedPair  # noqa: E402
+from megatron_tpo.weights import WeightSyncConfig  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "data"))
 from tiny_hf import tiny_tokenizer  # noqa: E402
@@ -180,10 +180,10 @@ def test_scores_equal_hf_before_and_after_a_sync_with_no_stale_prefix_cache(chec
 
 def _sync_worker(rank, world_size, model, shard_root, checkpoint, pairs, probes):
     from megatron_tpo.parallel import init_megatron
-    from megatron_tpo.weights.parity import trainer_token_logprobs
     from megatron_tpo.rollout.vllm_engine import VLLMRolloutEngine
-    from megatron_tpo.weights import WeightSyncError, push_weights
     from megatron_tpo.train.dpo_trainer import DPOTrainer
+    from megatron_tpo.weights import WeightSyncError, push_weights
+    from megatron_tpo.weights.parity import trainer_token_logprobs
 
     class CorruptingEngine(VLLMRolloutEngine):
         """Hands vLLM one tensor wrong, as a broken transport would."""
@@ -280,9 +280,9 @@ def test_a_corrupted_tensor_fails_the_sync_on_every_rank_and_is_named(sync_repor
 
 def _tied_sync_worker(rank, world_size, model, shard_root, checkpoint, pairs, probes):
     from megatron_tpo.parallel import init_megatron
-    from megatron_tpo.weights.parity import trainer_token_logprobs
-    from megatron_tpo.weights import WeightSyncError, push_weights
     from megatron_tpo.train.dpo_trainer import DPOTrainer
+    from megatron_tpo.weights import WeightSyncError, push_weights
+    from megatron_tpo.weights.parity import trainer_token_logprobs
 
     parallel = ParallelConfig(tensor_model_parallel_size=1, pipeline_model_parallel_size=2)
     init_megatron(parallel, model)

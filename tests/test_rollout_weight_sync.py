@@ -21,8 +21,8 @@ from megatron_tpo.model.conversion import hf_to_mcore
 from megatron_tpo.parallel.local_launch import spawn_local
 from megatron_tpo.rollout.engine import SamplingParams
 from megatron_tpo.rollout.hf_engine import HFRolloutEngine
-from megatron_tpo.weights import WeightSyncConfig
 from megatron_tpo.train.dpo_batch import TokenizedPair
+from megatron_tpo.weights import WeightSyncConfig
 
 sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "data"))
 from tiny_hf import tiny_tokenizer  # noqa: E402
@@ -135,11 +135,11 @@ def _sync_worker(rank, world_size, model, shard_root, hf_dir, pairs, tokens, tra
     from transformers import LlamaForCausalLM
 
     from megatron_tpo.parallel import init_megatron, shutdown_megatron
-    from megatron_tpo.weights.transports import cached_transport
     from megatron_tpo.rollout.memory import peak_extra_bytes
-    from megatron_tpo.weights.stream import cached_plan
-    from megatron_tpo.weights import WeightSyncError, push_weights
     from megatron_tpo.train.dpo_trainer import DPOTrainer
+    from megatron_tpo.weights import WeightSyncError, push_weights
+    from megatron_tpo.weights.stream import cached_plan
+    from megatron_tpo.weights.transports import cached_transport
 
     parallel = ParallelConfig(tensor_model_parallel_size=2, pipeline_model_parallel_size=2)
     init_megatron(parallel, model)
@@ -299,8 +299,8 @@ def _virtual_pipeline_worker(rank, world_size, model, shard_root, other_hf_dir, 
     from megatron_tpo.model.llama import build_llama_chunks
     from megatron_tpo.model.mcore_shards import load_model_shards
     from megatron_tpo.parallel import init_megatron, shutdown_megatron
-    from megatron_tpo.weights.stream import cached_plan
     from megatron_tpo.weights import WeightSyncError, push_weights
+    from megatron_tpo.weights.stream import cached_plan
 
     parallel = ParallelConfig(tensor_model_parallel_size=1, pipeline_model_parallel_size=2,
                               virtual_pipeline_model_parallel_size=2)

@@ -36,8 +36,7 @@ from megatron_tpo.checkpoint.rng import capture_rng_state, restore_rng_state
 from megatron_tpo.fault_injection import crash_point
 from megatron_tpo.files import atomic_write
 from megatron_tpo.lifetime import die_with_parent
-from megatron_tpo.parallel.collectives import (barrier, broadcast_from_rank_zero, is_rank_zero,
-                                               world)
+from megatron_tpo.parallel.collectives import barrier, broadcast_from_rank_zero, is_rank_zero, world
 
 logger = logging.getLogger(__name__)
 LATEST = "latest"

@@ -92,9 +92,9 @@ def serve(config, environment, role: str = "policy") -> bool:
     """Build this rank's engine, join the bridge, serve until stopped (True) or abandoned."""
     from megatron_tpo.judge.config import judge_engine_settings
     from megatron_tpo.parallel.launch import share_cpu_threads
+    from megatron_tpo.rollout.factory import build_rollout_engine
     from megatron_tpo.rollout.pool.bridge import open_engine_side
     from megatron_tpo.rollout.pool.server import EngineServer
-    from megatron_tpo.rollout.factory import build_rollout_engine
 
     start_engine_world(environment, config.run.process_group_timeout_seconds)
     share_cpu_threads(environment.local_world_size)

@@ -24,9 +24,9 @@ import os
 import sys
 from typing import List, Optional
 
-from megatron_tpo.cli import plan_modes
 from megatron_tpo.config import ConfigError
-from megatron_tpo.plan.training_search import PlanError
+from megatron_tpo.plan import modes
+from megatron_tpo.plan.search.training import PlanError
 from megatron_tpo.plan.workload import RECOMPUTE_CHOICES, Assumptions
 
 
@@ -110,16 +110,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def whole_run(args: argparse.Namespace) -> Optional[modes.WholeRun]:
+    """``--experiment``: the composed run config and its dry run (None without it)."""
+    if not args.experiment:
+        return None
+    from megatron_tpo.cli.run import compose_config
+    from megatron_tpo.dry_run import dry_run
+
+    config = compose_config([f"experiment={args.experiment}", *args.overrides])
+    recorded = config.run.world_size or config.parallel.model_parallel_size
+    config.validate(recorded)
+    return modes.WholeRun(config, dry_run(config, recorded))
+
+
 def run(args: argparse.Namespace) -> str:
     """The report ``tpo-plan`` prints for ``args``; ConfigError/PlanError for bad input."""
     if args.check and args.calibrate:
         raise ConfigError("--check and --calibrate: give one")
     if args.check or args.calibrate:
-        return plan_modes.run_dir_report(args)
-    request = plan_modes.resolve_request(args)
+        return modes.run_dir_report(args)
+    request = modes.resolve_request(args, whole_run(args))
     if request.layout is not None:
-        return plan_modes.layout_report(args, request)
-    return plan_modes.search_report(args, request)
+        return modes.layout_report(args, request)
+    return modes.search_report(args, request)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -23,9 +23,8 @@ from megatron_tpo.config import ModelConfig
 from megatron_tpo.rollout.engine import RolloutEngine
 from megatron_tpo.train.pipeline_step import unwrapped
 from megatron_tpo.weights.config import WeightSyncConfig
-from megatron_tpo.weights.parity import (
-    abs_differences, first_differing_tensor, trainer_token_logprobs,
-)
+from megatron_tpo.weights.parity import (abs_differences, first_differing_tensor,
+                                         trainer_token_logprobs)
 from megatron_tpo.weights.stream import WeightStream, cached_plan
 from megatron_tpo.weights.transports import cached_transport
 

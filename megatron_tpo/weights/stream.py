@@ -32,8 +32,8 @@ import torch
 
 from megatron_tpo.config import ModelConfig
 from megatron_tpo.model import llama_layout as layout
-from megatron_tpo.weights.transports import ProcessGroupTransport
 from megatron_tpo.rollout.engine import tensor_checksum
+from megatron_tpo.weights.transports import ProcessGroupTransport
 
 _LOCAL_NAME_FOR_TE = {te: local for local, te in layout.TE_NAME_FOR_LOCAL.items()}
 

@@ -38,12 +38,10 @@ import torch
 from tqdm.auto import tqdm
 
 from megatron_tpo.parallel.collectives import RankZeroFailed, is_rank_zero, rank_zero_result
-from megatron_tpo.rollout.pool.bridge import (
-    Bridge, BridgeError, broadcast_object, gather_objects, open_trainer_side, ring,
-    wait_until_done,
-)
 from megatron_tpo.rollout.config import BridgeConfig
 from megatron_tpo.rollout.engine import GenerationOutput, RolloutEngine, SamplingParams
+from megatron_tpo.rollout.pool.bridge import (Bridge, BridgeError, broadcast_object, gather_objects,
+                                              open_trainer_side, ring, wait_until_done)
 from megatron_tpo.rollout.pool.server import EngineFailure
 
 logger = logging.getLogger(__name__)

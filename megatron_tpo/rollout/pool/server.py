@@ -28,10 +28,9 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
-from megatron_tpo.rollout.pool.bridge import (
-    Bridge, broadcast_object, gather_objects, mark_done, wait_for_ring,
-)
 from megatron_tpo.rollout.engine import RolloutEngine, SamplingParams
+from megatron_tpo.rollout.pool.bridge import (Bridge, broadcast_object, gather_objects, mark_done,
+                                              wait_for_ring)
 
 logger = logging.getLogger(__name__)
 

@@ -3,8 +3,9 @@
 from dataclasses import asdict
 from typing import Dict, Optional
 
-from megatron_tpo.plan.iteration import IterationAssumptions, IterationEstimate, IterationRequest
-from megatron_tpo.plan.pools import PoolComparison
+from megatron_tpo.plan.cost.iteration import (IterationAssumptions, IterationEstimate,
+                                              IterationRequest)
+from megatron_tpo.plan.cost.pools import PoolComparison
 
 STAGE_ORDER = ("rollout", "judge", "reference_logprobs", "train", "weight_sync", "checkpoint",
                "engine_switches")

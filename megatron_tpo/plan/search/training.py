@@ -6,10 +6,10 @@ from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Tuple
 
 from megatron_tpo.config import ConfigError
+from megatron_tpo.plan.cost.memory import TrainingMemory, training_memory
+from megatron_tpo.plan.cost.timing import StepTime, model_flops_per_token, step_time
 from megatron_tpo.plan.hardware import GIB
-from megatron_tpo.plan.memory import TrainingMemory, training_memory
-from megatron_tpo.plan.runnable import trainer_refusal
-from megatron_tpo.plan.timing import StepTime, model_flops_per_token, step_time
+from megatron_tpo.plan.search.runnable import trainer_refusal
 from megatron_tpo.plan.workload import RECOMPUTE_CHOICES, TrainingLayout, Workload
 
 TENSOR_PARALLEL_SIZES = (1, 2, 4, 8)

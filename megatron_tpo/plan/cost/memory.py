@@ -10,8 +10,8 @@ from dataclasses import asdict, dataclass
 from typing import Dict
 
 from megatron_tpo.config import ModelConfig
+from megatron_tpo.plan.cost.parameters import RankParameters, cached_rank_parameters
 from megatron_tpo.plan.hardware import GIB
-from megatron_tpo.plan.parameters import RankParameters, cached_rank_parameters
 from megatron_tpo.plan.workload import TrainingLayout, Workload
 
 

@@ -14,14 +14,15 @@ from dataclasses import dataclass, replace
 from typing import List, Optional
 
 from megatron_tpo.config import ConfigError
-from megatron_tpo.plan.given_layout import layout_from_parallel
+from megatron_tpo.plan.cost.iteration import (IterationAssumptions, IterationEstimate,
+                                              IterationRequest)
+from megatron_tpo.plan.cost.memory import training_memory
+from megatron_tpo.plan.cost.pools import estimate_iteration
+from megatron_tpo.plan.cost.timing import step_time
 from megatron_tpo.plan.hardware import GIB
-from megatron_tpo.plan.iteration import IterationAssumptions, IterationEstimate, IterationRequest
-from megatron_tpo.plan.memory import training_memory
-from megatron_tpo.plan.pools import estimate_iteration
-from megatron_tpo.plan.run_dir import STAGES, RunConfig, RunMetrics
-from megatron_tpo.plan.timing import step_time
-from megatron_tpo.plan.training_search import estimate_plan
+from megatron_tpo.plan.recorded.run_dir import STAGES, RecordedRun, RunMetrics
+from megatron_tpo.plan.search.given_layout import layout_from_parallel
+from megatron_tpo.plan.search.training import estimate_plan
 from megatron_tpo.plan.workload import Assumptions, Cluster, TrainingLayout, Workload
 
 # The metrics record thought + response together; the judge reads the response only.
@@ -49,7 +50,7 @@ class Figure:
 class RunModel:
     """The run as the planner sees it: what to estimate, on which hardware."""
 
-    config: RunConfig
+    config: RecordedRun
     workload: Workload           # the trainer's steps at their measured mean length
     peak_workload: Workload      # ... at the longest step's length (sizes the peak)
     layout: TrainingLayout
@@ -58,7 +59,7 @@ class RunModel:
     lengths_from: str = "measured step tokens"  # where the sequence lengths came from
 
 
-def _global_batch(config: RunConfig, metrics: RunMetrics, layout: TrainingLayout) -> int:
+def _global_batch(config: RecordedRun, metrics: RunMetrics, layout: TrainingLayout) -> int:
     """Sequences per step: 2 x run.pairs_per_step, else 2 x pairs / steps of an iteration,
     else one micro-batch per DP rank."""
     if config.pairs_per_step:
@@ -69,7 +70,7 @@ def _global_batch(config: RunConfig, metrics: RunMetrics, layout: TrainingLayout
     return config.micro_batch_sequences * layout.dp
 
 
-def _iteration_request(config: RunConfig, metrics: RunMetrics) -> Optional[IterationRequest]:
+def _iteration_request(config: RecordedRun, metrics: RunMetrics) -> Optional[IterationRequest]:
     samples = metrics.iteration_mean("samples")
     completion = metrics.iteration_mean("mean_completion_tokens")
     if not samples or completion is None:
@@ -88,7 +89,7 @@ def _iteration_request(config: RunConfig, metrics: RunMetrics) -> Optional[Itera
     )
 
 
-def run_model(config: RunConfig, metrics: RunMetrics, cluster: Cluster, assumptions: Assumptions,
+def run_model(config: RecordedRun, metrics: RunMetrics, cluster: Cluster, assumptions: Assumptions,
               iteration_assumptions: IterationAssumptions) -> RunModel:
     if cluster.world_size != config.world_size:
         raise ConfigError(f"run.world_size={config.world_size} but the cluster has "
@@ -103,7 +104,7 @@ def run_model(config: RunConfig, metrics: RunMetrics, cluster: Cluster, assumpti
                     layout, _iteration_request(config, metrics), iteration_assumptions, source)
 
 
-def _sequence_lengths(config: RunConfig, metrics: RunMetrics, global_batch: int):
+def _sequence_lengths(config: RecordedRun, metrics: RunMetrics, global_batch: int):
     """(mean, longest, where from): the steps' own token counts, else the iterations'
     mean prompt + completion, else the config's maxima."""
     step_tokens = [row["sequence_tokens"] for row in metrics.train_steps

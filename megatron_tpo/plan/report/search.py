@@ -3,10 +3,10 @@
 from dataclasses import asdict
 from typing import Dict, List
 
+from megatron_tpo.plan.cost.engines import EngineSearch
+from megatron_tpo.plan.cost.parameters import most_loaded_rank_parameters, total_parameters
 from megatron_tpo.plan.hardware import GIB
-from megatron_tpo.plan.parameters import most_loaded_rank_parameters, total_parameters
-from megatron_tpo.plan.rollout import EngineSearch
-from megatron_tpo.plan.training_search import NEAR_TIE, TrainingPlan, TrainingSearch
+from megatron_tpo.plan.search.training import NEAR_TIE, TrainingPlan, TrainingSearch
 from megatron_tpo.plan.workload import Workload
 
 MEMORY_LABELS = {

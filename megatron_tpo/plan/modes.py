@@ -1,5 +1,7 @@
-"""The modes of ``tpo-plan`` (search, one layout, run check/calibration), kept apart from
-its argument parser so each reads as one short function."""
+"""The modes of ``tpo-plan``: rank every layout, judge one layout, or check (calibrate)
+against a recorded run, each from its request to its report. ``args`` is tpo-plan's
+parsed command line (cli/plan.py); the whole run of ``--experiment`` comes composed and
+dry-run by the command, so its verdicts are ``tpo-run --dry-run``'s."""
 
 import argparse
 import json
@@ -11,22 +13,24 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from megatron_tpo.config import ConfigError, ModelConfig, load_model_config, load_parallel_config
-from megatron_tpo.plan.calibration import (apply_calibration, fit_calibration, load_calibration,
-                                           save_calibration)
-from megatron_tpo.plan.emit import emit_plan
-from megatron_tpo.plan.given_layout import assess_layout, layout_from_parallel, parse_layout
+from megatron_tpo.overrides import as_override, with_settings
+from megatron_tpo.plan.cost.engines import plan_engines
+from megatron_tpo.plan.cost.iteration import IterationAssumptions, IterationRequest
+from megatron_tpo.plan.cost.pools import compare_pools
 from megatron_tpo.plan.hardware import find_gpu
-from megatron_tpo.plan.iteration import IterationAssumptions, IterationRequest
-from megatron_tpo.plan.iteration_report import format_iteration, iteration_report_dict
-from megatron_tpo.plan.layout_report import format_layout_report, layout_report_dict
-from megatron_tpo.plan.pools import compare_pools
-from megatron_tpo.plan.report import format_report, plan_report_dict
-from megatron_tpo.plan.rollout import plan_engines
-from megatron_tpo.plan.run_check import (check_figures, format_figures, run_model,
-                                         uncomparable_figures)
-from megatron_tpo.plan.run_dir import RunConfig, read_run_config, read_run_dir
-from megatron_tpo.plan.training_search import PlanError, TrainingPlan, search_training
+from megatron_tpo.plan.recorded.calibration import (apply_calibration, fit_calibration,
+                                                    load_calibration, save_calibration)
+from megatron_tpo.plan.recorded.run_check import (check_figures, format_figures, run_model,
+                                                  uncomparable_figures)
+from megatron_tpo.plan.recorded.run_dir import RecordedRun, read_recorded_run, read_run_dir
+from megatron_tpo.plan.report.emit import emit_plan
+from megatron_tpo.plan.report.iteration import format_iteration, iteration_report_dict
+from megatron_tpo.plan.report.layout import format_layout_report, layout_report_dict
+from megatron_tpo.plan.report.search import format_report, plan_report_dict
+from megatron_tpo.plan.search.given_layout import assess_layout, layout_from_parallel, parse_layout
+from megatron_tpo.plan.search.training import PlanError, TrainingPlan, search_training
 from megatron_tpo.plan.workload import Assumptions, Cluster, TrainingLayout, Workload
+from megatron_tpo.tpo_config import TPOConfig
 
 DEFAULT_GPU = "h100-80gb"
 CALIBRATION_FILE = "calibration.yaml"
@@ -35,11 +39,11 @@ OVERRIDES_FILE = "tpo_run_overrides.txt"
 
 @dataclass(frozen=True)
 class WholeRun:
-    """``--experiment``: the run's phases as its dry run enters them, sized again for each
+    """``--experiment``: the run's phases as its dry run entered them, sized again for each
     layout with the same ledger, so tpo-plan's verdict is tpo-run --dry-run's."""
 
-    config: object          # TPOConfig
-    sized: object           # DryRun of the recipe as given
+    config: TPOConfig
+    sized: object           # the recipe's DryRun as given (megatron_tpo/dry_run.py)
 
     def verdict(self, layout: TrainingLayout, world_size: int) -> str:
         """'' when every phase of the run fits at ``layout``; else the misfit and a fix."""
@@ -48,9 +52,7 @@ class WholeRun:
     def fits(self, layout: TrainingLayout, world_size: int) -> bool:
         """``verdict``'s yes or no, without searching for a fix (cheap: a search asks it
         of hundreds of layouts)."""
-        from megatron_tpo.dry_run import fits_everywhere
-
-        return fits_everywhere(with_layout(self.config, layout), world_size, self.sized.script)
+        return self.sized.fits(with_layout(self.config, layout), world_size)
 
 
 @dataclass(frozen=True)
@@ -59,7 +61,7 @@ class PlanRequest:
     layout: Optional[TrainingLayout]        # --layout / --from: judge this one
     iteration: Optional[IterationRequest]   # --prompts / --response-tokens
     iteration_assumptions: IterationAssumptions
-    run_config: Optional[RunConfig]
+    run_config: Optional[RecordedRun]
     whole_run: Optional[WholeRun] = None    # --experiment
 
 
@@ -78,38 +80,18 @@ def layout_settings(layout: TrainingLayout) -> List[Tuple[str, object]]:
             ("train.fp8.enabled", layout.fp8)]
 
 
-def with_layout(config, layout: TrainingLayout):
+def with_layout(config: TPOConfig, layout: TrainingLayout) -> TPOConfig:
     """``config`` with the trainer's layout set to ``layout``."""
-    from megatron_tpo.dry_run import with_settings
-
     return with_settings(config, layout_settings(layout))
 
 
 def layout_overrides(layout: TrainingLayout) -> List[str]:
     """tpo-run overrides that give a run this trainer layout (what --emit writes)."""
-    from megatron_tpo.dry_run import as_override
-
     return [as_override(key, value) for key, value in layout_settings(layout)]
 
 
-def _whole_run(args: argparse.Namespace):
-    """``--experiment``: the composed run config and its dry run (None without it)."""
-    if not args.experiment:
-        if args.overrides:
-            raise ConfigError(f"{' '.join(args.overrides)}: tpo-run overrides go with "
-                              "--experiment")
-        return None
-    from megatron_tpo.cli.run import compose_config
-    from megatron_tpo.dry_run import dry_run
-
-    config = compose_config([f"experiment={args.experiment}", *args.overrides])
-    recorded = config.run.world_size or config.parallel.model_parallel_size
-    config.validate(recorded)
-    return WholeRun(config, dry_run(config, recorded))
-
-
 def _read_from_file(path: str):
-    """(RunConfig, None) for a run's config.yaml, (None, ParallelConfig) for a parallel YAML."""
+    """(RecordedRun, None) for a run's config.yaml, (None, ParallelConfig) for a parallel YAML."""
     try:
         top = OmegaConf.load(path) if Path(path).is_file() else None
     except OmegaConfBaseException as error:
@@ -117,11 +99,11 @@ def _read_from_file(path: str):
     if top is None:
         raise ConfigError(f"--from {path}: file not found")
     if "parallel" in top:
-        return read_run_config(path), None
+        return read_recorded_run(path), None
     return None, load_parallel_config(path)
 
 
-def _cluster(args: argparse.Namespace, run_config: Optional[RunConfig]) -> Cluster:
+def _cluster(args: argparse.Namespace, run_config: Optional[RecordedRun]) -> Cluster:
     gpu_name = args.gpu or (run_config.hardware if run_config else DEFAULT_GPU)
     gpu = find_gpu(gpu_name, args.gpu_table)
     if args.gpus_per_node <= 0:
@@ -154,7 +136,7 @@ REQUIRED = {"--nodes": "nodes in the allocation, or --experiment's run.world_siz
 
 
 def _check_required(args: argparse.Namespace, seq_len: Optional[int],
-                    run_config: Optional[RunConfig]) -> None:
+                    run_config: Optional[RecordedRun]) -> None:
     """Every missing required option in one error, not one per try."""
     from_run = run_config.world_size if run_config is not None else None
     given = {"--nodes": args.nodes if args.nodes is not None else from_run,
@@ -205,7 +187,7 @@ def _layout(args: argparse.Namespace, run_config, parallel, world_size: int):
     return None
 
 
-def _iteration_missing(args: argparse.Namespace, run_config: Optional[RunConfig]) -> List[str]:
+def _iteration_missing(args: argparse.Namespace, run_config: Optional[RecordedRun]) -> List[str]:
     """What the whole-iteration estimate (asked for by --prompts or --response-tokens)
     lacks."""
     if args.prompts is None and args.response_tokens is None:
@@ -219,7 +201,7 @@ def _iteration_missing(args: argparse.Namespace, run_config: Optional[RunConfig]
 
 
 def _iteration(args: argparse.Namespace, model: ModelConfig,
-               run_config: Optional[RunConfig]) -> Optional[IterationRequest]:
+               run_config: Optional[RecordedRun]) -> Optional[IterationRequest]:
     if args.prompts is None and args.response_tokens is None:
         return None
     judge_kind = args.judge_kind or (run_config.judge_kind if run_config else "reward_model")
@@ -248,8 +230,10 @@ def _with_recipe_defaults(args: argparse.Namespace, config) -> argparse.Namespac
     return argparse.Namespace(**filled)
 
 
-def resolve_request(args: argparse.Namespace) -> PlanRequest:
-    whole_run = _whole_run(args)
+def resolve_request(args: argparse.Namespace, whole_run: Optional[WholeRun]) -> PlanRequest:
+    """The request of ``args``; ``whole_run``: --experiment's run, composed and dry-run."""
+    if whole_run is None and args.overrides:
+        raise ConfigError(f"{' '.join(args.overrides)}: tpo-run overrides go with --experiment")
     if whole_run is not None:
         args = _with_recipe_defaults(args, whole_run.config)
     run_config, parallel = _read_from_file(args.from_file) if args.from_file else (None, None)
@@ -424,7 +408,7 @@ def run_dir_report(args: argparse.Namespace) -> str:
     return "\n".join(lines + [f"  {note}" for note in notes])
 
 
-def _check_text(run_dir: Path, config: RunConfig, figures, args: argparse.Namespace) -> str:
+def _check_text(run_dir: Path, config: RecordedRun, figures, args: argparse.Namespace) -> str:
     if args.json:
         return json.dumps({"run_dir": str(run_dir), "figures": [
             {"name": f.name, "unit": f.unit, "estimate": f.estimate, "measured": f.measured,

@@ -19,10 +19,10 @@ from omegaconf import OmegaConf
 
 from megatron_tpo.config import ConfigError
 from megatron_tpo.config.loading import load_structured
-from megatron_tpo.plan.iteration import IterationAssumptions, rollout_seconds
-from megatron_tpo.plan.run_check import RunModel, colocated_iteration
-from megatron_tpo.plan.run_dir import RunMetrics
-from megatron_tpo.plan.timing import step_time
+from megatron_tpo.plan.cost.iteration import IterationAssumptions, rollout_seconds
+from megatron_tpo.plan.cost.timing import step_time
+from megatron_tpo.plan.recorded.run_check import RunModel, colocated_iteration
+from megatron_tpo.plan.recorded.run_dir import RunMetrics
 from megatron_tpo.plan.workload import Assumptions
 
 # Bounds of a plausible efficiency; a fit outside them means the model is missing

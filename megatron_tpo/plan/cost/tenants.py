@@ -17,11 +17,11 @@ from typing import List, Optional, Tuple
 from megatron_tpo.config import ConfigError, ModelConfig
 from megatron_tpo.placement.ledger import (ASLEEP, AWAKE, GIB, IN_USE, RELEASED, RESIDENT,
                                            WEIGHTS_ONLY, TenantSpec)
-from megatron_tpo.plan.given_layout import layout_from_parallel
+from megatron_tpo.plan.cost.engines import ENGINE_WORKSPACE_GIB, kv_bytes_per_token_per_gpu
+from megatron_tpo.plan.cost.memory import TrainingMemory, stage_memory
+from megatron_tpo.plan.cost.parameters import cached_rank_parameters, total_parameters
 from megatron_tpo.plan.hardware import GpuSpec, find_gpu
-from megatron_tpo.plan.memory import TrainingMemory, stage_memory
-from megatron_tpo.plan.parameters import cached_rank_parameters, total_parameters
-from megatron_tpo.plan.rollout import ENGINE_WORKSPACE_GIB, kv_bytes_per_token_per_gpu
+from megatron_tpo.plan.search.given_layout import layout_from_parallel
 from megatron_tpo.plan.workload import Assumptions, Cluster, Workload
 
 # Tenant names: build.py registers the real holders under them, the dry run its stand-ins.

@@ -5,8 +5,8 @@ from typing import Dict, List
 
 from omegaconf import OmegaConf
 
-from megatron_tpo.plan.rollout import EngineSearch
-from megatron_tpo.plan.training_search import TrainingPlan
+from megatron_tpo.plan.cost.engines import EngineSearch
+from megatron_tpo.plan.search.training import TrainingPlan
 from megatron_tpo.plan.workload import Workload
 
 PARALLEL_FILE = "parallel.yaml"

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from typing import List
 
 from megatron_tpo.config import ModelConfig
+from megatron_tpo.plan.cost.parameters import total_parameters
 from megatron_tpo.plan.hardware import GIB
-from megatron_tpo.plan.parameters import total_parameters
 from megatron_tpo.plan.workload import Cluster
 
 ENGINE_TENSOR_PARALLEL_SIZES = (1, 2, 4, 8)

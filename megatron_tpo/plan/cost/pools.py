@@ -7,11 +7,11 @@
 from dataclasses import dataclass, replace
 from typing import List, Optional, Tuple
 
-from megatron_tpo.plan.iteration import (IterationAssumptions, IterationEstimate,
-                                         IterationRequest, StageTimes, best_engine,
-                                         checkpoint_seconds, judge_seconds, rollout_seconds,
-                                         trainer_seconds, weight_sync_seconds)
-from megatron_tpo.plan.training_search import TrainingPlan, search_training
+from megatron_tpo.plan.cost.iteration import (IterationAssumptions, IterationEstimate,
+                                              IterationRequest, StageTimes, best_engine,
+                                              checkpoint_seconds, judge_seconds, rollout_seconds,
+                                              trainer_seconds, weight_sync_seconds)
+from megatron_tpo.plan.search.training import TrainingPlan, search_training
 from megatron_tpo.plan.workload import Cluster, Workload
 
 # Colocated: the fastest trainer plans are tried in turn, since a plan that keeps less

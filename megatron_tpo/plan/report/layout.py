@@ -2,9 +2,9 @@
 
 from typing import Dict, List
 
-from megatron_tpo.plan.given_layout import MAX_MOVES, LayoutAssessment
 from megatron_tpo.plan.hardware import GIB
-from megatron_tpo.plan.report import MEMORY_LABELS, training_plan_dict
+from megatron_tpo.plan.report.search import MEMORY_LABELS, training_plan_dict
+from megatron_tpo.plan.search.given_layout import MAX_MOVES, LayoutAssessment
 from megatron_tpo.plan.workload import Workload
 
 

@@ -21,10 +21,10 @@ from dataclasses import asdict, dataclass, replace
 from typing import Dict, Optional, Tuple
 
 from megatron_tpo.config import ConfigError, ModelConfig
-from megatron_tpo.plan.parameters import total_parameters
-from megatron_tpo.plan.rollout import EnginePlan, decode_tokens_per_second, plan_engines
-from megatron_tpo.plan.timing import step_time
-from megatron_tpo.plan.training_search import TrainingPlan
+from megatron_tpo.plan.cost.engines import EnginePlan, decode_tokens_per_second, plan_engines
+from megatron_tpo.plan.cost.parameters import total_parameters
+from megatron_tpo.plan.cost.timing import step_time
+from megatron_tpo.plan.search.training import TrainingPlan
 from megatron_tpo.plan.workload import Cluster, Workload
 
 JUDGE_KINDS = ("reward_model", "pairwise")

@@ -11,11 +11,10 @@ from dataclasses import dataclass, fields, replace
 from typing import Callable, Dict, List, Optional, Tuple
 
 from megatron_tpo.config import ConfigError, ParallelConfig
-from megatron_tpo.plan.parameters import most_loaded_rank_parameters, total_parameters
-from megatron_tpo.plan.runnable import NOT_RUNNABLE, trainer_refusal
-from megatron_tpo.plan.training_search import (TENSOR_PARALLEL_SIZES, TrainingPlan, evaluate,
-                                               estimate_plan, out_of_memory,
-                                               structural_rejections)
+from megatron_tpo.plan.cost.parameters import most_loaded_rank_parameters, total_parameters
+from megatron_tpo.plan.search.runnable import NOT_RUNNABLE, trainer_refusal
+from megatron_tpo.plan.search.training import (TENSOR_PARALLEL_SIZES, TrainingPlan, evaluate,
+                                               estimate_plan, out_of_memory, structural_rejections)
 from megatron_tpo.plan.workload import RECOMPUTE_CHOICES, TrainingLayout, Workload
 
 LAYOUT_KEYS = ("tp", "pp", "vpp", "cp", "dp", "mbs")

@@ -33,8 +33,8 @@ def _typed(schema, values: Any, where: str):
 
 
 @dataclass(frozen=True)
-class RunConfig:
-    """The parts of a run's resolved config the planner uses."""
+class RecordedRun:
+    """The parts of a recorded run's resolved config (its config.yaml) the planner uses."""
 
     model: ModelConfig
     parallel: ParallelConfig
@@ -59,7 +59,7 @@ class RunConfig:
         return self.train.recompute_granularity or "none"
 
 
-def read_run_config(path: Union[str, Path]) -> RunConfig:
+def read_recorded_run(path: Union[str, Path]) -> RecordedRun:
     """A run's ``config.yaml`` (or any YAML with its top-level groups)."""
     path = Path(path)
     if not path.is_file():
@@ -77,7 +77,7 @@ def read_run_config(path: Union[str, Path]) -> RunConfig:
     def get(*keys, default=None):
         return _lookup(plain, keys, default)
 
-    return RunConfig(
+    return RecordedRun(
         model=_typed(ModelConfig, plain["model"], f"{path}: model"),
         parallel=_typed(ParallelConfig, plain["parallel"], f"{path}: parallel"),
         train=_typed(DPOTrainingConfig, plain.get("train") or {}, f"{path}: train"),
@@ -149,11 +149,11 @@ def read_run_metrics(path: Union[str, Path]) -> RunMetrics:
 
 
 def read_run_dir(run_dir: Union[str, Path]):
-    """(RunConfig, RunMetrics) of a run directory."""
+    """(RecordedRun, RunMetrics) of a run directory."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ConfigError(f"run directory not found: {run_dir}")
-    config = read_run_config(run_dir / CONFIG_FILE)
+    config = read_recorded_run(run_dir / CONFIG_FILE)
     metrics = read_run_metrics(run_dir / METRICS_FILE)
     if config.world_size is None:
         # Every rank writes one rank_memory row per iteration: their ranks are the world.

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from typing import Dict
 
 from megatron_tpo.config import ModelConfig
-from megatron_tpo.plan.parameters import cached_rank_parameters, layer_parameters
+from megatron_tpo.plan.cost.parameters import cached_rank_parameters, layer_parameters
 from megatron_tpo.plan.workload import TrainingLayout, Workload
 
 # Start-up cost of one NCCL collective or p2p transfer (the alpha of the alpha-beta

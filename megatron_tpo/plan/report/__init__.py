@@ -1,0 +1,1 @@
+"""The planner's answers as text and as data, and a chosen plan written as configs."""

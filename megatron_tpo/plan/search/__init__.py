@@ -1,0 +1,2 @@
+"""Which layouts: every trainer layout ranked, or one given layout judged with its
+smallest fixes."""
