@@ -21,8 +21,9 @@ from typing import Callable, List, Optional
 
 from megatron_tpo.config.errors import ConfigError
 from megatron_tpo.tpo_config import TPOConfig, write_resolved_config
-from megatron_tpo.data.prompts import (PromptFileError, PromptSetConfig, clean_instructions,
-                                      load_prompts, read_instructions)
+from megatron_tpo.data.config import PromptSetConfig
+from megatron_tpo.data.prompts import (PromptFileError, clean_instructions, load_prompts,
+                                      read_instructions)
 from megatron_tpo.data.storage import IterationStore, config_hash
 from megatron_tpo.judge.base import Judge
 from megatron_tpo.parts import TPOParts
