@@ -51,7 +51,7 @@ def _built(model):
 
 
 def _scheduler(optimizer):
-    from megatron_tpo.config import DPOTrainingConfig
+    from megatron_tpo.train.config import DPOTrainingConfig
     from megatron_tpo.train.lr_schedule import warmup_decay_scheduler
 
     return warmup_decay_scheduler(optimizer, DPOTrainingConfig())

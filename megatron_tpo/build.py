@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Callable, List, Optional
 
 from megatron_tpo.config.errors import ConfigError
-from megatron_tpo.data.prompts import (PromptFileError, PromptSetConfig, clean_instructions,
-                                       load_prompts, read_instructions)
+from megatron_tpo.data.config import PromptSetConfig
+from megatron_tpo.data.prompts import (PromptFileError, clean_instructions, load_prompts,
+                                       read_instructions)
 from megatron_tpo.data.storage import IterationStore, config_hash
 from megatron_tpo.judge.base import Judge
 from megatron_tpo.parallel.collectives import barrier, is_rank_zero, rank_zero_result, world

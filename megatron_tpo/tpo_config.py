@@ -15,12 +15,12 @@ from megatron_tpo.checkpoint.initial import check_initial_checkpoint
 from megatron_tpo.config.errors import ConfigError
 from megatron_tpo.config.model import ModelConfig
 from megatron_tpo.config.parallel import ParallelConfig
-from megatron_tpo.config.training import DPOTrainingConfig
-from megatron_tpo.data.prompts import PromptSetConfig
-from megatron_tpo.data.thought_templates import ThoughtTemplate
+from megatron_tpo.data.config import PromptSetConfig, ThoughtTemplate
+from megatron_tpo.evaluation.config import EvaluationConfig
 from megatron_tpo.judge.config import JudgeConfig, check_judge_placement
 from megatron_tpo.preference.config import PreferenceConfig
 from megatron_tpo.rollout.config import RolloutConfig
+from megatron_tpo.train.config import DPOTrainingConfig
 from megatron_tpo.weights import WeightSyncConfig
 
 # Where `tpo-tiny --prepare-only` writes the tiny run's policy and prompt files, which
@@ -29,29 +29,11 @@ TINY_ASSETS = "runs/tiny/assets"
 
 
 @dataclass(kw_only=True)
-class EvaluationConfig:
-    """Held-out instructions the policy answers greedily before every iteration and after
-    the last: the run's judged score of M_t and its win rate against M_0."""
-
-    path: str = ""
-    """A prompt file as in the ``prompts`` group (.jsonl/.parquet/.arrow or a saved dataset)."""
-    field: str = "instruction"
-    num_prompts: int = 64
-    """The first this many (after dropping empty and repeated ones); 0 turns evaluation off."""
-    failure_score: float = 0.0
-    """The score of a held-out output that does not parse (it is never shown to the judge)."""
-
-    def validate(self) -> None:
-        if self.num_prompts < 0:
-            raise ConfigError(f"evaluation.num_prompts={self.num_prompts}: must be >= 0")
-        if self.num_prompts and not self.path:
-            raise ConfigError("evaluation.path is empty (set evaluation.num_prompts=0 to run "
-                              "without a held-out evaluation)")
-
-
-@dataclass(kw_only=True)
 class RunConfig:
+    """The run itself: its policy M_0, directory, length, seed, logging and time limits."""
+
     name: str = "tpo"
+    """The run's label in logs, metrics and reports."""
     dir: str = "runs/tpo"
     """The run directory: stage outputs, checkpoints, metrics, plots and summary.json."""
     policy: str = ""
@@ -62,10 +44,13 @@ class RunConfig:
     from ``policy``; ``policy`` still gives config.json, the tokenizer and the rollout
     engine. Part of the run directory's digest: other weights make other stages."""
     iterations: int = 3
+    """TPO iterations: M_0 to M_iterations (a resumed run with more goes on)."""
     seed: int = 0
+    """The run's seed: megatron's RNGs, and the seeds every stage derives from it."""
     pairs_per_step: int = 8
     """Preference pairs per optimizer step over all data-parallel ranks."""
     tensorboard: bool = True
+    """Also log the metrics to TensorBoard (in the run directory)."""
     wandb_project: Optional[str] = None
     """Also log to Weights & Biases under this project (needs `wandb` installed)."""
     hardware: str = "cpu"
@@ -102,20 +87,33 @@ class RunConfig:
 
 @dataclass(kw_only=True)
 class TPOConfig:
+    """Every group of a TPO run (configs/tpo.yaml); ``validate`` checks each group, then
+    the checks across groups, before any process starts."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
+    """The policy's architecture (configs/model/)."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """The trainer's TP/PP/CP layout (configs/parallel/)."""
     train: DPOTrainingConfig = field(default_factory=DPOTrainingConfig)
     """One iteration's DPO: ``train_steps`` steps, with their own warm-up and decay."""
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    """The sampling engines and their sampling (configs/rollout/)."""
     judge: JudgeConfig = field(default_factory=JudgeConfig)
+    """Who scores the responses (configs/judge/)."""
     thought: ThoughtTemplate = field(default_factory=ThoughtTemplate)
     """The thought prompt; ``thought=direct`` is the direct-response baseline."""
     prompts: PromptSetConfig = field(default_factory=PromptSetConfig)
+    """The training instructions (configs/prompts/)."""
     preference: PreferenceConfig = field(default_factory=PreferenceConfig)
+    """How judged samples become preference pairs."""
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    """The held-out score of every iteration's policy."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """The trainer's checkpoints."""
     weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
+    """How the trained weights reach the engines."""
     run: RunConfig = field(default_factory=RunConfig)
+    """The run itself."""
 
     def validate(self, world_size: Optional[int] = None) -> None:
         """Every group's own check, then the checks across groups; before any work."""

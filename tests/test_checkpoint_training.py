@@ -19,7 +19,8 @@ import torch
 
 from llama_fixtures import tiny_model_config
 from megatron_tpo.checkpoint import CheckpointConfig, CheckpointError, TrainingCheckpointer
-from megatron_tpo.config import ConfigError, DPOTrainingConfig, ParallelConfig
+from megatron_tpo.config import ConfigError, ParallelConfig
+from megatron_tpo.train.config import DPOTrainingConfig
 from megatron_tpo.parallel.local_launch import spawn_local
 from megatron_tpo.train.dpo_batch import TokenizedPair
 

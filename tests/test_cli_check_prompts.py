@@ -145,7 +145,7 @@ def test_write_stores_the_kept_prompts_for_prompts_path(tmp_path, capsys, tokeni
     lines = [json.loads(line) for line in written.read_text().splitlines()]
     assert lines == [{"prompt": "the cat"}, {"prompt": "dog"}, {"prompt": "sun"}]
     # What a run reads from it is what was checked.
-    from megatron_tpo.data.prompts import PromptSetConfig
+    from megatron_tpo.data.config import PromptSetConfig
     assert load_prompts(PromptSetConfig(path=str(written), field="prompt", max_tokens=3,
                                         prompts_per_iteration=1), tiny_tokenizer()) \
         == ["the cat", "dog", "sun"]

@@ -52,6 +52,37 @@ def test_a_bad_override_stops_before_any_work_and_names_the_key(overrides, bad, 
     assert not run_dir.exists()
 
 
+def test_show_config_prints_every_setting_once_after_the_overrides_with_its_doc(capsys):
+    from omegaconf import DictConfig, OmegaConf
+
+    overrides = ["experiment=tiny_cpu", "train.lr=1e-6", "judge.format.max_chars=200",
+                 "rollout.sampling.stop=[DONE]"]
+    # Nothing is checked or read: the tiny run's assets need not exist.
+    assert main(["--show-config", *overrides]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "train.lr = 1e-06  # Adam's peak learning rate, after a linear warm-up, then " \
+           "decayed to min_lr at train_steps." in lines
+    assert any(line.startswith('judge.format.max_chars = 200  # ') for line in lines)
+    assert any(line.startswith('rollout.sampling.stop = ["DONE"]  # Strings that end a '
+                               'sample as EOS does') for line in lines)
+    assert any(line.startswith('model.name = "tiny_tpo"  # ') for line in lines)
+    assert any(line.startswith('run.policy = "runs/tiny/assets/policy"  # M_0: a Hugging Face')
+               for line in lines)
+    keys = [line.partition(" = ")[0] for line in lines]
+    assert len(keys) == len(set(keys))
+
+    def leaves(node) -> int:
+        return sum(leaves(node[name]) if isinstance(node._get_node(name), DictConfig)
+                   and not node._get_node(name)._is_none() else 1 for name in node.keys())
+
+    assert len(keys) == leaves(OmegaConf.structured(compose_config(overrides)))
+
+
+def test_show_config_is_not_mixed_with_a_dry_run(capsys):
+    assert main(["--show-config", "--dry-run"]) == 2
+    assert "--dry-run, --show-config: give one of them" in capsys.readouterr().err
+
+
 def test_the_baseline_differs_from_tpo_in_the_thought_prompt_only(overrides):
     tpo = compose_config(overrides + ["thought=generic"])
     baseline = compose_config(overrides + ["thought=direct"])

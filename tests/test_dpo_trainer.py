@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from llama_fixtures import save_random_hf_llama, tiny_model_config
-from megatron_tpo.config import ConfigError, DPOTrainingConfig, FP8Config, ParallelConfig
+from megatron_tpo.config import ConfigError, ParallelConfig
+from megatron_tpo.train.config import DPOTrainingConfig, FP8Config
 from megatron_tpo.model import llama_layout as layout
 from megatron_tpo.model.conversion import hf_to_mcore
 from megatron_tpo.model.llama import transformer_engine_available

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_tpo.data.thought_templates import ThoughtTemplate
+from megatron_tpo.data.config import ThoughtTemplate
 from megatron_tpo.evaluation.models import model_source
 from megatron_tpo.evaluation.suite import EvalSuiteConfig, EvalTask, evaluate
 from megatron_tpo.judge.pairwise import PairwiseJudge

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_tpo.data.thought_templates import ThoughtTemplate
+from megatron_tpo.data.config import ThoughtTemplate
 from megatron_tpo.evaluation import suite as suite_module
 from megatron_tpo.evaluation.models import model_source
 from megatron_tpo.evaluation.suite import EvalSuiteConfig, EvalTask, evaluate

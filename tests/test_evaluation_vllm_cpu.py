@@ -36,7 +36,7 @@ def _policy(directory: Path, seed: int) -> Path:
 
 def _evaluate(rank, world_size, root, engine_kind, out):
     from megatron_tpo.cli.eval import start_world
-    from megatron_tpo.data.thought_templates import ThoughtTemplate
+    from megatron_tpo.data.config import ThoughtTemplate
     from megatron_tpo.evaluation.models import model_source
     from megatron_tpo.evaluation.suite import EvalSuiteConfig, EvalTask, evaluate
     from megatron_tpo.judge.pairwise import PairwiseJudge

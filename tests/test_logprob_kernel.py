@@ -210,7 +210,7 @@ def test_training_setting_reaches_the_kernel(monkeypatch, deterministic):
 
     from megatron.core import parallel_state
 
-    from megatron_tpo.config import load_training_config
+    from megatron_tpo.train.config import load_training_config
     from megatron_tpo.train import policy_logprobs
     from megatron_tpo.train.dpo_batch import TokenizedPair, pair_micro_batches
     from megatron_tpo.train.dpo_step import dpo_forward_step

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 from llama_fixtures import save_random_hf_llama, tiny_model_config
-from megatron_tpo.config import DPOTrainingConfig, ParallelConfig, load_model_config
+from megatron_tpo.config import ParallelConfig, load_model_config
+from megatron_tpo.train.config import DPOTrainingConfig
 from megatron_tpo.model import llama_layout as layout
 from megatron_tpo.model.conversion import hf_to_mcore, mcore_to_hf
 from megatron_tpo.model.hf_config import model_config_from_hf

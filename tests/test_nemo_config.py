@@ -57,7 +57,9 @@ def test_llama31_config_class_carries_all_four_rope_scaling_values(tmp_path):
     (tmp_path / "io.json").write_text(json.dumps(nemo2_io_json(model)))
     from_io_json = model_config_from_nemo2(llama_config_from_io_json(tmp_path / "io.json"), "io")
     for parsed in (from_yaml, from_io_json):
-        assert parsed.rope_scaling == RopeScalingConfig(16.0, 2.0, 6.0, 128)
+        assert parsed.rope_scaling == RopeScalingConfig(
+            factor=16.0, low_freq_factor=2.0, high_freq_factor=6.0,
+            original_max_position_embeddings=128)
         assert (parsed.num_layers, parsed.num_query_groups, parsed.vocab_size,
                 parsed.rope_theta) == (model.num_layers, model.num_query_groups,
                                        model.vocab_size, model.rope_theta)
@@ -99,6 +101,8 @@ def test_nemo1_model_config_maps_its_own_key_names():
               "scale_positional_embedding": True, "scale_factor": 32, "old_context_len": 4096}
     parsed = model_config_from_nemo1(config, "model_config.yaml", fallback_vocab_size=1001)
     assert parsed.max_position_embeddings == 1024 and parsed.vocab_size == 1001
-    assert parsed.rope_scaling == RopeScalingConfig(32.0, 1.0, 4.0, 4096)
+    assert parsed.rope_scaling == RopeScalingConfig(
+        factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=4096)
     with pytest.raises(ConfigError, match="mcore_gpt"):
         model_config_from_nemo1(dict(config, mcore_gpt=False), "model_config.yaml")

@@ -20,7 +20,8 @@ import pytest
 import torch
 
 from llama_fixtures import save_random_hf_llama, tiny_model_config
-from megatron_tpo.config import ConfigError, DPOTrainingConfig, ParallelConfig
+from megatron_tpo.config import ConfigError, ParallelConfig
+from megatron_tpo.train.config import DPOTrainingConfig
 from megatron_tpo.model.conversion import hf_to_mcore
 from megatron_tpo.parallel.launch import free_local_port
 from megatron_tpo.parallel.local_launch import spawn_local

@@ -23,7 +23,8 @@ import pytest
 import torch
 
 from llama_fixtures import save_random_hf_llama, tiny_model_config
-from megatron_tpo.config import DPOTrainingConfig, FP8Config, ParallelConfig
+from megatron_tpo.config import ParallelConfig
+from megatron_tpo.train.config import DPOTrainingConfig, FP8Config
 from megatron_tpo.model.conversion import hf_to_mcore
 from megatron_tpo.parallel.local_launch import spawn_local
 from megatron_tpo.train.fp8 import check_fp8_settings

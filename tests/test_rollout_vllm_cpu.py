@@ -24,7 +24,8 @@ pytest.importorskip("vllm")
 pytestmark = pytest.mark.vllm
 
 from llama_fixtures import save_random_hf_llama, tiny_model_config  # noqa: E402
-from megatron_tpo.config import DPOTrainingConfig, ParallelConfig  # noqa: E402
+from megatron_tpo.config import ParallelConfig  # noqa: E402
+from megatron_tpo.train.config import DPOTrainingConfig  # noqa: E402
 from megatron_tpo.model.conversion import hf_to_mcore  # noqa: E402
 from megatron_tpo.parallel.local_launch import spawn_local  # noqa: E402
 from megatron_tpo.rollout import RolloutConfig, SamplingParams, VLLMConfig  # noqa: E402

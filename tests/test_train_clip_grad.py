@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from llama_fixtures import save_random_hf_llama, tiny_model_config
-from megatron_tpo.config import DPOTrainingConfig, ParallelConfig
+from megatron_tpo.config import ParallelConfig
+from megatron_tpo.train.config import DPOTrainingConfig
 from megatron_tpo.model import llama_layout as layout
 from megatron_tpo.model.conversion import hf_to_mcore
 from megatron_tpo.parallel.local_launch import spawn_local

@@ -9,10 +9,12 @@ class CheckpointError(Exception):
     """A checkpoint that cannot be loaded as it is; the message names the file (and tensor)."""
 
 
-@dataclass
+@dataclass(kw_only=True)
 class CheckpointConfig:
-    # Complete checkpoints kept after a save, the newest included; older ones are deleted.
+    """The trainer's dist checkpoints in the run directory."""
+
     keep_last: int = 2
+    """Complete checkpoints kept after a save, the newest included; older ones are deleted."""
 
     def validate(self) -> None:
         if self.keep_last < 1:

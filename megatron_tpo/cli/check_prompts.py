@@ -30,9 +30,9 @@ from typing import Dict, List, Optional
 from megatron_tpo.config.errors import ConfigError
 from megatron_tpo.config.loading import CONFIG_DIR
 from megatron_tpo.data.chat import apply_thought_chat_template
-from megatron_tpo.data.prompts import (PromptFileError, PromptSetConfig, clean_instructions,
-                                       filter_by_token_length, iteration_prompts,
-                                       load_prompt_set_config, read_instructions)
+from megatron_tpo.data.config import PromptSetConfig, load_prompt_set_config
+from megatron_tpo.data.prompts import (PromptFileError, clean_instructions, filter_by_token_length,
+                                       iteration_prompts, read_instructions)
 from megatron_tpo.data.thought_templates import load_thought_template
 from megatron_tpo.files import atomic_write
 

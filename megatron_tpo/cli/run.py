@@ -7,13 +7,15 @@
 
     tpo-run --dry-run experiment=llama3_8b run.policy=... [--nodes N [--gpus-per-node G]
             | --world-size N] [--trace FILE]
+    tpo-run --show-config experiment=tiny_cpu run.iterations=4   # every setting: value, meaning
 
 Arguments are Hydra overrides of configs/tpo.yaml: pick a file of a group (model=,
 parallel=, train=, rollout=, judge=, thought=, prompts=, experiment=) or set any key
 (train.lr=1e-6, run.iterations=4). The resolved config is checked whole before any
 process group, weight or prompt is touched; a bad key or value stops with its name (an
-unknown key with the nearest known ones). The settings, their defaults and what they
-mean: configs/tpo.yaml, the group files under configs/ and megatron_tpo/tpo_config.py.
+unknown key with the nearest known ones). --show-config prints every setting of the
+composed config, after the overrides, as ``dotted.key = value  # what it means``, and
+exits without checking or running anything (docs/configuration.md).
 Without a launcher, tpo-run spawns one local process per model-parallel rank
 (TP*PP*CP, data parallel size 1); under srun or torchrun each task is one rank.
 A run directory resumes where it stopped: finished stages are read back, training
@@ -72,21 +74,10 @@ def _composition_message(error: Exception) -> str:
 
 def known_settings() -> List[str]:
     """Every key of the typed config (``TPOConfig``), dotted: what overrides may set."""
-    from omegaconf import DictConfig, OmegaConf
-
+    from megatron_tpo.config.docs import documented_settings
     from megatron_tpo.tpo_config import TPOConfig
 
-    def walk(node, prefix: str) -> List[str]:
-        keys = []
-        for name in node.keys():
-            child = node._get_node(name)
-            if isinstance(child, DictConfig) and not child._is_none():
-                keys += walk(child, f"{prefix}{name}.")
-            else:
-                keys.append(f"{prefix}{name}")
-        return keys
-
-    return walk(OmegaConf.structured(TPOConfig), "")
+    return [key for key, _, _ in documented_settings(TPOConfig())]
 
 
 def no_such_setting(key: str) -> str:
@@ -107,6 +98,19 @@ def no_such_setting(key: str) -> str:
         return f"{key}: no such setting; {group} has {', '.join(inside)}"
     groups = list(dict.fromkeys(k.partition(".")[0] for k in known))
     return f"{key}: no such setting; the groups are {', '.join(groups)}"
+
+
+def show_config(config) -> str:
+    """One line per setting of ``config``: ``dotted.key = value  # doc`` (values as JSON)."""
+    import json
+
+    from megatron_tpo.config.docs import documented_settings
+
+    lines = []
+    for key, value, doc in documented_settings(config):
+        line = f"{key} = {json.dumps(value, default=str)}"
+        lines.append(f"{line}  # {doc}" if doc else line)
+    return "\n".join(lines)
 
 
 def run_rank(rank: int, world_size: int, config) -> Optional[dict]:
@@ -141,13 +145,13 @@ OPTIONS = ("--world-size", "--nodes", "--gpus-per-node", "--trace")
 
 
 def split_arguments(argv: List[str]):
-    """``(flags, options, overrides)``: ``--dry-run``, the dry run's ``--name value``
-    options, and the Hydra overrides."""
+    """``(flags, options, overrides)``: ``--dry-run`` or ``--show-config``, the dry run's
+    ``--name value`` options, and the Hydra overrides."""
     flags, options, overrides = set(), {}, []
     arguments = iter(argv)
     for argument in arguments:
         name, equals, value = argument.partition("=")
-        if argument == "--dry-run":
+        if argument in ("--dry-run", "--show-config"):
             flags.add(argument)
         elif name in OPTIONS:
             value = value if equals else next(arguments, None)
@@ -211,8 +215,13 @@ def main(argv=None) -> int:
         flags, options, overrides = split_arguments(argv)
         if options and "--dry-run" not in flags:
             raise ConfigError(f"{', '.join(options)}: options of --dry-run only")
-        environment = detect_distributed_env()
+        if flags == {"--dry-run", "--show-config"}:
+            raise ConfigError("--dry-run, --show-config: give one of them")
         config = compose_config(overrides)
+        if "--show-config" in flags:
+            print(show_config(config))
+            return 0
+        environment = detect_distributed_env()
         if "--dry-run" in flags:
             world_size, source = dry_run_world(config, options, environment)
         else:

@@ -7,13 +7,21 @@ from megatron_tpo.config.errors import ConfigError
 from megatron_tpo.config.model import ModelConfig
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ParallelConfig:
+    """The trainer's megatron-core layout; data parallel is what the world size leaves."""
+
     tensor_model_parallel_size: int = 1
+    """TP: every layer's matrices split over this many ranks (divides heads, query groups
+    and the MLP width)."""
     pipeline_model_parallel_size: int = 1
+    """PP: the layers split into this many consecutive stages."""
     virtual_pipeline_model_parallel_size: Optional[int] = None
+    """Interleaved pipeline: model chunks per PP stage (needs PP >= 2); null: 1."""
     context_parallel_size: int = 1
+    """CP: sequences split over this many ranks (the DPO trainer needs 1)."""
     sequence_parallel: bool = False
+    """Megatron's sequence parallelism inside a TP group (needs TP > 1, and apex or TE)."""
 
     @property
     def model_parallel_size(self) -> int:

@@ -7,7 +7,7 @@ format it was instruction-tuned on. A tokenizer without a template is refused.
 
 from typing import Dict, List
 
-from megatron_tpo.data.thought_templates import ThoughtTemplate
+from megatron_tpo.data.config import ThoughtTemplate
 
 Messages = List[Dict[str, str]]
 

@@ -4,14 +4,13 @@ A malformed file is reported by name and line before anything downstream runs, w
 is why JSONL is checked line by line here rather than left to ``datasets``' parser.
 """
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence, Union
+from typing import List, Optional, Sequence
 
 import numpy as np
 
 from megatron_tpo.config.errors import ConfigError
-from megatron_tpo.config.loading import load_group_config
+from megatron_tpo.data.config import PromptSetConfig
 from megatron_tpo.data.jsonl import json_objects
 
 FORMATS = {".jsonl": "json", ".parquet": "parquet", ".arrow": "arrow"}
@@ -19,34 +18,6 @@ FORMATS = {".jsonl": "json", ".parquet": "parquet", ".arrow": "arrow"}
 
 class PromptFileError(ConfigError):
     """A prompt file that cannot be read; the message names the file and line."""
-
-
-@dataclass
-class PromptSetConfig:
-    # A local .jsonl / .parquet / .arrow file, a directory written by save_to_disk, or a
-    # hub dataset name (when a hub is reachable).
-    path: str = ""
-    split: str = "train"           # hub datasets and saved DatasetDicts only
-    field: str = "instruction"     # the column holding the instruction
-    min_tokens: int = 1
-    max_tokens: int = 1024         # longer instructions leave no room for thought+response
-    prompts_per_iteration: int = 5000
-    seed: int = 0
-
-    def validate(self) -> None:
-        if not self.path:
-            raise ConfigError("prompts.path is empty")
-        if not 0 <= self.min_tokens <= self.max_tokens:
-            raise ConfigError(f"prompts.min_tokens={self.min_tokens}, prompts.max_tokens="
-                              f"{self.max_tokens}: need 0 <= min_tokens <= max_tokens")
-        if self.prompts_per_iteration < 1:
-            raise ConfigError(f"prompts.prompts_per_iteration={self.prompts_per_iteration}: "
-                              "must be >= 1")
-
-
-def load_prompt_set_config(name_or_path: Union[str, Path], **overrides) -> PromptSetConfig:
-    """``configs/prompts/<name>.yaml`` or a YAML path, with ``overrides`` on top, validated."""
-    return load_group_config(PromptSetConfig, "prompts", name_or_path, **overrides)
 
 
 def check_jsonl(path: Path, field: str) -> None:

@@ -1,46 +1,12 @@
-"""Thought prompts: the instruction wrapper that asks the policy to think, then respond.
+"""The shipped thought templates (``ThoughtTemplate``, data/config.py) and the loader of
+a template by name or YAML path."""
 
-A template knows how to render an instruction into the thought prompt and which marker
-separates the hidden thought from the response the judge and the user see.
-"""
-
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import Union
 
 from megatron_tpo.config.errors import ConfigError
 from megatron_tpo.config.loading import CONFIG_DIR, load_structured
-
-INSTRUCTION_FIELD = "{instruction}"
-
-
-@dataclass
-class ThoughtTemplate:
-    name: str = "generic"
-    # The user turn; ``{instruction}`` is replaced by the instruction, nothing else is
-    # formatted, so braces in instructions or prompts are safe.
-    prompt: str = ""
-    # The text after which the response starts; exactly one occurrence is required. None
-    # means no thought at all (the direct-response baseline): the whole output is the response.
-    response_marker: Optional[str] = ""
-    # Text that opens the thought; stripped from the thought when present.
-    thought_marker: Optional[str] = None
-    # Sent as the system turn instead of the user turn when set (the paper's "System"
-    # variant); the user turn then holds the bare instruction.
-    system_prompt: Optional[str] = None
-
-    def validate(self) -> None:
-        if self.response_marker == "":
-            raise ConfigError(f"thought template {self.name!r}: response_marker is empty (null "
-                              "asks for direct responses without a thought)")
-        if self.system_prompt is None and INSTRUCTION_FIELD not in self.prompt:
-            raise ConfigError(f"thought template {self.name!r}: prompt has no "
-                              f"{INSTRUCTION_FIELD} placeholder")
-
-    def user_message(self, instruction: str) -> str:
-        if self.system_prompt is not None:
-            return instruction
-        return self.prompt.replace(INSTRUCTION_FIELD, instruction)
+from megatron_tpo.data.config import ThoughtTemplate
 
 
 def _shipped(name: str) -> ThoughtTemplate:

@@ -17,7 +17,7 @@ from typing import List, Optional, Sequence, TypedDict
 
 from megatron_tpo.config.errors import ConfigError
 from megatron_tpo.data.chat import apply_thought_chat_template
-from megatron_tpo.data.thought_templates import ThoughtTemplate
+from megatron_tpo.data.config import ThoughtTemplate
 from megatron_tpo.evaluation.chunks import ChunkStore, rank_zero_value, run_in_chunks
 from megatron_tpo.evaluation.models import ModelSource, hf_directory, verify_run_checkpoint
 from megatron_tpo.evaluation.sets import EvalItem, EvalSet

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 from megatron_tpo.config.errors import ConfigError
-from megatron_tpo.data.thought_templates import ThoughtTemplate
+from megatron_tpo.data.config import ThoughtTemplate
 from megatron_tpo.evaluation.annotations import Side, annotate, check_verdicts_readable
 from megatron_tpo.evaluation.answers import AnswerEngine, answer_set
 from megatron_tpo.evaluation.chunks import ChunkStore, run_in_chunks
@@ -54,6 +54,7 @@ class EvalSuiteConfig:
     temperature: float = 0.0
     """0 answers greedily (the paper's evaluations); above, sampled with ``seed``."""
     top_p: float = 1.0
+    """Nucleus sampling of the answers (with temperature above 0)."""
     seed: int = 0
     """Seeds sampled answers and the Bradley-Terry bootstrap."""
     bootstrap_rounds: int = 100
@@ -68,6 +69,7 @@ class EvalSuiteConfig:
     """The judged score written for an answer that did not parse (tpo-run's
     ``evaluation.failure_score``); such an answer always loses to one that parsed."""
     progress: bool = True
+    """Print a line per chunk answered or judged."""
 
     def validate(self) -> None:
         if not self.sets:

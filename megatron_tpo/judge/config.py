@@ -15,24 +15,46 @@ KINDS = ("reward_model", "pairwise", "exact_answer", "format")
 LENGTH_UNITS = ("tokens", "chars")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class LengthControlConfig:
-    # controlled = z(score) - rho * z(length); the paper picks rho in [0, 0.5], 0 is off.
+    """How much of this judge's preference for long responses to take back when pairs are
+    chosen: controlled = z(score) - rho * z(length) within one prompt's samples. It sits in
+    the judge group, though the preference code applies it, because the bias is the
+    judge's: each judge's YAML (configs/judge/) carries the rho tuned for it, as the paper
+    tunes rho per judge."""
+
     rho: float = 0.0
+    """The length penalty; the paper picks it in [0, 0.5]; 0 is off."""
     unit: str = "tokens"
+    """How a response's length is counted: ``tokens`` (the policy tokenizer's) or ``chars``."""
+
+    def validate(self) -> None:
+        if self.unit not in LENGTH_UNITS:
+            raise ConfigError(f"judge.length_control.unit={self.unit!r}: must be one of "
+                              f"{LENGTH_UNITS}")
+        if self.rho < 0:
+            raise ConfigError(f"judge.length_control.rho={self.rho}: must be >= 0")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class RewardModelJudgeConfig:
-    path: str = ""               # a local HF checkpoint directory (or hub name when reachable)
+    """A scalar reward model (ArmoRM-style sequence classifier) scores each response."""
+
+    path: str = ""
+    """A local HF checkpoint directory (or hub name when reachable)."""
     batch_size: int = 8
-    max_length: int = 4096       # longer (instruction, response) texts are truncated
+    """(instruction, response) pairs scored per forward pass."""
+    max_length: int = 4096
+    """Longer (instruction, response) texts are truncated."""
     device: str = "cpu"
+    """The torch device the model judges on."""
     dtype: str = "float32"
+    """The torch dtype the model is loaded in."""
     trust_remote_code: bool = False
-    # Keep the model in host memory and move it to ``device`` only while it judges, so it
-    # does not sit beside the engine and the trainer all run; null: on for cuda devices.
+    """Let transformers run the checkpoint's own modelling code (ArmoRM ships some)."""
     offload_between_phases: Optional[bool] = None
+    """Keep the model in host memory and move it to ``device`` only while it judges, so it
+    does not sit beside the engine and the trainer all run; null: on for cuda devices."""
 
     def offloads(self) -> bool:
         if self.offload_between_phases is None:
@@ -40,61 +62,85 @@ class RewardModelJudgeConfig:
         return self.offload_between_phases
 
 
-@dataclass
+@dataclass(kw_only=True)
 class PairwiseJudgeConfig:
-    # The judge model (an HF checkpoint directory) served by its own engine built like the
-    # policy's; null: the policy judges its own samples (Self-Taught-Evaluator style).
+    """An LLM judge compares responses two at a time, in both orders, and the verdicts
+    become per-response scores."""
+
     model: Optional[str] = None
-    score_method: str = "bradley_terry"      # bradley_terry | win_rate
-    max_pairs_per_prompt: Optional[int] = None   # null: all K*(K-1)/2 pairs
-    bradley_terry_prior: float = 0.5         # virtual wins per side of a pair
-    seed: int = 0                            # which pairs, when not all
+    """The judge model (an HF checkpoint directory) served by its own engine built like the
+    policy's; null: the policy judges its own samples (Self-Taught-Evaluator style)."""
+    score_method: str = "bradley_terry"
+    """How verdicts become scores: bradley_terry or win_rate."""
+    max_pairs_per_prompt: Optional[int] = None
+    """Pairs judged per prompt, drawn with ``seed``; null: all K*(K-1)/2 pairs."""
+    bradley_terry_prior: float = 0.5
+    """Virtual wins per side of a pair."""
+    seed: int = 0
+    """Which pairs, when not all."""
     sampling: SamplingParams = field(default_factory=lambda: SamplingParams(
         n=1, temperature=0.0, top_p=1.0, max_new_tokens=1024))
-    # Where the judge model's engines run (docs/rollout.md, "Where the judge runs"):
-    # colocated: one more engine in every trainer rank's process (HF engines only: vLLM's
-    # sleep-mode allocator is one per process, so two vLLM engines in one process sleep
-    # and wake each other's memory); separate: a ``tpo-engine --serve judge`` pool of its
-    # own GPUs, reached over ``bridge`` (its own port), which serves generate only.
+    """How the judge writes each verdict (greedy by default)."""
     placement: str = "colocated"
+    """Where the judge model's engines run (docs/rollout.md, "Where the judge runs"):
+    colocated: one more engine in every trainer rank's process (HF engines only: vLLM's
+    sleep-mode allocator is one per process, so two vLLM engines in one process sleep
+    and wake each other's memory); separate: a ``tpo-engine --serve judge`` pool of its
+    own GPUs, reached over ``bridge`` (its own port), which serves generate only."""
     bridge: BridgeConfig = field(default_factory=lambda: BridgeConfig(port=29710))
-    # The judge engine's own vLLM settings (rollout.engine=vllm picks vLLM). On GPUs of its
-    # own, it may take most of the memory and use vLLM's custom all-reduce: it never sleeps.
+    """How trainer rank 0 reaches the judge pool (placement=separate)."""
     vllm: VLLMConfig = field(default_factory=lambda: VLLMConfig(
         gpu_memory_utilization=0.9, disable_custom_all_reduce=False))
+    """The judge engine's own vLLM settings (rollout.engine=vllm picks vLLM). On GPUs of its
+    own, it may take most of the memory and use vLLM's custom all-reduce: it never sleeps."""
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ExactAnswerJudgeConfig:
-    answers_path: str = ""       # JSONL with the instruction and its reference answer
+    """A rule judge for verifiable tasks: 1 for the reference answer, else 0."""
+
+    answers_path: str = ""
+    """JSONL with the instruction and its reference answer."""
     prompt_field: str = "instruction"
+    """The answers file's field holding the instruction."""
     answer_field: str = "answer"
-    answer_pattern: Optional[str] = None    # regex with one group; null: the whole response
+    """The answers file's field holding the reference answer."""
+    answer_pattern: Optional[str] = None
+    """A regex whose first group, at its last match in a response, is the answer; null: the
+    whole response (case and spacing are ignored either way)."""
 
 
-@dataclass
+@dataclass(kw_only=True)
 class FormatJudgeConfig:
+    """A rule judge of the response's form alone."""
+
     pattern: str = ".+"
+    """A regex the response must contain (``re.search``, ``.`` matches newlines) to score 1."""
     max_chars: Optional[int] = None
+    """Longer responses score 0; null: any length."""
 
 
-@dataclass
+@dataclass(kw_only=True)
 class JudgeConfig:
+    """Which judge scores the responses (never the thoughts), and its options."""
+
     kind: str = "reward_model"
+    """reward_model, pairwise, exact_answer or format: the sub-group below that is read."""
     length_control: LengthControlConfig = field(default_factory=LengthControlConfig)
+    """The length control of pair selection, tuned to this judge's length bias."""
     reward_model: RewardModelJudgeConfig = field(default_factory=RewardModelJudgeConfig)
+    """kind=reward_model's settings."""
     pairwise: PairwiseJudgeConfig = field(default_factory=PairwiseJudgeConfig)
+    """kind=pairwise's settings."""
     exact_answer: ExactAnswerJudgeConfig = field(default_factory=ExactAnswerJudgeConfig)
+    """kind=exact_answer's settings."""
     format: FormatJudgeConfig = field(default_factory=FormatJudgeConfig)
+    """kind=format's settings."""
 
     def validate(self) -> None:
         if self.kind not in KINDS:
             raise ConfigError(f"judge.kind={self.kind!r}: must be one of {KINDS}")
-        if self.length_control.unit not in LENGTH_UNITS:
-            raise ConfigError(f"judge.length_control.unit={self.length_control.unit!r}: "
-                              f"must be one of {LENGTH_UNITS}")
-        if self.length_control.rho < 0:
-            raise ConfigError(f"judge.length_control.rho={self.length_control.rho}: must be >= 0")
+        self.length_control.validate()
         if self.kind == "reward_model":
             if not self.reward_model.path:
                 raise ConfigError("judge.reward_model.path is empty")

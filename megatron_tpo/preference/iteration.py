@@ -12,8 +12,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import List, Sequence
 
+from megatron_tpo.data.config import ThoughtTemplate
 from megatron_tpo.data.storage import JudgmentRow, PairRow, RolloutRow
-from megatron_tpo.data.thought_templates import ThoughtTemplate
 from megatron_tpo.judge.base import Judge
 from megatron_tpo.judge.config import LengthControlConfig
 from megatron_tpo.preference.config import PreferenceConfig

@@ -6,9 +6,9 @@ Only *valid* samples are judged: parsed, and not cut at ``max_new_tokens``.
 from collections import Counter, defaultdict
 from typing import Dict, List, Sequence, Tuple
 
+from megatron_tpo.data.config import ThoughtTemplate
 from megatron_tpo.data.parsing import ParseError, parse_thought_response
 from megatron_tpo.data.storage import RolloutRow
-from megatron_tpo.data.thought_templates import ThoughtTemplate
 from megatron_tpo.rollout.engine import GenerationOutput
 
 

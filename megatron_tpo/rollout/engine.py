@@ -20,24 +20,28 @@ def tensor_checksum(tensor: torch.Tensor, chunk: int = 1 << 22) -> Tuple[float, 
     return float(total[0]), float(total[1])
 
 
-@dataclass
+@dataclass(kw_only=True)
 class SamplingParams:
-    """How to sample; the defaults are the paper's (K=8, temperature 0.8, top-p 0.95).
-
-    ``stop`` strings and ``stop_token_ids`` end a sample as EOS does; neither the stop
-    string nor the stop (or EOS) token is part of the returned text and token ids.
-    ``logprobs`` asks for the sampled tokens' log-probs under the raw model
-    distribution (before temperature and top-p), as vLLM's default ``raw_logprobs``.
-    """
+    """How to sample; the defaults are the paper's (K=8, temperature 0.8, top-p 0.95)."""
 
     n: int = 8
+    """Samples per prompt (the paper's K)."""
     temperature: float = 0.8
+    """0 samples greedily."""
     top_p: float = 0.95
+    """Nucleus sampling: the smallest set of tokens with this much probability."""
     max_new_tokens: int = 2048
+    """Tokens a sample may add after its prompt (thought and response together)."""
     seed: Optional[int] = None
+    """Seeds the draws; null: unseeded."""
     stop: List[str] = field(default_factory=list)
+    """Strings that end a sample as EOS does; neither the stop string nor the stop (or
+    EOS) token is part of the returned text and token ids."""
     stop_token_ids: List[int] = field(default_factory=list)
+    """Token ids that end a sample as EOS does (not returned either)."""
     logprobs: bool = False
+    """Return the sampled tokens' log-probs under the raw model distribution (before
+    temperature and top-p), as vLLM's default ``raw_logprobs``."""
 
     def validate(self) -> None:
         from megatron_tpo.config.errors import ConfigError

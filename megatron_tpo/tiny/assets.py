@@ -32,26 +32,34 @@ MANIFEST = "manifest.json"
 ASSETS_VERSION = 2  # 2: one M_0 for both arms, thoughts of mixed kinds
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TinyTaskConfig:
     """The tiny task and its warm start. Only the shape of a settings dataclass is shared
     with ``ModelConfig``: the policy's own shape is a ``ModelConfig`` loaded by name
     (``model``, configs/model/tiny_tpo.yaml), never repeated here."""
 
     seed: int = 0
+    """Seeds the problems, the warm-start examples and M_0's initial weights."""
     num_terms: int = 4
+    """Numbers added in one problem."""
     term_digits: int = 2
-    # 16,000 problems are each seen about twice in the warm start's 2,000 steps. 4,000 were
-    # seen eight times each, and M_0's response read its thought far less (seed 1, right
-    # answers after the true column sums: 0.13 against 0.56; README, Measured).
+    """Digits of each number."""
     sft_size: int = 16000
+    """Warm-start problems. 16,000 are each seen about twice in the warm start's 2,000
+    steps. 4,000 were seen eight times each, and M_0's response read its thought far less
+    (seed 1, right answers after the true column sums: 0.13 against 0.56; README, Measured)."""
     train_size: int = 256
+    """TPO's training instructions."""
     heldout_size: int = 100
+    """Held-out instructions the iterations are scored on."""
     tokenizer_vocab_size: int = 512
+    """The byte-level BPE tokenizer's vocabulary."""
     model: str = "tiny_tpo"
-    # The warm start's thought kinds and their weights (tiny/thoughts.py); none is labelled.
+    """The policy's configs/model name."""
     thought_mix: Dict[str, float] = field(default_factory=lambda: dict(DEFAULT_MIX))
+    """The warm start's thought kinds and their weights (tiny/thoughts.py); none is labelled."""
     sft: SFTConfig = field(default_factory=SFTConfig)
+    """The warm start's supervised training."""
 
     def validate(self) -> None:
         if not 2 <= self.num_terms <= 6:

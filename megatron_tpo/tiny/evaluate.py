@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 from megatron_tpo.data.parsing import parse_outputs
-from megatron_tpo.data.thought_templates import GENERIC, ThoughtTemplate
+from megatron_tpo.data.config import ThoughtTemplate
+from megatron_tpo.data.thought_templates import GENERIC
 from megatron_tpo.judge.rules import ExactAnswerJudge
 from megatron_tpo.rollout.engine import RolloutEngine, SamplingParams
 from megatron_tpo.tiny.task import SumProblem

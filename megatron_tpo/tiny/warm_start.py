@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 
 from megatron_tpo.config import ConfigError, ModelConfig
 from megatron_tpo.data.chat import apply_thought_chat_template
-from megatron_tpo.data.thought_templates import GENERIC, ThoughtTemplate
+from megatron_tpo.data.config import ThoughtTemplate
+from megatron_tpo.data.thought_templates import GENERIC
 from megatron_tpo.tiny.task import SumProblem, direct_demonstration, thought_demonstration
 from megatron_tpo.tiny.thoughts import draw_kind, thought_text, validate_mix
 
@@ -35,19 +36,26 @@ IGNORE_INDEX = -100
 Example = Tuple[List[int], List[int]]
 
 
-@dataclass
+@dataclass(kw_only=True)
 class SFTConfig:
-    # The response starts to read its thought late and by a jump, somewhere between steps
-    # 1,250 and 2,000 depending on the batch order (README, Measured): 600 steps left a
-    # policy whose thought did not matter on any of five seeds.
+    """The tiny policy's warm start: supervised training on thought-then-answer examples."""
+
     steps: int = 2000
+    """Optimizer steps. The response starts to read its thought late and by a jump,
+    somewhere between steps 1,250 and 2,000 depending on the batch order (README,
+    Measured): 600 steps left a policy whose thought did not matter on any of five seeds."""
     batch_size: int = 32
+    """Examples per step."""
     lr: float = 3e-3
+    """AdamW's peak learning rate."""
     warmup_steps: int = 30
-    # Cosine decay after warm-up ends at this fraction of ``lr``; 1.0 holds ``lr``.
+    """Steps of linear warm-up to ``lr``."""
     final_lr_fraction: float = 0.1
+    """Cosine decay after warm-up ends at this fraction of ``lr``; 1.0 holds ``lr``."""
     weight_decay: float = 0.01
+    """AdamW's weight decay."""
     seed: int = 0
+    """Seeds the batch order."""
 
     def validate(self) -> None:
         for name in ("steps", "batch_size"):

@@ -1,6 +1,6 @@
 """The DPO forward step megatron's pipeline schedule runs for each micro-batch of pairs."""
 
-from megatron_tpo.config import DPOTrainingConfig
+from megatron_tpo.train.config import DPOTrainingConfig
 from megatron_tpo.train.losses import dpo_loss
 from megatron_tpo.train.pipeline_step import position_ids, unwrapped
 from megatron_tpo.train.policy_logprobs import pair_logprobs

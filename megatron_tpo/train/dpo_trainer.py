@@ -15,7 +15,8 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from megatron_tpo.config import ConfigError, DPOTrainingConfig, ModelConfig, ParallelConfig
+from megatron_tpo.config import ConfigError, ModelConfig, ParallelConfig
+from megatron_tpo.train.config import DPOTrainingConfig
 from megatron_tpo.train.dpo_batch import PairMicroBatch, TokenizedPair, pair_micro_batches
 from megatron_tpo.train.dpo_step import dpo_forward_step
 from megatron_tpo.train.fp8 import fp8_transformer_overrides

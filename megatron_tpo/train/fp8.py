@@ -11,9 +11,8 @@ from typing import Dict
 
 import torch
 
-from megatron_tpo.config import (
-    ConfigError, DPOTrainingConfig, FP8Config, ModelConfig, ParallelConfig,
-)
+from megatron_tpo.config import ConfigError, ModelConfig, ParallelConfig
+from megatron_tpo.train.config import DPOTrainingConfig, FP8Config
 from megatron_tpo.model.llama import transformer_engine_available
 
 # TE checks every FP8 GEMM operand: rows (tokens) a multiple of 8 and columns a multiple

@@ -1,6 +1,6 @@
 """Linear warm-up, then cosine (or linear, or no) decay: megatron-core's scheduler."""
 
-from megatron_tpo.config import DPOTrainingConfig
+from megatron_tpo.train.config import DPOTrainingConfig
 
 
 def warmup_decay_scheduler(optimizer, training: DPOTrainingConfig):

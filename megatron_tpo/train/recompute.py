@@ -2,7 +2,8 @@
 
 from typing import Any, Dict
 
-from megatron_tpo.config import ConfigError, DPOTrainingConfig, ModelConfig, ParallelConfig
+from megatron_tpo.config import ConfigError, ModelConfig, ParallelConfig
+from megatron_tpo.train.config import DPOTrainingConfig
 
 
 def recompute_transformer_fields(training: DPOTrainingConfig, model: ModelConfig,

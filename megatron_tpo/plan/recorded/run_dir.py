@@ -18,7 +18,8 @@ from typing import Any, Dict, List, Optional, Union
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from megatron_tpo.config import ConfigError, DPOTrainingConfig, ModelConfig, ParallelConfig
+from megatron_tpo.config import ConfigError, ModelConfig, ParallelConfig
+from megatron_tpo.train.config import DPOTrainingConfig
 from megatron_tpo.report.metrics_file import METRICS_FILE, read_metric_records
 
 CONFIG_FILE = "config.yaml"

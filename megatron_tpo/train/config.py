@@ -22,18 +22,24 @@ FP8_RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")
 FP8_AMAX_COMPUTE_ALGOS = ("most_recent", "max")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class FP8Config:
+    """FP8 GEMMs through Transformer Engine (``megatron_tpo.train.fp8`` checks the shapes)."""
+
     enabled: bool = False
-    # "hybrid": E4M3 forward, E5M2 for gradients (wider range); "e4m3": E4M3 throughout.
+    """Off: every GEMM runs in the model's dtype and the other fields are not read."""
     format: str = "hybrid"
+    """"hybrid": E4M3 forward, E5M2 for gradients (wider range); "e4m3": E4M3 throughout."""
     recipe: str = "delayed"
-    # Delayed scaling only: scale = (fp8_max / amax) / 2**margin, amax over a history.
+    """How scales are found: delayed, tensorwise, blockwise or mxfp8 (megatron-core's names)."""
     margin: int = 0
+    """Delayed scaling only: scale = (fp8_max / amax) / 2**margin, amax over a history."""
     amax_history_len: int = 1024
+    """Delayed scaling only: how many steps' amax values the history keeps."""
     amax_compute_algo: str = "max"
-    # False keeps the weight-gradient GEMM in bf16.
+    """Delayed scaling only: the amax of the history taken as "max" or "most_recent"."""
     wgrad: bool = True
+    """False keeps the weight-gradient GEMM in bf16."""
 
     def validate(self) -> None:
         if not self.enabled:
@@ -52,39 +58,54 @@ class FP8Config:
             raise ConfigError(f"train.fp8.margin={self.margin}: must be >= 0")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class DPOTrainingConfig:
-    # The preference loss (see megatron_tpo.train.losses).
+    """One iteration's DPO on megatron-core: the loss, Adam's schedule, batching,
+    activation recomputation and FP8."""
+
     beta: float = 0.1
+    """The preference loss's beta (see megatron_tpo.train.losses)."""
     loss_type: str = "sigmoid"
+    """The preference loss: sigmoid (DPO) or ipo."""
     label_smoothing: float = 0.0
-    # Adam with linear warm-up, then decay to min_lr at train_steps.
+    """The sigmoid loss's label smoothing (conservative DPO), in [0, 0.5)."""
     lr: float = 5e-7
+    """Adam's peak learning rate, after a linear warm-up, then decayed to min_lr at train_steps."""
     min_lr: float = 0.0
+    """The learning rate the decay ends at."""
     warmup_steps: int = 10
+    """Optimizer steps of linear warm-up to lr."""
     train_steps: int = 100
+    """Optimizer steps per iteration; the decay reaches min_lr at the last."""
     lr_decay_style: str = "cosine"
+    """The decay after warm-up: cosine, linear or constant."""
     weight_decay: float = 0.0
-    clip_grad: float = 1.0  # 0 turns clipping off
-    # One micro-batch holds this many pairs: 2 * micro_batch_pairs sequences.
+    """Adam's decoupled weight decay."""
+    clip_grad: float = 1.0
+    """The global gradient norm is clipped to this; 0 turns clipping off."""
     micro_batch_pairs: int = 1
-    # Every micro-batch of a step is padded to one length, a multiple of this, so the
-    # pipeline's fixed activation shape fits all of them (and FP8 GEMMs stay aligned).
+    """One micro-batch holds this many pairs: 2 * micro_batch_pairs sequences."""
     pad_to_multiple_of: int = 16
+    """Every micro-batch of a step is padded to one length, a multiple of this, so the
+    pipeline's fixed activation shape fits all of them (and FP8 GEMMs stay aligned)."""
     pad_token_id: int = 0
-    # Activation recomputation: "selective" reruns core attention in backward, "full"
-    # reruns whole layers. With "full", recompute_method "uniform" splits each pipeline
-    # stage's layers into units of recompute_num_layers (only unit inputs are kept) and
-    # "block" reruns the first recompute_num_layers layers of each stage and keeps the
-    # rest; unset, they mean uniform units of one layer.
+    """The token id that fills the padding of a micro-batch's sequences."""
     recompute_granularity: Optional[str] = None
+    """Activation recomputation: "selective" reruns core attention in backward, "full"
+    reruns whole layers; null: none."""
     recompute_method: Optional[str] = None
+    """With "full": "uniform" splits each pipeline stage's layers into units of
+    recompute_num_layers (only unit inputs are kept) and "block" reruns the first
+    recompute_num_layers layers of each stage and keeps the rest; unset with
+    recompute_num_layers, they mean uniform units of one layer."""
     recompute_num_layers: Optional[int] = None
-    # The fused log-prob kernel's Triton backward reduces in a fixed order, so a rerun
-    # (or a resume) gives the same gradient bits; false adds with float32 atomics:
-    # faster, but the rounding follows the GPU's schedule. The CPU path is fixed anyway.
+    """The layers of one recomputed unit (uniform) or recomputed per stage (block)."""
     logprob_kernel_deterministic: bool = True
+    """The fused log-prob kernel's Triton backward reduces in a fixed order, so a rerun
+    (or a resume) gives the same gradient bits; false adds with float32 atomics:
+    faster, but the rounding follows the GPU's schedule. The CPU path is fixed anyway."""
     fp8: FP8Config = field(default_factory=FP8Config)
+    """FP8 GEMMs (Transformer Engine only)."""
 
     def validate(self) -> None:
         """Raise ``ConfigError`` naming the first setting that cannot work."""
