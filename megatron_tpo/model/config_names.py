@@ -7,11 +7,11 @@ One row per ``ModelConfig`` field, one column per foreign convention: Hugging Fa
 the convention has no such key, or the value needs code (a derived value, another
 shape, a second place to look), which sits beside the reader or writer that walks the
 table. Every reader and writer of those conventions goes through ``read_fields``,
-``write_fields`` or ``rename_fields``, so a rename is written here once.
+``write_fields``, ``rename_fields`` or ``names_of``, so a rename is written here once.
 """
 
 import dataclasses
-from typing import Any, Dict, Iterable, Mapping, NamedTuple, Optional
+from typing import Any, Dict, Iterable, List, Mapping, NamedTuple, Optional
 
 from megatron_tpo.config import ModelConfig
 
@@ -61,10 +61,10 @@ def foreign_names(convention: str) -> Dict[str, str]:
             if getattr(row, convention) is not None}
 
 
-def required_names(fields: Iterable[str], convention: str) -> Dict[str, str]:
-    """``{field: foreign name}`` of ``fields``, in their order (for "missing ..." errors)."""
+def names_of(fields: Iterable[str], convention: str) -> List[str]:
+    """The names of ``fields`` in convention, in their order (for "missing ..." errors)."""
     names = foreign_names(convention)
-    return {field: names[field] for field in fields}
+    return [names[field] for field in fields]
 
 
 def read_fields(raw: Mapping[str, Any], convention: str,

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 from megatron_tpo.config import ConfigError, ModelConfig, RopeScalingConfig
-from megatron_tpo.model.config_names import read_fields, required_names, write_fields
+from megatron_tpo.model.config_names import names_of, read_fields, write_fields
 
 _REQUIRED_FIELDS = ("hidden_size", "ffn_hidden_size", "num_layers", "num_attention_heads",
                     "vocab_size")
@@ -48,8 +48,7 @@ def model_config_from_hf(raw: Dict[str, Any], source: str = "config.json",
     """A ``ModelConfig`` from an HF Llama config dict; refuses what is not Llama-shaped."""
     if raw.get("model_type", "llama") != "llama":
         raise ConfigError(f"{source}: model_type={raw['model_type']!r}, expected 'llama'")
-    missing = [name for name in required_names(_REQUIRED_FIELDS, "hf").values()
-               if name not in raw]
+    missing = [key for key in names_of(_REQUIRED_FIELDS, "hf") if key not in raw]
     if missing:
         raise ConfigError(f"{source}: missing {', '.join(missing)}")
     for key, expected in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):

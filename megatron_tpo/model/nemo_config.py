@@ -15,7 +15,7 @@ from typing import Any, Dict, Optional
 
 from megatron_tpo.config import ConfigError, ModelConfig, RopeScalingConfig
 from megatron_tpo.model.config_names import (
-    read_fields, rename_fields, required_names, write_fields,
+    names_of, read_fields, rename_fields, write_fields,
 )
 
 LLAMA_MODEL = ("nemo.collections.llm.gpt.model.llama", "LlamaModel")
@@ -46,8 +46,7 @@ def model_config_from_nemo2(config: Dict[str, Any], source: str,
                             fallback_vocab_size: Optional[int] = None) -> ModelConfig:
     """A ``ModelConfig`` from the ``config`` section of NeMo 2's ``model.yaml``."""
     required = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads")
-    missing = [name for name in required_names(required, "nemo2").values()
-               if config.get(name) is None]
+    missing = [key for key in names_of(required, "nemo2") if config.get(key) is None]
     if missing:
         raise ConfigError(f"{source}: missing {', '.join(missing)}")
     for key, expected in (("normalization", "RMSNorm"), ("gated_linear_unit", True),
