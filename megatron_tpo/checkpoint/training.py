@@ -25,7 +25,7 @@ import re
 import shutil
 import signal
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
@@ -64,6 +64,21 @@ def _layout() -> Dict[str, Optional[int]]:
             "virtual_pipeline": ps.get_virtual_pipeline_model_parallel_world_size(),
             "data": ps.get_data_parallel_world_size(),
             "world": torch.distributed.get_world_size()}
+
+
+def _rank_zero_answer(ask: Callable[[], Any]) -> Any:
+    """COLLECTIVE. What ``ask()`` returns on rank 0, on every rank; a ``CheckpointError`` it
+    raises there is raised on every rank, so all ranks fail or go on together."""
+    answer = None
+    if is_rank_zero():
+        try:
+            answer = ask()
+        except CheckpointError as error:
+            answer = error
+    answer = broadcast_from_rank_zero(answer)
+    if isinstance(answer, CheckpointError):
+        raise answer
+    return answer
 
 
 def _gathered_shapes(chunks: List, metadata: Dict[str, Any]) -> Dict[str, Any]:
@@ -284,9 +299,7 @@ class TrainingCheckpointer:
         checkpoint. Raises ``CheckpointError`` before changing anything when a file fails
         the manifest or a tensor's shape differs from the model's.
         """
-        step = broadcast_from_rank_zero(self._latest_step_or_error())
-        if isinstance(step, CheckpointError):
-            raise step
+        step = _rank_zero_answer(self.latest_step)
         if step is None:
             return None
         state = self._load(step, chunks, optimizer)
@@ -303,42 +316,25 @@ class TrainingCheckpointer:
         Returns the saved loop state with ``"step"``; no checkpoint is a ``CheckpointError``.
         """
         if step is None:
-            step = broadcast_from_rank_zero(self._latest_step_or_error())
-            if isinstance(step, CheckpointError):
-                raise step
+            step = _rank_zero_answer(self.latest_step)
         if step is None:
             raise CheckpointError(f"{self.root}: no checkpoint to load weights from")
         state = self._load(step, chunks, optimizer=None)
         return {**state["loop_state"], "step": step}
 
-    def _latest_step_or_error(self):
-        """Rank 0's answer, an error included, so every rank raises or loads together."""
-        if not is_rank_zero():
-            return None
-        try:
-            return self.latest_step()
-        except CheckpointError as error:
-            return error
-
     def _verified_state(self, step: int) -> Dict[str, Any]:
         """COLLECTIVE. ``state.json`` of a directory whose files all match its manifest."""
         directory = self.step_dir(step)
-        body = broadcast_from_rank_zero(
-            self._manifest_or_error(directory) if is_rank_zero() else None)
-        if isinstance(body, CheckpointError):
-            raise body
+        body = _rank_zero_answer(lambda: self._complete_manifest(directory))
         manifests.verify_files(directory, body)
         return json.loads((directory / "state.json").read_text())
 
     @staticmethod
-    def _manifest_or_error(directory: Path):
-        try:
-            body = manifests.read_manifest(directory)
-        except CheckpointError as error:
-            return error
+    def _complete_manifest(directory: Path) -> Dict[str, Any]:
+        body = manifests.read_manifest(directory)
         if body is None:
-            return CheckpointError(f"{directory}: no {manifests.MANIFEST}; not a complete "
-                                   "checkpoint")
+            raise CheckpointError(f"{directory}: no {manifests.MANIFEST}; not a complete "
+                                  "checkpoint")
         return body
 
     def _load(self, step: int, chunks: List, optimizer) -> Dict[str, Any]:

@@ -11,7 +11,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List
+from typing import Dict, Iterator, List, Optional
 
 import torch
 from tqdm import tqdm
@@ -216,19 +216,36 @@ def _hf_tensors_in_order(root: Path, info: shards.ShardedCheckpointInfo):
                                                      model.vocab_size)
 
 
-def mcore_to_hf(mcore_dir: Path, out_dir: Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-                progress: bool = True, overwrite: bool = False) -> ConversionSummary:
-    """Convert megatron shards back into an HF directory (sharded safetensors + index)."""
+@dataclass
+class McoreCheckpoint:
+    """A complete directory of megatron shards, opened for reading."""
+
+    info: shards.ShardedCheckpointInfo
+    weights: StreamSource   # its tensors merged over TP, in HF order
+    tokenizer_dir: Optional[Path]
+
+
+def open_mcore(mcore_dir: Path) -> McoreCheckpoint:
+    """Read the manifest and check that every shard file it names is there, before any
+    tensor is read."""
     mcore_dir = Path(mcore_dir)
-    refuse_non_empty(out_dir, overwrite)
     info = shards.read_manifest(mcore_dir)
     shards.check_complete(mcore_dir, info)
     tokenizer_dir = mcore_dir / "tokenizer"
+    return McoreCheckpoint(
+        info, StreamSource(_hf_tensors_in_order(mcore_dir, info), "mcore_shards.check_complete"),
+        tokenizer_dir if tokenizer_dir.is_dir() else None)
+
+
+def mcore_to_hf(mcore_dir: Path, out_dir: Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+                progress: bool = True, overwrite: bool = False) -> ConversionSummary:
+    """Convert megatron shards back into an HF directory (sharded safetensors + index)."""
+    refuse_non_empty(out_dir, overwrite)
+    checkpoint = open_mcore(mcore_dir)
     return write_hf_directory(
-        StreamSource(_hf_tensors_in_order(mcore_dir, info), "mcore_shards.check_complete"),
-        info.model, info.dtype, out_dir,
-        base_config=shards.read_hf_config_copy(mcore_dir),
-        tokenizer_dir=tokenizer_dir if tokenizer_dir.is_dir() else None,
+        checkpoint.weights, checkpoint.info.model, checkpoint.info.dtype, out_dir,
+        base_config=shards.read_hf_config_copy(Path(mcore_dir)),
+        tokenizer_dir=checkpoint.tokenizer_dir,
         max_shard_bytes=max_shard_bytes, progress=progress, direction="mcore -> hf",
         source=str(mcore_dir), overwrite=overwrite)
 

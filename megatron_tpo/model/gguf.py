@@ -21,6 +21,7 @@ from megatron_tpo.config import ConfigError
 from megatron_tpo.model.conversion import (
     DEFAULT_MAX_SHARD_BYTES, ConversionSummary, write_hf_directory, write_mcore_shards,
 )
+from megatron_tpo.model.hf_checkpoint import check_shape
 from megatron_tpo.model.hf_config import model_config_from_hf
 from megatron_tpo.model.output_dir import refuse_non_empty
 
@@ -101,9 +102,8 @@ class _StateDictReader:
         if name not in self.tensors:
             raise ConfigError(f"{self.source}: no tensor {name}")
         tensor = self.tensors[name]
-        if expected_shape is not None and tuple(tensor.shape) != tuple(expected_shape):
-            raise ConfigError(f"{self.source}: {name} has shape {tuple(tensor.shape)}, "
-                              f"the config implies {tuple(expected_shape)}")
+        if expected_shape is not None:
+            check_shape(self.source, name, tensor.shape, expected_shape)
         return tensor
 
 

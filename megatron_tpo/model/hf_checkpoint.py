@@ -72,10 +72,8 @@ class HFCheckpointReader:
         """Every ``(name, shape)`` present with that shape, from the headers alone: a
         conversion calls this before it writes anything."""
         for name, shape in expected:
-            got = self.shape_of(name)
-            if got != tuple(shape):
-                raise ConfigError(f"{self.hf_dir / self.file_of[name]}: {name} has shape {got}, "
-                                  f"the config implies {tuple(shape)}")
+            got = self.shape_of(name)   # first: it names a missing tensor
+            check_shape(self.hf_dir / self.file_of[name], name, got, shape)
 
     def get(self, name: str, expected_shape: Tuple[int, ...] = None) -> torch.Tensor:
         if name not in self.file_of:
@@ -85,10 +83,16 @@ class HFCheckpointReader:
             tensor = self._handles[file_name].get_tensor(name)
         except (SafetensorError, OSError) as error:
             raise ConfigError(f"{self.hf_dir / file_name}: cannot read {name} ({error})") from error
-        if expected_shape is not None and tuple(tensor.shape) != tuple(expected_shape):
-            raise ConfigError(f"{self.hf_dir / file_name}: {name} has shape {tuple(tensor.shape)}, "
-                              f"the config implies {tuple(expected_shape)}")
+        if expected_shape is not None:
+            check_shape(self.hf_dir / file_name, name, tensor.shape, expected_shape)
         return tensor
+
+
+def check_shape(where, name: str, shape: Tuple[int, ...], expected: Tuple[int, ...]) -> None:
+    """Refuse an HF tensor whose shape is not the one the model config implies."""
+    if tuple(shape) != tuple(expected):
+        raise ConfigError(f"{where}: {name} has shape {tuple(shape)}, "
+                          f"the config implies {tuple(expected)}")
 
 
 def atomic_save_file(tensors: Dict[str, torch.Tensor], path: Path, metadata=None) -> None:

@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 from megatron_tpo.config import ConfigError, ModelConfig, RopeScalingConfig
+from megatron_tpo.model.config_names import names_of, read_fields, write_fields
 
-_REQUIRED_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers",
-                  "num_attention_heads", "vocab_size")
+_REQUIRED_FIELDS = ("hidden_size", "ffn_hidden_size", "num_layers", "num_attention_heads",
+                    "vocab_size")
 
 
 def read_hf_config_dict(hf_dir: Path) -> Dict[str, Any]:
@@ -47,34 +48,25 @@ def model_config_from_hf(raw: Dict[str, Any], source: str = "config.json",
     """A ``ModelConfig`` from an HF Llama config dict; refuses what is not Llama-shaped."""
     if raw.get("model_type", "llama") != "llama":
         raise ConfigError(f"{source}: model_type={raw['model_type']!r}, expected 'llama'")
-    missing = [key for key in _REQUIRED_KEYS if key not in raw]
+    missing = [key for key in names_of(_REQUIRED_FIELDS, "hf") if key not in raw]
     if missing:
         raise ConfigError(f"{source}: missing {', '.join(missing)}")
     for key, expected in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
         if raw.get(key, expected) != expected:
             raise ConfigError(f"{source}: {key}={raw[key]!r} is not supported (expected {expected!r})")
-    heads = raw["num_attention_heads"]
-    head_dim = raw.get("head_dim") or raw["hidden_size"] // heads
-    if head_dim * heads != raw["hidden_size"]:
+    # Keys config.json may leave out: no num_key_value_heads is multi-head attention and
+    # no tie_word_embeddings is untied (LlamaConfig's rules; the latter ModelConfig's
+    # default too); the context is then taken as 8192 positions.
+    fields = read_fields(raw, "hf", defaults={"max_position_embeddings": 8192})
+    heads, hidden = fields["num_attention_heads"], fields["hidden_size"]
+    fields.setdefault("num_query_groups", heads)
+    head_dim = raw.get("head_dim") or hidden // heads
+    if head_dim * heads != hidden:
         raise ConfigError(f"{source}: head_dim={head_dim} * num_attention_heads={heads} "
-                          f"!= hidden_size={raw['hidden_size']}")
+                          f"!= hidden_size={hidden}")
     theta, scaling = _rope_settings(raw, source)
-    config = ModelConfig(
-        name=name or raw.get("_name_or_path") or "hf",
-        num_layers=raw["num_hidden_layers"],
-        hidden_size=raw["hidden_size"],
-        ffn_hidden_size=raw["intermediate_size"],
-        num_attention_heads=heads,
-        num_query_groups=raw.get("num_key_value_heads") or heads,
-        vocab_size=raw["vocab_size"],
-        max_position_embeddings=raw.get("max_position_embeddings", 8192),
-        rope_theta=theta,
-        rope_scaling=scaling,
-        norm_epsilon=raw.get("rms_norm_eps", 1e-5),
-        init_method_std=raw.get("initializer_range", 0.02),
-        # LlamaConfig's default: a config.json without the key is untied.
-        tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-    )
+    config = ModelConfig(name=name or raw.get("_name_or_path") or "hf", rope_theta=theta,
+                         rope_scaling=scaling, **fields)
     try:
         config.validate()
     except ConfigError as error:
@@ -94,23 +86,8 @@ def hf_config_from_model(model: ModelConfig, base: Optional[Dict[str, Any]] = No
     settings = {key: value for key, value in (base or {}).items()
                 if key not in ("rope_parameters", "rope_scaling", "rope_theta",
                                "transformers_version", "architectures", "head_dim")}
-    settings.update(
-        vocab_size=model.vocab_size,
-        hidden_size=model.hidden_size,
-        intermediate_size=model.ffn_hidden_size,
-        num_hidden_layers=model.num_layers,
-        num_attention_heads=model.num_attention_heads,
-        num_key_value_heads=model.num_query_groups,
-        max_position_embeddings=model.max_position_embeddings,
-        rms_norm_eps=model.norm_epsilon,
-        initializer_range=model.init_method_std,
-        hidden_act="silu",
-        tie_word_embeddings=model.tie_word_embeddings,
-        attention_bias=False,
-        mlp_bias=False,
-        rope_theta=model.rope_theta,
-        torch_dtype=torch_dtype,
-    )
+    settings.update(write_fields(model, "hf"), hidden_act="silu", attention_bias=False,
+                    mlp_bias=False, rope_theta=model.rope_theta, torch_dtype=torch_dtype)
     if model.rope_scaling is not None:
         settings["rope_scaling"] = {
             "rope_type": "llama3",

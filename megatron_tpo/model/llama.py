@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_tpo.config import ConfigError, ModelConfig, ParallelConfig
+from megatron_tpo.model.config_names import write_fields
 from megatron_tpo.parallel.te_probe import transformer_engine_status
 
 # The CUDA extensions behind megatron-core's FusedScaleMaskSoftmax (fusions/fused_softmax.py):
@@ -144,21 +145,15 @@ def llama_transformer_config(
 
     on_gpu = torch.cuda.is_available()
     settings = dict(
-        num_layers=model.num_layers,
-        hidden_size=model.hidden_size,
-        ffn_hidden_size=model.ffn_hidden_size,
-        num_attention_heads=model.num_attention_heads,
-        num_query_groups=model.num_query_groups,
+        write_fields(model, "megatron"),
         kv_channels=model.head_dim,
         normalization="RMSNorm",
-        layernorm_epsilon=model.norm_epsilon,
         gated_linear_unit=True,
         activation_func=F.silu,
         add_bias_linear=False,
         add_qkv_bias=False,
         hidden_dropout=0.0,
         attention_dropout=0.0,
-        init_method_std=model.init_method_std,
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,

@@ -80,15 +80,33 @@ def _chunks(tensor: Tensor, parts: int, dim: int) -> List[Tensor]:
     return [chunk.contiguous() for chunk in torch.chunk(tensor, parts, dim=dim)]
 
 
+QKV_NAMES = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight")
+
+
+def _by_query_group(rows: Tensor, model: ModelConfig) -> Tensor:
+    """A view of HF ``q_proj``/``k_proj``/``v_proj`` rows as ``[groups, heads, head_dim,
+    hidden]`` (the query heads of group g are heads g*n .. g*n+n-1, as in GQA)."""
+    return rows.view(model.num_query_groups, -1, model.head_dim, model.hidden_size)
+
+
+def _qkv_parts(fused: Tensor, model: ModelConfig) -> Tuple[Tensor, ...]:
+    """Fused ``linear_qkv`` rows (some whole query groups) as their query, key and value
+    parts, each ``[groups, heads, head_dim, hidden]`` (views where ``fused`` is
+    contiguous). Sharding writes through them and merging reads them, so megatron's
+    order within a group is stated only here."""
+    queries_per_group = model.num_attention_heads // model.num_query_groups
+    grouped = fused.reshape(-1, queries_per_group + 2, model.head_dim, model.hidden_size)
+    return torch.split(grouped, [queries_per_group, 1, 1], dim=1)
+
+
 def shard_layer(hf: Dict[str, Tensor], model: ModelConfig, tp: int) -> List[Dict[str, Tensor]]:
     """HF tensors of one layer (names without the layer prefix) -> one dict per TP rank."""
-    groups, head_dim = model.num_query_groups, model.head_dim
-    heads_per_group = model.num_attention_heads // groups
-    hidden = model.hidden_size
-    q = hf["self_attn.q_proj.weight"].reshape(groups, heads_per_group * head_dim, hidden)
-    k = hf["self_attn.k_proj.weight"].reshape(groups, head_dim, hidden)
-    v = hf["self_attn.v_proj.weight"].reshape(groups, head_dim, hidden)
-    qkv = torch.cat([q, k, v], dim=1).reshape(-1, hidden)
+    query = hf[QKV_NAMES[0]]
+    qkv = query.new_empty(
+        ((model.num_attention_heads + 2 * model.num_query_groups) * model.head_dim,
+         model.hidden_size))
+    for part, name in zip(_qkv_parts(qkv, model), QKV_NAMES):
+        part.copy_(_by_query_group(hf[name].contiguous(), model))
 
     gates = _chunks(hf["mlp.gate_proj.weight"], tp, 0)
     ups = _chunks(hf["mlp.up_proj.weight"], tp, 0)
@@ -116,21 +134,12 @@ def _present(shards: List[Optional[Tensor]]) -> List[Tuple[int, Tensor]]:
 
 
 def _merge_qkv_into(shards: List[Tensor], model: ModelConfig, out: Dict[str, Tensor]) -> None:
-    groups, head_dim = model.num_query_groups, model.head_dim
-    heads_per_group = model.num_attention_heads // groups
-    hidden = model.hidden_size
-    q = out["self_attn.q_proj.weight"].view(groups, heads_per_group * head_dim, hidden)
-    k = out["self_attn.k_proj.weight"].view(groups, head_dim, hidden)
-    v = out["self_attn.v_proj.weight"].view(groups, head_dim, hidden)
-    per_shard = groups // len(shards)
+    hf_parts = [_by_query_group(out[name], model) for name in QKV_NAMES]
+    groups_per_shard = model.num_query_groups // len(shards)
     for rank, shard in _present(shards):
-        rows = slice(rank * per_shard, (rank + 1) * per_shard)
-        shard_q, shard_k, shard_v = torch.split(
-            shard.reshape(per_shard, (heads_per_group + 2) * head_dim, hidden),
-            [heads_per_group * head_dim, head_dim, head_dim], dim=1)
-        q[rows].copy_(shard_q)
-        k[rows].copy_(shard_k)
-        v[rows].copy_(shard_v)
+        groups = slice(rank * groups_per_shard, (rank + 1) * groups_per_shard)
+        for hf_part, shard_part in zip(hf_parts, _qkv_parts(shard, model)):
+            hf_part[groups].copy_(shard_part)
 
 
 def _merge_fc1_into(shards: List[Tensor], model: ModelConfig, out: Dict[str, Tensor]) -> None:

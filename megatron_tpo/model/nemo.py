@@ -22,10 +22,9 @@ from tqdm import tqdm
 
 from megatron_tpo.config import ConfigError, ModelConfig
 from megatron_tpo.model import llama_layout as layout
-from megatron_tpo.model import mcore_shards as shards
 from megatron_tpo.model.conversion import (
-    ConversionSummary, StreamSource, _copy_tokenizer, _hf_tensors_in_order, check_before_writing,
-    check_model_for_layout, write_hf_directory, write_mcore_shards,
+    ConversionSummary, _copy_tokenizer, check_before_writing,
+    check_model_for_layout, open_mcore, write_hf_directory, write_mcore_shards,
 )
 from megatron_tpo.model.dist_weights import DistWeightsReader, DistWeightsWriter
 from megatron_tpo.model.hf_checkpoint import HFCheckpointReader
@@ -313,16 +312,11 @@ def _largest_power_of_two_divisor(vocab_size: int, limit: int = 128) -> int:
 def mcore_to_nemo(mcore_dir: Path, out_dir: Path, progress: bool = True,
                   overwrite: bool = False) -> ConversionSummary:
     """Megatron per-rank shards (any TP/PP) -> a NeMo 2 checkpoint directory."""
-    mcore_dir = Path(mcore_dir)
     refuse_non_empty(out_dir, overwrite)
-    info = shards.read_manifest(mcore_dir)
-    shards.check_complete(mcore_dir, info)
-    tokenizer_dir = mcore_dir / "tokenizer"
-    return write_nemo2(StreamSource(_hf_tensors_in_order(mcore_dir, info),
-                                    "mcore_shards.check_complete"),
-                       info.model, info.dtype, out_dir,
-                       tokenizer_dir=tokenizer_dir if tokenizer_dir.is_dir() else None,
-                       progress=progress, direction="mcore -> nemo", source_name=str(mcore_dir),
+    checkpoint = open_mcore(mcore_dir)
+    return write_nemo2(checkpoint.weights, checkpoint.info.model, checkpoint.info.dtype, out_dir,
+                       tokenizer_dir=checkpoint.tokenizer_dir, progress=progress,
+                       direction="mcore -> nemo", source_name=str(mcore_dir),
                        overwrite=overwrite)
 
 

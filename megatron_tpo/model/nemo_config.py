@@ -14,6 +14,9 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 from megatron_tpo.config import ConfigError, ModelConfig, RopeScalingConfig
+from megatron_tpo.model.config_names import (
+    names_of, read_fields, rename_fields, write_fields,
+)
 
 LLAMA_MODEL = ("nemo.collections.llm.gpt.model.llama", "LlamaModel")
 LLAMA_CONFIG = ("nemo.collections.llm.gpt.model.llama", "LlamaConfig")
@@ -42,8 +45,8 @@ def _is_llama31(config: Dict[str, Any]) -> bool:
 def model_config_from_nemo2(config: Dict[str, Any], source: str,
                             fallback_vocab_size: Optional[int] = None) -> ModelConfig:
     """A ``ModelConfig`` from the ``config`` section of NeMo 2's ``model.yaml``."""
-    missing = [k for k in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads")
-               if config.get(k) is None]
+    required = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads")
+    missing = [key for key in names_of(required, "nemo2") if config.get(key) is None]
     if missing:
         raise ConfigError(f"{source}: missing {', '.join(missing)}")
     for key, expected in (("normalization", "RMSNorm"), ("gated_linear_unit", True),
@@ -52,13 +55,18 @@ def model_config_from_nemo2(config: Dict[str, Any], source: str,
                           ("activation_func", "silu"),
                           ("rotary_interleaved", False), ("qk_layernorm", False)):
         _require(config, source, key, expected)
-    heads, hidden = config["num_attention_heads"], config["hidden_size"]
+    # What an io.json may leave out (fiddle records only what was set) is read as these.
+    fields = read_fields(config, "nemo2",
+                         defaults={"max_position_embeddings": 4096, "rope_theta": 10000.0})
+    heads, hidden = fields["num_attention_heads"], fields["hidden_size"]
     if config.get("kv_channels") not in (None, hidden // heads):
         raise ConfigError(f"{source}: kv_channels={config['kv_channels']} differs from "
                           f"hidden_size / num_attention_heads = {hidden // heads}")
-    vocab_size = config.get("vocab_size") or fallback_vocab_size
+    fields.setdefault("num_query_groups", heads)   # null: multi-head attention
+    vocab_size = fields.get("vocab_size") or fallback_vocab_size
     if not vocab_size:
         raise ConfigError(f"{source}: no vocab_size, and no tokenizer or embedding to count it")
+    fields["vocab_size"] = int(vocab_size)
     scaling = None
     if _is_llama31(config):
         values = {key: config.get(key, default) for key, default in LLAMA31_DEFAULTS.items()}
@@ -66,20 +74,8 @@ def model_config_from_nemo2(config: Dict[str, Any], source: str,
             factor=float(values["scale_factor"]), low_freq_factor=float(values["low_freq_factor"]),
             high_freq_factor=float(values["high_freq_factor"]),
             original_max_position_embeddings=int(values["old_context_len"]))
-    return ModelConfig(
-        name=config.get("_target_", "nemo").rsplit(".", 1)[-1],
-        num_layers=config["num_layers"], hidden_size=hidden,
-        ffn_hidden_size=config["ffn_hidden_size"], num_attention_heads=heads,
-        num_query_groups=config.get("num_query_groups") or heads,
-        vocab_size=int(vocab_size),
-        max_position_embeddings=int(config.get("seq_length", 4096)),
-        rope_theta=float(config.get("rotary_base", 10000.0)), rope_scaling=scaling,
-        norm_epsilon=float(config.get("layernorm_epsilon", 1e-5)),
-        init_method_std=float(config.get("init_method_std", 0.02)),
-        make_vocab_size_divisible_by=int(config.get("make_vocab_size_divisible_by", 128)),
-        # Llama 3.2 1B/3B: NeMo's checkpoint holds the embedding alone.
-        tie_word_embeddings=bool(config.get("share_embeddings_and_output_weights", False)),
-    )
+    return ModelConfig(name=config.get("_target_", "nemo").rsplit(".", 1)[-1],
+                       rope_scaling=scaling, **fields)
 
 
 def model_config_from_nemo1(config: Dict[str, Any], source: str,
@@ -88,22 +84,21 @@ def model_config_from_nemo1(config: Dict[str, Any], source: str,
     if not config.get("mcore_gpt", False):
         raise ConfigError(f"{source}: mcore_gpt is not true; only megatron-core GPT models "
                           "(not the legacy language_model layout) are read")
-    renamed = {
+    renamed = rename_fields(config, "nemo1", "nemo2")
+    if "seq_length" not in renamed and "encoder_seq_length" in config:
+        renamed["seq_length"] = config["encoder_seq_length"]
+    swiglu = config.get("activation") in ("fast-swiglu", "swiglu")
+    renamed.update({
         "_target_": "Llama31Config" if config.get("scale_positional_embedding") else "LlamaConfig",
         "normalization": {"rmsnorm": "RMSNorm"}.get(config.get("normalization"),
                                                      config.get("normalization")),
-        "gated_linear_unit": config.get("activation") in ("fast-swiglu", "swiglu"),
-        "activation_func": "silu" if config.get("activation") in ("fast-swiglu", "swiglu")
-        else config.get("activation"),
+        "gated_linear_unit": swiglu,
+        "activation_func": "silu" if swiglu else config.get("activation"),
         "add_bias_linear": config.get("bias", False),
         "rotary_percent": config.get("rotary_percentage", 1.0),
-        "seq_length": config.get("max_position_embeddings", config.get("encoder_seq_length")),
-        "rotary_base": config.get("rotary_base", 10000.0),
-    }
-    for key in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
-                "num_query_groups", "kv_channels", "layernorm_epsilon", "init_method_std",
-                "make_vocab_size_divisible_by", "share_embeddings_and_output_weights",
-                "position_embedding_type", "vocab_size"):
+    })
+    # Not ModelConfig fields, but checked by the NeMo 2 reader under the same names.
+    for key in ("kv_channels", "position_embedding_type"):
         if key in config:
             renamed[key] = config[key]
     if config.get("scale_positional_embedding"):
@@ -150,15 +145,7 @@ def llama_config_from_io_json(path: Path) -> Dict[str, Any]:
 def nemo2_config_fields(model: ModelConfig, dtype: str = "float32") -> Dict[str, Any]:
     """The ``LlamaConfig``/``Llama31Config`` arguments that describe ``model``."""
     fields = {
-        "num_layers": model.num_layers, "hidden_size": model.hidden_size,
-        "ffn_hidden_size": model.ffn_hidden_size,
-        "num_attention_heads": model.num_attention_heads,
-        "num_query_groups": model.num_query_groups, "kv_channels": model.head_dim,
-        "layernorm_epsilon": model.norm_epsilon, "init_method_std": model.init_method_std,
-        "seq_length": model.max_position_embeddings, "rotary_base": model.rope_theta,
-        "vocab_size": model.vocab_size,
-        "make_vocab_size_divisible_by": model.make_vocab_size_divisible_by,
-        "share_embeddings_and_output_weights": model.tie_word_embeddings,
+        **write_fields(model, "nemo2"), "kv_channels": model.head_dim,
         "normalization": "RMSNorm",
         "gated_linear_unit": True, "add_bias_linear": False, "position_embedding_type": "rope",
         "rotary_percent": 1.0, "bf16": dtype == "bfloat16", "fp16": dtype == "float16",

@@ -60,6 +60,15 @@ def bound_axis(axis, scale: Scale) -> None:
         axis.set_ylim(*limits)
 
 
+def finish_iteration_panel(axis, title: str, scale: Scale) -> None:
+    """How every per-iteration panel of the reports looks: y-limits from its lines, its
+    title, the iteration axis and a light grid."""
+    bound_axis(axis, scale)
+    axis.set_title(title)
+    axis.set_xlabel("iteration t")
+    axis.grid(alpha=0.3)
+
+
 PANELS = (
     ("heldout/score", "held-out judged score (M_t)", SCORE),
     ("mean_score", "judged score of rollouts", SCORE),
@@ -86,10 +95,7 @@ def iterations_figure(runs: Dict[str, List[dict]],
                 points = list(enumerate(heldout_scores[name]))
             if points:
                 axis.plot(*zip(*points), marker="o", label=name)
-        bound_axis(axis, scale)
-        axis.set_title(title)
-        axis.set_xlabel("iteration t")
-        axis.grid(alpha=0.3)
+        finish_iteration_panel(axis, title, scale)
     axes.flat[0].legend()
     figure.tight_layout()
     return figure

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence
 
 from megatron_tpo.data.storage import IterationStore
-from megatron_tpo.report.plots import LENGTH, RATE, bound_axis, save_figure
+from megatron_tpo.report.plots import LENGTH, RATE, finish_iteration_panel, save_figure
 from megatron_tpo.tiny.task import SumProblem
 from megatron_tpo.tiny.thoughts import CLASSIFIED_KINDS, classify_thought, kind_shares
 
@@ -206,10 +206,7 @@ def report_figure(summaries: Mapping[str, dict], report: Mapping):
               "thought length of samples (chars)", "response length of samples (chars)")
     scales = (RATE, RATE, RATE, RATE, LENGTH, LENGTH)
     for axis, title, scale in zip(axes.flat, titles, scales):
-        bound_axis(axis, scale)
-        axis.set_title(title)
-        axis.set_xlabel("iteration t")
-        axis.grid(alpha=0.3)
+        finish_iteration_panel(axis, title, scale)
         axis.legend(fontsize=7)
     figure.tight_layout()
     return figure

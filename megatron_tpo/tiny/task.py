@@ -16,7 +16,7 @@ Example (four terms)::
 
 import random
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 from megatron_tpo.data.config import ThoughtTemplate
 
@@ -40,22 +40,30 @@ class SumProblem:
     def answer(self) -> str:
         return str(sum(self.terms))
 
-    def column_sums(self) -> List[str]:
+    def column_sums(self, written_total: Callable[[int], int] = lambda total: total
+                    ) -> List[str]:
         """Column addition, ones first: each line adds one column's digits (after the carry
-        from the column before) and the last line's total heads the answer."""
+        from the column before) and the last line's total heads the answer.
+
+        ``written_total`` turns each column's true total into the one written, which the
+        carry into the next column follows (the wrong-sums thought misses them).
+        """
         width = max(len(str(term)) for term in self.terms)
         lines, carry = [], 0
         for column in range(width):
             digits = [term // 10 ** column % 10 for term in self.terms]
             addends = ([carry] if column else []) + digits
-            total = sum(addends)
-            name = COLUMN_NAMES[column] if column < len(COLUMN_NAMES) else f"column {column + 1}"
-            lines.append(f"{name}: {' + '.join(map(str, addends))} = {total}")
+            total = written_total(sum(addends))
+            lines.append(f"{_column_name(column)}: {' + '.join(map(str, addends))} = {total}")
             carry = total // 10
         return lines
 
 
 COLUMN_NAMES = ("ones", "tens", "hundreds", "thousands")
+
+
+def _column_name(column: int) -> str:
+    return COLUMN_NAMES[column] if column < len(COLUMN_NAMES) else f"column {column + 1}"
 
 
 @dataclass(frozen=True)

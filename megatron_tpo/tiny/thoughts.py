@@ -19,7 +19,7 @@ import re
 from typing import Dict, List, Mapping, Optional
 
 from megatron_tpo.config import ConfigError
-from megatron_tpo.tiny.task import COLUMN_NAMES, SumProblem
+from megatron_tpo.tiny.task import SumProblem
 
 THOUGHT_KINDS = ("columns", "wrong_sums", "restate", "unrelated")
 # What a sampled thought can be classified as: a warm-start kind, or none of them.
@@ -59,21 +59,11 @@ def wrong_column_sums(problem: SumProblem, rng: random.Random) -> List[str]:
     """Column addition whose every total is off by 1 to 3 (never below the true digits'
     reach of 0), the carry into the next column following the written total: a thought
     that reads like ``columns`` and leads to a wrong number."""
-    width = max(len(str(term)) for term in problem.terms)
-    lines, carry = [], 0
-    for column in range(width):
-        digits = [term // 10 ** column % 10 for term in problem.terms]
-        addends = ([carry] if column else []) + digits
-        true_total = sum(addends)
+    def missed(true_total: int) -> int:
         offsets = [d for d in (-3, -2, -1, 1, 2, 3) if true_total + d >= 0]
-        total = true_total + rng.choice(offsets)
-        lines.append(f"{_column_name(column)}: {' + '.join(map(str, addends))} = {total}")
-        carry = total // 10
-    return lines
+        return true_total + rng.choice(offsets)
 
-
-def _column_name(column: int) -> str:
-    return COLUMN_NAMES[column] if column < len(COLUMN_NAMES) else f"column {column + 1}"
+    return problem.column_sums(missed)
 
 
 def restatement(problem: SumProblem) -> str:
