@@ -1,4 +1,5 @@
-"""One optimiser step through megatron's pipeline schedule (1F1B, interleaved with VPP)."""
+"""Megatron's pipeline schedule (1F1B, interleaved with VPP) for one optimiser step, and
+forward-only passes that collect per-token values (reference log-probs, parity probes)."""
 
 from typing import Callable, Dict, List, Sequence
 
@@ -52,3 +53,47 @@ def train_step(
     metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
     metrics["update_successful"] = float(bool(update_successful))
     return metrics
+
+
+def collecting_forward_step(values_of: Callable) -> Callable:
+    """A forward-only step for megatron's schedule that collects, per micro-batch,
+    ``values_of(gpt_model, hidden_states, batch) -> {name: tensor}`` on the last stage."""
+    def forward_step(data_iterator, model):
+        batch = next(data_iterator)
+        output = model(batch.input_ids, position_ids(batch.input_ids), None)
+
+        def collect(hidden_states):
+            # The schedule divides the returned loss in place, so it gets its own zero.
+            return hidden_states.new_zeros(()), values_of(unwrapped(model), hidden_states, batch)
+
+        return output, collect
+
+    return forward_step
+
+
+def forward_only(chunks: List, forward_step: Callable, micro_batches: Sequence,
+                 seq_length: int, micro_batch_size: int) -> List[Dict]:
+    """``forward_step``'s collected values of every micro-batch, without gradients (on the
+    last pipeline stage; empty elsewhere)."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    iterators = [iter(micro_batches) for _ in chunks]
+    with torch.no_grad():
+        return get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iterators if len(chunks) > 1 else iterators[0],
+            model=list(chunks) if len(chunks) > 1 else chunks[0],
+            num_microbatches=len(micro_batches), seq_length=seq_length,
+            micro_batch_size=micro_batch_size, forward_only=True)
+
+
+def from_last_stage(values: torch.Tensor) -> torch.Tensor:
+    """``values`` as the last pipeline stage computed them, on every stage (the others
+    pass a tensor of the same shape and dtype to receive into)."""
+    from megatron.core import parallel_state
+
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        torch.distributed.broadcast(
+            values, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+            group=parallel_state.get_pipeline_model_parallel_group())
+    return values

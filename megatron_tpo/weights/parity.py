@@ -15,6 +15,7 @@ masked out and dropped; the engine scores them unpadded.
 """
 
 import contextlib
+import functools
 import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -22,7 +23,8 @@ import torch
 
 from megatron_tpo.train.dpo_batch import PairMicroBatch
 from megatron_tpo.train.fp8 import token_rows_multiple
-from megatron_tpo.train.pipeline_step import position_ids, unwrapped
+from megatron_tpo.train.pipeline_step import (collecting_forward_step, forward_only,
+                                          from_last_stage, unwrapped)
 
 
 def text_probes(tokenizer, texts: Sequence[str], count: int, length: int) -> List[List[int]]:
@@ -54,20 +56,10 @@ def _hidden_states_from_output_layers(gpt_chunks: Sequence):
             del chunk.output_layer.forward
 
 
-def _probe_forward_step(vocab_size: int):
+def _token_logprobs(gpt_model, hidden_states, batch, vocab_size: int):
     from megatron_tpo.train.policy_logprobs import token_logprobs
 
-    def forward_step(data_iterator, model):
-        batch = next(data_iterator)
-        output = model(batch.input_ids, position_ids(batch.input_ids), None)
-
-        def collect(hidden_states):
-            values = token_logprobs(unwrapped(model), hidden_states, batch, vocab_size)
-            return hidden_states.new_zeros(()), {"logprobs": values}
-
-        return output, collect
-
-    return forward_step
+    return {"logprobs": token_logprobs(gpt_model, hidden_states, batch, vocab_size)}
 
 
 def probe_length_multiple(gpt_config, tensor_parallel_size: int,
@@ -102,7 +94,6 @@ def trainer_token_logprobs(chunks: Sequence, token_ids: Sequence[Sequence[int]],
     enter padded to ``probe_length_multiple`` (``pad_to_multiple_of``: the trainer's
     ``train.pad_to_multiple_of``); only their real targets come back."""
     from megatron.core import parallel_state
-    from megatron.core.pipeline_parallel import get_forward_backward_func
 
     gpt_chunks = [unwrapped(c) for c in chunks]
     device = next(gpt_chunks[0].parameters()).device
@@ -118,21 +109,13 @@ def trainer_token_logprobs(chunks: Sequence, token_ids: Sequence[Sequence[int]],
         pad_to_multiple_of)
     seq_length = -(-targets // multiple) * multiple
     batches = [_probe_micro_batch(sequence, seq_length, device) for sequence in token_ids]
-    iterators = [iter(batches) for _ in chunks]
-    with torch.no_grad(), _hidden_states_from_output_layers(gpt_chunks):
-        per_micro_batch = get_forward_backward_func()(
-            forward_step_func=_probe_forward_step(vocab_size),
-            data_iterator=iterators if len(chunks) > 1 else iterators[0],
-            model=list(chunks) if len(chunks) > 1 else chunks[0],
-            num_microbatches=len(batches), seq_length=seq_length,
-            micro_batch_size=1, forward_only=True)
+    step = collecting_forward_step(functools.partial(_token_logprobs, vocab_size=vocab_size))
+    with _hidden_states_from_output_layers(gpt_chunks):
+        per_micro_batch = forward_only(chunks, step, batches, seq_length, micro_batch_size=1)
     values = torch.zeros(len(batches), seq_length, dtype=torch.float64, device=device)
     if parallel_state.is_pipeline_last_stage():
         values = torch.cat([m["logprobs"] for m in per_micro_batch]).double()
-    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-        torch.distributed.broadcast(
-            values, src=parallel_state.get_pipeline_model_parallel_last_rank(),
-            group=parallel_state.get_pipeline_model_parallel_group())
+    values = from_last_stage(values)
     return values[:count, :targets].cpu()
 
 
