@@ -10,11 +10,15 @@ import time
 
 import pytest
 
+from megatron_tpo.lifetime import die_with_parent
+
+HELPER_IMPORT = f"from {die_with_parent.__module__} import die_with_parent"
+
 # The parent starts two helpers (one tied to it, one not), prints their pids, then waits.
 PARENT = textwrap.dedent("""
     import os, subprocess, sys
     helper = ("import os, sys, time\\n"
-              "from megatron_tpo.lifetime import die_with_parent\\n"
+              "HELPER_IMPORT\\n"
               "if sys.argv[1] == 'tied': die_with_parent(int(sys.argv[2]))\\n"
               "print('ready', flush=True)\\n"
               "time.sleep(60)\\n")
@@ -24,7 +28,7 @@ PARENT = textwrap.dedent("""
         assert child.stdout.readline() == "ready\\n"
     print(*(child.pid for child in children), flush=True)
     sys.stdin.read()
-""")
+""").replace("HELPER_IMPORT", HELPER_IMPORT)
 
 
 def _alive(pid: int) -> bool:
@@ -57,7 +61,7 @@ def test_a_helper_tied_to_its_parent_dies_with_it_and_an_untied_one_lives_on():
 
 def test_a_parent_that_ended_before_the_call_ends_the_helper_at_once():
     """Asked to die with a parent that is not its parent any more, the helper kills itself."""
-    helper = ("from megatron_tpo.lifetime import die_with_parent\n"
+    helper = (f"{HELPER_IMPORT}\n"
               "die_with_parent(1 << 22)\n"     # above pid_max: never this process's parent
               "print('survived')\n")
     done = subprocess.run([sys.executable, "-c", helper], capture_output=True, text=True,
