@@ -50,7 +50,8 @@ def test_the_text_lists_stages_totals_and_the_recommendation(estimated):
                         "thought + 200 response tokens, 1000 pairs, judge reward_model "
                         "(llama3_8b)")
     options = [comparison.colocated, comparison.separate[0]]
-    for stage in STAGE_ORDER:
+    assert lines[1].split() == ["stage", "(seconds)", *(o.mode for o in options)]
+    for stage in (*STAGE_ORDER, "total"):
         cells = next(line for line in lines if line.split()[0] == stage).split()[1:]
         assert [float(c) for c in cells] == [round(getattr(o.stages, stage), 1)
                                              for o in options]
