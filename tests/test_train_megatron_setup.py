@@ -22,9 +22,12 @@ def one_rank_megatron(monkeypatch):
 
     for name, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
                         "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                        "MASTER_PORT": str(free_local_port())}.items():
+                        "MASTER_PORT": str(free_local_port()),
+                        # One thread: the tiny model's matmuls only contend for the cores.
+                        "OMP_NUM_THREADS": "1"}.items():
         monkeypatch.setenv(name, value)
     threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     parallel = ParallelConfig(tensor_model_parallel_size=1, pipeline_model_parallel_size=1)
     init_megatron(parallel, TINY)
     yield parallel
