@@ -7,7 +7,7 @@ import megatron.core.optimizer_param_scheduler  # noqa: F401  (its import, secon
 import pytest
 import torch
 
-from megatron_tpo.config import DPOTrainingConfig
+from megatron_tpo.train.config import DPOTrainingConfig
 from megatron_tpo.train.lr_schedule import warmup_decay_scheduler
 
 
