@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-from tpo_fixtures import tiny_run_overrides  # noqa: E402
+from tpo_fixtures import tiny_run_overrides
 
 from megatron_tpo.cli import doctor, run  # noqa: E402
 from megatron_tpo.cli.doctor import Check, check_nccl, main, read_pins  # noqa: E402

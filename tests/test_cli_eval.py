@@ -10,8 +10,7 @@ import pytest
 
 from megatron_tpo.cli.eval import main
 
-sys.path.insert(0, str(Path(__file__).parent))
-from tpo_fixtures import tiny_run_overrides, write_instructions, write_policy  # noqa: E402
+from tpo_fixtures import tiny_run_overrides, write_instructions, write_policy
 
 RULE_JUDGE = ["judge=format", "judge.format.max_chars=24", "rollout.sampling.max_new_tokens=8"]
 
@@ -80,7 +79,6 @@ def test_a_set_file_that_does_not_parse_is_named_with_its_line(run_dir, tmp_path
 def test_a_checkpoint_that_does_not_match_its_config_is_refused(run_dir, tmp_path, capsys):
     from transformers import LlamaForCausalLM
 
-    sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "data"))
     from tiny_hf import tiny_llama_config, tiny_tokenizer
 
     wider = tmp_path / "wider"

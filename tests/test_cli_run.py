@@ -1,12 +1,9 @@
 """tpo-run's config: composed with Hydra, refused whole and by name before any work."""
 
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-from tpo_fixtures import tiny_run_overrides  # noqa: E402
+from tpo_fixtures import tiny_run_overrides
 
 from megatron_tpo.cli.run import compose_config, main  # noqa: E402
 from megatron_tpo.config import ConfigError  # noqa: E402

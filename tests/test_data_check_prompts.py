@@ -7,8 +7,7 @@ import pytest
 
 from megatron_tpo.data.check_prompts import main
 
-sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "data"))
-from tiny_hf import tiny_tokenizer  # noqa: E402
+from tiny_hf import tiny_tokenizer
 
 
 def write_setup(tmp_path, lines):

@@ -29,7 +29,6 @@ import json
 import re
 import shlex
 import shutil
-import sys
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -38,10 +37,8 @@ from typing import Dict, List
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "data"))
-from llama_fixtures import save_random_hf_llama, tiny_model_config  # noqa: E402
-from test_recipe_fit import write_checkpoint_config  # noqa: E402
+from llama_fixtures import save_random_hf_llama, tiny_model_config
+from test_recipe_fit import write_checkpoint_config
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 DOCUMENTS = ([REPOSITORY / "README.md"] + sorted((REPOSITORY / "docs").glob("*.md"))

@@ -9,7 +9,6 @@ two: every kind of answer the real models give.
 
 import json
 import re
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,10 +22,9 @@ from megatron_tpo.judge.pairwise import PairwiseJudge
 from megatron_tpo.rollout.config import RolloutConfig
 from megatron_tpo.rollout.engine import SamplingParams
 
-sys.path.insert(0, str(Path(__file__).parent))
-from eval_fixtures import JUDGE_PROMPT, ShorterWinsJudgeEngine, alpaca_eval_metrics  # noqa: E402
-from tpo_fixtures import write_instructions, write_policy  # noqa: E402
-from tiny_hf import tiny_tokenizer  # noqa: E402
+from eval_fixtures import JUDGE_PROMPT, ShorterWinsJudgeEngine, alpaca_eval_metrics
+from tpo_fixtures import write_instructions, write_policy
+from tiny_hf import tiny_tokenizer
 
 TEMPLATE = ThoughtTemplate(name="user", prompt="think then answer {instruction}",
                            response_marker="user")

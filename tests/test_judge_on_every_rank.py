@@ -6,13 +6,10 @@ itself stores a judgment of every battle, once."""
 
 import json
 import re
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_loop import run_loop, stage_rows  # noqa: E402
+from test_loop import run_loop, stage_rows
 
 from megatron_tpo.judge.pairwise import PairwiseJudge  # noqa: E402
 from megatron_tpo.parallel.local_launch import spawn_local  # noqa: E402

@@ -19,13 +19,11 @@ from megatron_tpo.judge.config import (JudgeConfig, PairwiseJudgeConfig,
                                        check_judge_placement)
 from megatron_tpo.rollout.config import BridgeConfig, RolloutConfig, VLLMConfig
 
-sys.path.insert(0, str(Path(__file__).parent))
-from local_slurm import slurm, slurm_installed  # noqa: E402,F401 (slurm is a fixture)
-from tpo_fixtures import tiny_run_overrides  # noqa: E402
-from engine_processes import start_engine_world, stop_engine_world  # noqa: E402
+from local_slurm import slurm_installed
+from tpo_fixtures import tiny_run_overrides
+from engine_processes import start_engine_world, stop_engine_world
 
-sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "data"))
-from tiny_hf import tiny_llama_config, tiny_tokenizer  # noqa: E402
+from tiny_hf import tiny_llama_config, tiny_tokenizer
 
 PROMPTS = ["which is best", "pick one", "the sun is"]
 RESPONSES = [["the cat", "a dog", "sun", "moon is here"], ["x y", "y"], ["hot", "up", "a b c"]]

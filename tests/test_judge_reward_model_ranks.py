@@ -4,17 +4,14 @@ back in order, equal to one process scoring alone. Between judge phases the mode
 in host memory (``offload_between_phases``, on by default for cuda). In the loop, a
 two-rank run stores the judgments one process gives on the same rollouts."""
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import LlamaForSequenceClassification
 
-sys.path.insert(0, str(Path(__file__).parent))
-sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "data"))
-from test_loop import run_loop, stage_rows  # noqa: E402
-from tiny_hf import tiny_llama_config, tiny_tokenizer  # noqa: E402
+from test_loop import run_loop, stage_rows
+from tiny_hf import tiny_llama_config, tiny_tokenizer
 
 from megatron_tpo.judge import JudgeConfig, RewardModelJudge, build_judge  # noqa: E402
 from megatron_tpo.parallel.local_launch import spawn_local  # noqa: E402

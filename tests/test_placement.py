@@ -6,14 +6,11 @@ and wake they perform must be the transition the ledger recorded for them, phase
 phase, and the dry run of the same config must write the same ledger line for line."""
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_judge_reward_model_ranks import save_classifier  # noqa: E402
-from tpo_fixtures import tiny_run_overrides  # noqa: E402
+from test_judge_reward_model_ranks import save_classifier
+from tpo_fixtures import tiny_run_overrides
 
 from megatron_tpo.placement import MemoryLedger, Placement, TenantSpec  # noqa: E402
 from megatron_tpo.placement import policy  # noqa: E402

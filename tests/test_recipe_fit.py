@@ -8,7 +8,6 @@ run reads (the shapes of the real models).
 
 import json
 import re
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,8 +18,7 @@ from megatron_tpo.config.loading import load_model_config
 from megatron_tpo.model.hf_config import hf_config_from_model
 
 REPOSITORY = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "data"))
-from tiny_hf import tiny_tokenizer  # noqa: E402
+from tiny_hf import tiny_tokenizer
 
 
 def write_checkpoint_config(directory: Path, model_name: str) -> Path:
@@ -138,7 +136,6 @@ def test_on_a_login_node_the_dry_run_sizes_the_world_the_recipe_is_written_for(
 
 
 def test_the_cpu_recipes_say_their_memory_is_not_checked(monkeypatch, capsys, tmp_path):
-    sys.path.insert(0, str(Path(__file__).parent))
     from tpo_fixtures import tiny_run_overrides
 
     code, out, err = dry_run(monkeypatch, capsys, 1, tiny_run_overrides(tmp_path))

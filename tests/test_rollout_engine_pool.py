@@ -12,7 +12,6 @@ One spawn of the trainer world and one pool serve every multi-process assertion 
 last.
 """
 
-import sys
 import time
 from pathlib import Path
 
@@ -30,13 +29,11 @@ from megatron_tpo.rollout.engine import SamplingParams
 from megatron_tpo.rollout.engine_pool import EnginePoolProxy
 from megatron_tpo.train.dpo_batch import TokenizedPair
 
-sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "data"))
-from tiny_hf import tiny_tokenizer  # noqa: E402
+from tiny_hf import tiny_tokenizer
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_loop import stage_rows  # noqa: E402
-from tpo_fixtures import tiny_run_overrides  # noqa: E402
-from engine_processes import start_engine_world, stop_engine_world  # noqa: E402
+from test_loop import stage_rows
+from tpo_fixtures import tiny_run_overrides
+from engine_processes import start_engine_world, stop_engine_world
 
 TRAINING = DPOTrainingConfig(beta=0.5, lr=5e-3, warmup_steps=0, train_steps=4,
                              micro_batch_pairs=1, pad_to_multiple_of=8, clip_grad=0.0)

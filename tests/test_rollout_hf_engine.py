@@ -1,5 +1,3 @@
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -9,13 +7,7 @@ from megatron_tpo.config.errors import ConfigError
 from megatron_tpo.data import GENERIC, apply_thought_chat_template
 from megatron_tpo.rollout import HFRolloutEngine, SamplingParams, load_rollout_config
 
-sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "data"))
-from tiny_hf import tiny_llama_config, tiny_tokenizer  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return tiny_tokenizer()
+from tiny_hf import tiny_llama_config
 
 
 def tiny_policy(tokenizer, seed):

@@ -4,17 +4,13 @@ resolves from the trainer's precision and FP8 setting; and every sync's measured
 difference lands in the iteration record of ``metrics.jsonl``."""
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "data"))
-from test_loop import run_loop  # noqa: E402
-from tiny_hf import tiny_tokenizer  # noqa: E402
-from tpo_fixtures import tiny_run_overrides  # noqa: E402
+from test_loop import run_loop
+from tiny_hf import tiny_tokenizer
+from tpo_fixtures import tiny_run_overrides
 
 from megatron_tpo.config import ConfigError  # noqa: E402
 from megatron_tpo.rollout.parity import text_probes  # noqa: E402

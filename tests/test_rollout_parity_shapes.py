@@ -16,8 +16,6 @@ of the multiples.
 
 import contextlib
 import copy
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -28,8 +26,7 @@ from megatron_tpo.model.conversion import hf_to_mcore
 from megatron_tpo.parallel.local_launch import spawn_local
 from megatron_tpo.train.fp8 import check_fp8_settings
 
-sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "data"))
-from tiny_hf import tiny_tokenizer  # noqa: E402
+from tiny_hf import tiny_tokenizer
 
 TP = 2
 # ffn_hidden_size 192: every GEMM width at TP=2 suits FP8 and MXFP8 (the tiny model's

@@ -13,7 +13,6 @@ hidden 128 over 4 heads), and gpu_memory_utilization means host memory (an expli
 ``kv_cache_memory_bytes`` instead).
 """
 
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import torch
 pytest.importorskip("vllm")
 pytestmark = pytest.mark.vllm
 
-from llama_fixtures import save_random_hf_llama, tiny_model_config  # noqa: E402
+from llama_fixtures import save_random_hf_llama, tiny_model_config
 from megatron_tpo.config import DPOTrainingConfig, ParallelConfig  # noqa: E402
 from megatron_tpo.model.conversion import hf_to_mcore  # noqa: E402
 from megatron_tpo.parallel.local_launch import spawn_local  # noqa: E402
@@ -31,8 +30,7 @@ from megatron_tpo.rollout import RolloutConfig, SamplingParams, VLLMConfig  # no
 from megatron_tpo.rollout.weight_sync import WeightSyncConfig  # noqa: E402
 from megatron_tpo.train.dpo_batch import TokenizedPair  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "data"))
-from tiny_hf import tiny_tokenizer  # noqa: E402
+from tiny_hf import tiny_tokenizer
 
 # float32 on both sides, so the trainer's parity bound (1e-3) applies; no sleep mode; a
 # 64 MiB KV cache; eager (no torch.compile, and vLLM then skips its warm-up pass).

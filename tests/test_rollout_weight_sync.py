@@ -9,7 +9,6 @@ One spawn of four gloo processes per layout and transport serves every multi-pro
 assertion.
 """
 
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,8 +23,7 @@ from megatron_tpo.rollout.hf_engine import HFRolloutEngine
 from megatron_tpo.rollout.weight_sync import WeightSyncConfig
 from megatron_tpo.train.dpo_batch import TokenizedPair
 
-sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "data"))
-from tiny_hf import tiny_tokenizer  # noqa: E402
+from tiny_hf import tiny_tokenizer
 
 TRAINING = DPOTrainingConfig(beta=0.5, lr=5e-3, warmup_steps=0, train_steps=4,
                              micro_batch_pairs=1, pad_to_multiple_of=8, clip_grad=0.0)

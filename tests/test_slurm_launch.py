@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from local_slurm import slurm, slurm_installed  # noqa: F401 (slurm is a fixture)
+from local_slurm import slurm_installed
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 

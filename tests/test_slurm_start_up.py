@@ -11,10 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from local_slurm import slurm, slurm_installed  # noqa: F401 (slurm is a fixture)
+from local_slurm import slurm_installed
 
-sys.path.insert(0, str(Path(__file__).parent))
-from tpo_fixtures import tiny_run_overrides  # noqa: E402
+from tpo_fixtures import tiny_run_overrides
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 PROBE = Path(__file__).parent / "fixtures" / "start_up_probe"

@@ -12,10 +12,8 @@ from typing import List
 
 import torch
 
-import sys
 
-sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "data"))
-from tiny_hf import tiny_llama_config, tiny_tokenizer  # noqa: E402
+from tiny_hf import tiny_llama_config, tiny_tokenizer
 
 WORDS = "a b c d e f g h cat dog sun moon the is my".split()
 
