@@ -9,8 +9,8 @@ import pytest
 
 from tpo_fixtures import tiny_run_overrides
 
-from megatron_tpo.cli import doctor, run  # noqa: E402
-from megatron_tpo.cli.doctor import Check, check_nccl, main, read_pins  # noqa: E402
+from megatron_tpo.cli import doctor, run
+from megatron_tpo.cli.doctor import Check, check_nccl, main, read_pins
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 

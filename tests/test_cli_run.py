@@ -5,9 +5,9 @@ import pytest
 
 from tpo_fixtures import tiny_run_overrides
 
-from megatron_tpo.cli.run import compose_config, main  # noqa: E402
-from megatron_tpo.config import ConfigError  # noqa: E402
-from megatron_tpo.data.chat import apply_thought_chat_template  # noqa: E402
+from megatron_tpo.cli.run import compose_config, main
+from megatron_tpo.config import ConfigError
+from megatron_tpo.data.chat import apply_thought_chat_template
 
 
 @pytest.fixture(scope="module")

@@ -37,8 +37,7 @@ from typing import Dict, List
 import pytest
 import torch
 
-from llama_fixtures import save_random_hf_llama, tiny_model_config
-from test_recipe_fit import write_checkpoint_config
+from llama_fixtures import save_random_hf_llama, tiny_model_config, write_checkpoint_config
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 DOCUMENTS = ([REPOSITORY / "README.md"] + sorted((REPOSITORY / "docs").glob("*.md"))

@@ -15,10 +15,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llama_fixtures import save_random_hf_llama, tiny_model_config
+from dpo_fixtures import random_pairs
+from llama_fixtures import megatron_shards, save_random_hf_llama, tiny_model_config
 from megatron_tpo.config import ConfigError, DPOTrainingConfig, FP8Config, ParallelConfig
 from megatron_tpo.model import llama_layout as layout
-from megatron_tpo.model.conversion import hf_to_mcore
 from megatron_tpo.model.llama import transformer_engine_available
 from megatron_tpo.parallel.local_launch import spawn_local
 from megatron_tpo.train.dpo_batch import TokenizedPair
@@ -37,17 +37,6 @@ PARITY = DPOTrainingConfig(beta=0.3, label_smoothing=0.1, lr=1e-3, warmup_steps=
                            train_steps=8, micro_batch_pairs=1, pad_to_multiple_of=8,
                            clip_grad=0.0, recompute_granularity="full")
 LEARNING_STEPS = 5
-
-
-def _random_pairs(vocab_size: int, count: int = 4, seed: int = 3):
-    generator = torch.Generator().manual_seed(seed)
-
-    def tokens(low, high):
-        length = int(torch.randint(low, high, (), generator=generator))
-        return torch.randint(0, vocab_size, (length,), generator=generator).tolist()
-
-    return [TokenizedPair(prompt=tokens(2, 6), chosen=tokens(3, 10), rejected=tokens(3, 10))
-            for _ in range(count)]
 
 
 def _trainer_worker(rank, world_size, model, shard_root, layout_sizes, all_pairs,
@@ -98,10 +87,8 @@ def hf_checkpoint(tmp_path_factory):
 def run(request, hf_checkpoint, tmp_path_factory):
     model, hf_dir = hf_checkpoint
     tp, pp, vpp, dp = sizes = LAYOUTS[request.param]
-    shard_root = hf_to_mcore(hf_dir, tmp_path_factory.mktemp(request.param), tp, pp,
-                             make_vocab_size_divisible_by=model.make_vocab_size_divisible_by,
-                             progress=False).destination
-    pairs = _random_pairs(model.vocab_size)
+    shard_root = megatron_shards(model, hf_dir, tmp_path_factory.mktemp(request.param), tp, pp)
+    pairs = random_pairs(model.vocab_size)
     reference_shift = torch.tensor([[0.7, -0.4], [-1.1, 0.2], [0.3, 0.9], [-0.5, -1.3]],
                                    dtype=torch.float64)
     reports = spawn_local(_trainer_worker, tp * pp * dp, model, shard_root, sizes, pairs,
@@ -243,10 +230,8 @@ def _two_pairs_per_micro_batch_worker(rank, world_size, model, shard_root, pairs
 @pytest.fixture(scope="module")
 def two_pairs_per_micro_batch(hf_checkpoint, tmp_path_factory):
     model, hf_dir = hf_checkpoint
-    shard_root = hf_to_mcore(hf_dir, tmp_path_factory.mktemp("tp1"), 1, 1,
-                             make_vocab_size_divisible_by=model.make_vocab_size_divisible_by,
-                             progress=False).destination
-    pairs = _random_pairs(model.vocab_size, seed=11)
+    shard_root = megatron_shards(model, hf_dir, tmp_path_factory.mktemp("tp1"), 1, 1)
+    pairs = random_pairs(model.vocab_size, seed=11)
     completions = [(len(p.chosen), len(p.rejected)) for p in pairs]
     assert len(set(completions)) == len(pairs), "pairs of one length would hide a mix-up"
     reference_shift = torch.tensor([[0.9, -0.6], [-1.2, 0.4], [0.2, 1.1], [-0.7, -0.3]],

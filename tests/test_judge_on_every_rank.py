@@ -9,11 +9,11 @@ import re
 
 import pytest
 
-from test_loop import run_loop, stage_rows
 
-from megatron_tpo.judge.pairwise import PairwiseJudge  # noqa: E402
-from megatron_tpo.parallel.local_launch import spawn_local  # noqa: E402
-from megatron_tpo.rollout.engine import GenerationOutput, RolloutEngine, SamplingParams  # noqa: E402
+from megatron_tpo.judge.pairwise import PairwiseJudge
+from megatron_tpo.parallel.local_launch import spawn_local
+from megatron_tpo.rollout.engine import GenerationOutput, RolloutEngine, SamplingParams
+from tpo_fixtures import run_loop, stage_rows
 
 PROMPTS = ["pick one", "which is best", "say more"]
 RESPONSES = [["a", "bbb", "cc", "dddd"], ["xx", "y", "zzz", "wwwwww"], ["q", "rr", "sss", "t"]]

@@ -10,24 +10,15 @@ import pytest
 import torch
 from transformers import LlamaForSequenceClassification
 
-from test_loop import run_loop, stage_rows
-from tiny_hf import tiny_llama_config, tiny_tokenizer
+from tiny_hf import save_classifier, tiny_llama_config, tiny_tokenizer
 
-from megatron_tpo.judge import JudgeConfig, RewardModelJudge, build_judge  # noqa: E402
-from megatron_tpo.parallel.local_launch import spawn_local  # noqa: E402
+from megatron_tpo.judge import JudgeConfig, RewardModelJudge, build_judge
+from megatron_tpo.parallel.local_launch import spawn_local
+from tpo_fixtures import run_loop, stage_rows
 
 PROMPTS = ["the cat", "write a b c", "my dog"]
 RESPONSES = [["the sun is a cat", "dog", "moon moon moon"], ["a b c", "c b a !"],
              ["is my dog", "the moon", "sun", "a"]]
-
-
-def save_classifier(directory: Path, seed: int = 0) -> Path:
-    tokenizer = tiny_tokenizer()
-    torch.manual_seed(seed)
-    LlamaForSequenceClassification(tiny_llama_config(tokenizer, num_labels=1)).save_pretrained(
-        directory)
-    tokenizer.save_pretrained(directory)
-    return directory
 
 
 def judge_config(path: Path, batch_size: int) -> JudgeConfig:

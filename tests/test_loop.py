@@ -10,26 +10,12 @@ import sys
 import time
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 import torch
 
-from tpo_fixtures import tiny_run_overrides
-
-from megatron_tpo.cli.run import compose_config, run_rank  # noqa: E402
-from megatron_tpo.parallel.local_launch import spawn_local  # noqa: E402
-from megatron_tpo.parallel.preemption import CRASH_AT_VARIABLE  # noqa: E402
-
-
-def stage_rows(run_dir: Path, iteration: int, stage: str):
-    path = run_dir / "stages" / f"iteration_{iteration:03d}" / f"{stage}.parquet"
-    return pq.read_table(path).to_pylist()
-
-
-def run_loop(root: Path, extra=(), iterations: int = 1, world_size: int = 1) -> dict:
-    config = compose_config(tiny_run_overrides(root, iterations) + list(extra))
-    config.validate(world_size)
-    return spawn_local(run_rank, world_size, config)[0]
+from megatron_tpo.parallel.local_launch import spawn_local
+from megatron_tpo.parallel.preemption import CRASH_AT_VARIABLE
+from tpo_fixtures import final_weights, run_loop, stage_rows, tiny_run_overrides
 
 
 def hf_completion_logprob(policy: Path, prompt, completion) -> float:
@@ -79,17 +65,6 @@ def test_one_iteration_at_tp2_pp2(tmp_path):
     check_iteration_zero(tmp_path, run_loop(
         tmp_path, ["parallel=tp2_pp2", "run.pairs_per_step=2", "train.micro_batch_pairs=2"],
         world_size=4))
-
-
-def final_weights(run_dir: Path) -> dict:
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    latest = (run_dir / "checkpoints" / "latest").read_text().strip()
-    flat = run_dir / "final.pt"
-    dcp_to_torch_save(run_dir / "checkpoints" / latest / "dist", flat)
-    state = torch.load(flat, weights_only=False)  # written by this test from our own run
-    # Model weights and optimizer state alike.
-    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
 # The kill-and-resume runs: two iterations of three DPO steps, so that a run can be cut

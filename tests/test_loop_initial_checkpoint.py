@@ -5,12 +5,11 @@ from pathlib import Path
 
 import torch
 
-from test_loop import final_weights, stage_rows
-from tpo_fixtures import tiny_run_overrides
+from tpo_fixtures import final_weights, stage_rows, tiny_run_overrides
 
-from megatron_tpo.cli.run import compose_config, main, run_rank  # noqa: E402
-from megatron_tpo.model.nemo import hf_to_dist  # noqa: E402
-from megatron_tpo.parallel.local_launch import spawn_local  # noqa: E402
+from megatron_tpo.cli.run import compose_config, main, run_rank
+from megatron_tpo.model.nemo import hf_to_dist
+from megatron_tpo.parallel.local_launch import spawn_local
 
 STAGES = ("rollouts", "judgments", "pairs", "reference")
 

@@ -14,14 +14,14 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
-from llama_fixtures import save_random_hf_llama, tiny_model_config
+from dpo_fixtures import random_pairs
+from llama_fixtures import megatron_shards, save_random_hf_llama, tiny_model_config
 from megatron_tpo.config import DPOTrainingConfig, ParallelConfig, load_model_config
 from megatron_tpo.model import llama_layout as layout
 from megatron_tpo.model.conversion import hf_to_mcore, mcore_to_hf
 from megatron_tpo.model.hf_config import model_config_from_hf
 from megatron_tpo.parallel.local_launch import spawn_local
 from megatron_tpo.plan.parameters import chunk_parameters, total_parameters
-from megatron_tpo.train.dpo_batch import TokenizedPair
 
 from tiny_hf import tiny_tokenizer
 
@@ -105,17 +105,6 @@ def test_planner_counts_the_tied_embedding_once():
     assert "output_layer.weight" in last_of_two  # megatron's copy on the last stage
 
 
-def _pairs(vocab_size: int, count: int = 2, seed: int = 5):
-    generator = torch.Generator().manual_seed(seed)
-
-    def tokens(low, high):
-        length = int(torch.randint(low, high, (), generator=generator))
-        return torch.randint(0, vocab_size, (length,), generator=generator).tolist()
-
-    return [TokenizedPair(prompt=tokens(2, 6), chosen=tokens(3, 9), rejected=tokens(3, 9))
-            for _ in range(count)]
-
-
 def _dpo_worker(rank, world_size, model, shard_root, pairs, hf_dir):
     from megatron.core import parallel_state
     from transformers import LlamaForCausalLM
@@ -154,10 +143,8 @@ def _dpo_worker(rank, world_size, model, shard_root, pairs, hf_dir):
 @pytest.fixture(scope="module")
 def dpo_run(tied_checkpoint, tmp_path_factory):
     model, hf_dir = tied_checkpoint
-    shard_root = hf_to_mcore(hf_dir, tmp_path_factory.mktemp("tied_mcore"), TP, PP,
-                             make_vocab_size_divisible_by=model.make_vocab_size_divisible_by,
-                             progress=False).destination
-    pairs = _pairs(model.vocab_size)
+    shard_root = megatron_shards(model, hf_dir, tmp_path_factory.mktemp("tied_mcore"), TP, PP)
+    pairs = random_pairs(model.vocab_size, count=2, seed=5, completion_lengths=(3, 9))
     return model, hf_dir, pairs, spawn_local(_dpo_worker, TP * PP, model, shard_root, pairs,
                                              hf_dir)
 

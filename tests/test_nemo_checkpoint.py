@@ -1,7 +1,6 @@
 """NeMo 2 and NeMo 1 checkpoints in and out: NeMo's own output read bit-exactly, round
 trips bit-exact, corruption named before anything is written, configs checked first."""
 
-import io
 import json
 import shutil
 import tarfile
@@ -11,6 +10,7 @@ import pytest
 import torch
 import yaml
 
+from file_damage import flip_byte, truncate
 from llama_fixtures import save_random_hf_llama, tiny_model_config
 from megatron_tpo.cli.convert import main as convert_main
 from megatron_tpo.config import ConfigError
@@ -217,16 +217,6 @@ def _damaged_copy(written_nemo, tmp_path, damage):
     return copy
 
 
-def _truncate(path: Path):
-    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-
-
-def _flip_byte(path: Path):
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0x01
-    path.write_bytes(bytes(data))
-
-
 def _change_hidden_size(root: Path):
     path = root / "context" / "model.yaml"
     body = yaml.safe_load(path.read_text())
@@ -235,13 +225,13 @@ def _change_hidden_size(root: Path):
 
 
 @pytest.mark.parametrize("damage,message", [
-    (lambda root: _truncate(root / "weights" / "__2_0.distcp"),
+    (lambda root: truncate(root / "weights" / "__2_0.distcp"),
      r"__2_0.distcp: truncated .*decoder.layers"),
-    (lambda root: _flip_byte(root / "weights" / "__3_0.distcp"),
+    (lambda root: flip_byte(root / "weights" / "__3_0.distcp"),
      r"__3_0.distcp: checksum differs .*decoder.layers"),
     (lambda root: (root / "weights" / "__1_0.distcp").unlink(),
      r"__1_0.distcp: missing; it holds .*decoder.layers"),
-    (lambda root: _flip_byte(root / "weights" / ".metadata"), r"\.metadata"),
+    (lambda root: flip_byte(root / "weights" / ".metadata"), r"\.metadata"),
     (_change_hidden_size, r"mlp.linear_fc1.weight has shape \(4, 352, 64\).*\(4, 256, 64\)"),
 ])
 def test_damaged_nemo_checkpoint_is_named_before_anything_is_written(

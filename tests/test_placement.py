@@ -9,12 +9,12 @@ import json
 
 import pytest
 
-from test_judge_reward_model_ranks import save_classifier
+from tiny_hf import save_classifier
 from tpo_fixtures import tiny_run_overrides
 
-from megatron_tpo.placement import MemoryLedger, Placement, TenantSpec  # noqa: E402
-from megatron_tpo.placement import policy  # noqa: E402
-from megatron_tpo.placement.ledger import (ASLEEP, AWAKE, IN_USE, RELEASED,  # noqa: E402
+from megatron_tpo.placement import MemoryLedger, Placement, TenantSpec
+from megatron_tpo.placement import policy
+from megatron_tpo.placement.ledger import (ASLEEP, AWAKE, IN_USE, RELEASED,
                                            RESIDENT, WEIGHTS_ONLY)
 
 GPU = "test GPU"

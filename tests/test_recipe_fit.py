@@ -14,21 +14,9 @@ import pytest
 
 from megatron_tpo.cli.run import compose_config, main
 from megatron_tpo.placement.policy import PHASES
-from megatron_tpo.config.loading import load_model_config
-from megatron_tpo.model.hf_config import hf_config_from_model
+from llama_fixtures import write_checkpoint_config
 
 REPOSITORY = Path(__file__).resolve().parents[1]
-from tiny_hf import tiny_tokenizer
-
-
-def write_checkpoint_config(directory: Path, model_name: str) -> Path:
-    """A directory with the config.json of ``configs/model/<model_name>.yaml`` and a
-    tokenizer with Llama-3's chat template: what the dry run reads (no weights)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    model = load_model_config(model_name)
-    (directory / "config.json").write_text(json.dumps(hf_config_from_model(model).to_dict()))
-    tiny_tokenizer().save_pretrained(directory)
-    return directory
 
 
 def trainer_tasks(script: str) -> int:

@@ -18,9 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from llama_fixtures import save_random_hf_llama, tiny_model_config
+from llama_fixtures import megatron_shards, save_random_hf_llama, tiny_model_config
 from megatron_tpo.config import ConfigError, DPOTrainingConfig, ParallelConfig
-from megatron_tpo.model.conversion import hf_to_mcore
 from megatron_tpo.parallel.launch import free_local_port
 from megatron_tpo.parallel.local_launch import spawn_local
 from megatron_tpo.rollout.bridge import BridgeError, open_engine_side
@@ -31,14 +30,13 @@ from megatron_tpo.train.dpo_batch import TokenizedPair
 
 from tiny_hf import tiny_tokenizer
 
-from test_loop import stage_rows
-from tpo_fixtures import tiny_run_overrides
+from tpo_fixtures import stage_rows, tiny_run_overrides
 from engine_processes import start_engine_world, stop_engine_world
+from weight_corruption import CORRUPTED, assert_corrupted_tensor_named
 
 TRAINING = DPOTrainingConfig(beta=0.5, lr=5e-3, warmup_steps=0, train_steps=4,
                              micro_batch_pairs=1, pad_to_multiple_of=8, clip_grad=0.0)
 BUCKET_BYTES = 300_000   # several buckets for the tiny model (see test_rollout_weight_sync)
-CORRUPTED = "model.layers.2.mlp.up_proj.weight"
 PROMPTS = ["the cat", "my dog is", "a b c", "the sun is", "here is my"]
 SEEDED = SamplingParams(n=2, temperature=1.0, top_p=1.0, max_new_tokens=8, seed=5)
 
@@ -112,9 +110,7 @@ def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("pool")
     hf_dir = save_random_hf_llama(model, root / "hf")
     tiny_tokenizer().save_pretrained(hf_dir)   # tpo-engine loads the checkpoint's tokenizer
-    shard_root = hf_to_mcore(hf_dir, root / "tp2", 2, 1,
-                             make_vocab_size_divisible_by=model.make_vocab_size_divisible_by,
-                             progress=False).destination
+    shard_root = megatron_shards(model, hf_dir, root / "tp2", 2, 1)
     generator = torch.Generator().manual_seed(7)
 
     def tokens(count):
@@ -170,8 +166,7 @@ def test_seeded_generation_from_the_pool_equals_colocated_engines(run):
 def test_a_tensor_corrupted_on_the_bridge_is_named_by_the_parity_check(run):
     reports, _, _ = run
     for report in reports:
-        assert ("first tensor whose checksum differs between what was sent and what the "
-                f"engine holds: {CORRUPTED} (rank 0)") in report["corrupted"]
+        assert_corrupted_tensor_named(report["corrupted"], rank=0)
         assert report["version"] == 2
 
 

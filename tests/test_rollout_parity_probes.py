@@ -8,13 +8,12 @@ import json
 import pytest
 import torch
 
-from test_loop import run_loop
 from tiny_hf import tiny_tokenizer
-from tpo_fixtures import tiny_run_overrides
+from tpo_fixtures import run_loop, tiny_run_overrides
 
-from megatron_tpo.config import ConfigError  # noqa: E402
-from megatron_tpo.rollout.parity import text_probes  # noqa: E402
-from megatron_tpo.rollout.weight_sync import WeightSyncConfig  # noqa: E402
+from megatron_tpo.config import ConfigError
+from megatron_tpo.rollout.parity import text_probes
+from megatron_tpo.rollout.weight_sync import WeightSyncConfig
 
 INSTRUCTIONS = ["the cat is my dog", "a b c d e f g h", "sun", "moon is the sun"]
 

@@ -20,9 +20,8 @@ import copy
 import pytest
 import torch
 
-from llama_fixtures import save_random_hf_llama, tiny_model_config
+from llama_fixtures import megatron_shards, save_random_hf_llama, tiny_model_config
 from megatron_tpo.config import DPOTrainingConfig, FP8Config, ParallelConfig
-from megatron_tpo.model.conversion import hf_to_mcore
 from megatron_tpo.parallel.local_launch import spawn_local
 from megatron_tpo.train.fp8 import check_fp8_settings
 
@@ -166,9 +165,7 @@ def reports(tmp_path_factory):
     root = tmp_path_factory.mktemp("parity_shapes")
     hf_dir = save_random_hf_llama(model, root / "trainer", seed=0)
     engine_dir = save_random_hf_llama(model, root / "engine", seed=1)   # stale until synced
-    shard_root = hf_to_mcore(hf_dir, root / "tp2", TP, 1,
-                             make_vocab_size_divisible_by=model.make_vocab_size_divisible_by,
-                             progress=False).destination
+    shard_root = megatron_shards(model, hf_dir, root / "tp2", TP, 1)
     probes = text_probe_ids()
     assert {len(p) for p in probes} == {PROBE_TOKENS}
     return spawn_local(_worker, TP, model, shard_root, engine_dir, probes)

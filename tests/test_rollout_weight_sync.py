@@ -14,9 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from llama_fixtures import save_random_hf_llama, tiny_model_config
+from llama_fixtures import megatron_shards, save_random_hf_llama, tiny_model_config
 from megatron_tpo.config import ConfigError, DPOTrainingConfig, ParallelConfig
-from megatron_tpo.model.conversion import hf_to_mcore
 from megatron_tpo.parallel.local_launch import spawn_local
 from megatron_tpo.rollout.engine import SamplingParams
 from megatron_tpo.rollout.hf_engine import HFRolloutEngine
@@ -24,13 +23,13 @@ from megatron_tpo.rollout.weight_sync import WeightSyncConfig
 from megatron_tpo.train.dpo_batch import TokenizedPair
 
 from tiny_hf import tiny_tokenizer
+from weight_corruption import assert_corrupted_tensor_named, corrupted_stream
 
 TRAINING = DPOTrainingConfig(beta=0.5, lr=5e-3, warmup_steps=0, train_steps=4,
                              micro_batch_pairs=1, pad_to_multiple_of=8, clip_grad=0.0)
 # The largest tensor of the tiny model is a 1001 x 64 float32 vocab table (256 KB), a
 # layer is 184 KB: six buckets, three per pipeline stage.
 BUCKET_BYTES = 300_000
-CORRUPTED = "model.layers.2.mlp.up_proj.weight"
 # Real text, as the loop probes the run's first chat prompts.
 PROBE_INSTRUCTIONS = ["the cat is my dog", "a b c d e f g h", "my sun is the moon !"]
 
@@ -49,8 +48,7 @@ class CorruptingEngine(HFRolloutEngine):
     """Loads one tensor wrong, as a broken transport or loader would."""
 
     def update_weights(self, stream):
-        super().update_weights((name, tensor + 0.05 if name == CORRUPTED else tensor)
-                               for name, tensor in stream)
+        super().update_weights(corrupted_stream(stream))
 
 
 class ScoresRecorded(HFRolloutEngine):
@@ -192,9 +190,7 @@ def _sync_worker(rank, world_size, model, shard_root, hf_dir, pairs, tokens, tra
 def reports(request, tmp_path_factory):
     model = tiny_model_config()
     hf_dir = save_random_hf_llama(model, tmp_path_factory.mktemp("sync") / "hf")
-    shard_root = hf_to_mcore(hf_dir, tmp_path_factory.mktemp("tp2_pp2"), 2, 2,
-                             make_vocab_size_divisible_by=model.make_vocab_size_divisible_by,
-                             progress=False).destination
+    shard_root = megatron_shards(model, hf_dir, tmp_path_factory.mktemp("tp2_pp2"), 2, 2)
     generator = torch.Generator().manual_seed(7)
     pairs = [TokenizedPair(prompt=torch.randint(0, model.vocab_size, (4,), generator=generator
                                                 ).tolist(),
@@ -245,8 +241,7 @@ def test_a_corrupted_tensor_stops_the_sync_on_every_rank_and_is_named(reports):
     _, reports = reports
     for report in reports:
         message = report["corrupted"]
-        assert f"first tensor whose checksum differs between what was sent and what the " \
-               f"engine holds: {CORRUPTED} (rank 1)" in message
+        assert_corrupted_tensor_named(message, rank=1)
         assert "weight_sync.parity_tolerance=0.0001" in message
         # Every replica behind an engine is checked: the second one's offset is caught.
         assert "probe log-probs differ from the trainer's by 0.5" in report["second_replica"]
@@ -341,9 +336,7 @@ def test_virtual_pipeline_and_data_parallel_layouts_stream_the_loaded_checkpoint
     model = tiny_model_config()
     hf_dir = save_random_hf_llama(model, tmp_path / "trainer", seed=0)
     other = save_random_hf_llama(model, tmp_path / "engine", seed=1)
-    shard_root = hf_to_mcore(hf_dir, tmp_path / "tp1_pp2", 1, 2,
-                             make_vocab_size_divisible_by=model.make_vocab_size_divisible_by,
-                             progress=False).destination
+    shard_root = megatron_shards(model, hf_dir, tmp_path / "tp1_pp2", 1, 2)
     tokens = torch.randint(0, model.vocab_size, (2, 10), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)(tokens).logits

@@ -11,10 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llama_fixtures import save_random_hf_llama, tiny_model_config
+from llama_fixtures import megatron_shards, save_random_hf_llama, tiny_model_config
 from megatron_tpo.config import DPOTrainingConfig, ParallelConfig
 from megatron_tpo.model import llama_layout as layout
-from megatron_tpo.model.conversion import hf_to_mcore
 from megatron_tpo.parallel.local_launch import spawn_local
 from megatron_tpo.train.dpo_batch import TokenizedPair
 
@@ -69,9 +68,7 @@ def _clipped_step_worker(rank, world_size, model, shard_root):
 def clipped_step(tmp_path_factory):
     model = tiny_model_config()
     hf_dir = save_random_hf_llama(model, tmp_path_factory.mktemp("clip") / "hf", seed=4)
-    shard_root = hf_to_mcore(hf_dir, tmp_path_factory.mktemp("clip_tp2"), TP, 1,
-                             make_vocab_size_divisible_by=model.make_vocab_size_divisible_by,
-                             progress=False).destination
+    shard_root = megatron_shards(model, hf_dir, tmp_path_factory.mktemp("clip_tp2"), TP, 1)
     reports = spawn_local(_clipped_step_worker, TP * DP, model, shard_root)
     return model, hf_dir, reports
 

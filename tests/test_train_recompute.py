@@ -9,9 +9,8 @@ gives the gradients of no recomputation.
 import pytest
 import torch
 
-from llama_fixtures import save_random_hf_llama, tiny_model_config
+from llama_fixtures import megatron_shards, save_random_hf_llama, tiny_model_config
 from megatron_tpo.config import ConfigError, DPOTrainingConfig, ParallelConfig
-from megatron_tpo.model.conversion import hf_to_mcore
 from megatron_tpo.parallel.local_launch import spawn_local
 from megatron_tpo.train.dpo_batch import TokenizedPair
 from megatron_tpo.train.recompute import recompute_transformer_fields
@@ -90,9 +89,7 @@ def _recompute_worker(rank, world_size, model, shard_root):
 def steps(tmp_path_factory):
     model = tiny_model_config()
     hf_dir = save_random_hf_llama(model, tmp_path_factory.mktemp("recompute") / "hf", seed=6)
-    shard_root = hf_to_mcore(hf_dir, tmp_path_factory.mktemp("recompute_tp1"), 1, 1,
-                             make_vocab_size_divisible_by=model.make_vocab_size_divisible_by,
-                             progress=False).destination
+    shard_root = megatron_shards(model, hf_dir, tmp_path_factory.mktemp("recompute_tp1"), 1, 1)
     [reports] = spawn_local(_recompute_worker, 1, model, shard_root)
     return reports
 

@@ -65,3 +65,32 @@ def tiny_run_overrides(root: Path, iterations: int = 2) -> List[str]:
         "run.pairs_per_step=2", f"run.iterations={iterations}", f"run.policy={policy}",
         f"run.dir={root / 'run'}", "run.tensorboard=false",
     ]
+
+
+def run_loop(root: Path, extra=(), iterations: int = 1, world_size: int = 1) -> dict:
+    """A tiny loop run in ``root`` in ``world_size`` local processes; rank 0's summary."""
+    from megatron_tpo.cli.run import compose_config, run_rank
+    from megatron_tpo.parallel.local_launch import spawn_local
+
+    config = compose_config(tiny_run_overrides(root, iterations) + list(extra))
+    config.validate(world_size)
+    return spawn_local(run_rank, world_size, config)[0]
+
+
+def stage_rows(run_dir: Path, iteration: int, stage: str):
+    """The stored rows of one stage of one iteration."""
+    import pyarrow.parquet as pq
+
+    path = run_dir / "stages" / f"iteration_{iteration:03d}" / f"{stage}.parquet"
+    return pq.read_table(path).to_pylist()
+
+
+def final_weights(run_dir: Path) -> dict:
+    """Every tensor of the run's latest checkpoint: model weights and optimizer state."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    latest = (run_dir / "checkpoints" / "latest").read_text().strip()
+    flat = run_dir / "final.pt"
+    dcp_to_torch_save(run_dir / "checkpoints" / latest / "dist", flat)
+    state = torch.load(flat, weights_only=False)  # written by the caller from our own run
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
