@@ -21,6 +21,8 @@ from megatron_tpo.checkpoint.manifest import read_manifest, verify_files
 from megatron_tpo.parallel.local_launch import spawn_local
 from megatron_tpo.parallel.preemption import CRASH_AT_VARIABLE
 
+pytestmark = pytest.mark.slow
+
 # Where the re-save of step 2 is killed, and which copy must be found afterwards.
 KILL_POINTS = {"2:checkpoint_set_aside": "old", "2:checkpoint_renamed": "new",
                "2:checkpoint_latest": "new"}

@@ -110,6 +110,7 @@ def _from_last_stage(reports, key):
     return values
 
 
+@pytest.mark.slow
 def test_a_checkpoint_saved_at_tp1_pp1_loads_at_tp2_pp2_and_vpp_and_back_with_equal_logits(
         tmp_path):
     model = tiny_model_config()
@@ -171,6 +172,7 @@ def _resume_worker(rank, world_size, model, root, pairs, reference, resume):
     return report
 
 
+@pytest.mark.slow
 def test_a_dpo_run_resumed_from_step_2_equals_the_uninterrupted_run_bitwise(tmp_path):
     model = tiny_model_config()
     pairs = random_pairs(model.vocab_size)
@@ -339,11 +341,13 @@ def integrity(tmp_path_factory):
     return report
 
 
+@pytest.mark.slow
 def test_an_empty_root_loads_nothing_and_keep_last_prunes_older_checkpoints(integrity):
     assert integrity["empty"] is None
     assert integrity["kept"] == ["latest", "step_00000002", "step_00000003"]
 
 
+@pytest.mark.slow
 def test_a_save_killed_part_way_leaves_latest_at_the_previous_checkpoint_which_loads(
         integrity):
     assert integrity["killed"] == "killed while hashing"
@@ -355,6 +359,7 @@ def test_a_save_killed_part_way_leaves_latest_at_the_previous_checkpoint_which_l
     assert integrity["after_next_save"] == ["latest", "step_00000003", "step_00000004"]
 
 
+@pytest.mark.slow
 def test_a_save_killed_with_sigkill_leaves_the_previous_checkpoint_complete(integrity):
     from megatron_tpo.checkpoint.manifest import read_manifest, verify_files
 
@@ -366,6 +371,7 @@ def test_a_save_killed_with_sigkill_leaves_the_previous_checkpoint_complete(inte
     verify_files(directory, read_manifest(directory))  # every file still matches
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(CORRUPTIONS))
 def test_a_damaged_file_is_named_before_anything_is_overwritten(integrity, case):
     message, target, weights_kept, files_untouched = integrity["damaged"][case]
@@ -374,6 +380,7 @@ def test_a_damaged_file_is_named_before_anything_is_overwritten(integrity, case)
     assert weights_kept and files_untouched
 
 
+@pytest.mark.slow
 def test_a_checkpoint_of_another_model_shape_names_the_tensor(integrity):
     message = integrity["other_shape"]
     assert message is not None and "decoder.layers.mlp.linear_fc1.weight" in message
@@ -401,6 +408,7 @@ def test_every_torch_load_in_the_package_is_weights_only():
     assert not unsafe, f"torch.load without weights_only=True: {unsafe}"
 
 
+@pytest.mark.slow
 def test_loads_read_only_megatrons_common_pt_with_torch_load_and_that_is_weights_only(
         integrity, tmp_path):
     # Our own files are JSON. Each tensor record is loaded weights-only; megatron reads

@@ -37,6 +37,7 @@ def run_dir(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_m1_of_a_run_is_converted_answered_judged_and_summarised(run_dir, tmp_path, capsys):
     out = tmp_path / "eval"
     code = main(["--run", str(run_dir / "run"), "--iteration", "1", "--sets",
@@ -106,6 +107,7 @@ def test_a_pairwise_judge_needs_a_model_of_its_own(run_dir, tmp_path, capsys):
     assert code == 2 and "judge.pairwise.model" in err
 
 
+@pytest.mark.slow
 def test_a_judge_model_on_a_pool_of_its_own_judges_the_answers(run_dir, tmp_path):
     """The cluster layout in miniature: a tpo-engine --serve judge pool (HF engines, gloo)
     and tpo-eval as its client, each its own process, given the same judge settings."""

@@ -15,6 +15,7 @@ def overrides(tmp_path_factory):
     return tiny_run_overrides(tmp_path_factory.mktemp("tiny"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bad, named", [
     (["model.bogus=1"], "model.bogus: no such setting; model has name, num_layers"),
     (["train.lrr=1e-6"], "train.lrr: no such setting; did you mean train.lr"),
@@ -65,6 +66,7 @@ def test_the_baseline_differs_from_tpo_in_the_thought_prompt_only(overrides):
         "User query: cat dog<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
 
 
+@pytest.mark.slow
 def test_a_requeued_run_on_other_nodes_keeps_its_stages_but_other_sampling_does_not(overrides):
     from megatron_tpo.data.storage import config_hash
 
@@ -90,6 +92,7 @@ def _kv_cache_refusal(overrides, *settings):
     return None
 
 
+@pytest.mark.slow
 def test_a_kv_cache_that_cannot_hold_one_sequence_is_refused_with_the_bytes_and_the_fix(
         overrides):
     """vLLM refuses to start unless its KV cache holds one max_model_len sequence in whole

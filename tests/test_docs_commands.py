@@ -410,6 +410,7 @@ def as_run_here(command: Command):
     return f"batch-host dry run of: {command.text}", "tpo-run", argv
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("document", list(ALL_COMMANDS))
 def test_the_documents_commands_run_as_written(document, stand_ins, tmp_path, monkeypatch,
                                                capsys):

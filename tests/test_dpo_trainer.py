@@ -123,6 +123,7 @@ def _merged_hf_grads(reports, model, tp):
     return layout.merge_model(by_rank, model)
 
 
+@pytest.mark.slow
 def test_reference_logprobs_equal_hf_on_every_rank_and_step_zero_loss_is_log_2(run):
     from transformers import LlamaForCausalLM
 
@@ -149,6 +150,7 @@ def test_reference_logprobs_equal_hf_on_every_rank_and_step_zero_loss_is_log_2(r
         assert first["rewards/margin"] == 0 and first["rewards/accuracy"] == 0
 
 
+@pytest.mark.slow
 def test_loss_goes_down_on_a_fixed_batch_under_warmup_and_cosine_lr(run):
     reports = run[4]
     steps = _last_stage_reports(reports)[0]["learning"]
@@ -169,6 +171,7 @@ def test_loss_goes_down_on_a_fixed_batch_under_warmup_and_cosine_lr(run):
             assert metrics["tokens_per_second"] > 0 and metrics["grad_norm"] > 0
 
 
+@pytest.mark.slow
 def test_dpo_loss_and_gradients_equal_hf_with_plain_log_softmax(run):
     from transformers import LlamaForCausalLM
 
@@ -241,6 +244,7 @@ def two_pairs_per_micro_batch(hf_checkpoint, tmp_path_factory):
     return model, hf_dir, pairs, reference_shift, report
 
 
+@pytest.mark.slow
 def test_reference_logprobs_of_several_pairs_per_micro_batch_equal_hf_pair_by_pair(
         two_pairs_per_micro_batch):
     from transformers import LlamaForCausalLM
@@ -254,6 +258,7 @@ def test_reference_logprobs_of_several_pairs_per_micro_batch_equal_hf_pair_by_pa
         torch.testing.assert_close(report[name], expected[:3], rtol=1e-5, atol=1e-4, msg=name)
 
 
+@pytest.mark.slow
 def test_ipo_step_loss_and_gradients_equal_an_independent_ipo_on_hf(two_pairs_per_micro_batch):
     from transformers import LlamaForCausalLM
 
@@ -398,6 +403,7 @@ def _sequence_parallel_gather_worker(rank, world_size):
     return everything.grad[own], local.grad
 
 
+@pytest.mark.slow
 def test_sequence_parallel_gather_keeps_the_kernel_hidden_gradient():
     """The kernel already sums the hidden gradient over TP ranks; the gather in front of it
     must hand each rank its slice of that sum, not sum it again."""

@@ -11,6 +11,8 @@ export ever holds a thought.
 import json
 import re
 
+import pytest
+
 from megatron_tpo.data.thought_templates import ThoughtTemplate
 from megatron_tpo.evaluation.models import model_source
 from megatron_tpo.evaluation.suite import EvalSuiteConfig, EvalTask, evaluate
@@ -19,6 +21,8 @@ from megatron_tpo.rollout.config import RolloutConfig
 from megatron_tpo.rollout.engine import SamplingParams
 
 from eval_fixtures import JUDGE_PROMPT, ShorterWinsJudgeEngine
+
+pytestmark = pytest.mark.slow
 
 TEMPLATE = ThoughtTemplate(
     name="note", response_marker="Answer:",

@@ -15,6 +15,8 @@ from megatron_tpo.parallel.local_launch import spawn_local
 from megatron_tpo.rollout.engine import GenerationOutput, RolloutEngine, SamplingParams
 from tpo_fixtures import run_loop, stage_rows
 
+pytestmark = pytest.mark.slow
+
 PROMPTS = ["pick one", "which is best", "say more"]
 RESPONSES = [["a", "bbb", "cc", "dddd"], ["xx", "y", "zzz", "wwwwww"], ["q", "rr", "sss", "t"]]
 ANSWER = re.compile(r"Assistant A's Answer\]\n(.*)\n\[The End of Assistant A's Answer\].*"

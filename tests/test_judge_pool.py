@@ -155,6 +155,7 @@ def _judge_worker(rank, world_size, overrides):
     return report
 
 
+@pytest.mark.slow
 def test_a_judge_pool_judges_exactly_as_the_colocated_judge(tmp_path, monkeypatch):
     from megatron_tpo.parallel.launch import free_local_port
     from megatron_tpo.parallel.local_launch import spawn_local
@@ -206,6 +207,7 @@ def test_tpo_engine_serve_judge_refuses_what_it_cannot_serve(capsys, tmp_path):
 
 # -- on a local Slurm ---------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.skipif(not slurm_installed(),
                     reason="Slurm daemons not installed (.ci/run installs them)")
 def test_a_tiny_job_with_a_judge_pool_step_judges_through_it_to_the_end(slurm, tmp_path):

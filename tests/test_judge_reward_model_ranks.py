@@ -45,6 +45,7 @@ def _ranks_worker(rank, world_size, path, batch_size):
     return judgment.scores, calls
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batch_size", [1, 2])
 def test_two_ranks_score_what_one_process_scores_each_scoring_its_share(tmp_path, batch_size):
     path = save_classifier(tmp_path / "rm")
@@ -112,6 +113,7 @@ def test_offloading_defaults_on_for_cuda_only():
     assert config.reward_model.offloads() is True
 
 
+@pytest.mark.slow
 def test_the_loop_spreads_reward_model_judging_over_two_ranks(tmp_path):
     path = save_classifier(tmp_path / "rm")
     run_loop(tmp_path, world_size=2, extra=[

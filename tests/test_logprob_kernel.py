@@ -79,6 +79,7 @@ def small_chunks(monkeypatch):
             getattr(logprob_torch, name), token_chunk=8, vocab_chunk=32))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tokens,hidden_size,vocab", [(37, 24, 101), (1, 16, 50), (65, 40, 257)])
 def test_values_and_gradients_match_float64_reference(small_chunks, tokens, hidden_size, vocab):
     inputs = make_inputs(tokens, hidden_size, vocab)
@@ -95,6 +96,7 @@ def test_logprob_only_gradients_match_float64_reference(small_chunks, tokens, hi
         torch.testing.assert_close(a.double(), e, atol=2e-5, rtol=2e-5, msg=name)
 
 
+@pytest.mark.slow
 def test_default_chunking_matches_reference():
     inputs = make_inputs(2100, 16, 4500, seed=1)  # more than one token and vocab chunk
     assert_close(fused(*inputs), reference(*inputs), atol=2e-5)
@@ -178,6 +180,7 @@ def two_tp_ranks():
     return spawn_local(_tp_rank, 2, TP_INPUTS)
 
 
+@pytest.mark.slow
 def test_tensor_parallel_two_ranks_equal_one(two_tp_ranks):
     ranks = [with_entropy for with_entropy, _ in two_tp_ranks]
     single = fused(*TP_INPUTS)
@@ -189,6 +192,7 @@ def test_tensor_parallel_two_ranks_equal_one(two_tp_ranks):
     assert_close(single, reference(*TP_INPUTS), atol=2e-5)
 
 
+@pytest.mark.slow
 def test_tensor_parallel_logprob_only_gradients_equal_reference(two_tp_ranks):
     expected = logprob_only_reference(*TP_INPUTS)
     ranks = [logprobs_only for _, logprobs_only in two_tp_ranks]

@@ -24,6 +24,7 @@ needs_interpreter = pytest.mark.skipif(not INTERPRETED, reason="runs in the chil
                                        "TRITON_INTERPRET=1 (see test_kernels_in_interpreter)")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(INTERPRETED, reason="already inside the interpreter run")
 def test_kernels_in_interpreter():
     pytest.importorskip("triton")
@@ -197,6 +198,7 @@ def _compile_for_h100(kernel, pointer_dtypes, constexprs, num_warps):
     return next(line for line in usage.splitlines() if "REG:" in line)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(INTERPRETED, reason="compiles for a GPU target, not interpreted")
 @pytest.mark.parametrize("with_entropy", [False, True])
 def test_bf16_kernels_compile_for_h100(with_entropy):

@@ -17,6 +17,8 @@ from megatron_tpo.parallel.local_launch import spawn_local
 from megatron_tpo.parallel.preemption import CRASH_AT_VARIABLE
 from tpo_fixtures import final_weights, run_loop, stage_rows, tiny_run_overrides
 
+pytestmark = pytest.mark.slow
+
 
 def hf_completion_logprob(policy: Path, prompt, completion) -> float:
     """Sum of log p(completion | prompt) under the HF model: an independent reference."""

@@ -3,6 +3,7 @@ instead of the per-rank conversion of ``run.policy``."""
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from tpo_fixtures import final_weights, stage_rows, tiny_run_overrides
@@ -27,6 +28,7 @@ def run_tp2(root: Path, run_dir: Path, extra=()):
     return spawn_local(run_rank, 2, config)[0]
 
 
+@pytest.mark.slow
 def test_an_iteration_from_the_dist_checkpoint_equals_the_one_from_the_hf_policy(tmp_path):
     tiny_run_overrides(tmp_path)  # writes the policy and prompt files
     hf_to_dist(tmp_path / "policy", tmp_path / "dist", progress=False)

@@ -208,6 +208,7 @@ def _smollm2_logits(rank, world_size, model, shard_roots, tokens):
     return reports
 
 
+@pytest.mark.slow
 def test_smollm2_logits_at_tp3_pp2_and_tp1_pp2_equal_hf_on_chat_text(smollm2):
     from transformers import AutoTokenizer, LlamaForCausalLM
 
@@ -233,6 +234,7 @@ def test_smollm2_logits_at_tp3_pp2_and_tp1_pp2_equal_hf_on_chat_text(smollm2):
             assert torch.equal(logits.argmax(-1), expected.argmax(-1)), tp_pp
 
 
+@pytest.mark.slow
 def test_smollm2_round_trip_is_bit_exact_with_the_embedding_stored_once(smollm2, tmp_path):
     hf, shard_roots = smollm2
     mcore_to_hf(shard_roots[(3, 2)], tmp_path / "back", progress=False)
@@ -245,6 +247,7 @@ def test_smollm2_round_trip_is_bit_exact_with_the_embedding_stored_once(smollm2,
             assert torch.equal(back.get(name), original.get_tensor(name)), name
 
 
+@pytest.mark.slow
 def test_smollm2_answers_a_chat_question_after_conversion(smollm2):
     from transformers import AutoTokenizer, LlamaForCausalLM
 
@@ -259,6 +262,7 @@ def test_smollm2_answers_a_chat_question_after_conversion(smollm2):
     assert "Paris" in answer, answer
 
 
+@pytest.mark.slow
 def test_smollm2_cpu_experiment_validates_against_the_converted_policy(smollm2):
     from pathlib import Path
 

@@ -155,6 +155,7 @@ def _hf_sequence_logprobs(hf_model, prompt, completion):
     return logprobs.gather(-1, tokens[0, 1:, None])[len(prompt) - 1:, 0].sum()
 
 
+@pytest.mark.slow
 def test_dpo_gradients_at_tp2_pp2_equal_hf_with_both_uses_on_the_shared_weight(dpo_run):
     from transformers import LlamaForCausalLM
 
@@ -208,6 +209,7 @@ def _untied_grads(hf_dir, pairs, reference):
     return {name: p.grad for name, p in untied.named_parameters()}
 
 
+@pytest.mark.slow
 def test_one_optimizer_step_leaves_first_and_last_stage_copies_identical(dpo_run, tied_checkpoint):
     from megatron_tpo.model.hf_checkpoint import HFCheckpointReader
 
@@ -225,6 +227,7 @@ def test_one_optimizer_step_leaves_first_and_last_stage_copies_identical(dpo_run
     assert (merged - before).abs().max() > 1e-4
 
 
+@pytest.mark.slow
 def test_weight_stream_sends_the_shared_weight_once_and_every_engine_matches(dpo_run):
     model, reports = dpo_run[0], dpo_run[3]
     first = [reports[r]["weights"][layout.EMBEDDING] for r in range(len(reports))

@@ -204,6 +204,7 @@ def reward_model_run(tmp_path_factory):
     return root, overrides, events, lines
 
 
+@pytest.mark.slow
 def test_the_tenants_did_exactly_what_the_ledger_recorded(reward_model_run):
     _, _, events, lines = reward_model_run
     phases = [line["phase"] for line in lines]
@@ -217,6 +218,7 @@ def test_the_tenants_did_exactly_what_the_ledger_recorded(reward_model_run):
         assert performed, tenant
 
 
+@pytest.mark.slow
 def test_the_dry_run_writes_the_ledger_the_run_wrote(reward_model_run, capsys):
     from megatron_tpo.cli.run import main
 

@@ -87,6 +87,7 @@ def fit_lines(out: str) -> dict:
     return found
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script, recipe, extra", [
     ("tpo_8b.sh", llama3_8b, []),
     ("tpo_70b.sh", llama3_70b, []),
@@ -107,6 +108,7 @@ def test_each_gpu_recipe_fits_the_allocation_its_script_asks_for_in_every_phase_
     assert f"sized for world size {world} (the slurm launcher)" in out, out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe, extra, world", [
     (llama3_8b, [], 8), (llama3_70b, [], 64),
     (llama3_70b, ["experiment=llama3_70b_separate"], 32)])
@@ -131,6 +133,7 @@ def test_the_cpu_recipes_say_their_memory_is_not_checked(monkeypatch, capsys, tm
     assert "memory per phase: not checked (run.hardware=cpu)" in out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world, change, phase, numbers, fix", [
     # The 70B recipe as it shipped: 4 nodes, DP=1 (the optimizer unsharded beside the
     # awake engine), and before that an engine of TP=1 holding 131 GiB of weights.
@@ -181,6 +184,7 @@ def test_the_8b_recipe_judges_with_the_reward_model_awake_and_the_policy_engine_
         assert held["total_bytes"] <= held["capacity_bytes"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("change, phase, fix", [
     # Level 0 pauses scheduling and frees nothing: the engine is awake in effect.
     (["rollout.vllm.sleep_level=0"], "held-out judging", "rollout.vllm.sleep_level=1"),
@@ -199,6 +203,7 @@ def test_the_8b_recipe_with_its_engine_awake_in_judging_or_its_judge_resident_is
     assert f"smallest fix: {fix}" in err, err
 
 
+@pytest.mark.slow
 def test_a_reward_model_too_large_for_the_card_is_refused_in_judging(monkeypatch, capsys,
                                                                        recipe_files):
     files, tmp = recipe_files
@@ -248,6 +253,7 @@ def test_the_phase_peaks_add_up_to_the_planner_items(recipe_files):
     assert lines["rollout", gpu].total == pytest.approx(resident + nccl + claim)
 
 
+@pytest.mark.slow
 def test_tpo_plan_judges_a_layout_of_a_recipe_as_its_dry_run_does(monkeypatch, capsys,
                                                                    recipe_files):
     """One memory model, one verdict: the layout that fits the trainer alone on 4 nodes is
@@ -272,6 +278,7 @@ def test_tpo_plan_judges_a_layout_of_a_recipe_as_its_dry_run_does(monkeypatch, c
     assert "Counted: the trainer only." in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_the_plan_tpo_plan_emits_for_a_recipe_is_accepted_by_its_dry_run(monkeypatch, capsys,
                                                                          recipe_files):
     from megatron_tpo.cli import plan

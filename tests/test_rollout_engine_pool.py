@@ -131,6 +131,7 @@ def run(tmp_path_factory):
     return reports, exit_codes, logs
 
 
+@pytest.mark.slow
 def test_the_pool_scores_the_probes_as_megatron_does_after_a_dpo_step(run):
     reports, _, _ = run
     for report in reports:
@@ -151,6 +152,7 @@ def test_the_pool_scores_the_probes_as_megatron_does_after_a_dpo_step(run):
         assert (each - report["megatron_scores"]).abs().max() < 1e-4
 
 
+@pytest.mark.slow
 def test_seeded_generation_from_the_pool_equals_colocated_engines(run):
     reports, _, _ = run
     for report in reports:
@@ -163,6 +165,7 @@ def test_seeded_generation_from_the_pool_equals_colocated_engines(run):
         assert any(ids[0] != ids[1] for ids in separate)
 
 
+@pytest.mark.slow
 def test_a_tensor_corrupted_on_the_bridge_is_named_by_the_parity_check(run):
     reports, _, _ = run
     for report in reports:
@@ -170,6 +173,7 @@ def test_a_tensor_corrupted_on_the_bridge_is_named_by_the_parity_check(run):
         assert report["version"] == 2
 
 
+@pytest.mark.slow
 def test_an_engine_error_reaches_every_trainer_rank_and_the_pool_serves_on(run):
     reports, exit_codes, _ = run
     for report in reports:
@@ -180,6 +184,7 @@ def test_an_engine_error_reaches_every_trainer_rank_and_the_pool_serves_on(run):
     assert exit_codes == [0, 0]   # both ranks went on to answer the shutdown request
 
 
+@pytest.mark.slow
 def test_the_pool_stops_when_the_trainer_asks(run):
     _, exit_codes, logs = run
     assert exit_codes == [0, 0], logs
@@ -194,6 +199,7 @@ def test_a_missing_pool_fails_within_the_timeout_naming_address_and_port():
     assert time.monotonic() - started < 5
 
 
+@pytest.mark.slow
 def test_an_engine_without_a_trainer_fails_within_the_timeout_naming_address_and_port():
     port = free_local_port()
     started = time.monotonic()
@@ -252,6 +258,7 @@ ITERATION_CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(ITERATION_CASES))
 def test_a_tpo_iteration_with_a_separate_pool_stores_the_rows_of_a_colocated_one(
         tmp_path, monkeypatch, case):

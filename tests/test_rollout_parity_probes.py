@@ -56,6 +56,7 @@ def test_the_tolerance_resolves_from_the_trainers_precision_and_fp8():
         WeightSyncConfig(parity_tolerance_bfloat16=0).validate()
 
 
+@pytest.mark.slow
 def test_each_syncs_measured_difference_lands_in_the_iteration_record(tmp_path):
     from megatron_tpo.build import training_prompts
     from megatron_tpo.cli.run import compose_config

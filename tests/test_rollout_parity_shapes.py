@@ -202,6 +202,7 @@ def test_the_claimed_settings_are_ones_an_fp8_run_could_train_with():
                 check_environment=False)
 
 
+@pytest.mark.slow
 def test_the_stand_in_refuses_the_unpadded_probes_wherever_the_gpu_would(reports):
     for report in reports:
         assert {name: case["stand_in_accepts_unpadded"] for name, case in report.items()} == {
@@ -210,6 +211,7 @@ def test_the_stand_in_refuses_the_unpadded_probes_wherever_the_gpu_would(reports
             "fp8_trainer_padding": False}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(CASES))
 def test_a_sync_passes_parity_with_probes_padded_to_what_the_trainer_accepts(reports, name):
     expected_length = CASES[name][3]
@@ -227,6 +229,7 @@ def test_a_sync_passes_parity_with_probes_padded_to_what_the_trainer_accepts(rep
 
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", [name for name in CASES if name != "bf16"])
 def test_padding_leaves_the_real_tokens_log_probs_as_unpadded(reports, name):
     for report in reports:

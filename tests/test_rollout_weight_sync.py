@@ -203,6 +203,7 @@ def reports(request, tmp_path_factory):
                                       request.param, text_probe_ids())
 
 
+@pytest.mark.slow
 def test_every_ranks_engine_computes_the_megatron_logits_after_a_dpo_step(reports):
     _, reports = reports
     last_stage = [r["megatron"] for r in reports if r["megatron"] is not None]
@@ -216,6 +217,7 @@ def test_every_ranks_engine_computes_the_megatron_logits_after_a_dpo_step(report
         assert (report["after"] - megatron).abs().max() < 1e-4
 
 
+@pytest.mark.slow
 def test_parity_check_passes_and_versions_go_up_by_one_per_sync(reports):
     _, reports = reports
     for report in reports:
@@ -237,6 +239,7 @@ def test_parity_check_passes_and_versions_go_up_by_one_per_sync(reports):
         assert metrics["seconds"] > 0
 
 
+@pytest.mark.slow
 def test_a_corrupted_tensor_stops_the_sync_on_every_rank_and_is_named(reports):
     _, reports = reports
     for report in reports:
@@ -247,6 +250,7 @@ def test_a_corrupted_tensor_stops_the_sync_on_every_rank_and_is_named(reports):
         assert "probe log-probs differ from the trainer's by 0.5" in report["second_replica"]
 
 
+@pytest.mark.slow
 def test_the_probes_are_the_given_text_and_a_small_shift_fails_the_float32_bound(reports):
     _, reports = reports
     probes = text_probe_ids()
@@ -258,6 +262,7 @@ def test_the_probes_are_the_given_text_and_a_small_shift_fails_the_float32_bound
         assert "weight_sync.check_parity=true needs probes" in report["no_probes"]
 
 
+@pytest.mark.slow
 def test_measured_peak_memory_of_a_sync_is_two_buckets_plus_one_tensors_shards(reports):
     transport, reports = reports
     plan = reports[0]["plan"]
@@ -330,6 +335,7 @@ def _virtual_pipeline_worker(rank, world_size, model, shard_root, other_hf_dir, 
 SEEDED = SamplingParams(n=2, temperature=1.0, top_p=1.0, max_new_tokens=8, seed=5)
 
 
+@pytest.mark.slow
 def test_virtual_pipeline_and_data_parallel_layouts_stream_the_loaded_checkpoint(tmp_path):
     from transformers import LlamaForCausalLM
 
@@ -392,6 +398,7 @@ def _transport_worker(rank, world_size, shm_dirs):
     return picked, left
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shared", [True, False])
 def test_shared_memory_is_used_only_where_every_rank_sees_the_same_files(tmp_path, shared):
     dirs = [tmp_path / "shm"] * 2 if shared else [tmp_path / "shm0", tmp_path / "shm1"]

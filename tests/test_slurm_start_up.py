@@ -18,8 +18,9 @@ from tpo_fixtures import tiny_run_overrides
 REPOSITORY = Path(__file__).resolve().parents[1]
 PROBE = Path(__file__).parent / "fixtures" / "start_up_probe"
 
-pytestmark = pytest.mark.skipif(not slurm_installed(),
-                                reason="Slurm daemons not installed (.ci/run installs them)")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not slurm_installed(),
+                                 reason="Slurm daemons not installed (.ci/run installs them)")]
 
 
 def test_each_tpo_run_task_sees_the_launch_variables_vllm_reads(slurm, tmp_path):

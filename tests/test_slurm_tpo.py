@@ -16,8 +16,9 @@ from tpo_fixtures import tiny_run_overrides
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 
-pytestmark = pytest.mark.skipif(not slurm_installed(),
-                                reason="Slurm daemons not installed (.ci/run installs them)")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not slurm_installed(),
+                                 reason="Slurm daemons not installed (.ci/run installs them)")]
 
 
 def wait_for(path: Path, timeout: float) -> None:

@@ -153,6 +153,7 @@ def short_run(tmp_path_factory):
     return tmp_path / "runs" / "seed_0", result.stdout
 
 
+@pytest.mark.slow
 def test_both_arms_start_from_byte_identical_m0_weights(short_run):
     seed_root, _ = short_run
     policies = {}
@@ -171,6 +172,7 @@ def test_both_arms_start_from_byte_identical_m0_weights(short_run):
     assert [r["instruction"] for r in tpo0] == [r["instruction"] for r in base0]
 
 
+@pytest.mark.slow
 def test_summary_kinds_are_those_of_the_stored_rollouts(short_run):
     seed_root, _ = short_run
     summary = json.loads((seed_root / "summary.json").read_text())
@@ -184,6 +186,7 @@ def test_summary_kinds_are_those_of_the_stored_rollouts(short_run):
     assert (seed_root / "tpo_vs_baseline.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow
 def test_the_multi_seed_benchmark_ends_with_its_json(short_run):
     seed_root, stdout = short_run
     result = json.loads(stdout.strip().splitlines()[-1])

@@ -61,6 +61,7 @@ def test_packed_batch_fills_rows_longest_first_and_restarts_positions_per_exampl
     assert tail["position_ids"].tolist() == [[0, 1, 2, 3], [0, 1, 2, 3]]
 
 
+@pytest.mark.slow
 def test_packed_forward_gives_each_example_its_own_logits_and_loss_in_float64(tokenizer,
                                                                              problems):
     """Packing must not let an example see the one before it in its row: each example's
@@ -90,6 +91,7 @@ def test_packed_forward_gives_each_example_its_own_logits_and_loss_in_float64(to
     assert loss == pytest.approx(nll / tokens, rel=1e-6)
 
 
+@pytest.mark.slow
 def test_a_few_sft_steps_lower_the_completion_loss(tokenizer, problems):
     examples = [d.example for d in warm_start_data(problems, tokenizer, DEFAULT_MIX, 0)
                 if d.style == "thought"]

@@ -17,6 +17,8 @@ from megatron_tpo.model import llama_layout as layout
 from megatron_tpo.parallel.local_launch import spawn_local
 from megatron_tpo.train.dpo_batch import TokenizedPair
 
+pytestmark = pytest.mark.slow
+
 TP, DP = 2, 2
 # The pre-clip gradient norm of this step is about 5; clipping to 1 scales every
 # gradient by about 1/5.

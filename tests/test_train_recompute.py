@@ -94,11 +94,13 @@ def steps(tmp_path_factory):
     return reports
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(SETTINGS))
 def test_recompute_settings_are_the_fields_of_the_trainers_transformer_config(steps, name):
     assert steps[name]["fields"] == SETTINGS[name][1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(SETTINGS))
 def test_recomputed_layers_and_attention_run_again_in_backward(steps, name):
     _, _, layer_runs, attention_runs = SETTINGS[name]
@@ -106,6 +108,7 @@ def test_recomputed_layers_and_attention_run_again_in_backward(steps, name):
     assert steps[name]["attention_runs"] == [MICRO_BATCHES * n for n in attention_runs]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(set(SETTINGS) - {"none"}))
 def test_recomputation_gives_the_gradients_of_none(steps, name):
     expected, got = steps["none"], steps[name]
