@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from logprob_reference import logprob_only_reference, logprob_only_values_and_grads
 from megatron_tpo.kernels import fused_target_logprobs, logprob_torch, reference_target_logprobs
 from megatron_tpo.parallel.local_launch import spawn_local
 
@@ -42,22 +43,6 @@ def fused(hidden, weight, targets, mask, upstream, **kwargs):
     call = functools.partial(fused_target_logprobs, return_entropy=True, ignore_index=IGNORE,
                              impl="torch", **kwargs)
     return values_and_grads(call, hidden, weight, targets, mask, upstream, hidden.dtype)
-
-
-def logprob_only_values_and_grads(fn, hidden, weight, targets, mask, upstream, dtype):
-    """Log-probs and their gradients with no entropy asked for: the path DPO trains on."""
-    hidden = hidden.detach().to(dtype).requires_grad_()
-    weight = weight.detach().to(dtype).requires_grad_()
-    logprobs = fn(hidden, weight, targets, mask)
-    (logprobs * upstream[0].to(logprobs.dtype)).sum().backward()
-    return logprobs.detach(), hidden.grad, weight.grad
-
-
-def logprob_only_reference(hidden, weight, targets, mask, upstream):
-    def logprobs(*inputs):
-        return reference_target_logprobs(*inputs)[0]
-    return logprob_only_values_and_grads(logprobs, hidden, weight, targets, mask, upstream,
-                                         torch.float64)
 
 
 def logprob_only_fused(hidden, weight, targets, mask, upstream, **kwargs):

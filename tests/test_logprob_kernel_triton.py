@@ -17,7 +17,7 @@ import torch.distributed as dist
 # Neither import loads triton: the Triton module is imported when impl="triton" is used.
 from megatron_tpo.kernels import fused_target_logprobs, reference_target_logprobs
 from megatron_tpo.parallel.local_launch import spawn_local
-from test_logprob_kernel import logprob_only_reference, logprob_only_values_and_grads
+from logprob_reference import logprob_only_reference, logprob_only_values_and_grads
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 needs_interpreter = pytest.mark.skipif(not INTERPRETED, reason="runs in the child with "

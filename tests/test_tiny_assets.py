@@ -7,17 +7,7 @@ import pytest
 from megatron_tpo.config import ConfigError
 from megatron_tpo.tiny.assets import TinyTaskConfig, prepare_tiny_assets
 from megatron_tpo.tiny.warm_start import SFTConfig
-
-MODEL_YAML = """name: test_tiny
-num_layers: 1
-hidden_size: 32
-ffn_hidden_size: 64
-num_attention_heads: 4
-num_query_groups: 2
-vocab_size: 1
-max_position_embeddings: 256
-make_vocab_size_divisible_by: 1
-"""
+from tiny_task_fixtures import MODEL_YAML
 
 
 def quick_config(tmp_path: Path, **changes) -> TinyTaskConfig:

@@ -21,7 +21,7 @@ from megatron_tpo.tiny.thoughts import (DEFAULT_MIX, THOUGHT_KINDS, classify_tho
                                         thought_text)
 from megatron_tpo.tiny.tokenizer import train_tokenizer
 from megatron_tpo.tiny.warm_start import policy_prompt, warm_start_data
-from test_tiny_assets import MODEL_YAML
+from tiny_task_fixtures import MODEL_YAML
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 
