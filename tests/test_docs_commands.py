@@ -304,22 +304,22 @@ def write_prompt_files(data: Path) -> None:
 
 def write_conversion_sources(root: Path) -> None:
     """Tiny checkpoints with weights: HF directories, a NeMo 1 tarball, a GGUF file."""
-    from test_model_gguf import _byte_level_vocab, write_tiny_gguf
-    from test_nemo_checkpoint import _nemo1_tarball
+    from gguf_fixtures import byte_level_vocab, write_tiny_gguf
+    from nemo_fixtures import nemo1_tarball
 
     for name, shape in CONVERSION_MODELS.items():
         save_random_hf_llama(tiny_model_config(**shape), root / "models" / name)
     model = tiny_model_config()
     hf_dir = save_random_hf_llama(model, root / "scratch" / "hf")
     (root / "old").mkdir()
-    shutil.move(_nemo1_tarball(root / "scratch", hf_dir, model), root / "old" / "model.nemo")
+    shutil.move(nemo1_tarball(root / "scratch", hf_dir, model), root / "old" / "model.nemo")
     shutil.rmtree(root / "scratch")
     # Three query groups of two heads, two layers: what --tp 3 --pp 2 divides.
     from transformers import LlamaForCausalLM
 
     from megatron_tpo.model.hf_config import hf_config_from_model
 
-    gguf_model = tiny_model_config(vocab_size=len(_byte_level_vocab()[0]), num_layers=2,
+    gguf_model = tiny_model_config(vocab_size=len(byte_level_vocab()[0]), num_layers=2,
                                    tie_word_embeddings=True, hidden_size=96,
                                    num_attention_heads=6, num_query_groups=3,
                                    ffn_hidden_size=192)
