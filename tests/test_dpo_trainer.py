@@ -83,17 +83,40 @@ def hf_checkpoint(tmp_path_factory):
     return model, save_random_hf_llama(model, tmp_path_factory.mktemp("dpo") / "hf")
 
 
-@pytest.fixture(scope="module", params=sorted(LAYOUTS))
-def run(request, hf_checkpoint, tmp_path_factory):
+def _every_layout_worker(rank, world_size, model, shard_roots, all_pairs,
+                         all_reference_shifts):
+    """Worker: _trainer_worker at each of LAYOUTS in turn (all of them four processes), so
+    one spawned world serves both."""
+    from megatron.core import parallel_state
+
+    reports = {}
+    for name, sizes in sorted(LAYOUTS.items()):
+        reports[name] = _trainer_worker(rank, world_size, model, shard_roots[name], sizes,
+                                        all_pairs, all_reference_shifts)
+        parallel_state.destroy_model_parallel()
+    return reports
+
+
+@pytest.fixture(scope="module")
+def every_layout(hf_checkpoint, tmp_path_factory):
     model, hf_dir = hf_checkpoint
-    tp, pp, vpp, dp = sizes = LAYOUTS[request.param]
-    shard_root = megatron_shards(model, hf_dir, tmp_path_factory.mktemp(request.param), tp, pp)
+    shard_roots = {name: megatron_shards(model, hf_dir, tmp_path_factory.mktemp(name), tp, pp)
+                   for name, (tp, pp, _, _) in LAYOUTS.items()}
     pairs = random_pairs(model.vocab_size)
     reference_shift = torch.tensor([[0.7, -0.4], [-1.1, 0.2], [0.3, 0.9], [-0.5, -1.3]],
                                    dtype=torch.float64)
-    reports = spawn_local(_trainer_worker, tp * pp * dp, model, shard_root, sizes, pairs,
+    (world_size,) = {tp * pp * dp for tp, pp, _, dp in LAYOUTS.values()}
+    reports = spawn_local(_every_layout_worker, world_size, model, shard_roots, pairs,
                           reference_shift)
-    return model, hf_dir, pairs, reference_shift, reports, tp
+    return pairs, reference_shift, reports
+
+
+@pytest.fixture(scope="module", params=sorted(LAYOUTS))
+def run(request, hf_checkpoint, every_layout):
+    model, hf_dir = hf_checkpoint
+    pairs, reference_shift, reports = every_layout
+    tp = LAYOUTS[request.param][0]
+    return model, hf_dir, pairs, reference_shift, [r[request.param] for r in reports], tp
 
 
 def _hf_sequence_logprobs(hf_model, prompt, completion):
