@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tiny_hf import tiny_tokenizer
-from tpo_fixtures import run_loop, tiny_run_overrides
+from tpo_fixtures import loop_overrides
 
 from megatron_tpo.config import ConfigError
 from megatron_tpo.rollout.parity import text_probes
@@ -57,13 +57,12 @@ def test_the_tolerance_resolves_from_the_trainers_precision_and_fp8():
 
 
 @pytest.mark.slow
-def test_each_syncs_measured_difference_lands_in_the_iteration_record(tmp_path):
+def test_each_syncs_measured_difference_lands_in_the_iteration_record(uninterrupted):
     from megatron_tpo.build import training_prompts
     from megatron_tpo.cli.run import compose_config
     from megatron_tpo.data.chat import apply_thought_chat_template
 
-    run_loop(tmp_path, ["evaluation.num_prompts=0"])
-    records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    records = [json.loads(line) for line in open(uninterrupted / "run" / "metrics.jsonl")]
     iteration = next(r for r in records if r["kind"] == "iteration")
     # The CPU trainer and HF engine are float32: the tight bound, and they meet it.
     assert iteration["weight_sync/parity_tolerance"] == 1e-3
@@ -71,7 +70,7 @@ def test_each_syncs_measured_difference_lands_in_the_iteration_record(tmp_path):
                    iteration["weight_sync/mean_abs_logprob_diff"])
     assert 0 <= mean <= worst < 1e-4
     # The probes are the run's first training prompts as the policy reads them.
-    config = compose_config(tiny_run_overrides(tmp_path, 1) + ["evaluation.num_prompts=0"])
+    config = compose_config(loop_overrides(uninterrupted))
     tokenizer = tiny_tokenizer()
     count = config.weight_sync.num_probe_sequences
     lengths = [len(tokenizer(apply_thought_chat_template(tokenizer, instruction, config.thought),
