@@ -229,6 +229,7 @@ def test_a_judge_whose_size_cannot_be_known_is_refused_not_skipped(monkeypatch, 
     assert "hf download" in err, err
 
 
+@pytest.mark.slow
 def test_the_phase_peaks_add_up_to_the_planner_items(recipe_files):
     """The trainer's share of the DPO phase is the planner's training memory, the engine's
     share of the rollout its whole claim; the two phases differ by exactly those items."""

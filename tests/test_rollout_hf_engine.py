@@ -15,6 +15,7 @@ def tiny_policy(tokenizer, seed):
     return LlamaForCausalLM(tiny_llama_config(tokenizer)).eval()
 
 
+@pytest.mark.slow
 def test_generate_n_samples_per_prompt_reproducibly(tokenizer):
     engine = HFRolloutEngine(tiny_policy(tokenizer, 0), tokenizer, batch_size=2)
     prompts = [apply_thought_chat_template(tokenizer, text, GENERIC)
@@ -30,6 +31,7 @@ def test_generate_n_samples_per_prompt_reproducibly(tokenizer):
     assert [o.texts for o in different] != [o.texts for o in first]
 
 
+@pytest.mark.slow
 def test_greedy_matches_argmax_decoding_despite_left_padding(tokenizer):
     model = tiny_policy(tokenizer, 1)
     engine = HFRolloutEngine(model, tokenizer, batch_size=2)

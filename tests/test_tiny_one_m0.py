@@ -54,6 +54,7 @@ def test_every_kind_the_warm_start_writes_is_read_back_as_that_kind(problems):
     assert all(w != c for w, c in zip(wrong, problem.column_sums()))
 
 
+@pytest.mark.slow
 def test_no_warm_start_example_tells_which_thought_is_good(problems, tokenizer):
     data = warm_start_data(problems, tokenizer, DEFAULT_MIX, seed=0)
     thoughts = [d for d in data if d.style == "thought"]
