@@ -378,7 +378,9 @@ def test_weight_sync_settings_are_checked():
         WeightSyncConfig(parity_tolerance=0).validate()
 
 
-def _transport_worker(rank, world_size, shm_dirs):
+def _transport_worker(rank, world_size, cases):
+    """Worker: for each case, this rank's shared-memory directory as ``cases[case]`` gives
+    it; which transport ``auto`` and ``shared_memory`` give, and what is left in it."""
     import megatron_tpo.rollout.bucket_transport as transport
     from megatron_tpo.rollout.weight_stream import Bucket, PlannedTensor, WeightStreamPlan
 
@@ -386,25 +388,42 @@ def _transport_worker(rank, world_size, shm_dirs):
     plan = WeightStreamPlan([Bucket(0, [PlannedTensor("decoder.final_layernorm.weight", (0,),
                                                       [("model.norm.weight", (64,))], (64,))])],
                             torch.float32, 1 << 20)
-    transport.SHARED_MEMORY_DIR = Path(shm_dirs[rank])   # as a container per rank sees it
-    picked = {}
-    for name in ("auto", "shared_memory"):
-        try:
-            picked[name] = type(transport.choose_transport(name, plan, torch.device("cpu"))).__name__
-        except ValueError as error:
-            picked[name] = str(error)
-    torch.distributed.barrier()   # a shared directory is looked at once every rank is done
-    left = sorted(path.name for path in Path(shm_dirs[rank]).iterdir())
-    return picked, left
+    reports = {}
+    for case, shm_dirs in cases.items():
+        transport.SHARED_MEMORY_DIR = Path(shm_dirs[rank])   # as a container per rank sees it
+        picked = {}
+        for name in ("auto", "shared_memory"):
+            try:
+                picked[name] = type(transport.choose_transport(name, plan,
+                                                               torch.device("cpu"))).__name__
+            except ValueError as error:
+                picked[name] = str(error)
+        torch.distributed.barrier()   # a shared directory is looked at once every rank is done
+        left = sorted(path.name for path in Path(shm_dirs[rank]).iterdir())
+        torch.distributed.barrier()   # and before the next case makes slots
+        reports[case] = picked, left
+    return reports
+
+
+@pytest.fixture(scope="module")
+def transport_choices(tmp_path_factory):
+    """One world of two ranks tries both cases: a directory both ranks see (shared) and one
+    of its own per rank (a /dev/shm per container)."""
+    root = tmp_path_factory.mktemp("shm")
+    cases = {True: [root / "shm"] * 2, False: [root / "shm0", root / "shm1"]}
+    for dirs in cases.values():
+        for directory in dirs:
+            directory.mkdir(exist_ok=True)
+    return spawn_local(_transport_worker, 2, {case: [str(d) for d in dirs]
+                                              for case, dirs in cases.items()})
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("shared", [True, False])
-def test_shared_memory_is_used_only_where_every_rank_sees_the_same_files(tmp_path, shared):
-    dirs = [tmp_path / "shm"] * 2 if shared else [tmp_path / "shm0", tmp_path / "shm1"]
-    for directory in dirs:
-        directory.mkdir(exist_ok=True)
-    for picked, left in spawn_local(_transport_worker, 2, [str(d) for d in dirs]):
+def test_shared_memory_is_used_only_where_every_rank_sees_the_same_files(transport_choices,
+                                                                         shared):
+    for report in transport_choices:
+        picked, left = report[shared]
         assert left == []   # the slots' names are gone once mapped (or refused)
         if shared:
             assert picked == {"auto": "SharedMemoryTransport",
