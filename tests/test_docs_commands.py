@@ -46,7 +46,7 @@ SHELL_FENCES = {"bash", "sh", "shell", "console"}
 
 # Programs other than this project's that the documents run, and why they are not run here.
 PROGRAMS_NOT_RUN = {
-    "make": "sets up a venv, then the tiny run (14 min) or the whole suite",
+    "make": "sets up a venv, then the tiny run (14 min) or the test suite (or its fast lane)",
     "sbatch": "submits to a Slurm cluster of GPU nodes; a TPO recipe's batch-host dry run "
               "runs here instead (the tiny CPU job runs in tests/test_slurm_tpo.py)",
     "srun": "a job step on GPU nodes",
