@@ -37,23 +37,38 @@ def count_scored_texts(judge: RewardModelJudge) -> list:
     return calls
 
 
-def _ranks_worker(rank, world_size, path, batch_size):
+BATCH_SIZES = (1, 2)
+
+
+def _ranks_worker(rank, world_size, path):
+    """Worker: for each of BATCH_SIZES, the judge's scores on this rank and the batches
+    this rank scored."""
     torch.distributed.init_process_group("gloo")
-    judge = build_judge(judge_config(Path(path), batch_size))
-    calls = count_scored_texts(judge)
-    judgment = judge.judge(PROMPTS, RESPONSES)
-    return judgment.scores, calls
+    reports = {}
+    for batch_size in BATCH_SIZES:
+        judge = build_judge(judge_config(Path(path), batch_size))
+        calls = count_scored_texts(judge)
+        reports[batch_size] = judge.judge(PROMPTS, RESPONSES).scores, calls
+    return reports
+
+
+@pytest.fixture(scope="module")
+def classifier_and_rank_reports(tmp_path_factory):
+    """One reward model, and one world of two ranks judging with it at every batch size."""
+    path = save_classifier(tmp_path_factory.mktemp("rm") / "rm")
+    return path, spawn_local(_ranks_worker, 2, str(path))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("batch_size", [1, 2])
-def test_two_ranks_score_what_one_process_scores_each_scoring_its_share(tmp_path, batch_size):
-    path = save_classifier(tmp_path / "rm")
+@pytest.mark.parametrize("batch_size", BATCH_SIZES)
+def test_two_ranks_score_what_one_process_scores_each_scoring_its_share(
+        classifier_and_rank_reports, batch_size):
+    path, rank_reports = classifier_and_rank_reports
     alone = build_judge(judge_config(path, batch_size))
     alone_calls = count_scored_texts(alone)
     expected = alone.judge(PROMPTS, RESPONSES).scores
     assert sum(alone_calls) == 9 and len({s for row in expected for s in row}) == 9
-    reports = spawn_local(_ranks_worker, 2, str(path), batch_size)
+    reports = [report[batch_size] for report in rank_reports]
     for scores, _ in reports:
         assert [len(row) for row in scores] == [3, 2, 4]
         flat, want = sum(scores, []), sum(expected, [])
