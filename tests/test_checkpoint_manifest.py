@@ -10,9 +10,8 @@ import json
 import pytest
 
 from megatron_tpo.checkpoint.config import CheckpointError
-from megatron_tpo.checkpoint.manifest import (
-    FORMAT, MANIFEST, file_records, read_manifest, verify_files, write_manifest,
-)
+from megatron_tpo.checkpoint.manifest import (FORMAT, MANIFEST, file_records, read_manifest,
+                                              verify_files, write_manifest)
 
 
 @pytest.fixture

@@ -14,12 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from dpo_fixtures import my_pairs, random_pairs, start_trainer, trainer_weights
 from llama_fixtures import tiny_model_config
 from megatron_tpo.checkpoint import CheckpointConfig, TrainingCheckpointer
 from megatron_tpo.checkpoint.manifest import read_manifest, verify_files
 from megatron_tpo.fault_injection import CRASH_AT_VARIABLE
 from megatron_tpo.parallel.local_launch import spawn_local
-from test_checkpoint_training import _my_pairs, _random_pairs, _start, _weights
+
+pytestmark = pytest.mark.slow
 
 # Where the re-save of step 2 is killed, and which copy must be found afterwards.
 KILL_POINTS = {"2:checkpoint_set_aside": "old", "2:checkpoint_renamed": "new",
@@ -32,16 +34,16 @@ def _resave_killed_worker(rank, world_size, model, root, pairs, crash_at):
     # processes outlive this SIGKILLed worker, and the fixture ends them by that group.
     os.setpgid(0, 0)
     (root / "pgid").write_text(str(os.getpgid(0)))
-    trainer = _start(model, (1, 1, None), seed=1234)
-    mine = _my_pairs(pairs, trainer.reference_logprobs(pairs))
+    trainer = start_trainer(model, (1, 1, None), seed=1234)
+    mine = my_pairs(pairs, trainer.reference_logprobs(pairs))
     checkpointer = TrainingCheckpointer(root / "run", CheckpointConfig(keep_last=2))
     for step in (1, 2):
         trainer.step(mine)
         checkpointer.save(step, trainer.ddp_chunks, trainer.optimizer, trainer.scheduler, {})
-    versions = {"old": _weights(trainer),
+    versions = {"old": trainer_weights(trainer),
                 "old_manifest": read_manifest(checkpointer.step_dir(2))}
     trainer.step(mine)
-    versions["new"] = _weights(trainer)
+    versions["new"] = trainer_weights(trainer)
     with open(root / "versions.pkl", "wb") as handle:  # this process will not return
         pickle.dump(versions, handle)
     os.environ[CRASH_AT_VARIABLE] = crash_at
@@ -53,10 +55,10 @@ def _load_worker(rank, world_size, model, runs):
 
     loaded = []
     for run in runs:
-        trainer = _start(model, (1, 1, None), seed=99)  # other weights until the load
+        trainer = start_trainer(model, (1, 1, None), seed=99)  # other weights until the load
         state = TrainingCheckpointer(run, CheckpointConfig()).load_latest(
             trainer.ddp_chunks, trainer.optimizer, trainer.scheduler)
-        loaded.append((state, _weights(trainer)))
+        loaded.append((state, trainer_weights(trainer)))
         parallel_state.destroy_model_parallel()
     return loaded
 
@@ -78,7 +80,7 @@ def killed_resaves(tmp_path_factory):
     for crash_at in KILL_POINTS:
         root = tmp_path_factory.mktemp(crash_at.replace(":", "_"))
         with pytest.raises(ProcessExitedException) as killed:
-            spawn_local(_resave_killed_worker, 1, model, root, _random_pairs(model.vocab_size),
+            spawn_local(_resave_killed_worker, 1, model, root, random_pairs(model.vocab_size),
                         crash_at)
         assert killed.value.signal_name == "SIGKILL"
         _end_process_group(root / "pgid")

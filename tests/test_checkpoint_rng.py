@@ -4,7 +4,6 @@ numpy and torch CPU draw the same next numbers again."""
 import json
 import random
 
-import megatron.core.tensor_parallel  # noqa: F401  (its import, seconds, at collection)
 import numpy as np
 import torch
 

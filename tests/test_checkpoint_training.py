@@ -17,52 +17,15 @@ import numpy as np
 import pytest
 import torch
 
+from dpo_fixtures import TRAINING, my_pairs, random_pairs, start_trainer, trainer_weights
+from file_damage import flip_byte, truncate
 from llama_fixtures import tiny_model_config
 from megatron_tpo.checkpoint import CheckpointConfig, CheckpointError, TrainingCheckpointer
 from megatron_tpo.config import ConfigError, ParallelConfig
-from megatron_tpo.train.config import DPOTrainingConfig
 from megatron_tpo.parallel.local_launch import spawn_local
-from megatron_tpo.train.dpo_batch import TokenizedPair
 
 PACKAGE = Path(__file__).resolve().parents[1] / "megatron_tpo"
-TRAINING = DPOTrainingConfig(beta=0.5, lr=2e-3, warmup_steps=2, train_steps=8,
-                             micro_batch_pairs=1, pad_to_multiple_of=8, clip_grad=1.0)
 SEQ_LEN = 12
-
-
-def _random_pairs(vocab_size: int, count: int = 4, seed: int = 3):
-    generator = torch.Generator().manual_seed(seed)
-
-    def tokens(low, high):
-        length = int(torch.randint(low, high, (), generator=generator))
-        return torch.randint(0, vocab_size, (length,), generator=generator).tolist()
-
-    return [TokenizedPair(prompt=tokens(2, 6), chosen=tokens(3, 10), rejected=tokens(3, 10))
-            for _ in range(count)]
-
-
-def _start(model, sizes, seed):
-    """Megatron at (tp, pp, vpp) in the running process group, and a fresh trainer."""
-    from megatron_tpo.parallel import init_megatron
-    from megatron_tpo.train.dpo_trainer import DPOTrainer
-
-    tp, pp, vpp = sizes
-    parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                              virtual_pipeline_model_parallel_size=vpp)
-    init_megatron(parallel, model, seed=seed)
-    return DPOTrainer(model, parallel, TRAINING)
-
-
-def _my_pairs(pairs, reference):
-    """This DP rank's share of the pairs, carrying the given reference log-probs."""
-    from megatron.core import parallel_state
-
-    from megatron_tpo.train.reference_logprobs import with_reference_logprobs
-
-    dp_rank = parallel_state.get_data_parallel_rank()
-    share = len(pairs) // parallel_state.get_data_parallel_world_size()
-    mine = slice(dp_rank * share, (dp_rank + 1) * share)
-    return with_reference_logprobs(pairs[mine], reference[mine])
 
 
 def _logits(trainer, tokens):
@@ -106,9 +69,9 @@ def _reshard_worker(rank, world_size, model, root, pairs, tokens):
 
     checkpointer = TrainingCheckpointer(root, CheckpointConfig(keep_last=3))
     report = {}
-    trainer = _start(model, (1, 1, None), seed=1234)
+    trainer = start_trainer(model, (1, 1, None), seed=1234)
     reference = trainer.reference_logprobs(pairs)
-    mine = _my_pairs(pairs, reference)
+    mine = my_pairs(pairs, reference)
     trainer.step(mine)
     checkpointer.save(1, trainer.ddp_chunks, trainer.optimizer, trainer.scheduler,
                       {"iteration": 0, "step_in_iteration": 1})
@@ -118,22 +81,22 @@ def _reshard_worker(rank, world_size, model, root, pairs, tokens):
     parallel_state.destroy_model_parallel()
 
     # Other weights to start from, so only the load can make the logits equal.
-    trainer = _start(model, (2, 2, None), seed=99)
+    trainer = start_trainer(model, (2, 2, None), seed=99)
     report["tp2_loaded"] = checkpointer.load_latest(trainer.ddp_chunks, trainer.optimizer,
                                                     trainer.scheduler)
     report["tp2_step1"] = _logits(trainer, tokens)
-    report["tp2_second_step"] = trainer.step(_my_pairs(pairs, reference))
+    report["tp2_second_step"] = trainer.step(my_pairs(pairs, reference))
     report["tp2_step2"] = _logits(trainer, tokens)
     checkpointer.save(2, trainer.ddp_chunks, trainer.optimizer, trainer.scheduler,
                       {"iteration": 0, "step_in_iteration": 2})
     parallel_state.destroy_model_parallel()
 
-    trainer = _start(model, (1, 2, 2), seed=5)
+    trainer = start_trainer(model, (1, 2, 2), seed=5)
     report["vpp_loaded"] = checkpointer.load_model_only(trainer.ddp_chunks, step=1)
     report["vpp_step1"] = _logits(trainer, tokens)
     parallel_state.destroy_model_parallel()
 
-    trainer = _start(model, (1, 1, None), seed=7)
+    trainer = start_trainer(model, (1, 1, None), seed=7)
     report["back_loaded"] = checkpointer.load_latest(trainer.ddp_chunks, trainer.optimizer,
                                                      trainer.scheduler)
     report["back_step2"] = _logits(trainer, tokens)
@@ -147,13 +110,14 @@ def _from_last_stage(reports, key):
     return values
 
 
+@pytest.mark.slow
 def test_a_checkpoint_saved_at_tp1_pp1_loads_at_tp2_pp2_and_vpp_and_back_with_equal_logits(
         tmp_path):
     model = tiny_model_config()
     tokens = torch.randint(0, model.vocab_size, (4, SEQ_LEN),
                            generator=torch.Generator().manual_seed(11))
     reports = spawn_local(_reshard_worker, 4, model, tmp_path / "run",
-                          _random_pairs(model.vocab_size), tokens)
+                          random_pairs(model.vocab_size), tokens)
     expected_step1 = _from_last_stage(reports, "tp1_step1")[0]
     for key in ("tp2_step1", "vpp_step1"):
         for got in _from_last_stage(reports, key):
@@ -187,10 +151,10 @@ def _resume_worker(rank, world_size, model, root, pairs, reference, resume):
     from megatron_tpo.model.mcore_shards import with_global_layer_numbers
 
     checkpointer = TrainingCheckpointer(root, CheckpointConfig())
-    trainer = _start(model, (1, 2, 2), seed=4321 if resume else 1234)
+    trainer = start_trainer(model, (1, 2, 2), seed=4321 if resume else 1234)
     if reference is None:
         reference = trainer.reference_logprobs(pairs)
-    mine = _my_pairs(pairs, reference)
+    mine = my_pairs(pairs, reference)
     report = {"reference": reference, "steps": []}
     if resume:
         report["loaded"] = checkpointer.load_latest(trainer.ddp_chunks, trainer.optimizer,
@@ -208,9 +172,10 @@ def _resume_worker(rank, world_size, model, root, pairs, reference, resume):
     return report
 
 
+@pytest.mark.slow
 def test_a_dpo_run_resumed_from_step_2_equals_the_uninterrupted_run_bitwise(tmp_path):
     model = tiny_model_config()
-    pairs = _random_pairs(model.vocab_size)
+    pairs = random_pairs(model.vocab_size)
     whole = spawn_local(_resume_worker, 2, model, tmp_path, pairs, None, False)
     resumed = spawn_local(_resume_worker, 2, model, tmp_path, pairs, whole[0]["reference"],
                           True)
@@ -231,10 +196,6 @@ def test_a_dpo_run_resumed_from_step_2_equals_the_uninterrupted_run_bitwise(tmp_
     assert whole[0]["steps"][2]["lr"] != whole[0]["steps"][3]["lr"]  # the schedule moves
 
 
-def _weights(trainer):
-    return [p.detach().clone() for chunk in trainer.chunks for p in chunk.parameters()]
-
-
 def _same(first, second):
     return all(torch.equal(a, b) for a, b in zip(first, second))
 
@@ -246,18 +207,8 @@ def _file_hashes(root: Path):
             for path in sorted(root.rglob("*")) if path.is_file()}
 
 
-def _truncate(path: Path):
-    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-
-
-def _flip_byte(path: Path):
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0x01
-    path.write_bytes(bytes(data))
-
-
-CORRUPTIONS = {"truncated": ("dist/__0_0.distcp", _truncate),
-               "flipped": ("dist/__0_1.distcp", _flip_byte),
+CORRUPTIONS = {"truncated": ("dist/__0_0.distcp", truncate),
+               "flipped": ("dist/__0_1.distcp", flip_byte),
                "missing": ("dist/__0_1.distcp", Path.unlink),
                "missing_rng": ("rng/rank_00000.json", Path.unlink)}
 
@@ -270,13 +221,13 @@ def _damaged_copy_error(trainer, root: Path, case: str):
     checkpointer = TrainingCheckpointer(copy, CheckpointConfig())
     target = checkpointer.step_dir(checkpointer.latest_step()) / relative
     damage(target)
-    hashes, weights = _file_hashes(copy), _weights(trainer)
+    hashes, weights = _file_hashes(copy), trainer_weights(trainer)
     try:
         checkpointer.load_latest(trainer.ddp_chunks, trainer.optimizer, trainer.scheduler)
         message = None
     except CheckpointError as error:
         message = str(error)
-    return message, str(target), _same(weights, _weights(trainer)), hashes == _file_hashes(copy)
+    return message, str(target), _same(weights, trainer_weights(trainer)), hashes == _file_hashes(copy)
 
 
 def _save_failing_after_the_shards(checkpointer, trainer, step):
@@ -316,8 +267,8 @@ def _audited_load(checkpointer, trainer):
 
 def _integrity_worker(rank, world_size, model, root, pairs):
     root = Path(root)
-    trainer = _start(model, (1, 1, None), seed=1234)
-    mine = _my_pairs(pairs, trainer.reference_logprobs(pairs))
+    trainer = start_trainer(model, (1, 1, None), seed=1234)
+    mine = my_pairs(pairs, trainer.reference_logprobs(pairs))
     checkpointer = TrainingCheckpointer(root / "run", CheckpointConfig(keep_last=2))
     report = {"empty": checkpointer.load_latest(trainer.ddp_chunks, trainer.optimizer,
                                                 trainer.scheduler)}
@@ -326,23 +277,23 @@ def _integrity_worker(rank, world_size, model, root, pairs):
         checkpointer.save(step, trainer.ddp_chunks, trainer.optimizer, trainer.scheduler,
                           {"step_in_iteration": step})
     report["kept"] = sorted(path.name for path in (root / "run").iterdir())
-    saved = _weights(trainer)
+    saved = trainer_weights(trainer)
     trainer.step(mine)
     report["killed"] = _save_failing_after_the_shards(checkpointer, trainer, 4)
     report["after_kill"] = sorted(path.name for path in (root / "run").iterdir())
     report["latest_after_kill"] = checkpointer.latest_step()
     report["loaded"], report["torch_loads"] = _audited_load(checkpointer, trainer)
-    report["weights_restored"] = _same(saved, _weights(trainer))
+    report["weights_restored"] = _same(saved, trainer_weights(trainer))
     report["damaged"] = {case: _damaged_copy_error(trainer, root / "run", case)
                          for case in CORRUPTIONS}
     wider = _start_other_shape(model)
-    weights = _weights(wider)
+    weights = trainer_weights(wider)
     try:
         checkpointer.load_latest(wider.ddp_chunks, wider.optimizer, wider.scheduler)
         report["other_shape"] = None
     except CheckpointError as error:
         report["other_shape"] = str(error)
-    report["other_shape_weights_kept"] = _same(weights, _weights(wider))
+    report["other_shape_weights_kept"] = _same(weights, trainer_weights(wider))
     checkpointer.save(4, trainer.ddp_chunks, trainer.optimizer, trainer.scheduler, {})
     report["after_next_save"] = sorted(path.name for path in (root / "run").iterdir())
     with open(root / "report.pkl", "wb") as handle:  # this process will not return
@@ -382,7 +333,7 @@ def integrity(tmp_path_factory):
     model = tiny_model_config()
     root = tmp_path_factory.mktemp("integrity")
     with pytest.raises(ProcessExitedException) as killed:
-        spawn_local(_integrity_worker, 1, model, root, _random_pairs(model.vocab_size))
+        spawn_local(_integrity_worker, 1, model, root, random_pairs(model.vocab_size))
     with open(root / "report.pkl", "rb") as handle:
         report = pickle.load(handle)
     report["kill_signal"] = killed.value.signal_name
@@ -390,11 +341,13 @@ def integrity(tmp_path_factory):
     return report
 
 
+@pytest.mark.slow
 def test_an_empty_root_loads_nothing_and_keep_last_prunes_older_checkpoints(integrity):
     assert integrity["empty"] is None
     assert integrity["kept"] == ["latest", "step_00000002", "step_00000003"]
 
 
+@pytest.mark.slow
 def test_a_save_killed_part_way_leaves_latest_at_the_previous_checkpoint_which_loads(
         integrity):
     assert integrity["killed"] == "killed while hashing"
@@ -406,6 +359,7 @@ def test_a_save_killed_part_way_leaves_latest_at_the_previous_checkpoint_which_l
     assert integrity["after_next_save"] == ["latest", "step_00000003", "step_00000004"]
 
 
+@pytest.mark.slow
 def test_a_save_killed_with_sigkill_leaves_the_previous_checkpoint_complete(integrity):
     from megatron_tpo.checkpoint.manifest import read_manifest, verify_files
 
@@ -417,6 +371,7 @@ def test_a_save_killed_with_sigkill_leaves_the_previous_checkpoint_complete(inte
     verify_files(directory, read_manifest(directory))  # every file still matches
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(CORRUPTIONS))
 def test_a_damaged_file_is_named_before_anything_is_overwritten(integrity, case):
     message, target, weights_kept, files_untouched = integrity["damaged"][case]
@@ -425,6 +380,7 @@ def test_a_damaged_file_is_named_before_anything_is_overwritten(integrity, case)
     assert weights_kept and files_untouched
 
 
+@pytest.mark.slow
 def test_a_checkpoint_of_another_model_shape_names_the_tensor(integrity):
     message = integrity["other_shape"]
     assert message is not None and "decoder.layers.mlp.linear_fc1.weight" in message
@@ -452,6 +408,7 @@ def test_every_torch_load_in_the_package_is_weights_only():
     assert not unsafe, f"torch.load without weights_only=True: {unsafe}"
 
 
+@pytest.mark.slow
 def test_loads_read_only_megatrons_common_pt_with_torch_load_and_that_is_weights_only(
         integrity, tmp_path):
     # Our own files are JSON. Each tensor record is loaded weights-only; megatron reads

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow
+
 REPOSITORY = Path(__file__).resolve().parents[1]
 SLURM_PROGRAMS = ("munged", "slurmctld", "slurmd", "sbatch")
 TOOLS = ("dirname", "mktemp", "tail", "rm", "chmod")

@@ -7,8 +7,7 @@ import pytest
 
 from megatron_tpo.cli.check_prompts import main
 
-sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "data"))
-from tiny_hf import tiny_tokenizer  # noqa: E402
+from tiny_hf import tiny_tokenizer
 
 
 def write_setup(tmp_path, lines):
@@ -40,6 +39,7 @@ def test_bad_line_is_reported_with_exit_code(tmp_path, capsys):
     assert "prompts.jsonl:2: not valid JSON" in error
 
 
+@pytest.mark.slow
 def test_show_iteration_prints_that_iterations_own_first_prompt(tmp_path, capsys):
     from megatron_tpo.data import GENERIC, iteration_prompts, load_prompt_set_config, load_prompts
 
@@ -90,6 +90,7 @@ def tokenizer_dir(tmp_path):
     return str(tmp_path / "tok")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("form", ["ultrafeedback", "configs/prompts/ultrafeedback",
                                   "configs/prompts/ultrafeedback.yaml"])
 def test_a_shipped_config_is_found_by_name_or_by_its_path_in_the_checkout(

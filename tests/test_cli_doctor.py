@@ -7,11 +7,10 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-from tpo_fixtures import tiny_run_overrides  # noqa: E402
+from tpo_fixtures import tiny_run_overrides
 
-from megatron_tpo.cli import doctor, run  # noqa: E402
-from megatron_tpo.cli.doctor import Check, check_nccl, main, read_pins  # noqa: E402
+from megatron_tpo.cli import doctor
+from megatron_tpo.cli.doctor import Check, check_nccl, main, read_pins
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 
@@ -63,6 +62,7 @@ def no_launcher(monkeypatch):
     forget_transformer_engine()
 
 
+@pytest.mark.slow
 def test_a_cpu_host_reports_versions_and_warns_of_what_a_gpu_run_lacks(capsys):
     import megatron.core
     import torch
@@ -120,6 +120,7 @@ def test_a_version_off_its_pin_is_reported_and_fails_where_a_gpu_is_expected(tmp
         "ok", f"{megatron.core.__version__} (pinned 0.16.1)")
 
 
+@pytest.mark.slow
 def test_expect_gpu_on_a_cpu_host_fails_on_cuda_vllm_and_te(capsys):
     assert main(["--expect-gpu"]) == 1
     lines = report_lines(capsys)
@@ -146,6 +147,7 @@ def test_the_environment_line_shows_the_launcher_variables(monkeypatch, capsys):
     assert re.search(r"warn  environment +CUDA_DEVICE_MAX_CONNECTIONS=8: megatron-core", out)
 
 
+@pytest.mark.slow
 def test_the_tiny_config_dry_run_fits(tmp_path, capsys):
     assert main(tiny_run_overrides(tmp_path)) == 0
     status, detail = report_lines(capsys)["dry run"]
@@ -153,6 +155,7 @@ def test_the_tiny_config_dry_run_fits(tmp_path, capsys):
     assert "not checked (run.hardware=cpu)" in detail, detail
 
 
+@pytest.mark.slow
 def test_a_config_that_does_not_fit_its_gpu_fails_its_dry_run_line(tmp_path, capsys):
     """The tiny config on an H100 with a vLLM engine claiming 99% of it: vLLM would
     refuse to start beside the CUDA context, and the dry run names that phase."""

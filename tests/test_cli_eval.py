@@ -10,8 +10,7 @@ import pytest
 
 from megatron_tpo.cli.eval import main
 
-sys.path.insert(0, str(Path(__file__).parent))
-from tpo_fixtures import tiny_run_overrides, write_instructions, write_policy  # noqa: E402
+from tpo_fixtures import tiny_run_overrides, write_instructions, write_policy
 
 RULE_JUDGE = ["judge=format", "judge.format.max_chars=24", "rollout.sampling.max_new_tokens=8"]
 
@@ -38,6 +37,7 @@ def run_dir(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_m1_of_a_run_is_converted_answered_judged_and_summarised(run_dir, tmp_path, capsys):
     out = tmp_path / "eval"
     code = main(["--run", str(run_dir / "run"), "--iteration", "1", "--sets",
@@ -80,7 +80,6 @@ def test_a_set_file_that_does_not_parse_is_named_with_its_line(run_dir, tmp_path
 def test_a_checkpoint_that_does_not_match_its_config_is_refused(run_dir, tmp_path, capsys):
     from transformers import LlamaForCausalLM
 
-    sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "data"))
     from tiny_hf import tiny_llama_config, tiny_tokenizer
 
     wider = tmp_path / "wider"
@@ -108,6 +107,7 @@ def test_a_pairwise_judge_needs_a_model_of_its_own(run_dir, tmp_path, capsys):
     assert code == 2 and "judge.pairwise.model" in err
 
 
+@pytest.mark.slow
 def test_a_judge_model_on_a_pool_of_its_own_judges_the_answers(run_dir, tmp_path):
     """The cluster layout in miniature: a tpo-engine --serve judge pool (HF engines, gloo)
     and tpo-eval as its client, each its own process, given the same judge settings."""
@@ -115,8 +115,8 @@ def test_a_judge_model_on_a_pool_of_its_own_judges_the_answers(run_dir, tmp_path
     import subprocess
 
     from engine_processes import start_engine_world, stop_engine_world
+    from judge_fixtures import write_verdict_judge
     from megatron_tpo.parallel.launch import free_local_port
-    from test_judge_pool import write_verdict_judge
 
     judge_dir = write_verdict_judge(tmp_path / "judge")
     judge = tiny_run_overrides(run_dir, 1) + [

@@ -4,9 +4,6 @@ its optimizer, the pipeline schedule): the loss goes down within a few steps."""
 
 import re
 
-import megatron.core.distributed  # noqa: F401  (megatron's imports, seconds, at collection)
-import megatron.core.models.gpt  # noqa: F401
-import torch._dynamo  # noqa: F401
 import pytest
 import torch
 

@@ -1,16 +1,13 @@
 """tpo-run's config: composed with Hydra, refused whole and by name before any work."""
 
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-from tpo_fixtures import tiny_run_overrides  # noqa: E402
+from tpo_fixtures import tiny_run_overrides
 
-from megatron_tpo.cli.run import compose_config, main  # noqa: E402
-from megatron_tpo.config import ConfigError  # noqa: E402
-from megatron_tpo.data.chat import apply_thought_chat_template  # noqa: E402
+from megatron_tpo.cli.run import compose_config, main
+from megatron_tpo.config import ConfigError
+from megatron_tpo.data.chat import apply_thought_chat_template
 
 
 @pytest.fixture(scope="module")
@@ -18,6 +15,7 @@ def overrides(tmp_path_factory):
     return tiny_run_overrides(tmp_path_factory.mktemp("tiny"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bad, named", [
     (["model.bogus=1"], "model.bogus: no such setting; model has name, num_layers"),
     (["train.lrr=1e-6"], "train.lrr: no such setting; did you mean train.lr"),
@@ -99,6 +97,7 @@ def test_the_baseline_differs_from_tpo_in_the_thought_prompt_only(overrides):
         "User query: cat dog<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
 
 
+@pytest.mark.slow
 def test_a_requeued_run_on_other_nodes_keeps_its_stages_but_other_sampling_does_not(overrides):
     from megatron_tpo.data.storage import config_hash
 
@@ -124,6 +123,7 @@ def _kv_cache_refusal(overrides, *settings):
     return None
 
 
+@pytest.mark.slow
 def test_a_kv_cache_that_cannot_hold_one_sequence_is_refused_with_the_bytes_and_the_fix(
         overrides):
     """vLLM refuses to start unless its KV cache holds one max_model_len sequence in whole

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
+from file_damage import truncate
 from llama_fixtures import save_random_hf_llama, tiny_model_config
 from megatron_tpo.cli.convert import main as convert_main
 from megatron_tpo.config import ConfigError
@@ -66,8 +67,7 @@ def missing_tensor(hf_dir: Path) -> None:
 
 
 def truncated_file(hf_dir: Path) -> None:
-    path = file_holding(hf_dir, LAST_LAYER_DOWN)
-    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    truncate(file_holding(hf_dir, LAST_LAYER_DOWN))
 
 
 def assert_nothing_left(out: Path) -> None:

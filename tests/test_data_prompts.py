@@ -1,6 +1,4 @@
 import json
-import sys
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -8,17 +6,10 @@ import pytest
 
 from megatron_tpo.config.errors import ConfigError
 from megatron_tpo.data import (GENERIC, IterationStore, PromptFileError, PromptSetConfig,
-                               apply_thought_chat_template, iteration_prompts, load_prompt_set_config,
-                               load_prompts,
-                               load_thought_template)
+                               apply_thought_chat_template, iteration_prompts,
+                               load_prompt_set_config, load_prompts, load_thought_template)
 
-sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "data"))
-from tiny_hf import tiny_tokenizer  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return tiny_tokenizer()
+from tiny_hf import tiny_tokenizer
 
 
 def write_jsonl(path, records):

@@ -29,7 +29,6 @@ import json
 import re
 import shlex
 import shutil
-import sys
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -38,10 +37,7 @@ from typing import Dict, List
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "data"))
-from llama_fixtures import save_random_hf_llama, tiny_model_config  # noqa: E402
-from test_recipe_fit import write_checkpoint_config  # noqa: E402
+from llama_fixtures import save_random_hf_llama, tiny_model_config, write_checkpoint_config
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 DOCUMENTS = ([REPOSITORY / "README.md"] + sorted((REPOSITORY / "docs").glob("*.md"))
@@ -50,7 +46,7 @@ SHELL_FENCES = {"bash", "sh", "shell", "console"}
 
 # Programs other than this project's that the documents run, and why they are not run here.
 PROGRAMS_NOT_RUN = {
-    "make": "sets up a venv, then the tiny run (14 min) or the whole suite",
+    "make": "sets up a venv, then the tiny run (14 min) or the test suite (or its fast lane)",
     "sbatch": "submits to a Slurm cluster of GPU nodes; a TPO recipe's batch-host dry run "
               "runs here instead (the tiny CPU job runs in tests/test_slurm_tpo.py)",
     "srun": "a job step on GPU nodes",
@@ -308,22 +304,22 @@ def write_prompt_files(data: Path) -> None:
 
 def write_conversion_sources(root: Path) -> None:
     """Tiny checkpoints with weights: HF directories, a NeMo 1 tarball, a GGUF file."""
-    from test_model_gguf import _byte_level_vocab, write_tiny_gguf
-    from test_nemo_checkpoint import _nemo1_tarball
+    from gguf_fixtures import byte_level_vocab, write_tiny_gguf
+    from nemo_fixtures import nemo1_tarball
 
     for name, shape in CONVERSION_MODELS.items():
         save_random_hf_llama(tiny_model_config(**shape), root / "models" / name)
     model = tiny_model_config()
     hf_dir = save_random_hf_llama(model, root / "scratch" / "hf")
     (root / "old").mkdir()
-    shutil.move(_nemo1_tarball(root / "scratch", hf_dir, model), root / "old" / "model.nemo")
+    shutil.move(nemo1_tarball(root / "scratch", hf_dir, model), root / "old" / "model.nemo")
     shutil.rmtree(root / "scratch")
     # Three query groups of two heads, two layers: what --tp 3 --pp 2 divides.
     from transformers import LlamaForCausalLM
 
     from megatron_tpo.model.hf_config import hf_config_from_model
 
-    gguf_model = tiny_model_config(vocab_size=len(_byte_level_vocab()[0]), num_layers=2,
+    gguf_model = tiny_model_config(vocab_size=len(byte_level_vocab()[0]), num_layers=2,
                                    tie_word_embeddings=True, hidden_size=96,
                                    num_attention_heads=6, num_query_groups=3,
                                    ffn_hidden_size=192)
@@ -414,6 +410,7 @@ def as_run_here(command: Command):
     return f"batch-host dry run of: {command.text}", "tpo-run", argv
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("document", list(ALL_COMMANDS))
 def test_the_documents_commands_run_as_written(document, stand_ins, tmp_path, monkeypatch,
                                                capsys):

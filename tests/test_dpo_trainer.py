@@ -15,13 +15,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llama_fixtures import save_random_hf_llama, tiny_model_config
+from dpo_fixtures import random_pairs
+from llama_fixtures import megatron_shards, save_random_hf_llama, tiny_model_config
 from megatron_tpo.config import ConfigError, ParallelConfig
-from megatron_tpo.train.config import DPOTrainingConfig, FP8Config
 from megatron_tpo.model import llama_layout as layout
-from megatron_tpo.model.conversion import hf_to_mcore
 from megatron_tpo.model.llama import transformer_engine_available
 from megatron_tpo.parallel.local_launch import spawn_local
+from megatron_tpo.train.config import DPOTrainingConfig, FP8Config
 from megatron_tpo.train.dpo_batch import TokenizedPair
 from megatron_tpo.train.fp8 import check_fp8_settings, transformer_config_fields
 
@@ -38,17 +38,6 @@ PARITY = DPOTrainingConfig(beta=0.3, label_smoothing=0.1, lr=1e-3, warmup_steps=
                            train_steps=8, micro_batch_pairs=1, pad_to_multiple_of=8,
                            clip_grad=0.0, recompute_granularity="full")
 LEARNING_STEPS = 5
-
-
-def _random_pairs(vocab_size: int, count: int = 4, seed: int = 3):
-    generator = torch.Generator().manual_seed(seed)
-
-    def tokens(low, high):
-        length = int(torch.randint(low, high, (), generator=generator))
-        return torch.randint(0, vocab_size, (length,), generator=generator).tolist()
-
-    return [TokenizedPair(prompt=tokens(2, 6), chosen=tokens(3, 10), rejected=tokens(3, 10))
-            for _ in range(count)]
 
 
 def _trainer_worker(rank, world_size, model, shard_root, layout_sizes, all_pairs,
@@ -95,19 +84,40 @@ def hf_checkpoint(tmp_path_factory):
     return model, save_random_hf_llama(model, tmp_path_factory.mktemp("dpo") / "hf")
 
 
-@pytest.fixture(scope="module", params=sorted(LAYOUTS))
-def run(request, hf_checkpoint, tmp_path_factory):
+def _every_layout_worker(rank, world_size, model, shard_roots, all_pairs,
+                         all_reference_shifts):
+    """Worker: _trainer_worker at each of LAYOUTS in turn (all of them four processes), so
+    one spawned world serves both."""
+    from megatron.core import parallel_state
+
+    reports = {}
+    for name, sizes in sorted(LAYOUTS.items()):
+        reports[name] = _trainer_worker(rank, world_size, model, shard_roots[name], sizes,
+                                        all_pairs, all_reference_shifts)
+        parallel_state.destroy_model_parallel()
+    return reports
+
+
+@pytest.fixture(scope="module")
+def every_layout(hf_checkpoint, tmp_path_factory):
     model, hf_dir = hf_checkpoint
-    tp, pp, vpp, dp = sizes = LAYOUTS[request.param]
-    shard_root = hf_to_mcore(hf_dir, tmp_path_factory.mktemp(request.param), tp, pp,
-                             make_vocab_size_divisible_by=model.make_vocab_size_divisible_by,
-                             progress=False).destination
-    pairs = _random_pairs(model.vocab_size)
+    shard_roots = {name: megatron_shards(model, hf_dir, tmp_path_factory.mktemp(name), tp, pp)
+                   for name, (tp, pp, _, _) in LAYOUTS.items()}
+    pairs = random_pairs(model.vocab_size)
     reference_shift = torch.tensor([[0.7, -0.4], [-1.1, 0.2], [0.3, 0.9], [-0.5, -1.3]],
                                    dtype=torch.float64)
-    reports = spawn_local(_trainer_worker, tp * pp * dp, model, shard_root, sizes, pairs,
+    (world_size,) = {tp * pp * dp for tp, pp, _, dp in LAYOUTS.values()}
+    reports = spawn_local(_every_layout_worker, world_size, model, shard_roots, pairs,
                           reference_shift)
-    return model, hf_dir, pairs, reference_shift, reports, tp
+    return pairs, reference_shift, reports
+
+
+@pytest.fixture(scope="module", params=sorted(LAYOUTS))
+def run(request, hf_checkpoint, every_layout):
+    model, hf_dir = hf_checkpoint
+    pairs, reference_shift, reports = every_layout
+    tp = LAYOUTS[request.param][0]
+    return model, hf_dir, pairs, reference_shift, [r[request.param] for r in reports], tp
 
 
 def _hf_sequence_logprobs(hf_model, prompt, completion):
@@ -137,6 +147,7 @@ def _merged_hf_grads(reports, model, tp):
     return layout.merge_model(by_rank, model)
 
 
+@pytest.mark.slow
 def test_reference_logprobs_equal_hf_on_every_rank_and_step_zero_loss_is_log_2(run):
     from transformers import LlamaForCausalLM
 
@@ -163,6 +174,7 @@ def test_reference_logprobs_equal_hf_on_every_rank_and_step_zero_loss_is_log_2(r
         assert first["rewards/margin"] == 0 and first["rewards/accuracy"] == 0
 
 
+@pytest.mark.slow
 def test_loss_goes_down_on_a_fixed_batch_under_warmup_and_cosine_lr(run):
     reports = run[4]
     steps = _last_stage_reports(reports)[0]["learning"]
@@ -183,6 +195,7 @@ def test_loss_goes_down_on_a_fixed_batch_under_warmup_and_cosine_lr(run):
             assert metrics["tokens_per_second"] > 0 and metrics["grad_norm"] > 0
 
 
+@pytest.mark.slow
 def test_dpo_loss_and_gradients_equal_hf_with_plain_log_softmax(run):
     from transformers import LlamaForCausalLM
 
@@ -244,10 +257,8 @@ def _two_pairs_per_micro_batch_worker(rank, world_size, model, shard_root, pairs
 @pytest.fixture(scope="module")
 def two_pairs_per_micro_batch(hf_checkpoint, tmp_path_factory):
     model, hf_dir = hf_checkpoint
-    shard_root = hf_to_mcore(hf_dir, tmp_path_factory.mktemp("tp1"), 1, 1,
-                             make_vocab_size_divisible_by=model.make_vocab_size_divisible_by,
-                             progress=False).destination
-    pairs = _random_pairs(model.vocab_size, seed=11)
+    shard_root = megatron_shards(model, hf_dir, tmp_path_factory.mktemp("tp1"), 1, 1)
+    pairs = random_pairs(model.vocab_size, seed=11)
     completions = [(len(p.chosen), len(p.rejected)) for p in pairs]
     assert len(set(completions)) == len(pairs), "pairs of one length would hide a mix-up"
     reference_shift = torch.tensor([[0.9, -0.6], [-1.2, 0.4], [0.2, 1.1], [-0.7, -0.3]],
@@ -257,6 +268,7 @@ def two_pairs_per_micro_batch(hf_checkpoint, tmp_path_factory):
     return model, hf_dir, pairs, reference_shift, report
 
 
+@pytest.mark.slow
 def test_reference_logprobs_of_several_pairs_per_micro_batch_equal_hf_pair_by_pair(
         two_pairs_per_micro_batch):
     from transformers import LlamaForCausalLM
@@ -270,6 +282,7 @@ def test_reference_logprobs_of_several_pairs_per_micro_batch_equal_hf_pair_by_pa
         torch.testing.assert_close(report[name], expected[:3], rtol=1e-5, atol=1e-4, msg=name)
 
 
+@pytest.mark.slow
 def test_ipo_step_loss_and_gradients_equal_an_independent_ipo_on_hf(two_pairs_per_micro_batch):
     from transformers import LlamaForCausalLM
 
@@ -414,6 +427,7 @@ def _sequence_parallel_gather_worker(rank, world_size):
     return everything.grad[own], local.grad
 
 
+@pytest.mark.slow
 def test_sequence_parallel_gather_keeps_the_kernel_hidden_gradient():
     """The kernel already sums the hidden gradient over TP ranks; the gather in front of it
     must hand each rank its slice of that sum, not sum it again."""

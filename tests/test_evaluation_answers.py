@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from megatron_tpo.config.errors import ConfigError
-from megatron_tpo.data.thought_templates import ThoughtTemplate
+from megatron_tpo.data.config import ThoughtTemplate
 from megatron_tpo.evaluation.answers import (PROMPT_TOO_LONG, AnswerEngine, answer_rows,
                                              answer_settings, unanswerable_row)
 from megatron_tpo.evaluation.models import ModelSource

@@ -7,9 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from megatron_tpo.evaluation.arena import (
-    ELO_INITIAL, Game, bootstrap_indices, bradley_terry_scores, markdown_counts,
-)
+from megatron_tpo.evaluation.arena import (ELO_INITIAL, Game, bootstrap_indices,
+                                           bradley_terry_scores, markdown_counts)
 from megatron_tpo.judge.tournament import bradley_terry
 
 MODELS = ["base", "m1", "m2", "m3"]

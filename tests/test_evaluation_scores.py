@@ -5,7 +5,6 @@ import math
 
 import numpy as np
 import pytest
-import sklearn.linear_model  # noqa: F401  (the length-controlled fit's import, at collection)
 
 from megatron_tpo.evaluation.arena import style_vector
 from megatron_tpo.evaluation.scores import by_category, games, set_metrics, thought_metrics

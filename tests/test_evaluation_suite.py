@@ -9,7 +9,6 @@ two: every kind of answer the real models give.
 
 import json
 import re
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,10 +22,9 @@ from megatron_tpo.judge.pairwise import PairwiseJudge
 from megatron_tpo.rollout.config import RolloutConfig
 from megatron_tpo.rollout.engine import SamplingParams
 
-sys.path.insert(0, str(Path(__file__).parent))
-from eval_fixtures import JUDGE_PROMPT, ShorterWinsJudgeEngine, alpaca_eval_metrics  # noqa: E402
-from tpo_fixtures import write_instructions, write_policy  # noqa: E402
-from tiny_hf import tiny_tokenizer  # noqa: E402
+from eval_fixtures import JUDGE_PROMPT, ShorterWinsJudgeEngine, alpaca_eval_metrics
+from tpo_fixtures import write_instructions, write_policy
+from tiny_hf import tiny_tokenizer
 
 TEMPLATE = ThoughtTemplate(name="user", prompt="think then answer {instruction}",
                            response_marker="user")
@@ -84,6 +82,7 @@ def _copy_answers(out, destination):
     shutil.copytree(out / "answers", destination / "answers")
 
 
+@pytest.mark.slow
 def test_answers_judged_on_responses_only_scored_and_exported(evaluated):
     summary, engine, out = evaluated
     answers = _stored(out / "answers/M_1/mine")
@@ -149,6 +148,7 @@ def test_alpaca_evals_own_code_reads_the_annotations_to_the_same_numbers(evaluat
         summary["sets"]["mine"]["standard_error"])
 
 
+@pytest.mark.slow
 def test_a_rerun_reads_answers_and_annotations_back(workspace, evaluated, tmp_path,
                                                     monkeypatch):
     import shutil
@@ -197,6 +197,7 @@ def test_a_judge_that_never_gives_a_readable_verdict_is_refused(workspace, evalu
         evaluate(_config(workspace, tmp_path), _task(workspace, engine))
 
 
+@pytest.mark.slow
 def test_unreadable_verdicts_are_left_out_not_counted_as_ties(workspace, evaluated, tmp_path):
     _copy_answers(evaluated[2], tmp_path)
     engine = ShorterWinsJudgeEngine(unreadable_every=2)   # every second order unreadable

@@ -6,7 +6,6 @@ in-place reload), and the thoughts stripped before the judge.
 Skipped where vLLM is not installed (the main venv)."""
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,12 +15,10 @@ pytestmark = pytest.mark.vllm
 
 from megatron_tpo.parallel.local_launch import spawn_local  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).parent))
-sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "data"))
-from eval_fixtures import JUDGE_PROMPT, ShorterWinsJudgeEngine  # noqa: E402
-from llama_fixtures import save_random_hf_llama, tiny_model_config  # noqa: E402
-from tiny_hf import tiny_tokenizer  # noqa: E402
-from tpo_fixtures import write_instructions  # noqa: E402
+from eval_fixtures import JUDGE_PROMPT, ShorterWinsJudgeEngine
+from llama_fixtures import save_random_hf_llama, tiny_model_config
+from tiny_hf import tiny_tokenizer
+from tpo_fixtures import write_instructions
 
 MARKER = "user"
 

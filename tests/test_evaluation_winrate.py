@@ -8,8 +8,6 @@ formulas.
 """
 
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,8 +15,7 @@ import pytest
 from megatron_tpo.evaluation.heldout import heldout_metrics, lc_win_rate_vs_first
 from megatron_tpo.evaluation.winrate import length_controlled_win_rate, win_rate
 
-sys.path.insert(0, str(Path(__file__).parent))
-from eval_fixtures import alpaca_eval_metrics as _alpaca_eval  # noqa: E402
+from eval_fixtures import alpaca_eval_metrics as _alpaca_eval
 
 
 def _annotations(count=120, seed=0):

@@ -6,17 +6,16 @@ itself stores a judgment of every battle, once."""
 
 import json
 import re
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_loop import run_loop, stage_rows  # noqa: E402
 
-from megatron_tpo.judge.pairwise import PairwiseJudge  # noqa: E402
-from megatron_tpo.parallel.local_launch import spawn_local  # noqa: E402
-from megatron_tpo.rollout.engine import GenerationOutput, RolloutEngine, SamplingParams  # noqa: E402
+from megatron_tpo.judge.pairwise import PairwiseJudge
+from megatron_tpo.parallel.local_launch import spawn_local
+from megatron_tpo.rollout.engine import GenerationOutput, RolloutEngine, SamplingParams
+from tpo_fixtures import run_loop, stage_rows
+
+pytestmark = pytest.mark.slow
 
 PROMPTS = ["pick one", "which is best", "say more"]
 RESPONSES = [["a", "bbb", "cc", "dddd"], ["xx", "y", "zzz", "wwwwww"], ["q", "rr", "sss", "t"]]
@@ -47,24 +46,39 @@ def _judge(engine):
     return PairwiseJudge(engine, SamplingParams(n=1, temperature=0.0), score_method="win_rate")
 
 
-def _spread_worker(rank, world_size, ranks_per_engine):
+RANKS_PER_ENGINE = (1, 2)
+
+
+def _spread_worker(rank, world_size):
+    """Worker: for each of RANKS_PER_ENGINE, a fresh scripted judge behind EngineReplicas;
+    the judgment's scores and counts, and the prompts this rank's engine saw."""
     import torch
 
     from megatron_tpo.rollout.replicas import EngineReplicas
 
     torch.distributed.init_process_group("gloo")
-    engine = ShorterWins()
-    judgment = _judge(EngineReplicas(engine, ranks_per_engine)).judge(PROMPTS, RESPONSES)
-    return judgment.scores, judgment.counts, engine.seen
+    reports = {}
+    for ranks_per_engine in RANKS_PER_ENGINE:
+        engine = ShorterWins()
+        judgment = _judge(EngineReplicas(engine, ranks_per_engine)).judge(PROMPTS, RESPONSES)
+        reports[ranks_per_engine] = judgment.scores, judgment.counts, engine.seen
+    return reports
 
 
-@pytest.mark.parametrize("ranks_per_engine", [1, 2])
-def test_a_pairwise_judge_on_every_rank_equals_one_judging_alone(ranks_per_engine):
+@pytest.fixture(scope="module")
+def spread_reports():
+    """One world of two ranks judging at every RANKS_PER_ENGINE."""
+    return spawn_local(_spread_worker, 2)
+
+
+@pytest.mark.parametrize("ranks_per_engine", RANKS_PER_ENGINE)
+def test_a_pairwise_judge_on_every_rank_equals_one_judging_alone(spread_reports,
+                                                                   ranks_per_engine):
     alone_engine = ShorterWins()
     alone = _judge(alone_engine).judge(PROMPTS, RESPONSES)
     # The script is decisive: the shortest answer of each prompt wins every game.
     assert alone.scores[0][0] == 1.0 and alone.scores[1][1] == 1.0
-    reports = spawn_local(_spread_worker, 2, ranks_per_engine)
+    reports = [report[ranks_per_engine] for report in spread_reports]
     everything = sorted(alone_engine.seen)
     assert len(everything) == 3 * 12   # 6 pairs per prompt, both orders
     for scores, counts, _ in reports:

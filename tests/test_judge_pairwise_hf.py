@@ -1,7 +1,5 @@
 """The pairwise judge generating through the real HF engine (a tiny random judge model)."""
 
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,8 +8,7 @@ from transformers import LlamaForCausalLM
 from megatron_tpo.judge import build_judge, load_judge_config
 from megatron_tpo.rollout import HFRolloutEngine
 
-sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "data"))
-from tiny_hf import tiny_llama_config, tiny_tokenizer  # noqa: E402
+from tiny_hf import tiny_llama_config, tiny_tokenizer
 
 
 def test_pairwise_judge_through_hf_engine():

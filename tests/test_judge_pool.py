@@ -15,20 +15,15 @@ import pytest
 import torch
 
 from megatron_tpo.config import ConfigError
-from megatron_tpo.judge.config import (JudgeConfig, PairwiseJudgeConfig,
-                                       check_judge_placement)
+from megatron_tpo.judge.config import JudgeConfig, PairwiseJudgeConfig, check_judge_placement
 from megatron_tpo.rollout.config import BridgeConfig, RolloutConfig, VLLMConfig
 
-sys.path.insert(0, str(Path(__file__).parent))
-from local_slurm import slurm, slurm_installed  # noqa: E402,F401 (slurm is a fixture)
-from tpo_fixtures import tiny_run_overrides  # noqa: E402
-from engine_processes import start_engine_world, stop_engine_world  # noqa: E402
+from local_slurm import slurm_installed
+from tpo_fixtures import tiny_run_overrides
+from engine_processes import start_engine_world, stop_engine_world
 
-sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "data"))
-from tiny_hf import tiny_llama_config, tiny_tokenizer  # noqa: E402
 
-PROMPTS = ["which is best", "pick one", "the sun is"]
-RESPONSES = [["the cat", "a dog", "sun", "moon is here"], ["x y", "y"], ["hot", "up", "a b c"]]
+from judge_fixtures import PROMPTS, RESPONSES, write_verdict_judge
 
 
 def _pairwise(**settings) -> JudgeConfig:
@@ -96,49 +91,6 @@ def test_the_judge_pool_settings_are_checked_under_their_own_names():
 
 # -- the judge pool on CPU ------------------------------------------------------------
 
-def write_verdict_judge(directory: Path) -> Path:
-    """A tiny random judge whose greedy first token is ``[[A]]`` or ``[[B]]``, which one
-    depending on the judge prompt: verdicts that parse, and scores that are not all ties.
-
-    Both verdict rows of the output layer point along the mean last hidden state of this
-    test's judge prompts (so they beat every other token, scaled down), and apart along
-    the difference between the first pair's two orders, split at their midpoint (so at
-    least that pair gets the same response in both orders, which a random model, nearly
-    blind to order, would not)."""
-    from transformers import LlamaForCausalLM
-
-    from megatron_tpo.data.chat import chat_prompt
-    from megatron_tpo.judge.pairwise import pairs_to_judge
-    from megatron_tpo.judge.verdict import PAIRWISE_JUDGE_PROMPT, render_judge_prompt
-
-    tokenizer = tiny_tokenizer()
-    torch.manual_seed(3)
-    model = LlamaForCausalLM(tiny_llama_config(tokenizer, tie_word_embeddings=False))
-    texts = [chat_prompt(tokenizer, [{"role": "user", "content": render_judge_prompt(
-        PAIRWISE_JUDGE_PROMPT, prompt, group[i], group[j])}])
-        for prompt, group in zip(PROMPTS, RESPONSES)
-        for a, b in pairs_to_judge(len(group), None, None) for i, j in ((a, b), (b, a))]
-    with torch.no_grad():
-        last = torch.stack([model(**tokenizer(text, return_tensors="pt",
-                                              add_special_tokens=False),
-                                  output_hidden_states=True).hidden_states[-1][0, -1]
-                            for text in texts])
-        along = last.mean(0) / last.mean(0).norm()
-        apart = last[0] - last[1]
-        apart -= (apart @ along) * along
-        apart *= 20 / apart.norm()
-        middle = (last[0] + last[1]) / 2
-        # (A - B) . h = 2 (apart . h - threshold along . h): zero at the first pair's middle.
-        threshold = (apart @ middle) / (along @ middle)
-        verdicts = tokenizer.convert_tokens_to_ids(["[[A]]", "[[B]]"])
-        model.lm_head.weight.mul_(0.01)
-        model.lm_head.weight[verdicts[0]] = 40 * along + apart - threshold * along
-        model.lm_head.weight[verdicts[1]] = 40 * along - apart + threshold * along
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
-
-
 def _judge_worker(rank, world_size, overrides):
     """Every trainer rank builds the pairwise judge as build_tpo does, and judges."""
     from megatron_tpo.build import build_judge_for_rank
@@ -157,6 +109,7 @@ def _judge_worker(rank, world_size, overrides):
     return report
 
 
+@pytest.mark.slow
 def test_a_judge_pool_judges_exactly_as_the_colocated_judge(tmp_path, monkeypatch):
     from megatron_tpo.parallel.launch import free_local_port
     from megatron_tpo.parallel.local_launch import spawn_local
@@ -208,6 +161,7 @@ def test_tpo_engine_serve_judge_refuses_what_it_cannot_serve(capsys, tmp_path):
 
 # -- on a local Slurm ---------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.skipif(not slurm_installed(),
                     reason="Slurm daemons not installed (.ci/run installs them)")
 def test_a_tiny_job_with_a_judge_pool_step_judges_through_it_to_the_end(slurm, tmp_path):

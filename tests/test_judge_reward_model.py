@@ -1,6 +1,4 @@
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import torch
@@ -8,13 +6,7 @@ from transformers import LlamaForSequenceClassification
 
 from megatron_tpo.judge import JudgeConfig, RewardModelJudge, build_judge, reward_from_output
 
-sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "data"))
-from tiny_hf import tiny_llama_config, tiny_tokenizer  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return tiny_tokenizer()
+from tiny_hf import tiny_llama_config, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -4,33 +4,21 @@ back in order, equal to one process scoring alone. Between judge phases the mode
 in host memory (``offload_between_phases``, on by default for cuda). In the loop, a
 two-rank run stores the judgments one process gives on the same rollouts."""
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import LlamaForSequenceClassification
 
-sys.path.insert(0, str(Path(__file__).parent))
-sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "data"))
-from test_loop import run_loop, stage_rows  # noqa: E402
-from tiny_hf import tiny_llama_config, tiny_tokenizer  # noqa: E402
+from tiny_hf import save_classifier, tiny_llama_config, tiny_tokenizer
 
-from megatron_tpo.judge import JudgeConfig, RewardModelJudge, build_judge  # noqa: E402
-from megatron_tpo.parallel.local_launch import spawn_local  # noqa: E402
+from megatron_tpo.judge import JudgeConfig, RewardModelJudge, build_judge
+from megatron_tpo.parallel.local_launch import spawn_local
+from tpo_fixtures import run_loop, stage_rows
 
 PROMPTS = ["the cat", "write a b c", "my dog"]
 RESPONSES = [["the sun is a cat", "dog", "moon moon moon"], ["a b c", "c b a !"],
              ["is my dog", "the moon", "sun", "a"]]
-
-
-def save_classifier(directory: Path, seed: int = 0) -> Path:
-    tokenizer = tiny_tokenizer()
-    torch.manual_seed(seed)
-    LlamaForSequenceClassification(tiny_llama_config(tokenizer, num_labels=1)).save_pretrained(
-        directory)
-    tokenizer.save_pretrained(directory)
-    return directory
 
 
 def judge_config(path: Path, batch_size: int) -> JudgeConfig:
@@ -49,22 +37,38 @@ def count_scored_texts(judge: RewardModelJudge) -> list:
     return calls
 
 
-def _ranks_worker(rank, world_size, path, batch_size):
+BATCH_SIZES = (1, 2)
+
+
+def _ranks_worker(rank, world_size, path):
+    """Worker: for each of BATCH_SIZES, the judge's scores on this rank and the batches
+    this rank scored."""
     torch.distributed.init_process_group("gloo")
-    judge = build_judge(judge_config(Path(path), batch_size))
-    calls = count_scored_texts(judge)
-    judgment = judge.judge(PROMPTS, RESPONSES)
-    return judgment.scores, calls
+    reports = {}
+    for batch_size in BATCH_SIZES:
+        judge = build_judge(judge_config(Path(path), batch_size))
+        calls = count_scored_texts(judge)
+        reports[batch_size] = judge.judge(PROMPTS, RESPONSES).scores, calls
+    return reports
 
 
-@pytest.mark.parametrize("batch_size", [1, 2])
-def test_two_ranks_score_what_one_process_scores_each_scoring_its_share(tmp_path, batch_size):
-    path = save_classifier(tmp_path / "rm")
+@pytest.fixture(scope="module")
+def classifier_and_rank_reports(tmp_path_factory):
+    """One reward model, and one world of two ranks judging with it at every batch size."""
+    path = save_classifier(tmp_path_factory.mktemp("rm") / "rm")
+    return path, spawn_local(_ranks_worker, 2, str(path))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("batch_size", BATCH_SIZES)
+def test_two_ranks_score_what_one_process_scores_each_scoring_its_share(
+        classifier_and_rank_reports, batch_size):
+    path, rank_reports = classifier_and_rank_reports
     alone = build_judge(judge_config(path, batch_size))
     alone_calls = count_scored_texts(alone)
     expected = alone.judge(PROMPTS, RESPONSES).scores
     assert sum(alone_calls) == 9 and len({s for row in expected for s in row}) == 9
-    reports = spawn_local(_ranks_worker, 2, str(path), batch_size)
+    reports = [report[batch_size] for report in rank_reports]
     for scores, _ in reports:
         assert [len(row) for row in scores] == [3, 2, 4]
         flat, want = sum(scores, []), sum(expected, [])
@@ -124,6 +128,7 @@ def test_offloading_defaults_on_for_cuda_only():
     assert config.reward_model.offloads() is True
 
 
+@pytest.mark.slow
 def test_the_loop_spreads_reward_model_judging_over_two_ranks(tmp_path):
     path = save_classifier(tmp_path / "rm")
     run_loop(tmp_path, world_size=2, extra=[

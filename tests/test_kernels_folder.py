@@ -7,6 +7,8 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -14,6 +16,7 @@ def test_hugging_face_kernels_is_installed_so_the_next_test_means_something():
     assert metadata.version("kernels")   # transformers requires it
 
 
+@pytest.mark.slow
 def test_transformers_imports_from_the_repository_root():
     # "-c" puts the working directory first on sys.path, as `python -` and notebooks do.
     script = ("import kernels, megatron_tpo.kernels as ours\n"

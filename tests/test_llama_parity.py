@@ -3,11 +3,12 @@
 import pytest
 import torch
 
-from llama_fixtures import save_random_hf_llama, tiny_model_config
+from llama_fixtures import megatron_shards, save_random_hf_llama, tiny_model_config
 from megatron_tpo.config import ParallelConfig
 from megatron_tpo.model import llama_layout as layout
-from megatron_tpo.model.conversion import hf_to_mcore
 from megatron_tpo.parallel.local_launch import spawn_local
+
+pytestmark = pytest.mark.slow
 
 SEQ_LEN, MICRO_BATCH, MICRO_BATCHES = 12, 2, 4
 
@@ -87,11 +88,39 @@ def checkpoint(tmp_path_factory):
     hf_dir = save_random_hf_llama(model, root / "hf")
     shard_roots = {}
     for tp, pp in [(1, 1), (2, 1), (1, 2), (2, 2)]:
-        shard_roots[(tp, pp, None)] = shard_roots[(tp, pp, 2)] = hf_to_mcore(
-            hf_dir, root / f"tp{tp}pp{pp}", tp, pp,
-            make_vocab_size_divisible_by=model.make_vocab_size_divisible_by, progress=False,
-        ).destination
+        shard_roots[(tp, pp, None)] = shard_roots[(tp, pp, 2)] = megatron_shards(
+            model, hf_dir, root / f"tp{tp}pp{pp}", tp, pp)
     return model, hf_dir, shard_roots
+
+
+# Per world size, the layouts whose logits are compared with HF's (forward only) and those
+# whose gradients are compared with TP1/PP1's (another batch): one spawn of each world
+# serves both tests.
+LOGIT_LAYOUTS = {1: [(1, 1, None)], 2: [(2, 1, None), (1, 2, None), (1, 2, 2)],
+                 4: [(2, 2, None)]}
+SINGLE_LAYOUT, SPLIT_LAYOUT, INTERLEAVED_LAYOUT = (1, 1, None), (2, 2, None), (1, 2, 2)
+GRAD_LAYOUTS = {1: [SINGLE_LAYOUT], 2: [INTERLEAVED_LAYOUT], 4: [SPLIT_LAYOUT]}
+
+
+def _run_world(rank, world_size, model, shard_roots, logit_batch, grad_batch):
+    """Worker: the logits of this world's LOGIT_LAYOUTS, then the gradients of its
+    GRAD_LAYOUTS."""
+    logit_layouts, grad_layouts = LOGIT_LAYOUTS[world_size], GRAD_LAYOUTS[world_size]
+    return {"logits": _run_layouts(rank, world_size, model, logit_layouts,
+                                   [shard_roots[l] for l in logit_layouts], *logit_batch, False),
+            "grads": _run_layouts(rank, world_size, model, grad_layouts,
+                                  [shard_roots[l] for l in grad_layouts], *grad_batch, True)}
+
+
+@pytest.fixture(scope="module")
+def worlds(checkpoint):
+    """world size -> every rank's reports; the logits' batch is seed 7's, the gradients'
+    seed 11's."""
+    model, _, shard_roots = checkpoint
+    logit_batch, grad_batch = _batch(model.vocab_size), _batch(model.vocab_size, seed=11)
+    return {world_size: spawn_local(_run_world, world_size, model, shard_roots, logit_batch,
+                                    grad_batch)
+            for world_size in LOGIT_LAYOUTS}
 
 
 def _hf_logits(hf_dir, inputs):
@@ -106,16 +135,13 @@ def _collect(reports, key):
     return [report[key] for report in reports if key in report]
 
 
-def test_logits_match_hf_at_every_layout(checkpoint):
-    model, hf_dir, shard_roots = checkpoint
-    inputs, labels = _batch(model.vocab_size)
+def test_logits_match_hf_at_every_layout(checkpoint, worlds):
+    model, hf_dir, _ = checkpoint
+    inputs, _ = _batch(model.vocab_size)
     expected = _hf_logits(hf_dir, inputs)
 
-    layouts_by_world = {1: [(1, 1, None)], 2: [(2, 1, None), (1, 2, None), (1, 2, 2)],
-                        4: [(2, 2, None)]}
-    for world_size, layouts in layouts_by_world.items():
-        reports = spawn_local(_run_layouts, world_size, model, layouts,
-                        [shard_roots[l] for l in layouts], inputs, labels, False)
+    for world_size, layouts in LOGIT_LAYOUTS.items():
+        reports = [report["logits"] for report in worlds[world_size]]
         for tp_pp in layouts:
             logits = _collect([r[tp_pp] for r in reports], "logits")
             assert logits, f"no rank produced logits at TP/PP {tp_pp}"
@@ -132,19 +158,13 @@ def _hf_named_grads(reports, model, tp):
     return layout.merge_model(by_rank, model)
 
 
-def test_1f1b_gradients_at_tp2_pp2_and_interleaved_equal_tp1_pp1(checkpoint):
-    model, _, shard_roots = checkpoint
-    inputs, labels = _batch(model.vocab_size, seed=11)
-    single_layout, split_layout, interleaved_layout = (1, 1, None), (2, 2, None), (1, 2, 2)
-    single = spawn_local(_run_layouts, 1, model, [single_layout], [shard_roots[single_layout]],
-                         inputs, labels, True)
-    split = spawn_local(_run_layouts, 4, model, [split_layout], [shard_roots[split_layout]],
-                        inputs, labels, True)
-    interleaved = spawn_local(_run_layouts, 2, model, [interleaved_layout],
-                              [shard_roots[interleaved_layout]], inputs, labels, True)
-    reference = _hf_named_grads([r[single_layout] for r in single], model, tp=1)
-    for name_of_run, run, layout_key, tp in (("TP2/PP2", split, split_layout, 2),
-                                             ("TP1/PP2/VPP2", interleaved, interleaved_layout, 1)):
+def test_1f1b_gradients_at_tp2_pp2_and_interleaved_equal_tp1_pp1(checkpoint, worlds):
+    model, _, _ = checkpoint
+    single, split, interleaved = ([report["grads"] for report in worlds[world_size]]
+                                  for world_size in (1, 4, 2))
+    reference = _hf_named_grads([r[SINGLE_LAYOUT] for r in single], model, tp=1)
+    for name_of_run, run, layout_key, tp in (("TP2/PP2", split, SPLIT_LAYOUT, 2),
+                                             ("TP1/PP2/VPP2", interleaved, INTERLEAVED_LAYOUT, 1)):
         parallel = _hf_named_grads([r[layout_key] for r in run], model, tp=tp)
         assert reference.keys() == parallel.keys()
         for name, grad in reference.items():

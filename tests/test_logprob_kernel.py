@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from logprob_reference import logprob_only_reference, logprob_only_values_and_grads
 from megatron_tpo.kernels import fused_target_logprobs, logprob_torch, reference_target_logprobs
 from megatron_tpo.parallel.local_launch import spawn_local
 
@@ -44,22 +45,6 @@ def fused(hidden, weight, targets, mask, upstream, **kwargs):
     return values_and_grads(call, hidden, weight, targets, mask, upstream, hidden.dtype)
 
 
-def logprob_only_values_and_grads(fn, hidden, weight, targets, mask, upstream, dtype):
-    """Log-probs and their gradients with no entropy asked for: the path DPO trains on."""
-    hidden = hidden.detach().to(dtype).requires_grad_()
-    weight = weight.detach().to(dtype).requires_grad_()
-    logprobs = fn(hidden, weight, targets, mask)
-    (logprobs * upstream[0].to(logprobs.dtype)).sum().backward()
-    return logprobs.detach(), hidden.grad, weight.grad
-
-
-def logprob_only_reference(hidden, weight, targets, mask, upstream):
-    def logprobs(*inputs):
-        return reference_target_logprobs(*inputs)[0]
-    return logprob_only_values_and_grads(logprobs, hidden, weight, targets, mask, upstream,
-                                         torch.float64)
-
-
 def logprob_only_fused(hidden, weight, targets, mask, upstream, **kwargs):
     call = functools.partial(fused_target_logprobs, ignore_index=IGNORE, impl="torch", **kwargs)
     return logprob_only_values_and_grads(call, hidden, weight, targets, mask, upstream,
@@ -79,6 +64,7 @@ def small_chunks(monkeypatch):
             getattr(logprob_torch, name), token_chunk=8, vocab_chunk=32))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tokens,hidden_size,vocab", [(37, 24, 101), (1, 16, 50), (65, 40, 257)])
 def test_values_and_gradients_match_float64_reference(small_chunks, tokens, hidden_size, vocab):
     inputs = make_inputs(tokens, hidden_size, vocab)
@@ -95,6 +81,7 @@ def test_logprob_only_gradients_match_float64_reference(small_chunks, tokens, hi
         torch.testing.assert_close(a.double(), e, atol=2e-5, rtol=2e-5, msg=name)
 
 
+@pytest.mark.slow
 def test_default_chunking_matches_reference():
     inputs = make_inputs(2100, 16, 4500, seed=1)  # more than one token and vocab chunk
     assert_close(fused(*inputs), reference(*inputs), atol=2e-5)
@@ -178,6 +165,7 @@ def two_tp_ranks():
     return spawn_local(_tp_rank, 2, TP_INPUTS)
 
 
+@pytest.mark.slow
 def test_tensor_parallel_two_ranks_equal_one(two_tp_ranks):
     ranks = [with_entropy for with_entropy, _ in two_tp_ranks]
     single = fused(*TP_INPUTS)
@@ -189,6 +177,7 @@ def test_tensor_parallel_two_ranks_equal_one(two_tp_ranks):
     assert_close(single, reference(*TP_INPUTS), atol=2e-5)
 
 
+@pytest.mark.slow
 def test_tensor_parallel_logprob_only_gradients_equal_reference(two_tp_ranks):
     expected = logprob_only_reference(*TP_INPUTS)
     ranks = [logprobs_only for _, logprobs_only in two_tp_ranks]
@@ -210,8 +199,8 @@ def test_training_setting_reaches_the_kernel(monkeypatch, deterministic):
 
     from megatron.core import parallel_state
 
-    from megatron_tpo.train.config import load_training_config
     from megatron_tpo.train import policy_logprobs
+    from megatron_tpo.train.config import load_training_config
     from megatron_tpo.train.dpo_batch import TokenizedPair, pair_micro_batches
     from megatron_tpo.train.dpo_step import dpo_forward_step
 

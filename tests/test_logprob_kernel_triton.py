@@ -17,13 +17,14 @@ import torch.distributed as dist
 # Neither import loads triton: the Triton module is imported when impl="triton" is used.
 from megatron_tpo.kernels import fused_target_logprobs, reference_target_logprobs
 from megatron_tpo.parallel.local_launch import spawn_local
-from test_logprob_kernel import logprob_only_reference, logprob_only_values_and_grads
+from logprob_reference import logprob_only_reference, logprob_only_values_and_grads
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 needs_interpreter = pytest.mark.skipif(not INTERPRETED, reason="runs in the child with "
                                        "TRITON_INTERPRET=1 (see test_kernels_in_interpreter)")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(INTERPRETED, reason="already inside the interpreter run")
 def test_kernels_in_interpreter():
     pytest.importorskip("triton")
@@ -197,6 +198,7 @@ def _compile_for_h100(kernel, pointer_dtypes, constexprs, num_warps):
     return next(line for line in usage.splitlines() if "REG:" in line)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(INTERPRETED, reason="compiles for a GPU target, not interpreted")
 @pytest.mark.parametrize("with_entropy", [False, True])
 def test_bf16_kernels_compile_for_h100(with_entropy):

@@ -1,36 +1,16 @@
 """The TPO loop on a tiny random policy: what it stores, trains on, and how it resumes."""
 
-import contextlib
 import json
 import math
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from tpo_fixtures import tiny_run_overrides  # noqa: E402
+from megatron_tpo.parallel.local_launch import spawn_local
+from tpo_fixtures import ITERATIONS, TRAIN_STEPS, final_weights, run_cli, run_loop, stage_rows
 
-from megatron_tpo.cli.run import compose_config, run_rank  # noqa: E402
-from megatron_tpo.fault_injection import CRASH_AT_VARIABLE  # noqa: E402
-from megatron_tpo.parallel.local_launch import spawn_local  # noqa: E402
-
-
-def stage_rows(run_dir: Path, iteration: int, stage: str):
-    path = run_dir / "stages" / f"iteration_{iteration:03d}" / f"{stage}.parquet"
-    return pq.read_table(path).to_pylist()
-
-
-def run_loop(root: Path, extra=(), iterations: int = 1, world_size: int = 1) -> dict:
-    config = compose_config(tiny_run_overrides(root, iterations) + list(extra))
-    config.validate(world_size)
-    return spawn_local(run_rank, world_size, config)[0]
+pytestmark = pytest.mark.slow
 
 
 def hf_completion_logprob(policy: Path, prompt, completion) -> float:
@@ -82,88 +62,10 @@ def test_one_iteration_at_tp2_pp2(tmp_path):
         world_size=4))
 
 
-def final_weights(run_dir: Path) -> dict:
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    latest = (run_dir / "checkpoints" / "latest").read_text().strip()
-    flat = run_dir / "final.pt"
-    dcp_to_torch_save(run_dir / "checkpoints" / latest / "dist", flat)
-    state = torch.load(flat, weights_only=False)  # written by this test from our own run
-    # Model weights and optimizer state alike.
-    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
-
-
-# The kill-and-resume runs: two iterations of three DPO steps, so that a run can be cut
-# inside an iteration, between a checkpoint and the weight sync, and after the sync, and
-# every iteration's learning rate warms up (one step) and decays again.
-ITERATIONS, TRAIN_STEPS = 2, 3
-
-
-def loop_overrides(root: Path) -> list:
-    ours = {"train.train_steps": TRAIN_STEPS, "train.warmup_steps": 1, "train.min_lr": 1e-4}
-    return [o for o in tiny_run_overrides(root, ITERATIONS) if o.split("=")[0] not in ours
-            ] + [f"{key}={value}" for key, value in ours.items()]
-
-
-def session_processes(session: int) -> list:
-    """``pid (name)`` of every process still in ``session`` (Linux /proc)."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()
-        except OSError:   # ended while we looked
-            continue
-        name, fields = text[text.index("(") + 1:text.rindex(")")], text[text.rindex(")") + 2:].split()
-        if int(fields[3]) == session:   # state, ppid, pgrp, session
-            found.append(f"{stat.parent.name} ({name})")
-    return found
-
-
-def run_cli(root: Path, crash_at=None, expect: int = 0) -> None:
-    """``tpo-run`` in a child process of its own session, killed (SIGKILL, exit -9) or
-    signalled at ``crash_at``. Nothing of it may outlive it: a process left in its session
-    (reparented to init) would also hold its output open."""
-    env = dict(os.environ)
-    env.pop(CRASH_AT_VARIABLE, None)
-    if crash_at:
-        env[CRASH_AT_VARIABLE] = crash_at
-    command = [sys.executable, "-m", "megatron_tpo.cli.run", *loop_overrides(root)]
-    log = root / f"tpo-run.{crash_at or 'whole'}.log".replace(":", "_")
-    with open(log, "w") as output:
-        process = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
-        try:
-            code = process.wait(timeout=600)
-        finally:
-            left = wait_until_gone(process.pid)
-            for entry in left:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(int(entry.split()[0]), signal.SIGKILL)
-    assert code == expect, log.read_text()[-3000:]
-    assert not left, f"tpo-run (crash_at={crash_at}) left processes behind: {left}"
-
-
-def wait_until_gone(session: int, seconds: float = 10.0) -> list:
-    """Processes of ``session`` still there after ``seconds`` (helpers may take a moment
-    to notice their parent died)."""
-    deadline = time.monotonic() + seconds
-    while (left := session_processes(session)) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return left
-
-
 def train_steps(run_dir: Path) -> dict:
     """(iteration, step) -> the last logged record of that DPO step (a redone step logs twice)."""
     records = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
     return {(r["iteration"], r["step"]): r for r in records if r["kind"] == "train_step"}
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory) -> Path:
-    """One uninterrupted run, the reference every interrupted run must match bit for bit."""
-    root = tmp_path_factory.mktemp("uninterrupted")
-    run_cli(root)
-    return root
 
 
 def test_the_log_says_what_the_run_is_doing_and_the_expected_warnings_once(uninterrupted):

@@ -1,18 +1,16 @@
 """A TPO run whose M_0 comes from ``tpo-convert hf-to-dist`` output (``run.initial_checkpoint``)
 instead of the per-rank conversion of ``run.policy``."""
 
-import sys
 from pathlib import Path
 
+import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_loop import final_weights, stage_rows  # noqa: E402
-from tpo_fixtures import tiny_run_overrides  # noqa: E402
+from tpo_fixtures import final_weights, stage_rows, tiny_run_overrides
 
-from megatron_tpo.cli.run import compose_config, main, run_rank  # noqa: E402
-from megatron_tpo.model.nemo import hf_to_dist  # noqa: E402
-from megatron_tpo.parallel.local_launch import spawn_local  # noqa: E402
+from megatron_tpo.cli.run import compose_config, main, run_rank
+from megatron_tpo.model.nemo import hf_to_dist
+from megatron_tpo.parallel.local_launch import spawn_local
 
 STAGES = ("rollouts", "judgments", "pairs", "reference")
 
@@ -30,6 +28,7 @@ def run_tp2(root: Path, run_dir: Path, extra=()):
     return spawn_local(run_rank, 2, config)[0]
 
 
+@pytest.mark.slow
 def test_an_iteration_from_the_dist_checkpoint_equals_the_one_from_the_hf_policy(tmp_path):
     tiny_run_overrides(tmp_path)  # writes the policy and prompt files
     hf_to_dist(tmp_path / "policy", tmp_path / "dist", progress=False)
@@ -52,7 +51,6 @@ def test_an_iteration_from_the_dist_checkpoint_equals_the_one_from_the_hf_policy
 def write_dist_of_another_shape(root: Path) -> Path:
     from transformers import LlamaForCausalLM
 
-    sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "data"))
     from tiny_hf import tiny_llama_config, tiny_tokenizer
 
     wider = root / "wider_policy"

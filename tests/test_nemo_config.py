@@ -8,10 +8,9 @@ import pytest
 from llama_fixtures import tiny_model_config
 from megatron_tpo.config import ConfigError, RopeScalingConfig
 from megatron_tpo.model.nemo import open_nemo2
-from megatron_tpo.model.nemo_config import (
-    llama_config_from_io_json, model_config_from_nemo1, model_config_from_nemo2, nemo2_io_json,
-    nemo2_model_yaml,
-)
+from megatron_tpo.model.nemo_config import (llama_config_from_io_json, model_config_from_nemo1,
+                                            model_config_from_nemo2, nemo2_io_json,
+                                            nemo2_model_yaml)
 
 FIXTURE = Path("/work/shared/fixtures/nemo2_tiny_llama/nemo")
 needs_fixture = pytest.mark.skipif(not FIXTURE.is_dir(), reason="NeMo-written fixture absent")

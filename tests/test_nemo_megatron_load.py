@@ -13,6 +13,8 @@ from megatron_tpo.model.hf_config import model_config_from_hf, read_hf_config_di
 from megatron_tpo.model.nemo import hf_to_dist, hf_to_nemo
 from megatron_tpo.parallel.local_launch import spawn_local
 
+pytestmark = pytest.mark.slow
+
 FIXTURE = Path("/work/shared/fixtures/nemo2_tiny_llama")
 SEQ_LEN, MICRO_BATCH, MICRO_BATCHES = 12, 2, 2
 

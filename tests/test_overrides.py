@@ -2,7 +2,6 @@
 reads back to the same config with_settings builds; with_settings leaves its input alone
 and runs the changed groups' checks."""
 
-import hydra  # noqa: F401  (its import, seconds, at collection)
 import pytest
 
 from megatron_tpo.cli.run import compose_config

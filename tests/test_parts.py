@@ -4,26 +4,19 @@ be replaced (as the dry run shortens the held-out set) keeping every other part.
 
 import dataclasses
 import json
-import sys
-from pathlib import Path
 
-import datasets  # noqa: F401  (imports that build_tpo makes, seconds, at collection)
-import hydra  # noqa: F401
 import pytest
-import transformers  # noqa: F401
 
-sys.path.insert(0, str(Path(__file__).parent))
-sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "data"))
-from tiny_hf import tiny_tokenizer  # noqa: E402
-from tpo_fixtures import tiny_run_overrides, write_instructions  # noqa: E402
+from tiny_hf import tiny_tokenizer
+from tpo_fixtures import tiny_run_overrides, write_instructions
 
-from megatron_tpo.build import build_tpo  # noqa: E402
-from megatron_tpo.cli.run import compose_config  # noqa: E402
-from megatron_tpo.data.storage import config_hash  # noqa: E402
-from megatron_tpo.dry_run import (STAND_INS, StandInCheckpointer, StandInEngine,  # noqa: E402
-                                  StandInTrainer, StandInWeightPush)
-from megatron_tpo.judge.base import Judge  # noqa: E402
-from megatron_tpo.parts import TPOParts  # noqa: E402
+from megatron_tpo.build import build_tpo
+from megatron_tpo.cli.run import compose_config
+from megatron_tpo.data.storage import config_hash
+from megatron_tpo.dry_run import (STAND_INS, StandInCheckpointer, StandInEngine, StandInTrainer,
+                                  StandInWeightPush)
+from megatron_tpo.judge.base import Judge
+from megatron_tpo.parts import TPOParts
 
 
 @pytest.fixture(scope="module")

@@ -6,19 +6,15 @@ and wake they perform must be the transition the ledger recorded for them, phase
 phase, and the dry run of the same config must write the same ledger line for line."""
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_judge_reward_model_ranks import save_classifier  # noqa: E402
-from tpo_fixtures import tiny_run_overrides  # noqa: E402
+from tiny_hf import save_classifier
+from tpo_fixtures import tiny_run_overrides
 
-from megatron_tpo.placement import MemoryLedger, Placement, TenantSpec  # noqa: E402
-from megatron_tpo.placement import policy  # noqa: E402
-from megatron_tpo.placement.ledger import (ASLEEP, AWAKE, IN_USE, RELEASED,  # noqa: E402
-                                           RESIDENT, WEIGHTS_ONLY)
+from megatron_tpo.placement import MemoryLedger, Placement, TenantSpec
+from megatron_tpo.placement import policy
+from megatron_tpo.placement.ledger import ASLEEP, AWAKE, IN_USE, RELEASED, RESIDENT, WEIGHTS_ONLY
 
 GPU = "test GPU"
 
@@ -207,6 +203,7 @@ def reward_model_run(tmp_path_factory):
     return root, overrides, events, lines
 
 
+@pytest.mark.slow
 def test_the_tenants_did_exactly_what_the_ledger_recorded(reward_model_run):
     _, _, events, lines = reward_model_run
     phases = [line["phase"] for line in lines]
@@ -220,6 +217,7 @@ def test_the_tenants_did_exactly_what_the_ledger_recorded(reward_model_run):
         assert performed, tenant
 
 
+@pytest.mark.slow
 def test_the_dry_run_writes_the_ledger_the_run_wrote(reward_model_run, capsys):
     from megatron_tpo.cli.run import main
 

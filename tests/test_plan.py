@@ -44,12 +44,14 @@ def _position(search, tp, pp, vpp, cp, micro_batch=1):
 #   LLAMA3_70B_PRETRAIN_CONFIG_H100_FP8_CS (TP4 PP8 VP5).
 # Estimated step times against NVIDIA's measured ones: tests/test_plan_validation.py.
 
+@pytest.mark.slow
 @pytest.mark.parametrize("gpus, global_batch", [(8, 128), (16, 256), (64, 1024)])
 def test_llama3_8b_published_layout_is_top_ranked(gpus, global_batch):
     search = _search("llama3_8b", gpus, global_batch)
     assert _position(search, tp=1, pp=1, vpp=1, cp=2) == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("gpus, global_batch", [(64, 128), (128, 256)])
 def test_llama3_70b_published_bf16_layout_is_among_the_best(gpus, global_batch):
     search = _search("llama3_70b", gpus, global_batch)

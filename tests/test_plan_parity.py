@@ -17,6 +17,8 @@ from megatron_tpo.config import ModelConfig, ParallelConfig, load_model_config
 from megatron_tpo.parallel.local_launch import spawn_local
 from megatron_tpo.plan.cost.parameters import rank_parameters
 
+pytestmark = pytest.mark.slow
+
 WORLD_SIZE = 4
 # Small enough to force several buckets in the medium model, as large models have.
 SMALL_BUCKET = 50_000

@@ -8,8 +8,7 @@ from megatron_tpo.config import load_model_config
 from megatron_tpo.plan.cost.iteration import IterationAssumptions, IterationRequest
 from megatron_tpo.plan.cost.pools import PoolComparison, compare_pools
 from megatron_tpo.plan.hardware import find_gpu
-from megatron_tpo.plan.report.iteration import (STAGE_ORDER, format_iteration,
-                                                iteration_report_dict)
+from megatron_tpo.plan.report.iteration import STAGE_ORDER, format_iteration, iteration_report_dict
 from megatron_tpo.plan.search.training import search_training
 from megatron_tpo.plan.workload import Assumptions, Cluster, Workload
 

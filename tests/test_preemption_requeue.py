@@ -24,6 +24,7 @@ def guard():
         signal.signal(number, handler)
 
 
+@pytest.mark.slow
 def test_a_job_requeued_already_is_no_error_but_another_failure_says_what_failed(
         guard, tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")

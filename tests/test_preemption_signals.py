@@ -5,6 +5,10 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
+pytestmark = pytest.mark.slow
+
 PROBE = textwrap.dedent("""
     import os, signal, time
     from megatron.core.dist_checkpointing.strategies import filesystem_async

@@ -4,7 +4,7 @@ samples are judged."""
 
 import pytest
 
-from megatron_tpo.data.thought_templates import ThoughtTemplate
+from megatron_tpo.data.config import ThoughtTemplate
 from megatron_tpo.preference.parse import by_prompt, is_judged, rollout_rows
 from megatron_tpo.rollout.engine import GenerationOutput
 

@@ -1,7 +1,5 @@
 """Token-based length control measures responses with the policy tokenizer (issue 12, item 4)."""
 
-import sys
-from pathlib import Path
 
 import pytest
 
@@ -10,8 +8,7 @@ from megatron_tpo.judge import Judge, Judgment, LengthControlConfig
 from megatron_tpo.preference import build_iteration_data
 from megatron_tpo.rollout import GenerationOutput
 
-sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "data"))
-from tiny_hf import tiny_tokenizer  # noqa: E402  a real (word-level) HF tokenizer
+from tiny_hf import tiny_tokenizer  # a real (word-level) HF tokenizer
 
 
 class FixedJudge(Judge):

@@ -26,6 +26,8 @@ from megatron_tpo.parallel.local_launch import spawn_local
 from megatron_tpo.rollout.config import BridgeConfig
 from megatron_tpo.rollout.engine import GenerationOutput, RolloutEngine, SamplingParams
 
+pytestmark = pytest.mark.slow
+
 PROCESS_GROUP_TIMEOUT = 3.0   # seconds any collective of the trainer world may wait
 LONGER = 4.0                  # rank 0's work: longer than that
 ONE = SamplingParams(n=1, temperature=0.0, top_p=1.0, max_new_tokens=4, seed=0)

@@ -8,29 +8,15 @@ run reads (the shapes of the real models).
 
 import json
 import re
-import sys
 from pathlib import Path
 
 import pytest
 
 from megatron_tpo.cli.run import compose_config, main
-from megatron_tpo.config.loading import load_model_config
-from megatron_tpo.model.hf_config import hf_config_from_model
 from megatron_tpo.placement.policy import PHASES
+from llama_fixtures import write_checkpoint_config
 
 REPOSITORY = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "data"))
-from tiny_hf import tiny_tokenizer  # noqa: E402
-
-
-def write_checkpoint_config(directory: Path, model_name: str) -> Path:
-    """A directory with the config.json of ``configs/model/<model_name>.yaml`` and a
-    tokenizer with Llama-3's chat template: what the dry run reads (no weights)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    model = load_model_config(model_name)
-    (directory / "config.json").write_text(json.dumps(hf_config_from_model(model).to_dict()))
-    tiny_tokenizer().save_pretrained(directory)
-    return directory
 
 
 def trainer_tasks(script: str) -> int:
@@ -101,6 +87,7 @@ def fit_lines(out: str) -> dict:
     return found
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script, recipe, extra", [
     ("tpo_8b.sh", llama3_8b, []),
     ("tpo_70b.sh", llama3_70b, []),
@@ -121,6 +108,7 @@ def test_each_gpu_recipe_fits_the_allocation_its_script_asks_for_in_every_phase_
     assert f"sized for world size {world} (the slurm launcher)" in out, out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe, extra, world", [
     (llama3_8b, [], 8), (llama3_70b, [], 64),
     (llama3_70b, ["experiment=llama3_70b_separate"], 32)])
@@ -138,7 +126,6 @@ def test_on_a_login_node_the_dry_run_sizes_the_world_the_recipe_is_written_for(
 
 
 def test_the_cpu_recipes_say_their_memory_is_not_checked(monkeypatch, capsys, tmp_path):
-    sys.path.insert(0, str(Path(__file__).parent))
     from tpo_fixtures import tiny_run_overrides
 
     code, out, err = dry_run(monkeypatch, capsys, 1, tiny_run_overrides(tmp_path))
@@ -146,6 +133,7 @@ def test_the_cpu_recipes_say_their_memory_is_not_checked(monkeypatch, capsys, tm
     assert "memory per phase: not checked (run.hardware=cpu)" in out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world, change, phase, numbers, fix", [
     # The 70B recipe as it shipped: 4 nodes, DP=1 (the optimizer unsharded beside the
     # awake engine), and before that an engine of TP=1 holding 131 GiB of weights.
@@ -196,6 +184,7 @@ def test_the_8b_recipe_judges_with_the_reward_model_awake_and_the_policy_engine_
         assert held["total_bytes"] <= held["capacity_bytes"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("change, phase, fix", [
     # Level 0 pauses scheduling and frees nothing: the engine is awake in effect.
     (["rollout.vllm.sleep_level=0"], "held-out judging", "rollout.vllm.sleep_level=1"),
@@ -214,6 +203,7 @@ def test_the_8b_recipe_with_its_engine_awake_in_judging_or_its_judge_resident_is
     assert f"smallest fix: {fix}" in err, err
 
 
+@pytest.mark.slow
 def test_a_reward_model_too_large_for_the_card_is_refused_in_judging(monkeypatch, capsys,
                                                                        recipe_files):
     files, tmp = recipe_files
@@ -239,6 +229,7 @@ def test_a_judge_whose_size_cannot_be_known_is_refused_not_skipped(monkeypatch, 
     assert "hf download" in err, err
 
 
+@pytest.mark.slow
 def test_the_phase_peaks_add_up_to_the_planner_items(recipe_files):
     """The trainer's share of the DPO phase is the planner's training memory, the engine's
     share of the rollout its whole claim; the two phases differ by exactly those items."""
@@ -263,6 +254,7 @@ def test_the_phase_peaks_add_up_to_the_planner_items(recipe_files):
     assert lines["rollout", gpu].total == pytest.approx(resident + nccl + claim)
 
 
+@pytest.mark.slow
 def test_tpo_plan_judges_a_layout_of_a_recipe_as_its_dry_run_does(monkeypatch, capsys,
                                                                    recipe_files):
     """One memory model, one verdict: the layout that fits the trainer alone on 4 nodes is
@@ -287,6 +279,7 @@ def test_tpo_plan_judges_a_layout_of_a_recipe_as_its_dry_run_does(monkeypatch, c
     assert "Counted: the trainer only." in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_the_plan_tpo_plan_emits_for_a_recipe_is_accepted_by_its_dry_run(monkeypatch, capsys,
                                                                          recipe_files):
     from megatron_tpo.cli import plan

@@ -5,7 +5,6 @@ table and the timing shares of known records."""
 import json
 
 import pytest
-import sklearn.linear_model  # noqa: F401  (the length-controlled fit's import, at collection)
 
 from megatron_tpo.data.storage import IterationStore
 from megatron_tpo.report.summary import (iteration_record, last_per_iteration, run_summary,

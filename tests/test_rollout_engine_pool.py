@@ -12,37 +12,32 @@ One spawn of the trainer world and one pool serve every multi-process assertion 
 last.
 """
 
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from llama_fixtures import save_random_hf_llama, tiny_model_config
+from llama_fixtures import megatron_shards, save_random_hf_llama, tiny_model_config
 from megatron_tpo.config import ConfigError, ParallelConfig
-from megatron_tpo.train.config import DPOTrainingConfig
-from megatron_tpo.model.conversion import hf_to_mcore
 from megatron_tpo.parallel.launch import free_local_port
 from megatron_tpo.parallel.local_launch import spawn_local
 from megatron_tpo.rollout.config import BridgeConfig, RolloutConfig, VLLMConfig
 from megatron_tpo.rollout.engine import SamplingParams
 from megatron_tpo.rollout.pool.bridge import BridgeError, open_engine_side
 from megatron_tpo.rollout.pool.proxy import EnginePoolProxy
+from megatron_tpo.train.config import DPOTrainingConfig
 from megatron_tpo.train.dpo_batch import TokenizedPair
 
-sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "data"))
-from tiny_hf import tiny_tokenizer  # noqa: E402
+from tiny_hf import tiny_tokenizer
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_loop import stage_rows  # noqa: E402
-from tpo_fixtures import tiny_run_overrides  # noqa: E402
-from engine_processes import start_engine_world, stop_engine_world  # noqa: E402
+from tpo_fixtures import stage_rows, tiny_run_overrides
+from engine_processes import start_engine_world, stop_engine_world
+from weight_corruption import CORRUPTED, assert_corrupted_tensor_named
 
 TRAINING = DPOTrainingConfig(beta=0.5, lr=5e-3, warmup_steps=0, train_steps=4,
                              micro_batch_pairs=1, pad_to_multiple_of=8, clip_grad=0.0)
 BUCKET_BYTES = 300_000   # several buckets for the tiny model (see test_rollout_weight_sync)
-CORRUPTED = "model.layers.2.mlp.up_proj.weight"
 PROMPTS = ["the cat", "my dog is", "a b c", "the sun is", "here is my"]
 SEEDED = SamplingParams(n=2, temperature=1.0, top_p=1.0, max_new_tokens=8, seed=5)
 
@@ -116,9 +111,7 @@ def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("pool")
     hf_dir = save_random_hf_llama(model, root / "hf")
     tiny_tokenizer().save_pretrained(hf_dir)   # tpo-engine loads the checkpoint's tokenizer
-    shard_root = hf_to_mcore(hf_dir, root / "tp2", 2, 1,
-                             make_vocab_size_divisible_by=model.make_vocab_size_divisible_by,
-                             progress=False).destination
+    shard_root = megatron_shards(model, hf_dir, root / "tp2", 2, 1)
     generator = torch.Generator().manual_seed(7)
 
     def tokens(count):
@@ -139,6 +132,7 @@ def run(tmp_path_factory):
     return reports, exit_codes, logs
 
 
+@pytest.mark.slow
 def test_the_pool_scores_the_probes_as_megatron_does_after_a_dpo_step(run):
     reports, _, _ = run
     for report in reports:
@@ -159,6 +153,7 @@ def test_the_pool_scores_the_probes_as_megatron_does_after_a_dpo_step(run):
         assert (each - report["megatron_scores"]).abs().max() < 1e-4
 
 
+@pytest.mark.slow
 def test_seeded_generation_from_the_pool_equals_colocated_engines(run):
     reports, _, _ = run
     for report in reports:
@@ -171,14 +166,15 @@ def test_seeded_generation_from_the_pool_equals_colocated_engines(run):
         assert any(ids[0] != ids[1] for ids in separate)
 
 
+@pytest.mark.slow
 def test_a_tensor_corrupted_on_the_bridge_is_named_by_the_parity_check(run):
     reports, _, _ = run
     for report in reports:
-        assert ("first tensor whose checksum differs between what was sent and what the "
-                f"engine holds: {CORRUPTED} (rank 0)") in report["corrupted"]
+        assert_corrupted_tensor_named(report["corrupted"], rank=0)
         assert report["version"] == 2
 
 
+@pytest.mark.slow
 def test_an_engine_error_reaches_every_trainer_rank_and_the_pool_serves_on(run):
     reports, exit_codes, _ = run
     for report in reports:
@@ -189,6 +185,7 @@ def test_an_engine_error_reaches_every_trainer_rank_and_the_pool_serves_on(run):
     assert exit_codes == [0, 0]   # both ranks went on to answer the shutdown request
 
 
+@pytest.mark.slow
 def test_the_pool_stops_when_the_trainer_asks(run):
     _, exit_codes, logs = run
     assert exit_codes == [0, 0], logs
@@ -203,6 +200,7 @@ def test_a_missing_pool_fails_within_the_timeout_naming_address_and_port():
     assert time.monotonic() - started < 5
 
 
+@pytest.mark.slow
 def test_an_engine_without_a_trainer_fails_within_the_timeout_naming_address_and_port():
     port = free_local_port()
     started = time.monotonic()
@@ -249,38 +247,35 @@ def _one_iteration(root: Path, settings, world_size: int = 1) -> dict:
             for stage in ("rollouts", "judgments", "pairs", "reference", "heldout")}
 
 
-# (trainer ranks, engine ranks, settings): the format judge on one rank; a pairwise judge
-# (the policy judging itself) on a TP=2 trainer, which must put every trainer rank in front
-# of the pool for its verdicts, as the rollouts do. Two pool replicas split the prompts as
-# the two colocated replicas do, so the rows are the same.
-ITERATION_CASES = {
-    "format_judge": (1, 1, []),
-    "pairwise_judge_tp2": (2, 2, ["parallel=tp2_pp1", "judge=pairwise",
-                                  "judge.pairwise.sampling.max_new_tokens=4",
-                                  "judge.pairwise.max_pairs_per_prompt=2"]),
-}
+# A pairwise judge (the policy judging itself) on a TP=2 trainer, which must put every
+# trainer rank in front of the pool for its verdicts, as the rollouts do. Two pool replicas
+# split the prompts as the two colocated replicas do, so the rows are the same. (A one-rank
+# pool under a format judge, the degenerate case, runs to the end in test_slurm_tpo.py; the
+# rows a pool returns are the same code path whatever the judge.)
+TRAINER_RANKS, ENGINE_RANKS = 2, 2
+PAIRWISE_TP2 = ["parallel=tp2_pp1", "judge=pairwise", "judge.pairwise.sampling.max_new_tokens=4",
+                "judge.pairwise.max_pairs_per_prompt=2"]
 
 
-@pytest.mark.parametrize("case", sorted(ITERATION_CASES))
+@pytest.mark.slow
 def test_a_tpo_iteration_with_a_separate_pool_stores_the_rows_of_a_colocated_one(
-        tmp_path, monkeypatch, case):
-    trainer_ranks, engine_ranks, settings = ITERATION_CASES[case]
+        tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")   # both engines compute with one thread
     colocated_root, separate_root = tmp_path / "colocated", tmp_path / "separate"
     colocated_root.mkdir()
     separate_root.mkdir()
-    colocated = _one_iteration(colocated_root, settings, trainer_ranks)
-    separate_settings = settings + [
+    colocated = _one_iteration(colocated_root, PAIRWISE_TP2, TRAINER_RANKS)
+    separate_settings = PAIRWISE_TP2 + [
         "rollout.placement=separate", f"rollout.bridge.port={free_local_port()}",
-        f"rollout.bridge.engine_ranks={engine_ranks}", "rollout.bridge.timeout_seconds=120"]
+        f"rollout.bridge.engine_ranks={ENGINE_RANKS}", "rollout.bridge.timeout_seconds=120"]
     pool = start_engine_world(tiny_run_overrides(separate_root, iterations=1) + separate_settings,
-                       engine_ranks, separate_root)
+                              ENGINE_RANKS, separate_root)
     try:
-        separate = _one_iteration(separate_root, separate_settings, trainer_ranks)
+        separate = _one_iteration(separate_root, separate_settings, TRAINER_RANKS)
     finally:
         # tpo-run never calls shutdown itself: the proxy stops the pool when rank 0 exits.
         exit_codes, logs = stop_engine_world(pool, separate_root)
-    assert exit_codes == [0] * engine_ranks, logs
+    assert exit_codes == [0] * ENGINE_RANKS, logs
     assert colocated["rollouts"] and colocated["reference"]
     for stage, rows in colocated.items():
         assert separate[stage] == rows, stage

@@ -1,5 +1,3 @@
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -9,13 +7,7 @@ from megatron_tpo.config.errors import ConfigError
 from megatron_tpo.data import GENERIC, apply_thought_chat_template
 from megatron_tpo.rollout import HFRolloutEngine, SamplingParams, load_rollout_config
 
-sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "data"))
-from tiny_hf import tiny_llama_config, tiny_tokenizer  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return tiny_tokenizer()
+from tiny_hf import tiny_llama_config
 
 
 def tiny_policy(tokenizer, seed):
@@ -23,6 +15,7 @@ def tiny_policy(tokenizer, seed):
     return LlamaForCausalLM(tiny_llama_config(tokenizer)).eval()
 
 
+@pytest.mark.slow
 def test_generate_n_samples_per_prompt_reproducibly(tokenizer):
     engine = HFRolloutEngine(tiny_policy(tokenizer, 0), tokenizer, batch_size=2)
     prompts = [apply_thought_chat_template(tokenizer, text, GENERIC)
@@ -38,6 +31,7 @@ def test_generate_n_samples_per_prompt_reproducibly(tokenizer):
     assert [o.texts for o in different] != [o.texts for o in first]
 
 
+@pytest.mark.slow
 def test_greedy_matches_argmax_decoding_despite_left_padding(tokenizer):
     model = tiny_policy(tokenizer, 1)
     engine = HFRolloutEngine(model, tokenizer, batch_size=2)

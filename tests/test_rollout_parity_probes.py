@@ -4,21 +4,16 @@ resolves from the trainer's precision and FP8 setting; and every sync's measured
 difference lands in the iteration record of ``metrics.jsonl``."""
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "data"))
-from test_loop import run_loop  # noqa: E402
-from tiny_hf import tiny_tokenizer  # noqa: E402
-from tpo_fixtures import tiny_run_overrides  # noqa: E402
+from tiny_hf import tiny_tokenizer
+from tpo_fixtures import loop_overrides
 
-from megatron_tpo.config import ConfigError  # noqa: E402
-from megatron_tpo.weights import WeightSyncConfig  # noqa: E402
-from megatron_tpo.weights.parity import text_probes  # noqa: E402
+from megatron_tpo.config import ConfigError
+from megatron_tpo.weights import WeightSyncConfig
+from megatron_tpo.weights.parity import text_probes
 
 INSTRUCTIONS = ["the cat is my dog", "a b c d e f g h", "sun", "moon is the sun"]
 
@@ -61,13 +56,13 @@ def test_the_tolerance_resolves_from_the_trainers_precision_and_fp8():
         WeightSyncConfig(parity_tolerance_bfloat16=0).validate()
 
 
-def test_each_syncs_measured_difference_lands_in_the_iteration_record(tmp_path):
+@pytest.mark.slow
+def test_each_syncs_measured_difference_lands_in_the_iteration_record(uninterrupted):
     from megatron_tpo.build import training_prompts
     from megatron_tpo.cli.run import compose_config
     from megatron_tpo.data.chat import apply_thought_chat_template
 
-    run_loop(tmp_path, ["evaluation.num_prompts=0"])
-    records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    records = [json.loads(line) for line in open(uninterrupted / "run" / "metrics.jsonl")]
     iteration = next(r for r in records if r["kind"] == "iteration")
     # The CPU trainer and HF engine are float32: the tight bound, and they meet it.
     assert iteration["weight_sync/parity_tolerance"] == 1e-3
@@ -75,7 +70,7 @@ def test_each_syncs_measured_difference_lands_in_the_iteration_record(tmp_path):
                    iteration["weight_sync/mean_abs_logprob_diff"])
     assert 0 <= mean <= worst < 1e-4
     # The probes are the run's first training prompts as the policy reads them.
-    config = compose_config(tiny_run_overrides(tmp_path, 1) + ["evaluation.num_prompts=0"])
+    config = compose_config(loop_overrides(uninterrupted))
     tokenizer = tiny_tokenizer()
     count = config.weight_sync.num_probe_sequences
     lengths = [len(tokenizer(apply_thought_chat_template(tokenizer, instruction, config.thought),

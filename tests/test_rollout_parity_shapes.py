@@ -16,21 +16,17 @@ of the multiples.
 
 import contextlib
 import copy
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from llama_fixtures import save_random_hf_llama, tiny_model_config
+from llama_fixtures import megatron_shards, save_random_hf_llama, tiny_model_config
 from megatron_tpo.config import ParallelConfig
-from megatron_tpo.train.config import DPOTrainingConfig, FP8Config
-from megatron_tpo.model.conversion import hf_to_mcore
 from megatron_tpo.parallel.local_launch import spawn_local
+from megatron_tpo.train.config import DPOTrainingConfig, FP8Config
 from megatron_tpo.train.fp8 import check_fp8_settings
 
-sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "data"))
-from tiny_hf import tiny_tokenizer  # noqa: E402
+from tiny_hf import tiny_tokenizer
 
 TP = 2
 # ffn_hidden_size 192: every GEMM width at TP=2 suits FP8 and MXFP8 (the tiny model's
@@ -170,9 +166,7 @@ def reports(tmp_path_factory):
     root = tmp_path_factory.mktemp("parity_shapes")
     hf_dir = save_random_hf_llama(model, root / "trainer", seed=0)
     engine_dir = save_random_hf_llama(model, root / "engine", seed=1)   # stale until synced
-    shard_root = hf_to_mcore(hf_dir, root / "tp2", TP, 1,
-                             make_vocab_size_divisible_by=model.make_vocab_size_divisible_by,
-                             progress=False).destination
+    shard_root = megatron_shards(model, hf_dir, root / "tp2", TP, 1)
     probes = text_probe_ids()
     assert {len(p) for p in probes} == {PROBE_TOKENS}
     return spawn_local(_worker, TP, model, shard_root, engine_dir, probes)
@@ -209,6 +203,7 @@ def test_the_claimed_settings_are_ones_an_fp8_run_could_train_with():
                 check_environment=False)
 
 
+@pytest.mark.slow
 def test_the_stand_in_refuses_the_unpadded_probes_wherever_the_gpu_would(reports):
     for report in reports:
         assert {name: case["stand_in_accepts_unpadded"] for name, case in report.items()} == {
@@ -217,6 +212,7 @@ def test_the_stand_in_refuses_the_unpadded_probes_wherever_the_gpu_would(reports
             "fp8_trainer_padding": False}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(CASES))
 def test_a_sync_passes_parity_with_probes_padded_to_what_the_trainer_accepts(reports, name):
     expected_length = CASES[name][3]
@@ -234,6 +230,7 @@ def test_a_sync_passes_parity_with_probes_padded_to_what_the_trainer_accepts(rep
 
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", [name for name in CASES if name != "bf16"])
 def test_padding_leaves_the_real_tokens_log_probs_as_unpadded(reports, name):
     for report in reports:

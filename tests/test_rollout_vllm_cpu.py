@@ -13,7 +13,6 @@ hidden 128 over 4 heads), and gpu_memory_utilization means host memory (an expli
 ``kv_cache_memory_bytes`` instead).
 """
 
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -23,17 +22,16 @@ import torch
 pytest.importorskip("vllm")
 pytestmark = pytest.mark.vllm
 
-from llama_fixtures import save_random_hf_llama, tiny_model_config  # noqa: E402
+from llama_fixtures import megatron_shards, save_random_hf_llama, tiny_model_config
 from megatron_tpo.config import ParallelConfig  # noqa: E402
-from megatron_tpo.train.config import DPOTrainingConfig  # noqa: E402
-from megatron_tpo.model.conversion import hf_to_mcore  # noqa: E402
 from megatron_tpo.parallel.local_launch import spawn_local  # noqa: E402
 from megatron_tpo.rollout import RolloutConfig, SamplingParams, VLLMConfig  # noqa: E402
+from megatron_tpo.train.config import DPOTrainingConfig  # noqa: E402
 from megatron_tpo.train.dpo_batch import TokenizedPair  # noqa: E402
 from megatron_tpo.weights import WeightSyncConfig  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "data"))
-from tiny_hf import tiny_tokenizer  # noqa: E402
+from tiny_hf import tiny_tokenizer
+from weight_corruption import assert_corrupted_tensor_named, corrupted_stream
 
 # float32 on both sides, so the trainer's parity bound (1e-3) applies; no sleep mode; a
 # 64 MiB KV cache; eager (no torch.compile, and vLLM then skips its warm-up pass).
@@ -49,7 +47,6 @@ GREEDY = SamplingParams(n=1, temperature=0.0, top_p=1.0, max_new_tokens=8)
 TRAINING = DPOTrainingConfig(beta=0.5, lr=5e-3, warmup_steps=0, train_steps=4,
                              micro_batch_pairs=1, pad_to_multiple_of=8, clip_grad=0.0)
 BUCKET_BYTES = 400_000
-CORRUPTED = "model.layers.2.mlp.up_proj.weight"
 
 
 def _model(**overrides):
@@ -190,8 +187,7 @@ def _sync_worker(rank, world_size, model, shard_root, checkpoint, pairs, probes)
         """Hands vLLM one tensor wrong, as a broken transport would."""
 
         def update_weights(self, stream):
-            super().update_weights((name, tensor + 0.05 if name == CORRUPTED else tensor)
-                                   for name, tensor in stream)
+            super().update_weights(corrupted_stream(stream))
 
     parallel = ParallelConfig(tensor_model_parallel_size=2, pipeline_model_parallel_size=2)
     init_megatron(parallel, model)
@@ -227,9 +223,7 @@ def _checkpoint_shards_and_pairs(root: Path, model, seed: int, tp: int, pp: int,
     """An HF checkpoint of ``model`` (vLLM loads it), its megatron shards at TP/PP, and two
     random preference pairs to train one DPO step on."""
     checkpoint = _save_checkpoint(root / "hf", seed=seed, **overrides)
-    shard_root = hf_to_mcore(checkpoint, root / f"tp{tp}_pp{pp}", tp, pp,
-                             make_vocab_size_divisible_by=model.make_vocab_size_divisible_by,
-                             progress=False).destination
+    shard_root = megatron_shards(model, checkpoint, root / f"tp{tp}_pp{pp}", tp, pp)
     generator = torch.Generator().manual_seed(7 + seed)
 
     def ids(length):
@@ -270,8 +264,7 @@ def test_a_corrupted_tensor_fails_the_sync_on_every_rank_and_is_named(sync_repor
     _, reports = sync_reports
     for report in reports:
         message = report["corrupted"]
-        assert f"first tensor whose checksum differs between what was sent and what the " \
-               f"engine holds: {CORRUPTED} (rank 1)" in message
+        assert_corrupted_tensor_named(message, rank=1)
         assert "weight_sync.parity_tolerance_float32=0.001 (float32 trainer)" in message
         # A clean sync afterwards puts the engine right again.
         assert report["restored"]["max_abs_logprob_diff"] < TOLERANCE

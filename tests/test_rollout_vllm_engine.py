@@ -2,8 +2,6 @@
 calls it makes, their order and their arguments, and what only a GPU build has (sleep
 mode, device memory). The real CPU build runs it in tests/test_rollout_vllm_cpu.py."""
 
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,10 +10,7 @@ from megatron_tpo.config import ConfigError
 from megatron_tpo.rollout import RolloutConfig, SamplingParams, VLLMConfig, build_rollout_engine
 from megatron_tpo.rollout.engine import tensor_checksum
 
-sys.path.insert(0, str(Path(__file__).parent / "fixtures"))
-sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "data"))
-import vllm_standin  # noqa: E402
-from tiny_hf import tiny_tokenizer  # noqa: E402
+import vllm_standin
 
 
 GiB = vllm_standin.GiB
@@ -28,11 +23,6 @@ def vllm(monkeypatch):
                         "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29555"}.items():
         monkeypatch.setenv(name, value)
     return vllm_standin.install(monkeypatch)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return tiny_tokenizer()
 
 
 def _engine(tokenizer, **settings):
@@ -320,7 +310,6 @@ def test_build_tpo_puts_the_policy_engine_to_sleep_before_the_trainer_is_built(
         vllm, monkeypatch, tmp_path):
     """The trainer is built (and takes its memory) while the engine sleeps; the first
     weight sync wakes it."""
-    sys.path.insert(0, str(Path(__file__).parent))
     from tpo_fixtures import tiny_run_overrides
 
     import megatron_tpo.build as build

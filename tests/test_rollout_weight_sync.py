@@ -9,31 +9,28 @@ One spawn of four gloo processes per layout and transport serves every multi-pro
 assertion.
 """
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from llama_fixtures import save_random_hf_llama, tiny_model_config
+from llama_fixtures import megatron_shards, save_random_hf_llama, tiny_model_config
 from megatron_tpo.config import ConfigError, ParallelConfig
-from megatron_tpo.train.config import DPOTrainingConfig
-from megatron_tpo.model.conversion import hf_to_mcore
 from megatron_tpo.parallel.local_launch import spawn_local
 from megatron_tpo.rollout.engine import SamplingParams
 from megatron_tpo.rollout.hf_engine import HFRolloutEngine
+from megatron_tpo.train.config import DPOTrainingConfig
 from megatron_tpo.train.dpo_batch import TokenizedPair
 from megatron_tpo.weights import WeightSyncConfig
 
-sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "data"))
-from tiny_hf import tiny_tokenizer  # noqa: E402
+from tiny_hf import tiny_tokenizer
+from weight_corruption import assert_corrupted_tensor_named, corrupted_stream
 
 TRAINING = DPOTrainingConfig(beta=0.5, lr=5e-3, warmup_steps=0, train_steps=4,
                              micro_batch_pairs=1, pad_to_multiple_of=8, clip_grad=0.0)
 # The largest tensor of the tiny model is a 1001 x 64 float32 vocab table (256 KB), a
 # layer is 184 KB: six buckets, three per pipeline stage.
 BUCKET_BYTES = 300_000
-CORRUPTED = "model.layers.2.mlp.up_proj.weight"
 # Real text, as the loop probes the run's first chat prompts.
 PROBE_INSTRUCTIONS = ["the cat is my dog", "a b c d e f g h", "my sun is the moon !"]
 
@@ -52,8 +49,7 @@ class CorruptingEngine(HFRolloutEngine):
     """Loads one tensor wrong, as a broken transport or loader would."""
 
     def update_weights(self, stream):
-        super().update_weights((name, tensor + 0.05 if name == CORRUPTED else tensor)
-                               for name, tensor in stream)
+        super().update_weights(corrupted_stream(stream))
 
 
 class ScoresRecorded(HFRolloutEngine):
@@ -195,9 +191,7 @@ def _sync_worker(rank, world_size, model, shard_root, hf_dir, pairs, tokens, tra
 def reports(request, tmp_path_factory):
     model = tiny_model_config()
     hf_dir = save_random_hf_llama(model, tmp_path_factory.mktemp("sync") / "hf")
-    shard_root = hf_to_mcore(hf_dir, tmp_path_factory.mktemp("tp2_pp2"), 2, 2,
-                             make_vocab_size_divisible_by=model.make_vocab_size_divisible_by,
-                             progress=False).destination
+    shard_root = megatron_shards(model, hf_dir, tmp_path_factory.mktemp("tp2_pp2"), 2, 2)
     generator = torch.Generator().manual_seed(7)
     pairs = [TokenizedPair(prompt=torch.randint(0, model.vocab_size, (4,), generator=generator
                                                 ).tolist(),
@@ -210,6 +204,7 @@ def reports(request, tmp_path_factory):
                                       request.param, text_probe_ids())
 
 
+@pytest.mark.slow
 def test_every_ranks_engine_computes_the_megatron_logits_after_a_dpo_step(reports):
     _, reports = reports
     last_stage = [r["megatron"] for r in reports if r["megatron"] is not None]
@@ -223,6 +218,7 @@ def test_every_ranks_engine_computes_the_megatron_logits_after_a_dpo_step(report
         assert (report["after"] - megatron).abs().max() < 1e-4
 
 
+@pytest.mark.slow
 def test_parity_check_passes_and_versions_go_up_by_one_per_sync(reports):
     _, reports = reports
     for report in reports:
@@ -244,17 +240,18 @@ def test_parity_check_passes_and_versions_go_up_by_one_per_sync(reports):
         assert metrics["seconds"] > 0
 
 
+@pytest.mark.slow
 def test_a_corrupted_tensor_stops_the_sync_on_every_rank_and_is_named(reports):
     _, reports = reports
     for report in reports:
         message = report["corrupted"]
-        assert f"first tensor whose checksum differs between what was sent and what the " \
-               f"engine holds: {CORRUPTED} (rank 1)" in message
+        assert_corrupted_tensor_named(message, rank=1)
         assert "weight_sync.parity_tolerance=0.0001" in message
         # Every replica behind an engine is checked: the second one's offset is caught.
         assert "probe log-probs differ from the trainer's by 0.5" in report["second_replica"]
 
 
+@pytest.mark.slow
 def test_the_probes_are_the_given_text_and_a_small_shift_fails_the_float32_bound(reports):
     _, reports = reports
     probes = text_probe_ids()
@@ -266,6 +263,7 @@ def test_the_probes_are_the_given_text_and_a_small_shift_fails_the_float32_bound
         assert "weight_sync.check_parity=true needs probes" in report["no_probes"]
 
 
+@pytest.mark.slow
 def test_measured_peak_memory_of_a_sync_is_two_buckets_plus_one_tensors_shards(reports):
     transport, reports = reports
     plan = reports[0]["plan"]
@@ -338,15 +336,14 @@ def _virtual_pipeline_worker(rank, world_size, model, shard_root, other_hf_dir, 
 SEEDED = SamplingParams(n=2, temperature=1.0, top_p=1.0, max_new_tokens=8, seed=5)
 
 
+@pytest.mark.slow
 def test_virtual_pipeline_and_data_parallel_layouts_stream_the_loaded_checkpoint(tmp_path):
     from transformers import LlamaForCausalLM
 
     model = tiny_model_config()
     hf_dir = save_random_hf_llama(model, tmp_path / "trainer", seed=0)
     other = save_random_hf_llama(model, tmp_path / "engine", seed=1)
-    shard_root = hf_to_mcore(hf_dir, tmp_path / "tp1_pp2", 1, 2,
-                             make_vocab_size_divisible_by=model.make_vocab_size_divisible_by,
-                             progress=False).destination
+    shard_root = megatron_shards(model, hf_dir, tmp_path / "tp1_pp2", 1, 2)
     tokens = torch.randint(0, model.vocab_size, (2, 10), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)(tokens).logits
@@ -382,7 +379,9 @@ def test_weight_sync_settings_are_checked():
         WeightSyncConfig(parity_tolerance=0).validate()
 
 
-def _transport_worker(rank, world_size, shm_dirs):
+def _transport_worker(rank, world_size, cases):
+    """Worker: for each case, this rank's shared-memory directory as ``cases[case]`` gives
+    it; which transport ``auto`` and ``shared_memory`` give, and what is left in it."""
     import megatron_tpo.weights.transports as transport
     from megatron_tpo.weights.stream import Bucket, PlannedTensor, WeightStreamPlan
 
@@ -390,24 +389,42 @@ def _transport_worker(rank, world_size, shm_dirs):
     plan = WeightStreamPlan([Bucket(0, [PlannedTensor("decoder.final_layernorm.weight", (0,),
                                                       [("model.norm.weight", (64,))], (64,))])],
                             torch.float32, 1 << 20)
-    transport.SHARED_MEMORY_DIR = Path(shm_dirs[rank])   # as a container per rank sees it
-    picked = {}
-    for name in ("auto", "shared_memory"):
-        try:
-            picked[name] = type(transport.choose_transport(name, plan, torch.device("cpu"))).__name__
-        except ValueError as error:
-            picked[name] = str(error)
-    torch.distributed.barrier()   # a shared directory is looked at once every rank is done
-    left = sorted(path.name for path in Path(shm_dirs[rank]).iterdir())
-    return picked, left
+    reports = {}
+    for case, shm_dirs in cases.items():
+        transport.SHARED_MEMORY_DIR = Path(shm_dirs[rank])   # as a container per rank sees it
+        picked = {}
+        for name in ("auto", "shared_memory"):
+            try:
+                picked[name] = type(transport.choose_transport(name, plan,
+                                                               torch.device("cpu"))).__name__
+            except ValueError as error:
+                picked[name] = str(error)
+        torch.distributed.barrier()   # a shared directory is looked at once every rank is done
+        left = sorted(path.name for path in Path(shm_dirs[rank]).iterdir())
+        torch.distributed.barrier()   # and before the next case makes slots
+        reports[case] = picked, left
+    return reports
 
 
+@pytest.fixture(scope="module")
+def transport_choices(tmp_path_factory):
+    """One world of two ranks tries both cases: a directory both ranks see (shared) and one
+    of its own per rank (a /dev/shm per container)."""
+    root = tmp_path_factory.mktemp("shm")
+    cases = {True: [root / "shm"] * 2, False: [root / "shm0", root / "shm1"]}
+    for dirs in cases.values():
+        for directory in dirs:
+            directory.mkdir(exist_ok=True)
+    return spawn_local(_transport_worker, 2, {case: [str(d) for d in dirs]
+                                              for case, dirs in cases.items()})
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("shared", [True, False])
-def test_shared_memory_is_used_only_where_every_rank_sees_the_same_files(tmp_path, shared):
-    dirs = [tmp_path / "shm"] * 2 if shared else [tmp_path / "shm0", tmp_path / "shm1"]
-    for directory in dirs:
-        directory.mkdir(exist_ok=True)
-    for picked, left in spawn_local(_transport_worker, 2, [str(d) for d in dirs]):
+def test_shared_memory_is_used_only_where_every_rank_sees_the_same_files(transport_choices,
+                                                                         shared):
+    for report in transport_choices:
+        picked, left = report[shared]
         assert left == []   # the slots' names are gone once mapped (or refused)
         if shared:
             assert picked == {"auto": "SharedMemoryTransport",

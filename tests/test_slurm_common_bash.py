@@ -77,12 +77,14 @@ def shell(request):
     return request.param
 
 
+@pytest.mark.slow
 def test_a_plain_launch_with_a_venv_has_no_container_and_no_placement(shell, tmp_path):
     calls = run_launcher(shell, tmp_path, "tpo_launch", "a=1")
     assert calls == {"tpo-run": ["--dry-run a=1"],
                      "srun": ["--kill-on-bad-exit=1 tpo-run a=1"]}
 
 
+@pytest.mark.slow
 def test_a_pyxis_launch_has_a_container_and_no_placement(shell, tmp_path):
     calls = run_launcher(shell, tmp_path, "tpo_launch", "a=1", CONTAINER="img")
     pyxis = (f"--container-image=img --container-workdir={REPOSITORY} "
@@ -92,6 +94,7 @@ def test_a_pyxis_launch_has_a_container_and_no_placement(shell, tmp_path):
                               "SLURM_NTASKS=4 tpo-run --dry-run a=1"]}
 
 
+@pytest.mark.slow
 def test_a_separate_engine_pool_with_a_venv_places_both_steps(shell, tmp_path):
     calls = run_launcher(shell, tmp_path, "tpo_launch_separate", "a=1", ENGINE_TASKS="1",
                          ENGINE_NODES="1")
@@ -103,6 +106,7 @@ def test_a_separate_engine_pool_with_a_venv_places_both_steps(shell, tmp_path):
                  f"--kill-on-bad-exit=1 --ntasks=3 --nodes=1 --relative=0 tpo-run {settings}"]}
 
 
+@pytest.mark.slow
 def test_a_judge_pool_with_an_apptainer_image_wraps_both_steps(shell, tmp_path):
     image = tmp_path / "tpo.sif"
     calls = run_launcher(shell, tmp_path, "tpo_launch_judge_pool", "a=1", JUDGE_TASKS="1",
@@ -138,6 +142,7 @@ TRAINER_CHECK = "tpo-fit-batch --model llama3_70b --tp 8 --pp 4 --steps 5 --seq-
                 "--micro-batches 8"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("image, wrap", [
     ({}, ""),
     ({"APPTAINER_IMAGE": "/img/tpo.sif"},

@@ -18,10 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from local_slurm import slurm, slurm_installed  # noqa: F401 (slurm is a fixture)
+from local_slurm import slurm_installed
 
-sys.path.insert(0, str(Path(__file__).parent))
-from tpo_fixtures import tiny_run_overrides  # noqa: E402
+from tpo_fixtures import tiny_run_overrides
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 PROBE = Path(__file__).parent / "fixtures" / "start_up_probe"
@@ -86,6 +85,7 @@ def submit_tiny_job(slurm, tmp_path, **environment):
     return {path.name: path.read_text().splitlines() for path in calls.iterdir()}, log
 
 
+@pytest.mark.slow
 @needs_slurm
 def test_with_an_apptainer_image_the_dry_run_and_every_task_run_inside_it(slurm, tmp_path):
     image = tmp_path / "tpo.sif"
@@ -99,6 +99,7 @@ def test_with_an_apptainer_image_the_dry_run_and_every_task_run_inside_it(slurm,
     assert "tpo-run: config valid for 1 rank(s)" in log
 
 
+@pytest.mark.slow
 @needs_slurm
 def test_with_a_pyxis_image_every_step_carries_it_and_the_dry_run_is_a_one_task_step(
         slurm, tmp_path):
@@ -134,6 +135,7 @@ def pip_install_requirements(run):
             for word in words[words.index("pip") + 2:] if not word.startswith("-")}
 
 
+@pytest.mark.slow
 def test_the_first_steps_check_the_bases_python_and_cuda_toolkit_not_its_torch(tmp_path):
     """The recipe replaces the base's torch, so its version is no reason to refuse a base;
     Python 3.12 (the pins') and a CUDA 13 toolkit (TE's compile) are."""
@@ -220,6 +222,7 @@ BROKEN = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("broken", [None, *BROKEN])
 def test_the_final_check_covers_what_the_recipe_installs_not_the_base_image(tmp_path, broken):
     """The last step's check, run on an environment of metadata only: it passes where the

@@ -7,12 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from local_slurm import slurm, slurm_installed  # noqa: F401 (slurm is a fixture)
+from local_slurm import slurm_installed
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 
-pytestmark = pytest.mark.skipif(not slurm_installed(),
-                                reason="Slurm daemons not installed (.ci/run installs them)")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not slurm_installed(),
+                                 reason="Slurm daemons not installed (.ci/run installs them)")]
 
 
 def test_sbatch_fit_batch_runs_tp2_pp2_from_slurm_environment(slurm, tmp_path):

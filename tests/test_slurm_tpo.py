@@ -10,15 +10,15 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from local_slurm import slurm, slurm_installed  # noqa: F401 (slurm is a fixture)
+from local_slurm import slurm_installed
 
-sys.path.insert(0, str(Path(__file__).parent))
-from tpo_fixtures import tiny_run_overrides  # noqa: E402
+from tpo_fixtures import tiny_run_overrides
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 
-pytestmark = pytest.mark.skipif(not slurm_installed(),
-                                reason="Slurm daemons not installed (.ci/run installs them)")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not slurm_installed(),
+                                 reason="Slurm daemons not installed (.ci/run installs them)")]
 
 
 def wait_for(path: Path, timeout: float) -> None:

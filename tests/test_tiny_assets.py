@@ -7,17 +7,7 @@ import pytest
 from megatron_tpo.config import ConfigError
 from megatron_tpo.tiny.assets import TinyTaskConfig, prepare_tiny_assets
 from megatron_tpo.tiny.warm_start import SFTConfig
-
-MODEL_YAML = """name: test_tiny
-num_layers: 1
-hidden_size: 32
-ffn_hidden_size: 64
-num_attention_heads: 4
-num_query_groups: 2
-vocab_size: 1
-max_position_embeddings: 256
-make_vocab_size_divisible_by: 1
-"""
+from tiny_task_fixtures import MODEL_YAML
 
 
 def quick_config(tmp_path: Path, **changes) -> TinyTaskConfig:
@@ -40,6 +30,7 @@ def built(tmp_path_factory):
     return tmp_path, config, prepare_tiny_assets(tmp_path / "assets", config)
 
 
+@pytest.mark.slow
 def test_assets_hold_one_policy_the_tokenizer_and_disjoint_prompt_files(built):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -65,6 +56,7 @@ def test_assets_hold_one_policy_the_tokenizer_and_disjoint_prompt_files(built):
     assert {v["correct_answer_share"] for v in data.values()} == {1.0}
 
 
+@pytest.mark.slow
 def test_a_second_call_with_the_same_config_reuses_the_assets(built):
     tmp_path, config, assets = built
     weights = assets.policy / "model.safetensors"
@@ -75,6 +67,7 @@ def test_a_second_call_with_the_same_config_reuses_the_assets(built):
     assert again == assets and weights.stat().st_mtime_ns == stamp
 
 
+@pytest.mark.slow
 def test_a_changed_config_rebuilds_and_a_foreign_directory_is_refused(built):
     tmp_path, _, assets = built
     changed = quick_config(tmp_path, train_size=10)

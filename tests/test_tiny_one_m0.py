@@ -17,11 +17,10 @@ from megatron_tpo.data.storage import IterationStore
 from megatron_tpo.tiny.assets import TinyTaskConfig, tokenizer_corpus
 from megatron_tpo.tiny.report import head_to_head, sampled_iteration
 from megatron_tpo.tiny.task import SumProblem, generate_problems, response_text
-from megatron_tpo.tiny.thoughts import (DEFAULT_MIX, THOUGHT_KINDS, classify_thought,
-                                        thought_text)
+from megatron_tpo.tiny.thoughts import DEFAULT_MIX, THOUGHT_KINDS, classify_thought, thought_text
 from megatron_tpo.tiny.tokenizer import train_tokenizer
 from megatron_tpo.tiny.warm_start import policy_prompt, warm_start_data
-from test_tiny_assets import MODEL_YAML
+from tiny_task_fixtures import MODEL_YAML
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 
@@ -54,6 +53,7 @@ def test_every_kind_the_warm_start_writes_is_read_back_as_that_kind(problems):
     assert all(w != c for w, c in zip(wrong, problem.column_sums()))
 
 
+@pytest.mark.slow
 def test_no_warm_start_example_tells_which_thought_is_good(problems, tokenizer):
     data = warm_start_data(problems, tokenizer, DEFAULT_MIX, seed=0)
     thoughts = [d for d in data if d.style == "thought"]
@@ -153,6 +153,7 @@ def short_run(tmp_path_factory):
     return tmp_path / "runs" / "seed_0", result.stdout
 
 
+@pytest.mark.slow
 def test_both_arms_start_from_byte_identical_m0_weights(short_run):
     seed_root, _ = short_run
     policies = {}
@@ -171,6 +172,7 @@ def test_both_arms_start_from_byte_identical_m0_weights(short_run):
     assert [r["instruction"] for r in tpo0] == [r["instruction"] for r in base0]
 
 
+@pytest.mark.slow
 def test_summary_kinds_are_those_of_the_stored_rollouts(short_run):
     seed_root, _ = short_run
     summary = json.loads((seed_root / "summary.json").read_text())
@@ -184,6 +186,7 @@ def test_summary_kinds_are_those_of_the_stored_rollouts(short_run):
     assert (seed_root / "tpo_vs_baseline.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow
 def test_the_multi_seed_benchmark_ends_with_its_json(short_run):
     seed_root, stdout = short_run
     result = json.loads(stdout.strip().splitlines()[-1])

@@ -5,8 +5,8 @@ from megatron_tpo.config import ConfigError, ModelConfig
 from megatron_tpo.data.thought_templates import GENERIC
 from megatron_tpo.tiny.assets import tokenizer_corpus
 from megatron_tpo.tiny.task import generate_problems
-from megatron_tpo.tiny.tokenizer import train_tokenizer
 from megatron_tpo.tiny.thoughts import DEFAULT_MIX
+from megatron_tpo.tiny.tokenizer import train_tokenizer
 from megatron_tpo.tiny.warm_start import (IGNORE_INDEX, SFTConfig, _lr_factor, new_policy,
                                           packed_batch, policy_prompt, save_policy,
                                           supervised_warm_start, warm_start_data)
@@ -61,6 +61,7 @@ def test_packed_batch_fills_rows_longest_first_and_restarts_positions_per_exampl
     assert tail["position_ids"].tolist() == [[0, 1, 2, 3], [0, 1, 2, 3]]
 
 
+@pytest.mark.slow
 def test_packed_forward_gives_each_example_its_own_logits_and_loss_in_float64(tokenizer,
                                                                              problems):
     """Packing must not let an example see the one before it in its row: each example's
@@ -90,6 +91,7 @@ def test_packed_forward_gives_each_example_its_own_logits_and_loss_in_float64(to
     assert loss == pytest.approx(nll / tokens, rel=1e-6)
 
 
+@pytest.mark.slow
 def test_a_few_sft_steps_lower_the_completion_loss(tokenizer, problems):
     examples = [d.example for d in warm_start_data(problems, tokenizer, DEFAULT_MIX, 0)
                 if d.style == "thought"]

@@ -11,13 +11,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llama_fixtures import save_random_hf_llama, tiny_model_config
+from llama_fixtures import megatron_shards, save_random_hf_llama, tiny_model_config
 from megatron_tpo.config import ParallelConfig
-from megatron_tpo.train.config import DPOTrainingConfig
 from megatron_tpo.model import llama_layout as layout
-from megatron_tpo.model.conversion import hf_to_mcore
 from megatron_tpo.parallel.local_launch import spawn_local
+from megatron_tpo.train.config import DPOTrainingConfig
 from megatron_tpo.train.dpo_batch import TokenizedPair
+
+pytestmark = pytest.mark.slow
 
 TP, DP = 2, 2
 # The pre-clip gradient norm of this step is about 5; clipping to 1 scales every
@@ -70,9 +71,7 @@ def _clipped_step_worker(rank, world_size, model, shard_root):
 def clipped_step(tmp_path_factory):
     model = tiny_model_config()
     hf_dir = save_random_hf_llama(model, tmp_path_factory.mktemp("clip") / "hf", seed=4)
-    shard_root = hf_to_mcore(hf_dir, tmp_path_factory.mktemp("clip_tp2"), TP, 1,
-                             make_vocab_size_divisible_by=model.make_vocab_size_divisible_by,
-                             progress=False).destination
+    shard_root = megatron_shards(model, hf_dir, tmp_path_factory.mktemp("clip_tp2"), TP, 1)
     reports = spawn_local(_clipped_step_worker, TP * DP, model, shard_root)
     return model, hf_dir, reports
 

@@ -3,7 +3,6 @@ in float64: linear warm-up from 0, then cosine or linear decay to min_lr, or con
 
 import math
 
-import megatron.core.optimizer_param_scheduler  # noqa: F401  (its import, seconds, at collection)
 import pytest
 import torch
 

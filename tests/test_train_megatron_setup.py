@@ -2,9 +2,6 @@
 Adam, whose first step reports the gradients' norm computed here and moves every weight
 by lr against its gradient's sign (Adam's first step), and whose settings are the ones given."""
 
-import megatron.core.distributed  # noqa: F401  (megatron's imports, seconds, at collection)
-import megatron.core.models.gpt  # noqa: F401
-import torch._dynamo  # noqa: F401
 import pytest
 import torch
 

@@ -9,11 +9,10 @@ gives the gradients of no recomputation.
 import pytest
 import torch
 
-from llama_fixtures import save_random_hf_llama, tiny_model_config
+from llama_fixtures import megatron_shards, save_random_hf_llama, tiny_model_config
 from megatron_tpo.config import ConfigError, ParallelConfig
-from megatron_tpo.train.config import DPOTrainingConfig
-from megatron_tpo.model.conversion import hf_to_mcore
 from megatron_tpo.parallel.local_launch import spawn_local
+from megatron_tpo.train.config import DPOTrainingConfig
 from megatron_tpo.train.dpo_batch import TokenizedPair
 from megatron_tpo.train.recompute import recompute_transformer_fields
 
@@ -91,18 +90,18 @@ def _recompute_worker(rank, world_size, model, shard_root):
 def steps(tmp_path_factory):
     model = tiny_model_config()
     hf_dir = save_random_hf_llama(model, tmp_path_factory.mktemp("recompute") / "hf", seed=6)
-    shard_root = hf_to_mcore(hf_dir, tmp_path_factory.mktemp("recompute_tp1"), 1, 1,
-                             make_vocab_size_divisible_by=model.make_vocab_size_divisible_by,
-                             progress=False).destination
+    shard_root = megatron_shards(model, hf_dir, tmp_path_factory.mktemp("recompute_tp1"), 1, 1)
     [reports] = spawn_local(_recompute_worker, 1, model, shard_root)
     return reports
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(SETTINGS))
 def test_recompute_settings_are_the_fields_of_the_trainers_transformer_config(steps, name):
     assert steps[name]["fields"] == SETTINGS[name][1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(SETTINGS))
 def test_recomputed_layers_and_attention_run_again_in_backward(steps, name):
     _, _, layer_runs, attention_runs = SETTINGS[name]
@@ -110,6 +109,7 @@ def test_recomputed_layers_and_attention_run_again_in_backward(steps, name):
     assert steps[name]["attention_runs"] == [MICRO_BATCHES * n for n in attention_runs]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(set(SETTINGS) - {"none"}))
 def test_recomputation_gives_the_gradients_of_none(steps, name):
     expected, got = steps["none"], steps[name]

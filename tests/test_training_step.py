@@ -2,8 +2,12 @@
 
 import math
 
+import pytest
+
 from megatron_tpo.config import ParallelConfig, load_model_config
 from megatron_tpo.train.fixed_batch import FixedBatchRun, run_locally
+
+pytestmark = pytest.mark.slow
 
 
 def _run(tp, pp, vpp=None):

