@@ -21,8 +21,6 @@ from megatron_tpo.rollout.config import BridgeConfig, RolloutConfig, VLLMConfig
 from local_slurm import slurm_installed
 from tpo_fixtures import tiny_run_overrides
 from engine_processes import start_engine_world, stop_engine_world
-
-
 from judge_fixtures import PROMPTS, RESPONSES, write_verdict_judge
 
 
