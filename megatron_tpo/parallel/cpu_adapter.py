@@ -8,7 +8,7 @@ functions land on the CPU and whose ``torch.cuda`` is a CPU stand-in. Nothing ou
 megatron sees a change, and the proxy is installed only on machines without CUDA.
 
 The module list was written against megatron-core 0.16; another version must be
-re-checked (``tests/test_cpu_adapter.py`` is the smoke test) before it is allowed.
+re-checked (``tests/parallel/test_parallel_cpu_adapter.py`` is the smoke test) before it is allowed.
 """
 
 import importlib

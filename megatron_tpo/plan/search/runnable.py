@@ -3,7 +3,7 @@
 The memory and time model covers megatron-core's full feature set (NVIDIA's published
 recipes use context parallelism, and the validation against them needs it), but the
 DPO trainer refuses some of it. This module is the planner's copy of those refusals;
-``tests/test_plan_runnable.py`` checks it against ``megatron_tpo.train.dpo_trainer``'s
+``tests/plan/test_plan_runnable.py`` checks it against ``megatron_tpo.train.dpo_trainer``'s
 own ``_check_layout`` so the two cannot drift apart silently.
 """
 

@@ -19,7 +19,7 @@ from megatron_tpo.plan.search.training import search_training
 from megatron_tpo.plan.workload import Cluster, Workload
 
 H100 = find_gpu("h100-80gb")
-N_8B = 8_030_261_248  # Llama-3 8B parameters (tests/test_plan.py counts them by hand)
+N_8B = 8_030_261_248  # Llama-3 8B parameters (tests/plan/test_plan.py counts them by hand)
 
 
 def _request(prompts=5000, samples=8, judge_kind="reward_model", **overrides):

@@ -14,7 +14,7 @@ from local_slurm import slurm_installed
 
 from tpo_fixtures import tiny_run_overrides
 
-REPOSITORY = Path(__file__).resolve().parents[1]
+REPOSITORY = Path(__file__).resolve().parents[2]
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not slurm_installed(),

@@ -22,7 +22,7 @@ from megatron_tpo.tiny.tokenizer import train_tokenizer
 from megatron_tpo.tiny.warm_start import policy_prompt, warm_start_data
 from tiny_task_fixtures import MODEL_YAML
 
-REPOSITORY = Path(__file__).resolve().parents[1]
+REPOSITORY = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

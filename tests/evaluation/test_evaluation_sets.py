@@ -111,7 +111,7 @@ def test_fetch_sets_writes_checked_files_and_refuses_altered_ones(tmp_path, monk
     assert not (tmp_path / "other" / "alpaca_eval.json").exists()
 
 
-REAL_SETS = Path(__file__).resolve().parents[1] / "data" / "eval"
+REAL_SETS = Path(__file__).resolve().parents[2] / "data" / "eval"
 
 
 @pytest.mark.skipif(not (REAL_SETS / "alpaca_eval.json").is_file(),

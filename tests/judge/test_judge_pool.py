@@ -170,7 +170,7 @@ def test_a_tiny_job_with_a_judge_pool_step_judges_through_it_to_the_end(slurm, t
 
     import pyarrow.parquet as pq
 
-    repository = Path(__file__).resolve().parents[1]
+    repository = Path(__file__).resolve().parents[2]
     judge_dir = write_verdict_judge(tmp_path / "judge")
     overrides = [o for o in tiny_run_overrides(tmp_path, 1) if not o.startswith("run.dir")]
     overrides += ["judge=pairwise", f"judge.pairwise.model={judge_dir}",

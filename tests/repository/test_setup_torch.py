@@ -22,7 +22,7 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-REPOSITORY = Path(__file__).resolve().parents[1]
+REPOSITORY = Path(__file__).resolve().parents[2]
 VENV = Path(sys.executable).parent.parent  # the Makefile runs $(VENV)/bin/python
 UNREACHABLE = "no_such_cpu_index"   # an index pip cannot read; it says so when it asks
 

@@ -1,7 +1,7 @@
 """The manifest records every file's size and sha256 and names the file that no longer matches.
 
 Without a process group one process lists, hashes and checks everything; the
-collective path is exercised by tests/test_checkpoint_training.py.
+collective path is exercised by tests/checkpoint/test_checkpoint_training.py.
 """
 
 import hashlib

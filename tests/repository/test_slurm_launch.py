@@ -9,7 +9,7 @@ import pytest
 
 from local_slurm import slurm_installed
 
-REPOSITORY = Path(__file__).resolve().parents[1]
+REPOSITORY = Path(__file__).resolve().parents[2]
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not slurm_installed(),

@@ -11,7 +11,7 @@ import torch
 
 from megatron_tpo.config import ModelConfig, ParallelConfig
 
-REPOSITORY = Path(__file__).resolve().parents[1]
+REPOSITORY = Path(__file__).resolve().parents[2]
 BROKEN = 'raise AssertionError("Transformer Engine 2.8 was built against torch 2.9")\n'
 
 

@@ -39,7 +39,7 @@ import torch
 
 from llama_fixtures import save_random_hf_llama, tiny_model_config, write_checkpoint_config
 
-REPOSITORY = Path(__file__).resolve().parents[1]
+REPOSITORY = Path(__file__).resolve().parents[2]
 DOCUMENTS = ([REPOSITORY / "README.md"] + sorted((REPOSITORY / "docs").glob("*.md"))
              + sorted((REPOSITORY / "examples").rglob("*.md")))
 SHELL_FENCES = {"bash", "sh", "shell", "console"}
@@ -48,7 +48,7 @@ SHELL_FENCES = {"bash", "sh", "shell", "console"}
 PROGRAMS_NOT_RUN = {
     "make": "sets up a venv, then the tiny run (14 min) or the test suite (or its fast lane)",
     "sbatch": "submits to a Slurm cluster of GPU nodes; a TPO recipe's batch-host dry run "
-              "runs here instead (the tiny CPU job runs in tests/test_slurm_tpo.py)",
+              "runs here instead (the tiny CPU job runs in tests/repository/test_slurm_tpo.py)",
     "srun": "a job step on GPU nodes",
     "pip": "installs the GPU stack or an extra into the environment",
     ".venv/bin/pip": "installs into the environment",
@@ -87,10 +87,10 @@ TPO_COMMANDS_NOT_RUN = {
     "tpo-plan --check RUN_DIR": "needs a run's directory",
     "tpo-eval fetch-sets --out data/eval": "downloads alpaca-eval's source archive and "
                                            "flexeval's wheel with pip (a network); "
-                                           "tests/test_evaluation_sets.py fetches built ones",
+                                           "tests/evaluation/test_evaluation_sets.py fetches built ones",
     "tpo-eval --run runs/tiny/tpo --iteration 2 --sets alpaca_eval,mt_bench judge=format "
     "judge.format.max_chars=200": "needs a tiny run's directory and the fetched sets; "
-                                  "tests/test_cli_eval.py runs tpo-eval on a run directory",
+                                  "tests/cli/test_cli_eval.py runs tpo-eval on a run directory",
     "tpo-eval --run runs/tiny/tpo --iteration 2 --sets alpaca_eval,mt_bench judge=format "
     "judge.format.max_chars=200 rollout.batch_size=64": "the measured example: a tiny run's "
                                                        "directory and the fetched sets",
@@ -102,7 +102,7 @@ TPO_COMMANDS_NOT_RUN = {
 # Submissions of a TPO recipe whose batch-host dry run is not run here, and why.
 SUBMISSIONS_NOT_CHECKED = {
     "sbatch --ntasks=4 slurm/tpo_tiny.sh parallel=tp2_pp2":
-        "needs tpo-tiny --prepare-only's assets (tests/test_slurm_tpo.py submits it)",
+        "needs tpo-tiny --prepare-only's assets (tests/repository/test_slurm_tpo.py submits it)",
     "CONTAINER=/shared/images/megatron-tpo.sqsh sbatch slurm/tpo_8b.sh run.policy=...":
         "shows the container variable; the settings are elided (the quick start gives them)",
     "APPTAINER_IMAGE=/shared/images/megatron-tpo.sif sbatch slurm/tpo_8b.sh run.policy=...":

@@ -22,8 +22,8 @@ from local_slurm import slurm_installed
 
 from tpo_fixtures import tiny_run_overrides
 
-REPOSITORY = Path(__file__).resolve().parents[1]
-PROBE = Path(__file__).parent / "fixtures" / "start_up_probe"
+REPOSITORY = Path(__file__).resolve().parents[2]
+PROBE = Path(__file__).parents[1] / "fixtures" / "start_up_probe"
 
 needs_slurm = pytest.mark.skipif(not slurm_installed(),
                                  reason="Slurm daemons not installed (.ci/run installs them)")

@@ -42,7 +42,7 @@ def _position(search, tp, pp, vpp, cp, micro_batch=1):
 #   llama3_workload_base_configs.py: LLAMA3_8B_PRETRAIN_CONFIG_H100_BF16 (CP2),
 #   LLAMA3_70B_PRETRAIN_CONFIG_H100_BF16 (TP4 PP4 CP2 VP5),
 #   LLAMA3_70B_PRETRAIN_CONFIG_H100_FP8_CS (TP4 PP8 VP5).
-# Estimated step times against NVIDIA's measured ones: tests/test_plan_validation.py.
+# Estimated step times against NVIDIA's measured ones: tests/plan/test_plan_validation.py.
 
 @pytest.mark.slow
 @pytest.mark.parametrize("gpus, global_batch", [(8, 128), (16, 256), (64, 1024)])

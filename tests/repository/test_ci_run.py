@@ -13,7 +13,7 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-REPOSITORY = Path(__file__).resolve().parents[1]
+REPOSITORY = Path(__file__).resolve().parents[2]
 SLURM_PROGRAMS = ("munged", "slurmctld", "slurmd", "sbatch")
 TOOLS = ("dirname", "mktemp", "tail", "rm", "chmod")
 

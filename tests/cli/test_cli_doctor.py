@@ -12,7 +12,7 @@ from tpo_fixtures import tiny_run_overrides
 from megatron_tpo.cli import doctor
 from megatron_tpo.cli.doctor import Check, check_nccl, main, read_pins
 
-REPOSITORY = Path(__file__).resolve().parents[1]
+REPOSITORY = Path(__file__).resolve().parents[2]
 
 
 def report_lines(capsys):

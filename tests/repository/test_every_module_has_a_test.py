@@ -12,7 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Optional, Set
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "megatron_tpo"
 
 
@@ -83,7 +83,7 @@ def imported_by_tests() -> Set[str]:
 def test_every_module_is_imported_by_a_test():
     untested = sorted(MODULES - imported_by_tests())
     assert not untested, (f"{len(untested)} modules of megatron_tpo/ no test file imports "
-                          "(add tests/test_<package>_<module>.py):\n  " + "\n  ".join(untested))
+                          "(add tests/<package>/test_<package>_<module>.py):\n  " + "\n  ".join(untested))
 
 
 def test_the_scan_follows_re_exports_to_the_defining_module():
