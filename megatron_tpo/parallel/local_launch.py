@@ -1,5 +1,6 @@
 """Run a function in several local gloo processes, as torchrun would (tests, CPU demos)."""
 
+import atexit
 import os
 import pickle
 import tempfile
@@ -11,8 +12,17 @@ import torch.multiprocessing as mp
 from megatron_tpo.parallel.launch import free_local_port, share_cpu_threads
 
 
+# Every rank imports torch and megatron-core: seconds of CPU each, on cores the ranks
+# share. Started from a fork server that imported them once, a rank begins with them loaded.
+PRELOADED_MODULES = ["torch", "megatron.core", "transformers"]
+
+
 def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple,
-            result_dir: str) -> None:
+            result_dir: str, environment: dict) -> None:
+    # A forked rank inherits the fork server's environment, fixed when the server started;
+    # it takes its caller's, as a spawned one would.
+    os.environ.clear()
+    os.environ.update(environment)
     os.environ.update(
         RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
         LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
@@ -20,10 +30,20 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple,
     )
     share_cpu_threads(world_size)
     try:
+        _run_and_store(rank, world_size, fn, args, result_dir)
+    finally:
+        # A forked rank leaves through os._exit, which skips atexit; its handlers (an
+        # engine pool's shutdown, say) run here, as a spawned or torchrun rank's do at exit.
+        atexit._run_exitfuncs()
+
+
+def _run_and_store(rank: int, world_size: int, fn: Callable, args: tuple,
+                   result_dir: str) -> None:
+    try:
         result = fn(rank, world_size, *args)
     finally:
-        # Every spawned rank ends the same way, whatever its function set up: megatron's
-        # parallel state and the process group go, so no caller repeats the teardown.
+        # Every rank ends the same way, whatever its function set up: megatron's parallel
+        # state and the process group go, so no caller repeats the teardown.
         _tear_down_distributed()
     # A file, not a queue: a large result in a pipe would block the child before join.
     with open(Path(result_dir) / f"{rank}.pkl", "wb") as handle:
@@ -44,13 +64,18 @@ def _tear_down_distributed() -> None:
 def spawn_local(fn: Callable, world_size: int, *args: Any) -> List[Any]:
     """Run ``fn(rank, world_size, *args)`` in ``world_size`` processes; return results by rank.
 
+    The processes are forked from a fork server (started at the first call, with
+    ``PRELOADED_MODULES`` imported) and given the caller's environment of this call.
+
     ``fn`` must be importable (a module-level function). A failure in any rank is
     re-raised here with that rank's traceback. Each rank's process group and megatron
     parallel state are torn down after ``fn``, so ``fn`` need not do it.
     """
+    mp.get_context("forkserver").set_forkserver_preload(PRELOADED_MODULES)
     with tempfile.TemporaryDirectory() as result_dir:
-        mp.start_processes(_worker, args=(world_size, free_local_port(), fn, args, result_dir),
-                           nprocs=world_size, join=True, start_method="spawn")
+        mp.start_processes(_worker, args=(world_size, free_local_port(), fn, args, result_dir,
+                                          dict(os.environ)),
+                           nprocs=world_size, join=True, start_method="forkserver")
         results = []
         for rank in range(world_size):
             with open(Path(result_dir) / f"{rank}.pkl", "rb") as handle:
