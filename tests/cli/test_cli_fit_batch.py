@@ -5,10 +5,8 @@ its optimizer, the pipeline schedule): the loss goes down within a few steps."""
 import re
 
 import pytest
-import torch
 
 from megatron_tpo.cli.fit_batch import build_parser, main
-from megatron_tpo.parallel.launch import free_local_port
 
 
 def test_the_parser_defaults_to_the_tiny_model_at_tp2_pp2():
@@ -19,22 +17,6 @@ def test_the_parser_defaults_to_the_tiny_model_at_tp2_pp2():
     args = build_parser().parse_args(["--model", "llama3_8b", "--tp", "8", "--pp", "1",
                                       "--vpp", "2", "--seq-len", "4096"])
     assert (args.model, args.tp, args.pp, args.vpp, args.seq_len) == ("llama3_8b", 8, 1, 2, 4096)
-
-
-@pytest.fixture
-def one_rank_job(monkeypatch):
-    """The environment torchrun gives the one rank of a one-process job."""
-    for name, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
-                        "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                        "MASTER_PORT": str(free_local_port()),
-                        # One thread: the tiny model's matmuls only contend for the cores.
-                        "OMP_NUM_THREADS": "1"}.items():
-        monkeypatch.setenv(name, value)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    assert not torch.distributed.is_initialized()   # the run shut its process group down
 
 
 def test_one_rank_fits_the_batch_and_the_loss_goes_down(one_rank_job, capsys):

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("vllm")
-pytestmark = pytest.mark.vllm
+# vLLM's CPU build frees its shared memory only at interpreter exit: spawned ranks.
+pytestmark = [pytest.mark.vllm, pytest.mark.usefixtures("spawned_ranks")]
 
 from megatron_tpo.parallel.local_launch import spawn_local  # noqa: E402
 

@@ -4,9 +4,9 @@ import functools
 
 import pytest
 import torch
-import torch.distributed as dist
 
-from logprob_reference import logprob_only_reference, logprob_only_values_and_grads
+from logprob_reference import (logprob_only_reference, logprob_only_values_and_grads,
+                               vocab_parallel_shard)
 from megatron_tpo.kernels import fused_target_logprobs, logprob_torch, reference_target_logprobs
 from megatron_tpo.parallel.local_launch import spawn_local
 
@@ -147,12 +147,8 @@ def test_unknown_implementation_is_refused():
 
 def _tp_rank(rank, world_size, inputs):
     """With entropy, then log-probs alone, on this rank's half of the vocabulary."""
-    # spawn_local exported RANK, WORLD_SIZE and MASTER_*, and tears the group down after.
-    dist.init_process_group("gloo")
     hidden, weight, targets, mask, upstream = inputs
-    shard_size = weight.shape[0] // world_size
-    shard = weight[rank * shard_size:(rank + 1) * shard_size]
-    vocab_parallel = dict(tp_group=dist.group.WORLD, vocab_start=rank * shard_size)
+    shard, vocab_parallel = vocab_parallel_shard(weight, rank, world_size)
     return (fused(hidden, shard, targets, mask, upstream, **vocab_parallel),
             logprob_only_fused(hidden, shard, targets, mask, upstream, **vocab_parallel))
 

@@ -12,12 +12,12 @@ import tempfile
 
 import pytest
 import torch
-import torch.distributed as dist
 
 # Neither import loads triton: the Triton module is imported when impl="triton" is used.
 from megatron_tpo.kernels import fused_target_logprobs, reference_target_logprobs
 from megatron_tpo.parallel.local_launch import spawn_local
-from logprob_reference import logprob_only_reference, logprob_only_values_and_grads
+from logprob_reference import (logprob_only_reference, logprob_only_values_and_grads,
+                               vocab_parallel_shard)
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 needs_interpreter = pytest.mark.skipif(not INTERPRETED, reason="runs in the child with "
@@ -128,12 +128,8 @@ def test_interpreted_bfloat16_accumulates_in_float32():
 
 def _tp_rank(rank, world_size, inputs):
     """With entropy, then log-probs alone, on this rank's half of the vocabulary."""
-    # spawn_local exported RANK, WORLD_SIZE and MASTER_*, and tears the group down after.
-    dist.init_process_group("gloo")
     hidden, weight, targets, mask, upstream = inputs
-    shard_size = weight.shape[0] // world_size
-    shard = weight[rank * shard_size:(rank + 1) * shard_size]
-    vocab_parallel = dict(tp_group=dist.group.WORLD, vocab_start=rank * shard_size)
+    shard, vocab_parallel = vocab_parallel_shard(weight, rank, world_size)
 
     def call(h, w, t, m):
         return fused_target_logprobs(h, w, t, m, return_entropy=True, impl="triton",

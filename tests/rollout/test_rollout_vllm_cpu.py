@@ -20,7 +20,8 @@ import pytest
 import torch
 
 pytest.importorskip("vllm")
-pytestmark = pytest.mark.vllm
+# vLLM's CPU build frees its shared memory only at interpreter exit: spawned ranks.
+pytestmark = [pytest.mark.vllm, pytest.mark.usefixtures("spawned_ranks")]
 
 from llama_fixtures import megatron_shards, save_random_hf_llama, tiny_model_config
 from megatron_tpo.config import ParallelConfig  # noqa: E402

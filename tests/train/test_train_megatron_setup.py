@@ -6,30 +6,20 @@ import pytest
 import torch
 
 from megatron_tpo.config import ParallelConfig, load_model_config
-from megatron_tpo.parallel.launch import free_local_port
 from megatron_tpo.train.megatron_setup import OptimizerSettings, wrap_for_training
 
 TINY = load_model_config("tiny")
 
 
 @pytest.fixture
-def one_rank_megatron(monkeypatch):
+def one_rank_megatron(one_rank_job):
     """Megatron at TP1 PP1 in a one-process group, shut down afterwards."""
     from megatron_tpo.parallel import init_megatron, shutdown_megatron
 
-    for name, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
-                        "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                        "MASTER_PORT": str(free_local_port()),
-                        # One thread: the tiny model's matmuls only contend for the cores.
-                        "OMP_NUM_THREADS": "1"}.items():
-        monkeypatch.setenv(name, value)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     parallel = ParallelConfig(tensor_model_parallel_size=1, pipeline_model_parallel_size=1)
     init_megatron(parallel, TINY)
     yield parallel
     shutdown_megatron()
-    torch.set_num_threads(threads)
 
 
 def test_the_first_step_is_adams_with_the_gradients_norm(one_rank_megatron):
