@@ -247,35 +247,39 @@ def _one_iteration(root: Path, settings, world_size: int = 1) -> dict:
             for stage in ("rollouts", "judgments", "pairs", "reference", "heldout")}
 
 
-# A pairwise judge (the policy judging itself) on a TP=2 trainer, which must put every
-# trainer rank in front of the pool for its verdicts, as the rollouts do. Two pool replicas
-# split the prompts as the two colocated replicas do, so the rows are the same. (A one-rank
-# pool under a format judge, the degenerate case, runs to the end in test_slurm_tpo.py; the
-# rows a pool returns are the same code path whatever the judge.)
-TRAINER_RANKS, ENGINE_RANKS = 2, 2
-PAIRWISE_TP2 = ["parallel=tp2_pp1", "judge=pairwise", "judge.pairwise.sampling.max_new_tokens=4",
-                "judge.pairwise.max_pairs_per_prompt=2"]
+# (trainer ranks, engine ranks, settings): the format judge on one rank; a pairwise judge
+# (the policy judging itself) on a TP=2 trainer, which must put every trainer rank in front
+# of the pool for its verdicts, as the rollouts do. Two pool replicas split the prompts as
+# the two colocated replicas do, so the rows are the same.
+ITERATION_CASES = {
+    "format_judge": (1, 1, []),
+    "pairwise_judge_tp2": (2, 2, ["parallel=tp2_pp1", "judge=pairwise",
+                                  "judge.pairwise.sampling.max_new_tokens=4",
+                                  "judge.pairwise.max_pairs_per_prompt=2"]),
+}
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("case", sorted(ITERATION_CASES))
 def test_a_tpo_iteration_with_a_separate_pool_stores_the_rows_of_a_colocated_one(
-        tmp_path, monkeypatch):
+        tmp_path, monkeypatch, case):
+    trainer_ranks, engine_ranks, settings = ITERATION_CASES[case]
     monkeypatch.setenv("OMP_NUM_THREADS", "1")   # both engines compute with one thread
     colocated_root, separate_root = tmp_path / "colocated", tmp_path / "separate"
     colocated_root.mkdir()
     separate_root.mkdir()
-    colocated = _one_iteration(colocated_root, PAIRWISE_TP2, TRAINER_RANKS)
-    separate_settings = PAIRWISE_TP2 + [
+    colocated = _one_iteration(colocated_root, settings, trainer_ranks)
+    separate_settings = settings + [
         "rollout.placement=separate", f"rollout.bridge.port={free_local_port()}",
-        f"rollout.bridge.engine_ranks={ENGINE_RANKS}", "rollout.bridge.timeout_seconds=120"]
+        f"rollout.bridge.engine_ranks={engine_ranks}", "rollout.bridge.timeout_seconds=120"]
     pool = start_engine_world(tiny_run_overrides(separate_root, iterations=1) + separate_settings,
-                              ENGINE_RANKS, separate_root)
+                              engine_ranks, separate_root)
     try:
-        separate = _one_iteration(separate_root, separate_settings, TRAINER_RANKS)
+        separate = _one_iteration(separate_root, separate_settings, trainer_ranks)
     finally:
         # tpo-run never calls shutdown itself: the proxy stops the pool when rank 0 exits.
         exit_codes, logs = stop_engine_world(pool, separate_root)
-    assert exit_codes == [0] * ENGINE_RANKS, logs
+    assert exit_codes == [0] * engine_ranks, logs
     assert colocated["rollouts"] and colocated["reference"]
     for stage, rows in colocated.items():
         assert separate[stage] == rows, stage
