@@ -5,6 +5,7 @@ path. They are imported inside the fixtures, so a run that needs none of them do
 pay for their imports."""
 
 import importlib.util
+import sys
 
 import pytest
 
@@ -55,6 +56,32 @@ def one_rank_job(monkeypatch):
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def fake_transformer_engine(tmp_path, monkeypatch):
+    """``install(source, **submodules)`` puts a ``transformer_engine`` package on sys.path
+    whose ``__init__`` is ``source`` (a broken install: one whose import raises), with
+    ``name=source`` modules beside it. The TE probe (parallel/te_probe.py) is reset before
+    and after, and every TE module it blocked or an import left behind is removed."""
+    from megatron_tpo.parallel import te_probe
+
+    def install(source: str, **submodules: str):
+        package = tmp_path / "site" / "transformer_engine"
+        package.mkdir(parents=True)
+        (package / "__init__.py").write_text(source)
+        for name, text in submodules.items():
+            (package / f"{name}.py").write_text(text)
+        monkeypatch.syspath_prepend(str(tmp_path / "site"))
+        return tmp_path / "site"
+
+    for name in te_probe.BLOCKED:
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    te_probe.transformer_engine_status.cache_clear()
+    yield install
+    for name in [n for n in sys.modules if n.split(".")[0] in te_probe.BLOCKED]:
+        del sys.modules[name]
+    te_probe.transformer_engine_status.cache_clear()
 
 
 @pytest.fixture(scope="session")

@@ -16,22 +16,10 @@ BROKEN = 'raise AssertionError("Transformer Engine 2.8 was built against torch 2
 
 
 @pytest.fixture
-def broken_transformer_engine(tmp_path, monkeypatch):
+def broken_transformer_engine(fake_transformer_engine):
     """A ``transformer_engine`` on sys.path whose import fails as a mismatched build does;
     the probe's cache and the modules it blocks are restored afterwards."""
-    from megatron_tpo.parallel import te_probe
-
-    package = tmp_path / "site" / "transformer_engine"
-    package.mkdir(parents=True)
-    (package / "__init__.py").write_text(BROKEN)
-    monkeypatch.syspath_prepend(str(tmp_path / "site"))
-    for name in te_probe.BLOCKED:
-        monkeypatch.delitem(sys.modules, name, raising=False)
-    te_probe.transformer_engine_status.cache_clear()
-    yield tmp_path / "site"
-    for name in te_probe.BLOCKED:
-        sys.modules.pop(name, None)
-    te_probe.transformer_engine_status.cache_clear()
+    return fake_transformer_engine(BROKEN)
 
 
 def test_a_broken_transformer_engine_means_the_local_spec_and_says_why(
