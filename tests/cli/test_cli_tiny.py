@@ -14,9 +14,9 @@ from megatron_tpo.tiny.assets import TinyAssets, TinyTaskConfig
 
 
 def test_tiny_overrides_are_split_from_the_runs_keeping_their_order():
-    assert split_overrides(["tiny.seed=2", "run.iterations=1", "tiny.sft.lr=0.1", "parallel=tp2_pp2"]
-                           ) == (["tiny.seed=2", "tiny.sft.lr=0.1"],
-                                 ["run.iterations=1", "parallel=tp2_pp2"])
+    overrides = ["tiny.seed=2", "run.iterations=1", "tiny.sft.lr=0.1", "parallel=tp2_pp2"]
+    assert split_overrides(overrides) == (["tiny.seed=2", "tiny.sft.lr=0.1"],
+                                          ["run.iterations=1", "parallel=tp2_pp2"])
 
 
 def test_an_override_takes_the_type_of_the_value_it_replaces():
