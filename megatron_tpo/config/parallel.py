@@ -42,7 +42,9 @@ class ParallelConfig:
         """Raise ``ConfigError`` before any process group or weight exists."""
         model.validate()
         tp, pp = self.tensor_model_parallel_size, self.pipeline_model_parallel_size
-        vpp = self.virtual_pipeline_model_parallel_size or 1
+        # None means no interleaving; 0 is a setting, refused below, not a synonym for it.
+        vpp = self.virtual_pipeline_model_parallel_size
+        vpp = 1 if vpp is None else vpp
         for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size",
                      "context_parallel_size"):
             if getattr(self, name) < 1:
@@ -62,14 +64,13 @@ class ParallelConfig:
                 f"parallel.tensor_model_parallel_size={tp} does not divide "
                 f"model.ffn_hidden_size={model.ffn_hidden_size}"
             )
-        if self.virtual_pipeline_model_parallel_size is not None:
-            if vpp < 1:
-                raise ConfigError(
-                    f"parallel.virtual_pipeline_model_parallel_size must be >= 1, got {vpp}")
-            if pp < 2 and vpp > 1:
-                raise ConfigError(
-                    "parallel.virtual_pipeline_model_parallel_size needs "
-                    "parallel.pipeline_model_parallel_size >= 2")
+        if vpp < 1:
+            raise ConfigError(
+                f"parallel.virtual_pipeline_model_parallel_size must be >= 1, got {vpp}")
+        if pp < 2 and vpp > 1:
+            raise ConfigError(
+                "parallel.virtual_pipeline_model_parallel_size needs "
+                "parallel.pipeline_model_parallel_size >= 2")
         if model.num_layers % (pp * vpp):
             raise ConfigError(
                 f"model.num_layers={model.num_layers} is not divisible by "

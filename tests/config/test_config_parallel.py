@@ -50,6 +50,8 @@ def test_layouts_that_split_the_model_evenly_are_accepted():
      "parallel.pipeline_model_parallel_size >= 2"),
     (dict(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=-1),
      "parallel.virtual_pipeline_model_parallel_size must be >= 1, got -1"),
+    (dict(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=0),
+     "parallel.virtual_pipeline_model_parallel_size must be >= 1, got 0"),
     (dict(sequence_parallel=True),
      "parallel.sequence_parallel=true needs tensor_model_parallel_size > 1"),
 ])
