@@ -13,7 +13,6 @@ correct answer, so the data teach the format and never which thought is worth wr
     save_policy(model, tokenizer, out_dir / "policy")
 """
 
-import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -169,13 +168,14 @@ def new_policy(model_config: ModelConfig, seed: int):
     return LlamaForCausalLM(hf_config_from_model(model_config))
 
 
-def _lr_factor(step: int, sft: SFTConfig) -> float:
-    # Linear warm-up, then cosine decay to ``final_lr_fraction``.
-    if step < sft.warmup_steps:
-        return (step + 1) / sft.warmup_steps
-    progress = (step - sft.warmup_steps) / max(1, sft.steps - sft.warmup_steps)
-    floor = sft.final_lr_fraction
-    return floor + (1 - floor) / 2 * (1 + math.cos(math.pi * progress))
+def warm_start_schedule(optimizer, sft: SFTConfig):
+    """Linear warm-up over ``sft.warmup_steps`` from 0 to ``sft.lr``, then cosine decay to
+    ``sft.final_lr_fraction`` of it at ``sft.steps``."""
+    from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+    return get_cosine_with_min_lr_schedule_with_warmup(
+        optimizer, num_warmup_steps=sft.warmup_steps, num_training_steps=sft.steps,
+        min_lr_rate=sft.final_lr_fraction)
 
 
 def supervised_warm_start(model, examples: Sequence[Example], sft: SFTConfig,
@@ -188,7 +188,7 @@ def supervised_warm_start(model, examples: Sequence[Example], sft: SFTConfig,
     rng = random.Random(sft.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=sft.lr, betas=(0.9, 0.98),
                                   weight_decay=sft.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, sft))
+    schedule = warm_start_schedule(optimizer, sft)
     model.train()
     losses = []
     population, size = list(examples), min(sft.batch_size, len(examples))

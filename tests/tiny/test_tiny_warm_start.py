@@ -7,9 +7,10 @@ from megatron_tpo.tiny.assets import tokenizer_corpus
 from megatron_tpo.tiny.task import generate_problems
 from megatron_tpo.tiny.thoughts import DEFAULT_MIX
 from megatron_tpo.tiny.tokenizer import train_tokenizer
-from megatron_tpo.tiny.warm_start import (IGNORE_INDEX, SFTConfig, _lr_factor, new_policy,
+from megatron_tpo.tiny.warm_start import (IGNORE_INDEX, SFTConfig, new_policy,
                                           packed_batch, policy_prompt, save_policy,
-                                          supervised_warm_start, warm_start_data)
+                                          supervised_warm_start, warm_start_data,
+                                          warm_start_schedule)
 
 
 @pytest.fixture(scope="module")
@@ -126,15 +127,27 @@ def test_saved_policy_reloads_with_the_same_logits_and_eot_as_eos(tokenizer, tmp
     assert loaded.config.vocab_size == len(tokenizer)
 
 
+def _schedule_factors(sft: SFTConfig, count: int):
+    # The factor each optimizer step runs at, read off a real optimizer as the warm start
+    # steps it.
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    schedule = warm_start_schedule(optimizer, sft)
+    factors = []
+    for _ in range(count):
+        factors.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    return factors
+
+
 @pytest.mark.parametrize("floor", [0.1, 0.5, 1.0])
 def test_lr_warms_up_linearly_then_decays_by_cosine_to_the_final_fraction(floor):
     sft = SFTConfig(steps=110, warmup_steps=10, final_lr_fraction=floor)
-    assert [_lr_factor(s, sft) for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])
-    assert _lr_factor(10, sft) == pytest.approx(1.0)
-    assert _lr_factor(60, sft) == pytest.approx((1 + floor) / 2)   # halfway down the cosine
-    assert _lr_factor(110, sft) == pytest.approx(floor)
-    factors = [_lr_factor(s, sft) for s in range(10, 111)]
-    assert all(a >= b for a, b in zip(factors, factors[1:]))
+    factors = _schedule_factors(sft, 111)
+    assert [factors[s] for s in (0, 5, 10)] == pytest.approx([0.0, 0.5, 1.0])
+    assert factors[60] == pytest.approx((1 + floor) / 2)   # halfway down the cosine
+    assert factors[110] == pytest.approx(floor)
+    assert all(a >= b for a, b in zip(factors[10:], factors[11:]))
 
 
 def test_bad_sft_settings_name_the_key():
