@@ -45,9 +45,10 @@ class TinyTaskConfig:
     term_digits: int = 2
     """Digits of each number."""
     sft_size: int = 16000
-    """Warm-start problems. 16,000 are each seen about twice in the warm start's 2,000
-    steps. 4,000 were seen eight times each, and M_0's response read its thought far less
-    (seed 1, right answers after the true column sums: 0.13 against 0.56; README, Measured)."""
+    """Warm-start problems. 16,000 are each seen about three times in the warm start's
+    3,000 steps. 4,000 seen eight times each in 2,000 steps left a response that read its
+    thought far less (seed 1, right answers after the true column sums: 0.13 against 0.56;
+    examples/tiny_cpu/README.md, Measured)."""
     train_size: int = 256
     """TPO's training instructions."""
     heldout_size: int = 100
