@@ -41,7 +41,8 @@ def spawned_ranks():
 
 @pytest.fixture
 def one_rank_job(monkeypatch):
-    """The environment torchrun gives the one rank of a one-process job, one thread."""
+    """The environment torchrun gives the one rank of a one-process job, one thread; the
+    job must have shut its process group down by the end."""
     import torch
 
     from megatron_tpo.parallel.launch import free_local_port
@@ -56,6 +57,7 @@ def one_rank_job(monkeypatch):
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+    assert not torch.distributed.is_initialized()   # the job shut its process group down
 
 
 @pytest.fixture
