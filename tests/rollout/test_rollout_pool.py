@@ -210,8 +210,6 @@ def test_an_engine_without_a_trainer_fails_within_the_timeout_naming_address_and
 
 
 def test_separate_placement_settings_are_checked():
-    from megatron_tpo.cli.engine import check_settings
-
     with pytest.raises(ConfigError, match="rollout.placement='apart'"):
         RolloutConfig(placement="apart").validate()
     with pytest.raises(ConfigError, match="rollout.bridge.engine_ranks=3: must be a positive "
@@ -224,10 +222,7 @@ def test_separate_placement_settings_are_checked():
         RolloutConfig(placement="separate", bridge=BridgeConfig(timeout_seconds=0)).validate()
     # Colocated engines never look at the bridge settings.
     RolloutConfig(engine="vllm", vllm=VLLMConfig(tensor_parallel_size=8)).validate()
-    with pytest.raises(ConfigError, match="tpo-engine serves only placement=separate"):
-        check_settings(RolloutConfig(), 1)
-    with pytest.raises(ConfigError, match="engine_ranks=2, but tpo-engine was started with 4"):
-        check_settings(RolloutConfig(placement="separate", bridge=BridgeConfig(engine_ranks=2)), 4)
+    # What tpo-engine checks of them at its start: tests/cli/test_cli_engine.py.
 
 
 def test_tpo_engine_refuses_a_colocated_config_with_exit_status_2(capsys):

@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 from megatron_tpo.cli.tiny import apply_tiny_overrides
-from megatron_tpo.config import ConfigError
 from megatron_tpo.data.storage import IterationStore
 from megatron_tpo.tiny.assets import TinyTaskConfig, tokenizer_corpus
 from megatron_tpo.tiny.report import head_to_head, sampled_iteration
@@ -88,10 +87,7 @@ def test_the_mix_is_a_setting(problems, tokenizer):
     config = apply_tiny_overrides(TinyTaskConfig(), ["tiny.thought_mix.unrelated=0",
                                                      "tiny.sft.steps=7", "tiny.sft_size=99"])
     assert (config.thought_mix["unrelated"], config.sft.steps, config.sft_size) == (0.0, 7, 99)
-    with pytest.raises(ConfigError, match="tiny.sft.stepz: no such setting"):
-        apply_tiny_overrides(TinyTaskConfig(), ["tiny.sft.stepz=3"])
-    with pytest.raises(ConfigError, match="tiny.sft.steps=many: must be a int"):
-        apply_tiny_overrides(TinyTaskConfig(), ["tiny.sft.steps=many"])
+    # A bad override's refusal: tests/cli/test_cli_tiny.py.
 
 
 def _rollout(prompt_id, sample_index, instruction, thought, parse_ok=True):
