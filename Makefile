@@ -43,8 +43,10 @@ tiny: $(VENV)/.installed
 	$(VENV)/bin/tpo-tiny
 
 # --durations: the suite's budget is 15 minutes on 2 cores; the slowest tests show where it goes.
+# --tb=short: a failure prints its error and the failing rank's traceback, not the source of
+# every frame around them, so the error survives a CI log that keeps only the ends.
 test: $(VENV)/.installed
-	$(PY) -m pytest -q --durations=15 tests
+	$(PY) -m pytest -q --durations=15 --tb=short tests
 
 # The inner loop's lane (at most 2 minutes on 2 cores): every test not marked slow (pytest.ini
 # says what slow means) and not needing the real vLLM. `make test` still runs everything.

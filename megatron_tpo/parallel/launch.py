@@ -14,11 +14,13 @@ vLLM use (``cuda:LOCAL_RANK``); and it starts the process group.
 
 import logging
 import os
+import random
 import re
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import List, Mapping, Optional
+from pathlib import Path
+from typing import List, Mapping, Optional, Set, Tuple
 
 import torch
 
@@ -56,9 +58,42 @@ def expand_slurm_nodelist(nodelist: str) -> List[str]:
     return hosts
 
 
+# Ports free_local_port handed out in this process: each is bound later, by someone else.
+_HANDED_OUT: Set[int] = set()
+_EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+
+
+def _kernel_ephemeral_range() -> Tuple[int, int]:
+    try:
+        low, high = (int(word) for word in _EPHEMERAL_RANGE.read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999   # Linux's default
+    return low, high
+
+
 def free_local_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
+    """A TCP port on 127.0.0.1 that nothing listens on right now, outside the kernel's
+    ephemeral range and not handed out before by this process.
+
+    The port is bound later (by a process group's store, the rollout bridge's), so it must
+    stay free until then. A port the kernel picks (bind to port 0) comes from the ephemeral
+    range, where the kernel also picks the ports of every socket bound or connected
+    meanwhile (gloo's listeners, the other world's store), and two picks a moment apart
+    may be the same port: a world then fails to start now and then."""
+    low, high = _kernel_ephemeral_range()
+    candidates = [port for port in (*range(10000, low), *range(high + 1, 65536))
+                  if port not in _HANDED_OUT]
+    chooser = random.SystemRandom()   # independent of any seed a run or a test sets
+    for _ in range(min(200, len(candidates))):
+        port = chooser.choice(candidates)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:   # in use
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    with socket.socket() as sock:   # no free port outside the ephemeral range
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 

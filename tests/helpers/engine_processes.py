@@ -27,7 +27,8 @@ def start_engine_world(arguments: Sequence[str], ranks: int, log_dir: Path,
 
 
 def stop_engine_world(processes, log_dir: Path, log_name: str = "engine"):
-    """Exit codes (the world should be stopping by itself) and the ranks' logs."""
+    """Exit codes (the world should be stopping by itself) and the ranks' logs, which are
+    also printed: pytest shows them when the test fails, on the trainer's side too."""
     try:
         exit_codes = [process.wait(timeout=60) for process, _ in processes]
     finally:
@@ -35,5 +36,8 @@ def stop_engine_world(processes, log_dir: Path, log_name: str = "engine"):
             if process.poll() is None:
                 process.kill()
             log.close()
-    return exit_codes, [(log_dir / f"{log_name}_{rank}.log").read_text()
-                        for rank in range(len(processes))]
+        logs = [(log_dir / f"{log_name}_{rank}.log").read_text()
+                for rank in range(len(processes))]
+        for rank, text in enumerate(logs):
+            print(f"--- {log_name} rank {rank} ---\n{text}")
+    return exit_codes, logs

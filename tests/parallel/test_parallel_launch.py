@@ -1,9 +1,11 @@
 """Distributed start-up reads torchrun's and Slurm's environments."""
 
+import socket
+
 import pytest
 
 from megatron_tpo.config import ConfigError
-from megatron_tpo.parallel import detect_distributed_env, expand_slurm_nodelist
+from megatron_tpo.parallel import detect_distributed_env, expand_slurm_nodelist, launch
 
 
 @pytest.mark.parametrize("nodelist,hosts", [
@@ -61,6 +63,34 @@ def clean_environment(monkeypatch):
         monkeypatch.setenv(name, "")
         monkeypatch.delenv(name)
     return monkeypatch
+
+
+def test_free_local_ports_lie_outside_the_kernels_range_and_never_repeat():
+    """A picked port stays free until its world binds it: no socket bound to port 0 in the
+    meantime (gloo's listeners, another world's store) can take it, and no second pick."""
+    low, high = launch._kernel_ephemeral_range()
+    ports = [launch.free_local_port() for _ in range(64)]
+    assert len(set(ports)) == len(ports)
+    assert [port for port in ports if low <= port <= high] == []
+    for port in ports:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", port))
+
+
+def test_a_port_in_use_is_passed_over(monkeypatch):
+    busy_port, free_port = launch.free_local_port(), launch.free_local_port()
+    launch._HANDED_OUT.difference_update({busy_port, free_port})
+    picks = iter([busy_port, free_port])
+
+    class Scripted:
+        def choice(self, candidates):
+            return next(picks)
+
+    monkeypatch.setattr(launch.random, "SystemRandom", Scripted)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", busy_port))
+        busy.listen()
+        assert launch.free_local_port() == free_port
 
 
 def test_init_megatron_under_srun_exports_what_vllms_external_launcher_reads(
