@@ -1,5 +1,7 @@
-"""A DPO trainer on random token pairs, for the tests that train, save and load one."""
+"""A DPO trainer on random token pairs, for the tests that train, save and load one;
+the DPO and IPO losses from the papers, in float64, for the tests that check one."""
 
+import numpy as np
 import torch
 
 from megatron_tpo.config import ParallelConfig
@@ -54,3 +56,18 @@ def my_pairs(pairs, reference):
 def trainer_weights(trainer):
     """Copies of every parameter of the trainer's model chunks, in order."""
     return [p.detach().clone() for chunk in trainer.chunks for p in chunk.parameters()]
+
+
+def numpy_dpo(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, loss_type,
+              label_smoothing):
+    """Per-pair loss and its derivative by the chosen policy log-prob, from the papers."""
+    h = (policy_chosen - policy_rejected) - (ref_chosen - ref_rejected)
+    sigmoid = 1 / (1 + np.exp(-beta * h))
+    if loss_type == "sigmoid":
+        loss = ((1 - label_smoothing) * np.logaddexp(0, -beta * h)
+                + label_smoothing * np.logaddexp(0, beta * h))
+        dloss_dh = beta * (-(1 - label_smoothing) * (1 - sigmoid) + label_smoothing * sigmoid)
+    else:
+        loss = (h - 1 / (2 * beta)) ** 2
+        dloss_dh = 2 * (h - 1 / (2 * beta))
+    return loss, dloss_dh

@@ -24,7 +24,9 @@ import pytest
 from megatron_tpo.parallel.launch import free_local_port
 from megatron_tpo.parallel.local_launch import spawn_local
 from megatron_tpo.rollout.config import BridgeConfig
-from megatron_tpo.rollout.engine import GenerationOutput, RolloutEngine, SamplingParams
+from megatron_tpo.rollout.engine import SamplingParams
+
+from seed_echo import SeedEcho
 
 pytestmark = pytest.mark.slow
 
@@ -36,27 +38,16 @@ SEEDED = SamplingParams(n=2, temperature=1.0, top_p=1.0, max_new_tokens=4, seed=
 CHUNK_SAMPLES = 6             # three prompts of SEEDED a request: chunks start off a replica
 
 
-class SeedEcho(RolloutEngine):
-    """Answers each sample with the seed vLLM would draw it with (``request_seeds``), so a
-    test sees which seed every sample got; takes ``LONGER`` for a prompt starting with
-    "slow", then fails for one ending in "failing"."""
+class SlowOrFailingSeedEcho(SeedEcho):
+    """``SeedEcho`` that takes ``LONGER`` for a prompt starting with "slow", then fails for
+    one ending in "failing"."""
 
     def generate(self, prompts, sampling):
-        from megatron_tpo.rollout.vllm_engine import request_seeds
-
         if any(prompt.startswith("slow") for prompt in prompts):
             time.sleep(LONGER)
         if any(prompt.endswith("failing") for prompt in prompts):
             raise ValueError("the engine failed on purpose")
-        seeds = request_seeds(sampling.seed, len(prompts), sampling.n)
-        n = sampling.n
-        return [GenerationOutput(prompt=prompt, texts=[f"{prompt} @ {seed}" for seed in
-                                                       seeds[index * n:(index + 1) * n]],
-                                 num_tokens=[1] * n)
-                for index, prompt in enumerate(prompts)]
-
-    def update_weights(self, stream):
-        raise NotImplementedError
+        return super().generate(prompts, sampling)
 
 
 def _engine_rank(engine_rank: int, bridge: BridgeConfig) -> None:
@@ -66,7 +57,7 @@ def _engine_rank(engine_rank: int, bridge: BridgeConfig) -> None:
     from megatron_tpo.rollout.pool.server import EngineServer
 
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    EngineServer(SeedEcho(), open_engine_side(bridge, engine_rank)).serve()
+    EngineServer(SlowOrFailingSeedEcho(), open_engine_side(bridge, engine_rank)).serve()
 
 
 def _outcome(work) -> dict:
@@ -119,7 +110,7 @@ def _trainer_rank(rank, world_size, bridge: BridgeConfig, root: Path):
     pool.config = dataclasses.replace(bridge, request_chunk_samples=CHUNK_SAMPLES)
     report["chunked"] = pool.generate(PROMPTS, SEEDED)
     pool.shutdown()
-    report["colocated"] = generate_on_all_ranks(SeedEcho(), PROMPTS, SEEDED)
+    report["colocated"] = generate_on_all_ranks(SlowOrFailingSeedEcho(), PROMPTS, SEEDED)
 
     run = SimpleNamespace(seed=0, rank_zero_timeout_seconds=60.0, initial_checkpoint=None,
                           policy=str(root / "hf"))

@@ -7,35 +7,14 @@ first rank answers. (The requests' transport, over two processes: test_rollout_p
 import pytest
 import torch
 
-from megatron_tpo.rollout.engine import GenerationOutput, RolloutEngine, SamplingParams
+from megatron_tpo.rollout.engine import SamplingParams
 from megatron_tpo.rollout.pool.bridge import Bridge
 from megatron_tpo.rollout.pool.server import EngineServer, replica_seed, replica_share
 
+from seed_echo import SeedEcho
+
 PROMPTS = [f"prompt {index}" for index in range(7)]
 SAMPLING = SamplingParams(n=2, seed=100)
-
-
-class SeedEcho(RolloutEngine):
-    """Answers every sample with the seed an engine draws it with: sample ``k`` of its
-    ``i``-th prompt gets ``seed + i * n + k`` (vllm_engine.request_seeds); scores a
-    sequence by its length. Records what it was asked."""
-
-    def __init__(self):
-        self.asked = []
-
-    def generate(self, prompts, sampling):
-        self.asked.append(list(prompts))
-        return [GenerationOutput(prompt=prompt, num_tokens=[1] * sampling.n,
-                                 texts=[str(sampling.seed + index * sampling.n + k)
-                                        for k in range(sampling.n)])
-                for index, prompt in enumerate(prompts)]
-
-    def score(self, token_ids):
-        self.asked.append([list(ids) for ids in token_ids])
-        return [[float(len(ids))] for ids in token_ids]
-
-    def update_weights(self, stream):
-        raise NotImplementedError
 
 
 def _server(engine_rank: int, engine_ranks: int, ranks_per_engine: int = 1) -> EngineServer:
@@ -56,9 +35,9 @@ def test_a_replica_takes_every_rth_item_of_the_whole_call():
 def _whole_call_seeds(replicas: int):
     """Each prompt's sample seeds when the call is one request, as colocated replicas
     draw them: replica r's j-th prompt (prompt r + j R), sample k: seed + r + j n + k."""
-    n = SAMPLING.n
-    return {index: [str(SAMPLING.seed + index % replicas + (index // replicas) * n + k)
-                    for k in range(n)] for index in range(len(PROMPTS))}
+    n, seed = SAMPLING.n, SAMPLING.seed
+    return {index: [f"{prompt} @ {seed + index % replicas + (index // replicas) * n + k}"
+                    for k in range(n)] for index, prompt in enumerate(PROMPTS)}
 
 
 @pytest.mark.parametrize("replicas", [1, 2, 3])

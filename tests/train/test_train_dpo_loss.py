@@ -9,20 +9,7 @@ import torch
 from megatron_tpo.kernels import fused_target_logprobs
 from megatron_tpo.train.losses import completion_mask, dpo_loss, sequence_logprobs
 
-
-def numpy_dpo(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, loss_type,
-              label_smoothing):
-    """Per-pair loss and its derivative by the chosen policy log-prob, from the papers."""
-    h = (policy_chosen - policy_rejected) - (ref_chosen - ref_rejected)
-    sigmoid = 1 / (1 + np.exp(-beta * h))
-    if loss_type == "sigmoid":
-        loss = ((1 - label_smoothing) * np.logaddexp(0, -beta * h)
-                + label_smoothing * np.logaddexp(0, beta * h))
-        dloss_dh = beta * (-(1 - label_smoothing) * (1 - sigmoid) + label_smoothing * sigmoid)
-    else:
-        loss = (h - 1 / (2 * beta)) ** 2
-        dloss_dh = 2 * (h - 1 / (2 * beta))
-    return loss, dloss_dh
+from dpo_fixtures import numpy_dpo
 
 
 @pytest.mark.parametrize("loss_type,beta,label_smoothing",

@@ -4,9 +4,9 @@ from the last hidden states through the fused kernel with the training's setting
 metrics survive the schedule dividing the loss in place. Megatron's TP state is faked
 as one rank (no process group); the model is what the step reads of a GPTModel."""
 
-import math
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -15,6 +15,8 @@ from megatron_tpo.train import policy_logprobs
 from megatron_tpo.train.config import load_training_config
 from megatron_tpo.train.dpo_batch import TokenizedPair, pair_micro_batches
 from megatron_tpo.train.dpo_step import dpo_forward_step
+
+from dpo_fixtures import numpy_dpo
 
 
 @pytest.fixture(autouse=True)
@@ -87,15 +89,14 @@ def test_the_loss_is_dpo_of_the_completions_log_probs(loss_type, beta):
     chosen = [_completion_logprob(logprobs, i, p.prompt, p.chosen) for i, p in enumerate(PAIRS)]
     rejected = [_completion_logprob(logprobs, 2 + i, p.prompt, p.rejected)
                 for i, p in enumerate(PAIRS)]
-    margins = [(c - p.reference_chosen) - (r - p.reference_rejected)
-               for c, r, p in zip(chosen, rejected, PAIRS)]
-    if loss_type == "sigmoid":   # -log sigmoid(beta h)
-        per_pair = [math.log1p(math.exp(-beta * h)) for h in margins]
-    else:                        # (h - 1 / (2 beta))^2
-        per_pair = [(h - 1 / (2 * beta)) ** 2 for h in margins]
-    expected = sum(per_pair) / 2
+    references = [np.array([getattr(p, name) for p in PAIRS])
+                  for name in ("reference_chosen", "reference_rejected")]
+    per_pair, _ = numpy_dpo(np.array(chosen), np.array(rejected), *references, beta,
+                            loss_type, label_smoothing=0.0)
+    expected = per_pair.mean()
+    margins = (np.array(chosen) - references[0]) - (np.array(rejected) - references[1])
     assert loss.item() == pytest.approx(expected, rel=1e-5)
-    assert metrics["rewards/margin"].item() == pytest.approx(beta * sum(margins) / 2, rel=1e-5)
+    assert metrics["rewards/margin"].item() == pytest.approx(beta * margins.mean(), rel=1e-5)
     assert metrics["logps/chosen"].item() == pytest.approx(sum(chosen) / 2, rel=1e-5)
     assert metrics["logps/rejected"].item() == pytest.approx(sum(rejected) / 2, rel=1e-5)
     # Megatron's schedule divides the returned loss in place by the micro-batch count.
